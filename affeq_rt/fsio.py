@@ -1,0 +1,91 @@
+"""Atomic file writing, checksums and manifests: every file affeq-rt writes goes through here."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import AffeqError
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) and check we can write there, or raise AffeqError."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AffeqError(f"cannot create output folder {p}: {e.strerror}",
+                         "choose a writable --out folder") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise AffeqError(f"output folder {p} is not writable", "choose a writable --out folder")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    dest = Path(path)
+    ensure_writable_dir(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read JSON, turning a missing or corrupt file into an AffeqError naming it."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise AffeqError(f"{what} {p} does not exist", "check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AffeqError(f"{what} {p} is corrupt ({e})", "regenerate it") from None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape results, for manifests."""
+    out: dict[str, str] = {}
+    from importlib import metadata
+
+    for pkg in ("affeq-rt", "numpy", "onnx", "onnxruntime-gpu", "onnxruntime", "torch", "timm"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out

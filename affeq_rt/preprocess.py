@@ -1,0 +1,100 @@
+"""Image decoding and per-backbone evaluation preprocessing (timm's eval transform, in PIL + NumPy).
+
+``load_image`` decodes once (any mode → RGB); ``preprocess`` applies one backbone's resize,
+centre crop and normalisation, so one decoded image feeds every network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .errors import AffeqError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+
+_INTERP = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, P, CMYK, RGBA, LA, I;16 …) to RGB; alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        hi = max(float(arr.max()), 1.0)
+        img = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to RGB, or raise AffeqError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise AffeqError(f"image {path} does not exist", "check the path") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise AffeqError(f"{path} is not a readable image ({e.__class__.__name__}: {e})",
+                         "pass a JPEG/PNG/… image file") from None
+
+
+def _get(spec: Any, key: str) -> Any:
+    return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
+
+
+def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """timm eval geometry: resize the short side to floor(size / crop_pct), then centre-crop size²."""
+    scale = math.floor(size / crop_pct)
+    w, h = img.size
+    if w <= h:
+        nw, nh = scale, int(scale * h / w)
+    else:
+        nw, nh = int(scale * w / h), scale
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _INTERP[interpolation])
+    left = int(round((nw - size) / 2.0))
+    top = int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalize(arr_hwc_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 HWC → float32 CHW, scaled to [0, 1] and normalised by mean/std."""
+    x = arr_hwc_uint8.astype(np.float32) * np.float32(1.0 / 255.0)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(img: Image.Image, spec: Any) -> np.ndarray:
+    """One backbone's evaluation preprocessing: float32 array (3, S, S).
+
+    ``spec`` is a ``BackboneSpec`` or its dict form (``input_size``, ``crop_pct``,
+    ``interpolation``, ``mean``, ``std``).
+    """
+    size = int(_get(spec, "input_size"))
+    cropped = resize_crop(to_rgb(img), size, float(_get(spec, "crop_pct")),
+                          str(_get(spec, "interpolation")))
+    return normalize(np.asarray(cropped, dtype=np.uint8), _get(spec, "mean"), _get(spec, "std"))
+
+
+def preprocess_key(spec: Any) -> tuple:
+    """Specs with equal keys share one preprocessed tensor (decode once, preprocess once per key)."""
+    return (int(_get(spec, "input_size")), float(_get(spec, "crop_pct")),
+            str(_get(spec, "interpolation")), tuple(_get(spec, "mean")), tuple(_get(spec, "std")))
