@@ -1,0 +1,69 @@
+"""preprocess.py against timm's own evaluation transform on real photos, and image-mode conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affeq_rt.errors import AffeqError
+from affeq_rt.preprocess import load_image, preprocess, preprocess_key, to_rgb
+
+skdata = pytest.importorskip("skimage.data")
+
+SPECS = [
+    dict(input_size=224, crop_pct=0.875, interpolation="bicubic",
+         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    dict(input_size=299, crop_pct=0.8975, interpolation="bilinear",
+         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    dict(input_size=331, crop_pct=0.911, interpolation="bicubic",
+         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['input_size']}-{s['interpolation']}")
+@pytest.mark.parametrize("photo", ["chelsea", "coffee", "rocket"])
+def test_matches_timm_eval_transform(spec: dict, photo: str) -> None:
+    from timm.data import create_transform
+
+    img = Image.fromarray(getattr(skdata, photo)())
+    ours = preprocess(img, spec)
+    tf = create_transform(input_size=(3, spec["input_size"], spec["input_size"]), is_training=False,
+                          crop_pct=spec["crop_pct"], interpolation=spec["interpolation"],
+                          mean=spec["mean"], std=spec["std"])
+    ref = tf(img).numpy()
+    assert ours.shape == ref.shape == (3, spec["input_size"], spec["input_size"])
+    assert ours.dtype == np.float32
+    # Same PIL resize and crop; only float rounding of the normalisation differs.
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_modes_convert_to_rgb(tmp_path) -> None:
+    rgb = skdata.astronaut()[:64, :64]
+    gray = Image.fromarray(rgb[..., 0])
+    rgba = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 0, np.uint8)]))
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    assert to_rgb(gray).mode == "RGB"
+    # Fully transparent pixels composite to white.
+    assert np.all(np.asarray(to_rgb(rgba)) == 255)
+    cmyk.save(tmp_path / "c.jpg")
+    assert load_image(tmp_path / "c.jpg").mode == "RGB"
+
+
+def test_non_image_and_truncated_files_raise(tmp_path) -> None:
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an image")
+    with pytest.raises(AffeqError, match="not a readable image"):
+        load_image(txt)
+    Image.fromarray(skdata.chelsea()).save(tmp_path / "cat.jpg")
+    data = (tmp_path / "cat.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AffeqError, match="cut.jpg"):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(AffeqError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_preprocess_key_groups_equal_specs() -> None:
+    assert preprocess_key(SPECS[0]) == preprocess_key(dict(SPECS[0]))
+    assert preprocess_key(SPECS[0]) != preprocess_key(SPECS[1])
