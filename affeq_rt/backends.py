@@ -1,4 +1,4 @@
-"""Which compiled backends this install has (cpu always, cuda where built and a GPU is present), and why not."""
+"""Which compiled backends this install has (cpu always; cuda where built and a GPU is seen)."""
 
 from __future__ import annotations
 
@@ -55,9 +55,13 @@ def cuda_status() -> BackendStatus:
         import cupy  # noqa: F401
     except ImportError:
         return BackendStatus("cuda", False, "cupy is not installed (pip install 'affeq-rt[cuda]')")
-    n = _core_cuda.device_count() if hasattr(_core_cuda, "device_count") else 0
+    if hasattr(_core_cuda, "probe"):
+        n, detail = _core_cuda.probe()
+    else:
+        n, detail = (_core_cuda.device_count() if hasattr(_core_cuda, "device_count") else 0), ""
     if n <= 0:
-        return BackendStatus("cuda", False, "no CUDA GPU visible")
+        why = f"no CUDA GPU visible ({detail})" if detail else "no CUDA GPU visible"
+        return BackendStatus("cuda", False, why)
     return BackendStatus("cuda", True, f"{n} GPU(s)")
 
 
@@ -72,7 +76,7 @@ def backends() -> list[BackendStatus]:
 
 
 def resolve_device(device: str) -> str:
-    """Map ``auto|cpu|cuda`` to the backend that will run, or raise if CUDA was asked for but is absent."""
+    """Map ``auto|cpu|cuda`` to the backend that will run; raise if CUDA is asked for but absent."""
     if device not in ("auto", "cpu", "cuda"):
         raise AffeqError(f"unknown device {device!r}", "use one of auto, cpu, cuda")
     st = cuda_status()

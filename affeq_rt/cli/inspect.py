@@ -1,0 +1,44 @@
+"""``affeq-rt inspect``: print a hybrid model's metadata, inputs and outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def run(
+    model: Path = typer.Argument(..., help="A .onnx file written by affeq-rt build-hybrid."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    all_labels: bool = typer.Option(False, "--labels", help="Print every label name."),
+) -> None:
+    """Print how a hybrid model was made: source, target, fit, verification, preprocessing,
+    labels."""
+    from ..hybrid import read_metadata
+
+    info = read_metadata(model)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    meta, graph = dict(info["metadata"]), info["graph"]
+    typer.echo(f"model       {info['path']}")
+    typer.echo(f"producer    {graph['producer']}  (opset {graph['opset']}, "
+               f"IR {graph['ir_version']})")
+    for kind in ("inputs", "outputs"):
+        for t in graph[kind]:
+            typer.echo(f"{kind[:-1]:11s} {t['name']} {t['type']} {t['shape']}")
+    if not meta:
+        typer.echo("no affeq-rt metadata (not built by affeq-rt build-hybrid)")
+        return
+    labels = meta.pop("labels", [])
+    stats = meta.pop("fit_stats", {})
+    for key, value in meta.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+        typer.echo(f"{key:11s} {value}")
+    short = {k: v for k, v in stats.items() if not isinstance(v, list)}
+    typer.echo(f"fit_stats   {json.dumps(short, default=str)}")
+    shown = labels if all_labels else labels[:5]
+    typer.echo(f"labels      {len(labels)}: {'; '.join(map(str, shown))}"
+               + ("" if all_labels or len(labels) <= 5 else "; … (--labels for all)"))

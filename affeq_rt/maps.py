@@ -1,0 +1,155 @@
+"""Affine maps between feature spaces and their safetensors file format (see ARCHITECTURE.md).
+
+``x̃_dst = W x_src + b``. A maps file holds every ordered pair of a fit: tensors
+``"{src}->{dst}.weight"`` [d_dst, d_src] and ``"{src}->{dst}.bias"`` [d_dst] (float32), plus JSON
+metadata under the key ``affeq_rt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AffeqError
+from .fsio import atomic_path
+
+FORMAT = 1
+META_KEY = "affeq_rt"
+
+
+@dataclass
+class AffineMap:
+    """A fitted map ``src`` → ``dst``: ``weight`` [d_dst, d_src], ``bias`` [d_dst]."""
+
+    src: str
+    dst: str
+    weight: np.ndarray
+    bias: np.ndarray
+    method: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """``"src->dst"``, the tensor-name prefix in a maps file."""
+        return f"{self.src}->{self.dst}"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Map features ``x`` [n, d_src] → [n, d_dst] (float32 in, float32 out)."""
+        return np.asarray(x, np.float32) @ self.weight.T + self.bias
+
+
+def fold_head(m: AffineMap, w_dst: np.ndarray, b_dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target head folded into the map, float64: ``W_dst·W`` [K, d_src], ``W_dst·b + b_dst``."""
+    wd = np.asarray(w_dst, np.float64)
+    return wd @ m.weight.astype(np.float64), wd @ m.bias.astype(np.float64) + np.asarray(b_dst,
+                                                                                      np.float64)
+
+
+class MapSet(Mapping[tuple[str, str], AffineMap]):
+    """The maps of one file, indexed by ``(src, dst)``; a missing pair raises AffeqError."""
+
+    def __init__(self, maps: Sequence[AffineMap], meta: dict[str, Any], path: str = "") -> None:
+        self._maps = {(m.src, m.dst): m for m in maps}
+        self.meta = meta
+        self.path = path
+
+    def __getitem__(self, key: tuple[str, str]) -> AffineMap:
+        try:
+            return self._maps[key]
+        except KeyError:
+            raise AffeqError(f"maps file {self.path or '(in memory)'} has no map {key[0]}->{key[1]}"
+                             f" (it has {', '.join(f'{a}->{b}' for a, b in self._maps) or 'none'})",
+                             "fit that pair with affeq-rt fit --models including both") from None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    @property
+    def models(self) -> list[str]:
+        """Every model named in the file, in metadata order."""
+        return list(self.meta.get("models", {}))
+
+
+def save_maps(path: str | os.PathLike, maps: Sequence[AffineMap],
+              meta: dict[str, Any] | None = None) -> Path:
+    """Write ``maps`` (and extra ``meta`` keys) to a safetensors file, atomically."""
+    from safetensors.numpy import save_file
+
+    if not maps:
+        raise AffeqError("no maps to save", "fit at least two models")
+    tensors: dict[str, np.ndarray] = {}
+    models: dict[str, dict[str, int]] = {}
+    pairs: dict[str, dict[str, Any]] = {}
+    for m in maps:
+        w = np.ascontiguousarray(m.weight, np.float32)
+        b = np.ascontiguousarray(m.bias, np.float32).reshape(-1)
+        if w.ndim != 2 or w.shape[0] != b.shape[0]:
+            raise ValueError(f"{m.key}: weight {w.shape} and bias {b.shape} disagree")
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise AffeqError(f"map {m.key} has NaN/Inf entries", "check the input features")
+        tensors[f"{m.key}.weight"] = w
+        tensors[f"{m.key}.bias"] = b
+        models.setdefault(m.src, {"feature_dim": int(w.shape[1])})
+        models.setdefault(m.dst, {"feature_dim": int(w.shape[0])})
+        pairs[m.key] = {"method": m.method, **m.stats}
+    doc = {"format": FORMAT, **(meta or {}), "models": models, "pairs": pairs}
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=_jsonable)})
+    return p
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def load_maps(path: str | os.PathLike) -> MapSet:
+    """Read a maps file; a missing, corrupt or foreign file raises AffeqError."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise AffeqError(f"maps file {p} does not exist",
+                         "run affeq-rt fit first, or check the path")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AffeqError(f"maps file {p} is corrupt ({e})", "fit the maps again") from None
+    if raw is None:
+        raise AffeqError(f"{p} is a safetensors file without affeq-rt metadata",
+                         "pass a maps file written by affeq-rt fit")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AffeqError(f"maps file {p} has corrupt metadata ({e})",
+                         "fit the maps again") from None
+    if meta.get("format") != FORMAT:
+        raise AffeqError(f"maps file {p} has format {meta.get('format')!r}, expected {FORMAT}",
+                         "refit with this affeq-rt version")
+    maps = []
+    for key, st in meta.get("pairs", {}).items():
+        src, _, dst = key.partition("->")
+        try:
+            w, b = tensors[f"{key}.weight"], tensors[f"{key}.bias"]
+        except KeyError:
+            raise AffeqError(f"maps file {p} lists pair {key} but lacks its tensors",
+                             "fit the maps again") from None
+        st = dict(st)
+        method = st.pop("method", "unknown")
+        maps.append(AffineMap(src, dst, w, b, method, st))
+    return MapSet(maps, meta, str(p))

@@ -1,0 +1,211 @@
+"""Backbone registry: one JSON spec per network in ``models/``, resolved by name or alias.
+
+A spec says which timm/torchvision architecture to build, where its weights come from,
+how to preprocess images for it, and how faithful it is to the network the thesis used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import AffeqError
+
+LIBRARIES = ("timm", "torchvision", "affeq")
+WEIGHT_KINDS = ("hub", "package", "file", "none")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a backbone's weights come from.
+
+    ``kind``: ``hub`` (``hub`` = ``timm/<arch>.<tag>`` or ``torchvision/<Enum>.<member>``, read
+    from the local hub cache only), ``package`` (``package`` = an installed Python package,
+    ``file`` = path inside it), ``file`` (``file`` = a local path), ``none`` (random init only).
+    ``adapter`` names a key adapter in ``weights.ADAPTERS`` applied before strict loading.
+    """
+
+    kind: str = "none"
+    hub: str | None = None
+    package: str | None = None
+    file: str | None = None
+    adapter: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, without empty fields."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: architecture, weights, preprocessing, feature/label layout, fidelity note."""
+
+    name: str
+    library: str
+    arch: str
+    weights: WeightsSource
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_dim: int
+    num_classes: int = 1000
+    label_offset: int = 0
+    aliases: tuple[str, ...] = ()
+    paper_name: str | None = None
+    expected_top1: float | None = None
+    tags: tuple[str, ...] = ()
+    note: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "spec") -> BackboneSpec:
+        """Build and validate a spec from its JSON form; AffeqError names the bad field."""
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        try:
+            w = d.get("weights") or {"kind": "none"}
+            weights = WeightsSource(**w)
+            spec = cls(
+                name=str(d["name"]), library=str(d["library"]), arch=str(d["arch"]),
+                weights=weights, input_size=int(d["input_size"]), crop_pct=float(d["crop_pct"]),
+                interpolation=str(d["interpolation"]),
+                mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                feature_dim=int(d["feature_dim"]), num_classes=int(d.get("num_classes", 1000)),
+                label_offset=int(d.get("label_offset", 0)),
+                aliases=tuple(str(a) for a in d.get("aliases", ())),
+                paper_name=d.get("paper_name"),
+                expected_top1=None if d.get("expected_top1") is None else float(d["expected_top1"]),
+                tags=tuple(str(t) for t in d.get("tags", ())), note=str(d.get("note", "")),
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+        except KeyError as e:
+            raise AffeqError(f"{source} lacks the field {e.args[0]!r}",
+                             "see the registry format in docs/ARCHITECTURE.md") from None
+        except (TypeError, ValueError) as e:
+            raise AffeqError(f"{source} has a malformed field ({e})",
+                             "see the registry format in docs/ARCHITECTURE.md") from None
+        spec.validate(source)
+        return spec
+
+    def validate(self, source: str = "spec") -> None:
+        """Check enumerations and shapes; raise AffeqError naming the field."""
+        w = self.weights
+        checks = [
+            (self.library in LIBRARIES, f"library {self.library!r} not in {LIBRARIES}"),
+            (w.kind in WEIGHT_KINDS, f"weights.kind {w.kind!r} not in {WEIGHT_KINDS}"),
+            (w.kind != "hub" or bool(w.hub), "weights.kind hub needs weights.hub"),
+            (w.kind != "package" or bool(w.package and w.file),
+             "weights.kind package needs weights.package and weights.file"),
+            (w.kind != "file" or bool(w.file), "weights.kind file needs weights.file"),
+            (self.interpolation in INTERPOLATIONS,
+             f"interpolation {self.interpolation!r} not in {INTERPOLATIONS}"),
+            (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values"),
+            (all(s > 0 for s in self.std), "std values must be positive"),
+            (0.0 < self.crop_pct <= 1.0, f"crop_pct {self.crop_pct} not in (0, 1]"),
+            (self.input_size > 0 and self.feature_dim > 0 and self.num_classes > 0,
+             "input_size, feature_dim and num_classes must be positive"),
+            (self.label_offset >= 0, "label_offset must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise AffeqError(f"{source}: {msg}", "fix the spec file")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The registry JSON form (round-trips through ``from_dict``)."""
+        d: dict[str, Any] = {
+            "name": self.name, "aliases": list(self.aliases), "paper_name": self.paper_name,
+            "library": self.library, "arch": self.arch, "weights": self.weights.to_dict(),
+            "input_size": self.input_size, "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
+            "feature_dim": self.feature_dim, "num_classes": self.num_classes,
+            "label_offset": self.label_offset, "expected_top1": self.expected_top1,
+            "tags": list(self.tags), "note": self.note,
+        }
+        d.update(self.extra)
+        return d
+
+
+def models_dir() -> Path:
+    """Folder holding the spec files: ``$AFFEQ_RT_MODELS`` or the repository's ``models/``."""
+    env = os.environ.get("AFFEQ_RT_MODELS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "models", here / "models"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "models"
+
+
+@lru_cache(maxsize=4)
+def _load_all(folder: str) -> dict[str, BackboneSpec]:
+    specs: dict[str, BackboneSpec] = {}
+    root = Path(folder)
+    if not root.is_dir():
+        raise AffeqError(f"registry folder {root} does not exist",
+                         "run from a checkout with models/ or set AFFEQ_RT_MODELS")
+    for path in sorted(root.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AffeqError(f"registry spec {path} is corrupt ({e})",
+                             "fix or remove the file") from None
+        spec = BackboneSpec.from_dict(data, source=str(path))
+        if spec.name in specs:
+            raise AffeqError(f"registry spec {path} repeats the name {spec.name!r}", "rename one")
+        specs[spec.name] = spec
+    return specs
+
+
+def _index(specs: Mapping[str, BackboneSpec]) -> dict[str, str]:
+    idx: dict[str, str] = {}
+    for spec in specs.values():
+        for key in (spec.name, *spec.aliases):
+            k = _norm(key)
+            if k in idx and idx[k] != spec.name:
+                raise AffeqError(f"registry alias {key!r} names both {idx[k]} and {spec.name}",
+                                 "make aliases unique")
+            idx[k] = spec.name
+    return idx
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower()
+
+
+def list_specs(tag: str | None = None) -> list[BackboneSpec]:
+    """Every registered backbone (sorted by name), optionally only those carrying ``tag``."""
+    specs = _load_all(str(models_dir()))
+    out = sorted(specs.values(), key=lambda s: s.name)
+    return [s for s in out if tag is None or tag in s.tags]
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Resolve a canonical name or alias (case-insensitive); unknown names list the closest ones."""
+    specs = _load_all(str(models_dir()))
+    idx = _index(specs)
+    key = _norm(name)
+    if key in idx:
+        return specs[idx[key]]
+    close = difflib.get_close_matches(key, list(idx), n=5, cutoff=0.5)
+    suggestions = [c if c == _norm(idx[c]) else f"{c} (= {idx[c]})" for c in close]
+    hint = (f"closest: {', '.join(suggestions)}" if suggestions
+            else "run `affeq-rt models` for the list")
+    raise AffeqError(f"unknown model {name!r}", hint)
+
+
+def spec_from(obj: BackboneSpec | Mapping[str, Any] | str) -> BackboneSpec:
+    """Accept a spec, its dict form, or a registry name."""
+    if isinstance(obj, BackboneSpec):
+        return obj
+    if isinstance(obj, str):
+        return get_spec(obj)
+    return BackboneSpec.from_dict(obj)

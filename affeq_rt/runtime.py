@@ -1,0 +1,187 @@
+"""The one place that creates onnxruntime sessions: TensorRT → CUDA → CPU, what really loads.
+
+onnxruntime-gpu lists GPU providers even where their libraries cannot load, so the provider
+that runs is read from ``session.get_providers()`` after creation, never from
+``get_available_providers()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AffeqError
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise AffeqError(f"onnxruntime is not importable ({e})",
+                         "pip install onnxruntime-gpu (Linux x86_64/aarch64) or onnxruntime"
+                         ) from None
+    return ort
+
+
+def _provider_options(key: str) -> dict[str, Any]:
+    if key == "tensorrt":
+        home = Path(os.environ.get("AFFEQ_RT_HOME", Path.home() / ".cache" / "affeq-rt"))
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(home / "trt-cache")}
+    return {}
+
+
+def to_fp16(model_path: str | os.PathLike) -> bytes:
+    """An fp16 copy of an ONNX model (inputs/outputs kept float32), serialised.
+
+    Uses onnxconverter-common when installed, else the same converter shipped inside
+    onnxruntime (``onnxruntime.transformers.float16``).
+    """
+    import onnx
+
+    try:
+        from onnxconverter_common.float16 import convert_float_to_float16
+    except ImportError:
+        try:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+        except ImportError:
+            raise AffeqError("fp16 needs a float16 converter: neither onnxconverter-common nor "
+                             "onnxruntime.transformers.float16 is importable",
+                             "pip install onnxconverter-common, or run without --fp16") from None
+    model = onnx.load(str(model_path))
+    half = convert_float_to_float16(model, keep_io_types=True)
+    return half.SerializeToString()
+
+
+class OrtModel:
+    """An onnxruntime session with the provider that really runs and batched numpy inference."""
+
+    def __init__(self, session: Any, path: Path, requested: str, fp16: bool,
+                 notes: list[str]) -> None:
+        self.session = session
+        self.path = path
+        self.requested = requested
+        self.fp16 = fp16
+        self.notes = notes  # why higher-priority providers did not load
+        self.providers: list[str] = list(session.get_providers())
+        self.provider: str = self.providers[0]
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def __repr__(self) -> str:
+        return f"OrtModel({self.path.name}, provider={self.provider}, fp16={self.fp16})"
+
+    @property
+    def provider_line(self) -> str:
+        """The line the CLI prints: ``provider: CPUExecutionProvider``."""
+        return f"provider: {self.provider}" + (" (fp16)" if self.fp16 else "")
+
+    def run(self, x: np.ndarray, batch_size: int = 32, output: int | str = 0) -> np.ndarray:
+        """Run the single-input model on ``x`` in batches; one output (index or name), numpy."""
+        if len(self.input_names) != 1:
+            raise AffeqError(f"{self.path.name} has {len(self.input_names)} inputs",
+                             "use run_feeds with a dict of inputs")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        idx = self.output_names.index(output) if isinstance(output, str) else int(output)
+        if batch_size <= 0:
+            raise AffeqError(f"batch size {batch_size} is not positive", "pass a batch size >= 1")
+        if len(x) == 0:
+            return np.zeros((0,), np.float32)
+        name, feed = self.output_names[idx], self.input_names[0]
+        outs = [self.session.run([name], {feed: x[i:i + batch_size]})[0]
+                for i in range(0, len(x), batch_size)]
+        return np.concatenate(outs, axis=0)
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once on named inputs; returns every output."""
+        return self.session.run(None, feeds)
+
+
+def _make_session(ort: Any, model: str | bytes, keys: list[str],
+                  threads: int | None) -> tuple[Any, str]:
+    """Create a session quietly: (session, what onnxruntime printed about failed providers)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    providers = [(PROVIDERS[k], _provider_options(k)) for k in keys]
+    buf = io.StringIO()
+    ort.set_default_logger_severity(4)  # provider-library load failures are expected on CPU hosts
+    try:
+        with contextlib.redirect_stdout(buf):  # onnxruntime prints its EP fallback notice
+            sess = ort.InferenceSession(model, sess_options=so, providers=providers)
+    finally:
+        ort.set_default_logger_severity(2)
+    return sess, buf.getvalue()
+
+
+def create_session(path: str | os.PathLike, provider: str = "auto", fp16: bool = False,
+                   threads: int | None = None) -> OrtModel:
+    """Open an ONNX model with the best provider that loads here (``auto``) or a forced one.
+
+    ``provider``: ``auto`` (TensorRT → CUDA → CPU), ``tensorrt``, ``cuda`` or ``cpu``; a
+    forced provider that does not load raises AffeqError. ``fp16`` converts the graph's
+    weights and compute to float16 (inputs and outputs stay float32).
+    """
+    ort = _ort()
+    p = Path(path)
+    if not p.is_file():
+        raise AffeqError(f"ONNX model {p} does not exist", "export it first (affeq-rt export NAME)")
+    provider = provider.lower()
+    if provider not in ("auto", *PROVIDERS):
+        raise AffeqError(f"unknown provider {provider!r}", "use auto, tensorrt, cuda or cpu")
+    model: str | bytes = to_fp16(p) if fp16 else str(p)
+    if provider == "auto":
+        keys = list(AUTO_ORDER)
+    else:
+        keys = [provider] if provider == "cpu" else [provider, "cpu"]
+    try:
+        sess, printed = _make_session(ort, model, keys, threads)
+    except Exception as e:
+        if provider not in ("auto", "cpu"):  # a forced GPU provider that fails hard
+            first = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+            raise AffeqError(f"provider {provider} does not load here ({first})",
+                             "use --provider auto or cpu") from None
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        raise AffeqError(f"onnxruntime cannot load {p} ({msg})", "re-export the model") from None
+    got = sess.get_providers()
+    if provider != "auto" and got[0] != PROVIDERS[provider]:
+        raise AffeqError(f"provider {provider} does not load here (session runs on {got[0]})",
+                         "use --provider auto or cpu")
+    notes = [line.strip() for line in printed.splitlines() if line.strip().startswith("EP Error")]
+    return OrtModel(sess, p, provider, fp16, notes)
+
+
+def loadable_providers() -> list[str]:
+    """Providers that really load here, probed with a one-node model (cached per process)."""
+    global _LOADABLE
+    if _LOADABLE is None:
+        import tempfile
+
+        import onnx
+        from onnx import TensorProto, helper
+
+        node = helper.make_node("Identity", ["x"], ["y"])
+        vx = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        vy = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([node], "probe", [vx], [vy])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "probe.onnx"
+            onnx.save(m, str(f))
+            _LOADABLE = create_session(f).providers
+    return list(_LOADABLE)
+
+
+_LOADABLE: list[str] | None = None

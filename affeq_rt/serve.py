@@ -1,0 +1,222 @@
+"""Serve hybrid ONNX models over the Open Inference Protocol v2 (Triton's protocol) with MLServer.
+
+``serve(MODEL_OR_REPO, port=8000)`` starts MLServer (REST on ``port``, gRPC on ``port + 1``, both on
+127.0.0.1 unless ``host`` says otherwise) with :class:`OnnxRuntimeServing`, a small custom runtime
+that runs each model through ``runtime.create_session``. ``MODEL_OR_REPO`` is one ``.onnx`` file or
+a Triton model repository written by ``build-hybrid --server-repo`` (its configs are validated with
+Triton's schema first). Clients: ``tritonclient.http.InferenceServerClient("127.0.0.1:8000")``,
+with ``binary_data=False`` on inputs and outputs (MLServer speaks the JSON form of the protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AffeqError
+
+try:  # MLServer is the `serve` extra; without it the module imports but cannot serve.
+    from mlserver import MLModel as _MLModel
+    from mlserver.codecs import NumpyCodec
+    from mlserver.errors import MLServerError
+    from mlserver.types import InferenceRequest, InferenceResponse
+
+    HAVE_MLSERVER = True
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _MLModel = object  # type: ignore[assignment,misc]
+    HAVE_MLSERVER = False
+
+# ONNX Runtime tensor type → Open Inference Protocol datatype.
+ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+              "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
+              "tensor(int64)": "INT64", "tensor(bool)": "BOOL"}
+OIP_TO_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8,
+                "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model to serve: its name, version and ONNX file."""
+
+    name: str
+    version: str
+    path: Path
+
+
+def _session(path: str | os.PathLike, provider: str) -> Any:
+    from .runtime import create_session
+
+    return create_session(path, provider=provider)
+
+
+def _inner(sess: Any) -> Any:
+    """The onnxruntime InferenceSession inside a ``runtime.OrtModel`` (or the session itself)."""
+    return getattr(sess, "session", sess)
+
+
+class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
+    """MLServer runtime: one ONNX model through onnxruntime (``parameters.uri`` = the file,
+    ``parameters.extra["provider"]`` = ``auto``/``cpu``/``cuda``/``tensorrt``)."""
+
+    async def load(self) -> bool:
+        """Create the session and record the input/output signatures."""
+        params = self.settings.parameters
+        provider = (params.extra or {}).get("provider", "auto") if params else "auto"
+        self._sess = _session(params.uri, provider)
+        inner = _inner(self._sess)
+        self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32") for i in inner.get_inputs()}
+        self._outputs = [o.name for o in inner.get_outputs()]
+        self.ready = True
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        """Decode the inputs (shape and datatype checked), run, encode the requested outputs."""
+        feeds: dict[str, np.ndarray] = {}
+        for inp in payload.inputs:
+            want = self._inputs.get(inp.name)
+            if want is None:
+                raise MLServerError(f"unknown input {inp.name!r}; this model takes "
+                                    f"{sorted(self._inputs)}", status_code=400)
+            if inp.datatype != want:
+                raise MLServerError(f"input {inp.name!r} is {inp.datatype}, the model takes "
+                                    f"{want}", status_code=400)
+            feeds[inp.name] = np.ascontiguousarray(NumpyCodec.decode_input(inp),
+                                                   OIP_TO_NUMPY[want])
+        missing = set(self._inputs) - set(feeds)
+        if missing:
+            raise MLServerError(f"missing input(s) {sorted(missing)}", status_code=400)
+        names = [o.name for o in payload.outputs] if payload.outputs else self._outputs
+        unknown = [n for n in names if n not in self._outputs]
+        if unknown:
+            raise MLServerError(f"unknown output(s) {unknown}; the model gives {self._outputs}",
+                                status_code=400)
+        inner = _inner(self._sess)
+        try:
+            results = await asyncio.to_thread(inner.run, names, feeds)
+        except Exception as e:  # onnxruntime's InvalidArgument / Fail on bad shapes
+            raise MLServerError(f"inference failed: {e}", status_code=400) from None
+        return InferenceResponse(
+            model_name=self.name, model_version=self.version, id=payload.id,
+            outputs=[NumpyCodec.encode_output(n, np.asarray(r))
+                     for n, r in zip(names, results, strict=True)],
+        )
+
+
+def _metadata_tensors(path: Path) -> tuple[list[Any], list[Any]]:
+    """Input/output metadata (batch dimension −1) for the model's metadata endpoint."""
+    from mlserver.types import MetadataTensor
+
+    from .triton import onnx_io
+
+    ins, outs = onnx_io(path)
+    oip = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_FP64": "FP64", "TYPE_UINT8": "UINT8",
+           "TYPE_INT8": "INT8", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_BOOL": "BOOL"}
+
+    def conv(ts: list[Any]) -> list[Any]:
+        return [MetadataTensor(name=t.name, datatype=oip[t.data_type], shape=[-1, *t.dims])
+                for t in ts]
+
+    return conv(ins), conv(outs)
+
+
+def find_models(target: str | os.PathLike, name: str | None = None) -> list[ServedModel]:
+    """What ``target`` serves: one ``.onnx`` file (named ``name``, its hybrid name or its stem),
+    or every model of a Triton repository (configs validated with Triton's schema)."""
+    p = Path(target)
+    if p.is_file():
+        if p.suffix != ".onnx":
+            raise AffeqError(f"{p} is not an .onnx file", "pass a model file or a repository")
+        if name is None:
+            from .hybrid import default_model_name, read_metadata
+
+            meta = read_metadata(p)["metadata"]
+            name = (default_model_name(meta["source"], meta["target"], bool(meta.get("fp16")))
+                    if "source" in meta and "target" in meta else p.stem)
+        from .triton import _check_name
+
+        _check_name(name)
+        return [ServedModel(name, "1", p)]
+    if p.is_dir():
+        from .triton import read_repository
+
+        models = [ServedModel(m.name, m.version, m.path) for m in read_repository(p)]
+        if name is not None:
+            models = [m for m in models if m.name == name]
+            if not models:
+                raise AffeqError(f"repository {p} has no model {name!r}", "check --name")
+        return models
+    raise AffeqError(f"{p} does not exist", "pass a hybrid .onnx file or a model repository")
+
+
+def check_port(host: str, port: int, what: str = "--port") -> None:
+    """AffeqError if something already listens on ``host:port`` (or it cannot be bound)."""
+    if not 0 < port < 65536:
+        raise AffeqError(f"port {port} is out of range", f"pass {what} between 1 and 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn/grpc bind
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AffeqError(f"port {port} on {host} is in use ({e.strerror})",
+                             f"stop what uses it or pass {what} with a free port") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests and ``--port 0``)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def settings_for(models: list[ServedModel], host: str, port: int, grpc_port: int,
+                 provider: str) -> tuple[Any, list[Any]]:
+    """MLServer ``Settings`` (no metrics server, no worker pool) and one ``ModelSettings`` each."""
+    from mlserver.settings import ModelParameters, ModelSettings, Settings
+
+    settings = Settings(host=host, http_port=port, grpc_port=grpc_port, metrics_endpoint=None,
+                        parallel_workers=0, load_models_at_startup=False,
+                        model_repository_root=str(models[0].path.parent))
+    ms = []
+    for m in models:
+        ins, outs = _metadata_tensors(m.path)
+        ms.append(ModelSettings(
+            name=m.name, implementation=OnnxRuntimeServing, platform="onnxruntime_onnx",
+            versions=[m.version], inputs=ins, outputs=outs,
+            parameters=ModelParameters(uri=str(m.path.resolve()), version=m.version,
+                                       extra={"provider": provider}),
+        ))
+    return settings, ms
+
+
+def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
+          grpc_port: int | None = None, provider: str = "auto", name: str | None = None,
+          announce: Any = print) -> None:
+    """Serve ``target`` until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+    if not HAVE_MLSERVER:
+        raise AffeqError("MLServer is not installed", "pip install 'affeq-rt[serve]'")
+    models = find_models(target, name)
+    if port == 0:
+        port = free_port(host)
+    grpc_port = port + 1 if grpc_port is None else grpc_port
+    check_port(host, port, "--port")
+    check_port(host, grpc_port, "--grpc-port")
+    settings, model_settings = settings_for(models, host, port, grpc_port, provider)
+    for m in models:
+        announce(f"serving {m.name} (v{m.version}, {m.path}) at "
+                 f"http://{host}:{port}/v2/models/{m.name}  (gRPC {host}:{grpc_port})")
+
+    async def main() -> None:
+        from mlserver import MLServer
+
+        server = MLServer(settings)
+        await server.start(model_settings)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,310 @@
+"""Map solvers: OLS and ridge from Gram statistics, logit pseudo-inverse from heads, Adam, naive.
+
+Gram-based solvers read any *moments* object with ``n``, ``mean() -> [D]`` and
+``scatter(rows=slice, cols=slice) -> [r, c]`` (centred Σ(x−μ)(x−μ)ᵀ, float64) — that is
+``core.GramAccumulator`` over the concatenated features [F_1 … F_k]; a source/target is a slice of
+that joint vector. Everything is float64. Rank-deficient systems (fewer images than dimensions,
+dead features) use an eigenvalue cut-off (minimum-norm solution) and report it in the stats;
+they never produce NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import AffeqError
+
+METHODS = ("ols", "ridge", "logit-pinv", "adam", "naive")
+# Eigenvalues of S_AA below RTOL·λ_max count as null. The compiled core forms products in float32
+# (per-block, mean-shifted), so its null-space eigenvalues sit at ~1e-8·λ_max; features themselves
+# are float32/float16. A negative eigenvalue measures that noise directly (cut at NOISE_FACTOR×).
+RTOL = 1e-7
+NOISE_FACTOR = 4.0
+
+
+class Moments(Protocol):
+    """What the Gram solvers need (``core.GramAccumulator`` provides it)."""
+
+    n: int
+
+    def mean(self) -> np.ndarray: ...
+
+    def scatter(self, rows: slice, cols: slice) -> np.ndarray: ...
+
+
+@dataclass
+class SourceEig:
+    """Eigendecomposition S_AA = V diag(lam) Vᵀ of one source, shared by all its targets."""
+
+    vecs: np.ndarray
+    lam: np.ndarray
+    keep: np.ndarray  # bool: eigenvalues above the cut-off
+    dead: int  # features with zero variance
+
+    @property
+    def rank(self) -> int:
+        """Number of kept eigen-directions."""
+        return int(self.keep.sum())
+
+
+def source_eig(train: Moments, a: slice, rtol: float = RTOL) -> SourceEig:
+    """Eigendecompose the source block S_AA (symmetrised) and apply the relative cut-off."""
+    s = np.asarray(train.scatter(a, a), np.float64)
+    s = 0.5 * (s + s.T)
+    dead = int((np.diag(s) <= 0).sum())
+    lam, vecs = np.linalg.eigh(s)
+    top = float(lam[-1]) if lam.size else 0.0
+    floor = max(rtol * top, NOISE_FACTOR * max(-float(lam[0]), 0.0)) if lam.size else 0.0
+    keep = lam > floor if top > 0 else np.zeros_like(lam, bool)
+    return SourceEig(vecs, lam, keep, dead)
+
+
+def _fit_stats(w: np.ndarray, b: np.ndarray, m: Moments, a: slice, t: slice,
+               ) -> tuple[float, float | None]:
+    """Σ‖y − Wx − b‖² over the rows of ``m`` and the R² against ``m``'s own target mean, from
+    Gram statistics only. Returns (sum of squared residuals, R²)."""
+    n = int(m.n)
+    mean = m.mean()
+    s_aa, s_ab, s_bb = m.scatter(a, a), m.scatter(a, t), m.scatter(t, t)
+    delta = mean[t] - w @ mean[a] - b
+    ss_tot = float(np.trace(s_bb))
+    ss = ss_tot - 2.0 * float(np.sum(w * s_ab.T)) + float(np.sum((w @ s_aa) * w)) \
+        + n * float(delta @ delta)
+    ss = max(ss, 0.0)
+    r2 = 1.0 - ss / ss_tot if ss_tot > 0 else None  # constant target: R² undefined (not NaN)
+    return ss, r2
+
+
+def _common_stats(w: np.ndarray, b: np.ndarray, train: Moments, a: slice, t: slice,
+                  holdout: Moments | None) -> dict[str, Any]:
+    ss, r2 = _fit_stats(w, b, train, a, t)
+    out: dict[str, Any] = {"images": int(train.n), "residual": ss / max(int(train.n), 1),
+                           "r2_train": r2}
+    if holdout is not None and int(holdout.n) > 0:
+        hs, hr2 = _fit_stats(w, b, holdout, a, t)
+        out.update(holdout_images=int(holdout.n), residual_holdout=hs / int(holdout.n),
+                   r2_holdout=hr2)
+    else:
+        out.update(holdout_images=0, r2_holdout=None)
+    return out
+
+
+def _check_n(train: Moments) -> None:
+    if int(train.n) < 2:
+        raise AffeqError(f"a map needs at least 2 training images, got {int(train.n)}",
+                         "use more images (--max-images) or a smaller --holdout")
+
+
+def ols(train: Moments, a: slice, t: slice, holdout: Moments | None = None,
+        eig: SourceEig | None = None, rtol: float = RTOL) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Ordinary least squares (thesis eq. 5.1): W = S_BA S_AA⁺, b = μ_B − W μ_A.
+
+    S_AA⁺ is the pseudo-inverse through the eigen cut-off (minimum norm when rank-deficient).
+    """
+    _check_n(train)
+    eig = eig or source_eig(train, a, rtol)
+    v = eig.vecs[:, eig.keep]
+    inv = 1.0 / eig.lam[eig.keep]
+    s_ba = train.scatter(t, a)
+    w = ((s_ba @ v) * inv) @ v.T
+    mu = train.mean()
+    b = mu[t] - w @ mu[a]
+    stats = _common_stats(w, b, train, a, t, holdout)
+    stats.update(_rank_stats(eig, train))
+    return w, b, stats
+
+
+def _rank_stats(eig: SourceEig, train: Moments) -> dict[str, Any]:
+    kept = eig.lam[eig.keep]
+    d = eig.lam.size
+    return {"rank": eig.rank, "source_dim": d, "dead_features": eig.dead,
+            "rank_deficient": eig.rank < d,
+            "condition": float(kept[-1] / kept[0]) if kept.size else None,
+            "underdetermined": int(train.n) - 1 < d}
+
+
+def ridge_lambdas(eig: SourceEig, count: int = 41) -> np.ndarray:
+    """λ grid: 0 plus ``count`` values log-spaced over 1e-8…1e2 × the mean eigenvalue of S_AA."""
+    scale = float(np.mean(np.clip(eig.lam, 0, None))) or 1.0
+    return np.concatenate([[0.0], scale * np.logspace(-8, 2, count)])
+
+
+def ridge(train: Moments, a: slice, t: slice, holdout: Moments | None,
+          eig: SourceEig | None = None, lambdas: np.ndarray | None = None,
+          rtol: float = RTOL) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Ridge regression, W_λ = S_BA (S_AA + λI)⁻¹, with λ chosen by held-out residual.
+
+    The whole λ path comes from one eigendecomposition S_AA = V Λ Vᵀ: with P = S_BA V,
+    W_λ = P D_λ Vᵀ (D_λ = 1/(Λ+λ)), and the held-out residual of every λ is a cheap function of
+    P, Vᵀ S_h V and Vᵀ S_h,AB (no refit per λ). λ = 0 uses the same cut-off as OLS.
+    """
+    _check_n(train)
+    if holdout is None or int(holdout.n) < 1:
+        raise AffeqError("ridge needs held-out images to choose λ", "pass --holdout 0.1 (or more)")
+    eig = eig or source_eig(train, a, rtol)
+    v, lam = eig.vecs, eig.lam
+    lambdas = ridge_lambdas(eig) if lambdas is None else np.asarray(lambdas, np.float64)
+    mu, mu_h = train.mean(), holdout.mean()
+    p = train.scatter(t, a) @ v  # [dB, dA]
+    h = v.T @ holdout.scatter(a, a) @ v  # [dA, dA]
+    q = v.T @ holdout.scatter(a, t)  # [dA, dB]
+    c = np.einsum("ji,ij->i", p, q)  # tr(P D Q) = Σ_i D_i c_i
+    g = p.T @ p
+    hg = h * g  # tr(P D H D Pᵀ) = Dᵀ (H ⊙ PᵀP) D
+    u = v.T @ (mu_h[a] - mu[a])
+    e = mu_h[t] - mu[t]
+    ss_bb = float(np.trace(holdout.scatter(t, t)))
+    n_h = int(holdout.n)
+    path = []
+    for lmb in lambdas:
+        if lmb == 0.0:
+            dvec = np.where(eig.keep, 1.0 / np.where(eig.keep, lam, 1.0), 0.0)
+        else:
+            dvec = 1.0 / (np.clip(lam, 0, None) + lmb)
+        delta = e - p @ (dvec * u)
+        ss = ss_bb - 2.0 * float(dvec @ c) + float(dvec @ hg @ dvec) + n_h * float(delta @ delta)
+        path.append(max(ss, 0.0) / n_h)
+    best = int(np.nanargmin(path))
+    lmb = float(lambdas[best])
+    dvec = (np.where(eig.keep, 1.0 / np.where(eig.keep, lam, 1.0), 0.0) if lmb == 0.0
+            else 1.0 / (np.clip(lam, 0, None) + lmb))
+    w = (p * dvec) @ v.T
+    b = mu[t] - w @ mu[a]
+    stats = _common_stats(w, b, train, a, t, holdout)
+    stats.update(_rank_stats(eig, train))
+    stats.update({"lambda": lmb, "lambda_index": best,
+                  "lambda_path": [float(x) for x in lambdas], "holdout_residual_path": path})
+    return w, b, stats
+
+
+def _class_rows(w: np.ndarray, b: np.ndarray, offset: int, classes: int) -> tuple[np.ndarray, ...]:
+    if w.shape[0] < offset + classes:
+        raise AffeqError(f"head has {w.shape[0]} classes, fewer than offset {offset} + {classes}",
+                         "check label_offset/num_classes in the registry spec")
+    return (np.asarray(w[offset:offset + classes], np.float64),
+            np.asarray(b[offset:offset + classes], np.float64))
+
+
+def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarray, np.ndarray],
+               offset_src: int = 0, offset_dst: int = 0,
+               rcond: float = 1e-12) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Through the logits (thesis §5.5): M = W_B⁺ W_A, bias W_B⁺ (b_A − b_B).
+
+    Heads are (weight [K, d], bias [K]); ``offset`` is the registry's ``label_offset`` (1 for
+    TF-slim 1001-class heads): only the shared ImageNet classes are used. The map reproduces A's
+    logits through B's head exactly when W_B has full row rank (K ≤ d_B); ``logits_exact`` says so.
+    """
+    wa, ba = head_src
+    wb, bb = head_dst
+    k_a, k_b = wa.shape[0] - offset_src, wb.shape[0] - offset_dst
+    k = min(k_a, k_b)
+    wa, ba = _class_rows(wa, ba, offset_src, k)
+    wb, bb = _class_rows(wb, bb, offset_dst, k)
+    pinv = np.linalg.pinv(wb, rcond=rcond)  # [dB, K]
+    w = pinv @ wa
+    b = pinv @ (ba - bb)
+    rank = int(np.linalg.matrix_rank(wb))
+    recon = wb @ w  # should equal wa when exact
+    err = float(np.abs(recon - wa).max() / max(np.abs(wa).max(), 1e-30))
+    return w, b, {"classes": k, "rank_dst_head": rank, "logits_exact": rank == k,
+                  "logit_rel_error": err}
+
+
+def naive(d_src: int, d_dst: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Features passed unmapped (thesis §5.6): truncated or zero-padded to the target dimension."""
+    w = np.eye(d_dst, d_src, dtype=np.float64)
+    return w, np.zeros(d_dst), {"truncated": d_src > d_dst, "padded": d_src < d_dst}
+
+
+def adam(x_src: Any, x_dst: Any, iterations: int = 200, lr: float = 0.1,
+         decay: float = 1.0 - 1e-5, batch_size: int = 2048, seed: int = 0,
+         rows: np.ndarray | None = None, log_every: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The paper's §4.2 fit: minimise the mean Euclidean distance between unit-normalised predicted
+    and true target features with Adam (lr 0.1, decayed by ``decay`` per step, β = 0.9/0.999,
+    ε = 1e-8), on random batches of ``batch_size`` rows streamed from ``x_src``/``x_dst``
+    ([n, d] arrays or store memmaps). ``rows`` restricts training to those row indices
+    (e.g. the non-held-out part). W starts at 0 and b at the target mean, so the first prediction
+    is never the zero vector.
+    """
+    import torch
+
+    n_all = int(x_src.shape[0])
+    idx_all = np.arange(n_all) if rows is None else np.asarray(rows)
+    n = idx_all.size
+    if n < 2:
+        raise AffeqError(f"adam needs at least 2 images, got {n}", "use more images")
+    rng = np.random.default_rng(seed)
+    d_a, d_b = int(x_src.shape[1]), int(x_dst.shape[1])
+    probe = np.sort(rng.choice(idx_all, size=min(n, 8192), replace=False))
+    mu_b = np.asarray(x_dst[probe], np.float64).mean(0)
+    w = torch.zeros(d_b, d_a, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(mu_b, dtype=torch.float32, requires_grad=True)
+    bs = min(batch_size, n)
+    losses: list[float] = []
+    threads = torch.get_num_threads()
+    if d_a * d_b * bs < 1 << 26:  # small products: thread hand-offs cost more than they save
+        torch.set_num_threads(1)
+    try:
+        _adam_loop(torch, x_src, x_dst, idx_all, rng, w, b, iterations, lr, decay, bs,
+                   losses, log_every)
+    finally:
+        torch.set_num_threads(threads)
+    wn = w.detach().double().numpy()
+    bn = b.detach().double().numpy()
+    return wn, bn, {"iterations": iterations, "lr": lr, "decay": decay, "batch_size": bs,
+                    "images": n, "loss_first": losses[0], "loss_last": losses[-1],
+                    "loss_min": float(min(losses))}
+
+
+def _adam_loop(torch: Any, x_src: Any, x_dst: Any, idx_all: np.ndarray, rng: Any, w: Any,
+               b: Any, iterations: int, lr: float, decay: float, bs: int, losses: list[float],
+               log_every: int) -> None:
+    """Adam steps on (w, b) over random batches of ``idx_all``; appends each batch loss."""
+    params = [w, b]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    n = idx_all.size
+    for step in range(iterations):
+        # sampling with replacement keeps a step O(batch) on 1.28M rows; sorted for mmap locality
+        sel = np.sort(idx_all[rng.integers(0, n, size=bs)])
+        xa = torch.from_numpy(np.asarray(x_src[sel], np.float32))
+        xb = torch.from_numpy(np.asarray(x_dst[sel], np.float32))
+        loss = _unit_distance(xa @ w.T + b, xb).mean()
+        grads = torch.autograd.grad(loss, params)
+        lr_t = lr * decay ** step  # exponential decay per iteration (paper §4.2)
+        with torch.no_grad():  # Adam (Kingma & Ba), TF defaults, written out: no torch.optim import
+            for p_, g, a1, a2 in zip(params, grads, m1, m2, strict=True):
+                a1.mul_(beta1).add_(g, alpha=1 - beta1)
+                a2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                mhat = a1 / (1 - beta1 ** (step + 1))
+                vhat = a2 / (1 - beta2 ** (step + 1))
+                p_.sub_(lr_t * mhat / (vhat.sqrt() + eps))
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise AffeqError(f"adam diverged at step {step} (loss {lv})", "lower the learning rate")
+        losses.append(lv)
+        if log_every and step % log_every == 0:
+            print(f"adam step {step}: loss {lv:.5f}")
+
+
+def _unit_distance(pred: Any, true: Any) -> Any:
+    """‖pred/‖pred‖ − true/‖true‖‖ per row (the paper's error; a tiny ε keeps zero rows finite)."""
+    import torch
+
+    pn = pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    tn = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.linalg.vector_norm(pn - tn, dim=1)
+
+
+def unit_loss(w: np.ndarray, b: np.ndarray, x_src: np.ndarray, x_dst: np.ndarray) -> float:
+    """Mean unit-normalised Euclidean error of a map on arrays (NumPy, float64)."""
+    pred = np.asarray(x_src, np.float64) @ w.T + b
+    y = np.asarray(x_dst, np.float64)
+    pn = pred / np.maximum(np.linalg.norm(pred, axis=1, keepdims=True), 1e-12)
+    tn = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return float(np.linalg.norm(pn - tn, axis=1).mean())

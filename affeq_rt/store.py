@@ -1,0 +1,351 @@
+"""The feature store: per-model (n × d) arrays on disk, resumable while written, mmap'd when read.
+
+Layout (see ARCHITECTURE.md): ``manifest.json``, ``images.txt``, ``labels.npy``,
+``<model>/features.npy``, ``<model>/head.safetensors``; while being written also ``progress.json``
+(the committed sample index). Rows are written in sample order into preallocated ``.npy`` files;
+progress is committed (atomically) only after the rows are flushed, so a run killed at any
+point resumes from the last commit and produces the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AffeqError
+from .fsio import (
+    atomic_path,
+    ensure_writable_dir,
+    read_json,
+    sha256_file,
+    versions,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+FORMAT = 1
+DTYPES = ("float16", "float32")
+
+
+def _safe_name(model: str) -> str:
+    if not model or "/" in model or model in (".", "..") or model.startswith("."):
+        raise AffeqError(f"model name {model!r} cannot be a store folder", "use a registry name")
+    return model
+
+
+def save_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Write a head (``weight`` [K, d], ``bias`` [K], float32) as safetensors, atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"weight": np.ascontiguousarray(weight, np.float32),
+                   "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}, str(tmp))
+
+
+def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a head file written by :func:`save_head` (or an export's ``head.safetensors``)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        t = load_file(str(path))
+        return t["weight"], t["bias"]
+    except FileNotFoundError:
+        raise AffeqError(f"head file {path} does not exist", "re-run the export/extract") from None
+    except (SafetensorError, KeyError, OSError) as e:
+        raise AffeqError(f"head file {path} is corrupt ({e})",
+                         "re-run the export/extract") from None
+
+
+F16_MAX = 65504.0
+F16_TINY = 2.0 ** -14  # smallest normal float16: below it values lose precision or become 0
+
+
+def _check_float16(model: str, feats: np.ndarray) -> None:
+    """Refuse features that float16 cannot hold: any overflow, or >1% of non-zeros subnormal."""
+    a = np.abs(feats)
+    if not np.isfinite(feats).all():
+        return  # NaN/Inf rows are the accumulator's business (skipped and counted there)
+    if (a > F16_MAX).any():
+        raise AffeqError(f"{model} produced features up to {a.max():.3g}, beyond float16's range",
+                         "use --dtype float32")
+    nz = a[a > 0]
+    if nz.size and (nz < F16_TINY).mean() > 0.01:
+        raise AffeqError(f"{model}'s features are too small for float16 (median |x| = "
+                         f"{np.median(nz):.3g}; they would round to 0)", "use --dtype float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class FeatureStore:
+    """A complete feature store opened for reading (features are memory-mapped, read-only)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._labels: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FeatureStore:
+        """Open a store; AffeqError if it is missing, unfinished or not a store."""
+        p = Path(path)
+        if not p.is_dir():
+            raise AffeqError(f"feature store {p} does not exist", "run affeq-rt extract first")
+        mf = p / "manifest.json"
+        if not mf.is_file():
+            raise AffeqError(f"{p} is not a feature store (no manifest.json)",
+                             "pass a folder written by affeq-rt extract")
+        man = read_json(mf, "store manifest")
+        if man.get("format") != FORMAT or "models" not in man:
+            raise AffeqError(f"{p} has an unknown store format", "re-run affeq-rt extract")
+        if not man.get("complete"):
+            raise AffeqError(f"feature store {p} is unfinished "
+                             f"({man.get('progress', {}).get('rows', '?')} rows so far)",
+                             "rerun the same affeq-rt extract command to finish it")
+        return cls(p, man)
+
+    @property
+    def models(self) -> list[str]:
+        """Model names, in extraction order."""
+        return list(self.manifest["models"])
+
+    @property
+    def n(self) -> int:
+        """Number of feature rows (readable images)."""
+        return int(self.manifest["n"])
+
+    @property
+    def dtype(self) -> str:
+        """Feature dtype on disk (float16 or float32)."""
+        return str(self.manifest["dtype"])
+
+    @property
+    def images(self) -> list[str]:
+        """Image paths, one per row."""
+        return (self.path / "images.txt").read_text().splitlines()
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 [n] class labels, or None when every label is unknown (-1)."""
+        if self._labels is None:
+            self._labels = np.load(self.path / "labels.npy")
+        return None if (self._labels < 0).all() else self._labels
+
+    def _check(self, model: str) -> str:
+        if model not in self.manifest["models"]:
+            raise AffeqError(f"model {model!r} is not in feature store {self.path} "
+                             f"(it has {', '.join(self.models)})",
+                             "extract it with affeq-rt extract --models …")
+        return model
+
+    def features(self, model: str) -> np.ndarray:
+        """Memory-mapped [n, d] features of ``model`` (read-only)."""
+        arr = np.load(self.path / self._check(model) / "features.npy", mmap_mode="r")
+        if arr.shape[0] != self.n:
+            raise AffeqError(f"{self.path}/{model}/features.npy has {arr.shape[0]} rows, the "
+                             f"manifest says {self.n}", "re-run affeq-rt extract into a new folder")
+        return arr
+
+    def head(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """The model's classifier (weight [K, d], bias [K]) as copied into the store."""
+        return load_head(self.path / self._check(model) / "head.safetensors")
+
+    def spec(self, model: str) -> dict[str, Any]:
+        """The registry spec (dict) the features were extracted with."""
+        return dict(self.manifest["specs"][self._check(model)])
+
+    def feature_dim(self, model: str) -> int:
+        """Feature width of ``model``."""
+        return int(self.manifest["feature_dims"][self._check(model)])
+
+    def verify(self) -> None:
+        """Recompute every checksum in the manifest; AffeqError on the first mismatch."""
+        for rel, digest in self.manifest.get("checksums", {}).items():
+            if sha256_file(self.path / rel) != digest:
+                raise AffeqError(f"{self.path}/{rel} fails its checksum (corrupt or modified)",
+                                 "re-run affeq-rt extract into a new folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _rewrite_npy_rows(path: Path, rows: int) -> None:
+    """Shrink a preallocated ``.npy`` to its first ``rows`` rows in place (header + truncate).
+
+    Idempotent, so a kill in the middle is repaired by the next run.
+    """
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        if shape[0] != rows:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                      "shape": (rows, *shape[1:])}
+            text = repr(header)
+            prefix = 8 + (2 if version == (1, 0) else 4)
+            room = offset - prefix
+            if len(text) + 1 > room:
+                raise RuntimeError("npy header grew")  # cannot happen: the row count only shrinks
+            f.seek(prefix)
+            f.write((text.ljust(room - 1) + "\n").encode("latin1"))
+        f.flush()
+        os.fsync(f.fileno())
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        f.truncate(offset + rows * row_bytes)
+
+
+@dataclass
+class StoreConfig:
+    """What must match for a run to resume a store: models, their exports, data and layout."""
+
+    models: list[str]
+    dims: dict[str, int]
+    specs: dict[str, dict[str, Any]]
+    exports: dict[str, str]  # model → sha256 of features.onnx
+    data: dict[str, Any]
+    dtype: str
+    batch_size: int
+
+    def identity(self) -> dict[str, Any]:
+        """The fields compared on resume."""
+        return {"models": self.models, "exports": self.exports,
+                "data_fingerprint": self.data.get("fingerprint"), "dtype": self.dtype,
+                "n_samples": self.data.get("n_samples")}
+
+
+class StoreWriter:
+    """Create or resume a store; write batches of rows in order; commit; finalise."""
+
+    def __init__(self, path: str | os.PathLike, cfg: StoreConfig,
+                 heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        if cfg.dtype not in DTYPES:
+            raise AffeqError(f"unknown dtype {cfg.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        for m in cfg.models:
+            _safe_name(m)
+        self.path = Path(path)
+        self.cfg = cfg
+        self.n_samples = int(cfg.data["n_samples"])
+        self._arrays: dict[str, np.memmap] = {}
+        self.resumed = False
+        self.already_complete = False
+        self.samples_done = 0
+        self.rows = 0
+        self.skipped: list[dict[str, Any]] = []
+        self._open(heads)
+
+    # -- setup
+    def _open(self, heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        mf = self.path / "manifest.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise AffeqError(f"--out {self.path} is a file", "pass a folder for the store")
+        if mf.is_file():
+            man = read_json(mf, "store manifest")
+            theirs = man.get("identity") or {}
+            mine = self.cfg.identity()
+            if theirs != mine:
+                diff = [k for k in mine if theirs.get(k) != mine[k]]
+                what = (f"models {', '.join(man.get('models', []))}" if "models" in diff
+                        else ", ".join(diff))
+                raise AffeqError(f"{self.path} already holds a different feature store ({what} "
+                                 "differ)", "choose another --out folder or delete that one")
+            self.cfg.batch_size = int(man.get("batch_size", self.cfg.batch_size))
+            if man.get("complete"):
+                self.already_complete = True
+                self.rows = int(man["n"])
+                self.samples_done = self.n_samples
+                return
+            prog = read_json(self.path / "progress.json", "store progress") \
+                if (self.path / "progress.json").is_file() else {"samples": 0, "rows": 0,
+                                                                 "skipped": []}
+            self.samples_done, self.rows = int(prog["samples"]), int(prog["rows"])
+            self.skipped = list(prog["skipped"])
+            self.resumed = self.samples_done > 0
+            self._prepare_models(heads)
+            return
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise AffeqError(f"--out {self.path} exists and is not a feature store",
+                             "choose an empty or new folder")
+        ensure_writable_dir(self.path)
+        write_json_atomic(mf, self._manifest(complete=False))  # first: marks the folder as ours
+        self._prepare_models(heads)
+
+    def _prepare_models(self, heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Open each model's preallocated array, creating missing ones (only before any commit)."""
+        for m in self.cfg.models:
+            d = self.path / m
+            f = d / "features.npy"
+            if not f.is_file() or not (d / "head.safetensors").is_file():
+                if self.samples_done > 0:
+                    raise AffeqError(f"store {self.path} lost {m}/features.npy mid-run",
+                                     "delete the folder and extract again")
+                ensure_writable_dir(d)
+                w, b = heads[m]
+                save_head(d / "head.safetensors", w, b)
+                with atomic_path(f) as tmp:
+                    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.cfg.dtype,
+                                                    shape=(self.n_samples, self.cfg.dims[m]))
+                    arr.flush()
+                    del arr
+            self._arrays[m] = np.load(f, mmap_mode="r+")
+
+    def _manifest(self, complete: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        c = self.cfg
+        return {"format": FORMAT, "complete": complete, "models": c.models, "n": self.rows,
+                "dtype": c.dtype, "feature_dims": c.dims, "batch_size": c.batch_size,
+                "data": c.data, "skipped": self.skipped, "specs": c.specs, "exports": c.exports,
+                "identity": c.identity(), "versions": versions(),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+
+    # -- writing
+    def write(self, model: str, row0: int, feats: np.ndarray) -> None:
+        """Put ``feats`` [r, d] at rows ``row0…`` of ``model`` (converted to the store dtype)."""
+        arr = self._arrays[model]
+        if feats.shape[1] != arr.shape[1]:
+            raise AffeqError(f"{model} produced {feats.shape[1]} features, the store expects "
+                             f"{arr.shape[1]}", "re-export the model or use a new store")
+        if arr.dtype == np.float16:
+            _check_float16(model, feats)
+        arr[row0:row0 + feats.shape[0]] = feats.astype(arr.dtype, copy=False)
+
+    def commit(self, samples_done: int, rows: int, skipped: Sequence[dict[str, Any]]) -> None:
+        """Flush every array to disk, then record the progress atomically."""
+        for arr in self._arrays.values():
+            arr.flush()
+        self.samples_done, self.rows = samples_done, rows
+        self.skipped.extend(skipped)
+        write_json_atomic(self.path / "progress.json",
+                          {"samples": samples_done, "rows": rows, "skipped": self.skipped})
+
+    def finalise(self, samples: Sequence[Any], extra: dict[str, Any] | None = None) -> None:
+        """Shrink arrays to the rows written; write images, labels, checksums, final manifest."""
+        assert self.samples_done == self.n_samples
+        for arr in self._arrays.values():
+            arr.flush()
+        self._arrays.clear()
+        bad = {int(s["index"]) for s in self.skipped}
+        good = [s for i, s in enumerate(samples) if i not in bad]
+        if len(good) != self.rows:
+            raise RuntimeError(f"store bookkeeping: {len(good)} readable samples, {self.rows} rows")
+        for m in self.cfg.models:
+            _rewrite_npy_rows(self.path / m / "features.npy", self.rows)
+        write_bytes_atomic(self.path / "images.txt", "".join(f"{s.path}\n" for s in good).encode())
+        with atomic_path(self.path / "labels.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray([s.label for s in good], np.int64))
+        files = ["images.txt", "labels.npy"] + [f"{m}/{f}" for m in self.cfg.models
+                                                for f in ("features.npy", "head.safetensors")]
+        checksums = {f: sha256_file(self.path / f) for f in files}
+        write_json_atomic(self.path / "manifest.json",
+                          {**self._manifest(True, extra), "checksums": checksums})
+        (self.path / "progress.json").unlink(missing_ok=True)
+        self.already_complete = True

@@ -1,0 +1,201 @@
+"""Tests of the Gram accumulator (CPU always, CUDA where present) vs the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from affeq_rt.backends import cuda_status
+from affeq_rt.core import GramAccumulator, gram_reference
+from affeq_rt.errors import AffeqError
+
+CUDA = cuda_status()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(
+    not CUDA.available, reason=f"CUDA backend unavailable: {CUDA.reason}"
+)
+
+
+def adversarial(rows: int, d: int, seed: int = 0, offset: float = 1e4) -> np.ndarray:
+    """Large common offset, column scales 1e-3..1e3, heavy tails: float32 X.T @ X loses it all."""
+    rng = np.random.default_rng(seed)
+    scales = np.logspace(-3, 3, d)
+    z = rng.standard_t(df=3, size=(rows, d))
+    return (offset + scales * z + rng.uniform(-1, 1, d) * offset * 0.1).astype(np.float32)
+
+
+def corr_err(S: np.ndarray, ref: np.ndarray) -> float:
+    """Max |ΔS_ij| / sqrt(S_ii S_jj): scale-free, so mixed column scales weigh equally."""
+    dg = np.sqrt(np.diag(ref))
+    return float((np.abs(S - ref) / np.outer(dg, dg)).max())
+
+
+def feed(acc: GramAccumulator, X: np.ndarray, sizes: list[int]) -> None:
+    i, k = 0, 0
+    while i < len(X):
+        s = sizes[k % len(sizes)]
+        acc.update(X[i : i + s])
+        i, k = i + s, k + 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_random_matches_reference(dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    X = (rng.standard_normal((3000, 40)) * 3 + 5).astype(dtype)
+    acc = GramAccumulator(40, device="cpu", block_rows=256)  # small blocks: many flushes and merges
+    feed(acc, X, [1, 0, 7, 300, 64, 1000])
+    ref = gram_reference(X)
+    assert acc.n == 3000 and acc.skipped == 0 and acc.device == "cpu"
+    # float32 products summed over <=256 rows: ~sqrt(256)*6e-8 relative; 2e-5 leaves margin.
+    assert corr_err(acc.scatter(), ref.scatter) < 2e-5
+    np.testing.assert_allclose(acc.mean(), ref.mean, rtol=1e-9, atol=1e-9)
+    G = acc.gram()
+    assert G.shape == (41, 41) and G[40, 40] == 3000
+    np.testing.assert_allclose(G, ref.gram(), rtol=1e-6, atol=1e-6 * np.abs(ref.gram()).max())
+    np.testing.assert_array_equal(G, G.T)
+
+
+def test_adversarial_accuracy_beats_float32_gram() -> None:
+    X = adversarial(20000, 24)
+    ref = gram_reference(X)
+    acc = GramAccumulator(24, device="cpu")
+    feed(acc, X, [4096, 33, 5000])
+    err = corr_err(acc.scatter(), ref.scatter)
+    # The naive float32 route (X.T@X, then subtract n μμᵀ) is what the shift exists to avoid.
+    X1 = np.hstack([X, np.ones((len(X), 1), np.float32)])
+    G32 = (X1.T @ X1).astype(np.float64)
+    mu = G32[:24, 24] / len(X)
+    naive = G32[:24, :24] - len(X) * np.outer(mu, mu)
+    assert corr_err(naive, ref.scatter) > 1e-2  # the data really is adversarial
+    # Shifted float32 blocks of <=2048 rows: error ~ eps*sqrt(rows) ≈ 3e-6; bound 3e-5 for margin.
+    assert err < 3e-5
+    rel_mean = np.abs(acc.mean() - ref.mean) / np.sqrt(np.diag(ref.scatter) / ref.n)
+    assert rel_mean.max() < 1e-6  # mean error in units of each column's standard deviation
+
+
+def test_nan_inf_rows_are_skipped_and_counted() -> None:
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((500, 8)).astype(np.float32)
+    X[3, 1], X[10, 0], X[499, 7] = np.nan, np.inf, -np.inf
+    acc = GramAccumulator(8, device="cpu")
+    assert acc.update(X[:250]) == 2
+    assert acc.update(X[250:]) == 1
+    ref = gram_reference(X)
+    assert (acc.n, acc.skipped) == (497, 3) == (ref.n, ref.skipped)
+    assert corr_err(acc.scatter(), ref.scatter) < 1e-5
+    H = X.astype(np.float16)
+    acc16 = GramAccumulator(8, device="cpu")
+    assert acc16.update(H) == 3 and acc16.n == 497
+
+
+def test_merge_equals_single_pass_and_joint_blocks() -> None:
+    X = adversarial(6000, 30, seed=3)
+    ref = gram_reference(X)
+    parts = [GramAccumulator(30, device="cpu", block_rows=512) for _ in range(3)]
+    for p, sl in zip(parts, np.array_split(np.arange(6000), 3), strict=True):
+        p.update(np.ascontiguousarray(X[sl]))
+    before = parts[0].scatter().copy()
+    total = parts[0] + parts[1]
+    np.testing.assert_array_equal(parts[0].scatter(), before)  # `+` leaves operands alone
+    total.merge(parts[2])
+    assert total.n == 6000
+    assert corr_err(total.scatter(), ref.scatter) < 2e-5
+    np.testing.assert_allclose(total.mean(), ref.mean, rtol=1e-10)
+    # Joint use: columns 0..9 from "network A", 10..29 from "network B"; read the cross block.
+    blk = total.scatter(rows=slice(0, 10), cols=slice(10, 30))
+    assert blk.shape == (10, 20)
+    np.testing.assert_array_equal(blk, total.scatter()[0:10, 10:30])
+    np.testing.assert_array_equal(total.scatter(rows=slice(10, 30), cols=slice(0, 10)), blk.T)
+    empty = GramAccumulator(30, device="cpu")
+    empty.merge(total)
+    np.testing.assert_array_equal(empty.scatter(), total.scatter())
+
+
+def test_save_load_roundtrip_and_corruption(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((700, 12)).astype(np.float32)
+    X[5, 5] = np.nan
+    acc = GramAccumulator(12, device="cpu")
+    acc.update(X)
+    p = acc.save(tmp_path / "state.gram")
+    back = GramAccumulator.load(p, device="cpu")
+    assert (back.n, back.skipped, back.dim) == (699, 1, 12)
+    np.testing.assert_array_equal(back.scatter(), acc.scatter())
+    np.testing.assert_array_equal(back.mean(), acc.mean())
+    back.update(X[:10])  # a loaded state keeps accumulating
+    assert back.n == 708
+    raw = p.read_bytes()
+    (tmp_path / "short.gram").write_bytes(raw[:-100])
+    with pytest.raises(AffeqError, match="truncated"):
+        GramAccumulator.load(tmp_path / "short.gram")
+    flipped = bytearray(raw)
+    flipped[200] ^= 0x01
+    (tmp_path / "flip.gram").write_bytes(bytes(flipped))
+    with pytest.raises(AffeqError, match="checksum"):
+        GramAccumulator.load(tmp_path / "flip.gram")
+    (tmp_path / "junk.gram").write_bytes(b"x" * len(raw))
+    with pytest.raises(AffeqError, match="magic"):
+        GramAccumulator.load(tmp_path / "junk.gram")
+    with pytest.raises(AffeqError, match="does not exist"):
+        GramAccumulator.load(tmp_path / "missing.gram")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((4, 6), np.float64), "dtype"),
+        (np.zeros((4, 7), np.float32), "columns"),
+        (np.zeros(6, np.float32), "shape"),
+        (np.zeros((6, 4), np.float32).T, "contiguous"),
+        ([[0.0] * 6], "numpy or cupy"),
+        (np.zeros((4, 6), np.int32), "dtype"),
+    ],
+)
+def test_bad_batches_leave_state_unchanged(bad: object, match: str) -> None:
+    rng = np.random.default_rng(5)
+    acc = GramAccumulator(6, device="cpu")
+    acc.update(rng.standard_normal((50, 6)).astype(np.float32))
+    S, n = acc.scatter().copy(), acc.n
+    with pytest.raises(AffeqError, match=match):
+        acc.update(bad)
+    assert acc.n == n
+    np.testing.assert_array_equal(acc.scatter(), S)
+
+
+def test_merge_width_mismatch_and_bad_dims() -> None:
+    a, b = GramAccumulator(5, device="cpu"), GramAccumulator(6, device="cpu")
+    a.update(np.ones((3, 5), np.float32))
+    with pytest.raises(AffeqError, match="widths 5 and 6"):
+        a.merge(b)
+    assert a.n == 3
+    with pytest.raises(AffeqError):
+        GramAccumulator(0)
+    with pytest.raises(AffeqError, match="unknown device"):
+        GramAccumulator(3, device="tpu")
+
+
+@pytest.mark.skipif(CUDA.available, reason="checks the message shown where CUDA is absent")
+def test_cuda_requested_but_absent_is_clear() -> None:
+    with pytest.raises(AffeqError, match="CUDA backend requested but unavailable"):
+        GramAccumulator(4, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cuda_matches_reference_and_cpu(dtype: type) -> None:
+    import cupy as cp
+
+    X = adversarial(20000, 48, seed=6).astype(dtype)
+    X[7, 3] = np.nan
+    ref = gram_reference(X)
+    g = GramAccumulator(48, device="cuda", block_rows=4096)
+    assert g.device == "cuda"
+    feed(g, cp.asarray(X), [3000, 1, 9000])  # device arrays: no host round trip
+    assert (g.n, g.skipped) == (ref.n, 1)
+    assert corr_err(g.scatter(), ref.scatter) < 3e-5  # same shifted-float32-block bound as the CPU
+    c = GramAccumulator(48, device="cpu")
+    c.update(X)
+    assert corr_err(g.scatter(), c.scatter()) < 5e-5
+    both = c + g  # cross-backend merge goes through the host
+    assert both.n == 2 * ref.n

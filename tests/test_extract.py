@@ -1,0 +1,125 @@
+"""End-to-end extraction on real photos with three networks; kill -9 and resume; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.errors import AffeqError
+from affeq_rt.extract import extract, open_networks, run_network
+from affeq_rt.preprocess import load_image, preprocess
+from affeq_rt.store import FeatureStore
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import photos  # noqa: E402
+
+MODELS = photos.E2E_MODELS
+
+
+env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
+
+
+@pytest.fixture(scope="module")
+def ref_store(env):
+    """An uninterrupted run: batch size 2, float32, in-process decoding."""
+    res = extract(MODELS, env["photos"], env["base"] / "ref", dtype="float32", batch_size=2,
+                  workers=0, random_weights=True, export_root=env["exports"])
+    return res
+
+
+def test_extract_three_networks_on_photos(env, ref_store):
+    st = FeatureStore.open(ref_store.path)
+    n_good = len(env["good"])
+    assert st.n == n_good == ref_store.n and st.models == MODELS
+    assert sorted(Path(s["path"]).name for s in st.manifest["skipped"]) == \
+        ["zz_corrupt.jpg", "zz_truncated.jpg"]
+    assert st.images == [str(p) for p in env["good"]]
+    assert st.labels is None  # a plain folder: unlabelled
+    st.verify()
+    nets = open_networks(MODELS, export_root=env["exports"], random_weights=True)
+    for net in nets:
+        f = st.features(net.name)
+        assert f.dtype == np.float32 and f.shape == (n_good, net.dim)
+        for i in (0, 7, n_good - 1):  # grayscale, CMYK, RGBA and palette files are among them
+            x = preprocess(load_image(st.images[i]), net.spec)[None]
+            want = run_network(net, x, 1)[0]
+            # same graph, batch of 2 vs 1: ORT may pick other kernels/blockings (float32 noise)
+            np.testing.assert_allclose(f[i], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        w, b = st.head(net.name)
+        assert w.shape == (1000, net.dim) and b.shape == (1000,)
+    # running the same command again finds the store complete
+    again = extract(MODELS, env["photos"], ref_store.path, dtype="float32", batch_size=2,
+                    workers=0, random_weights=True, export_root=env["exports"])
+    assert again.already_complete
+
+
+def _cli(env, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "affeq_rt.cli.main", "extract", "--models", ",".join(MODELS),
+            "--data", str(env["photos"]), "--out", str(out), "--random-weights",
+            "--export-root", env["exports"], "--batch-size", "2", "--workers", "1",
+            "--dtype", "float32", "--commit-every", "0", *extra]
+
+
+def _kill_when(proc: subprocess.Popen, progress: Path, key: str, at_least: int,
+               timeout: float = 120.0) -> int:
+    """SIGKILL ``proc`` once ``progress``'s ``key`` reaches ``at_least``; return that value."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            v = int(json.loads(progress.read_text())[key])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            v = -1
+        if v >= at_least:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return v
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before the kill: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("no progress to kill at")
+
+
+def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
+    out = env["base"] / "killed"
+    proc = subprocess.Popen(_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ})
+    done = _kill_when(proc, out / "progress.json", "samples", 4)
+    assert proc.returncode == -signal.SIGKILL
+    man = json.loads((out / "manifest.json").read_text())
+    assert not man["complete"] and done < 23
+    with pytest.raises(AffeqError, match="unfinished"):
+        FeatureStore.open(out)
+    r = subprocess.run(_cli(env, out), capture_output=True, text=True, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from image" in r.stdout
+    for f in ["images.txt", "labels.npy"] + [f"{m}/features.npy" for m in MODELS]:
+        assert (out / f).read_bytes() == (ref_store.path / f).read_bytes(), f
+    assert not (out / "progress.json").exists()
+
+
+def test_bad_inputs(env, ref_store, tmp_path):
+    with pytest.raises(AffeqError, match="different feature store.*models"):
+        extract(MODELS[:2], env["photos"], ref_store.path, batch_size=2, workers=0,
+                random_weights=True, export_root=env["exports"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AffeqError, match="no images"):
+        extract(MODELS, tmp_path / "empty", tmp_path / "s", random_weights=True,
+                export_root=env["exports"])
+    with pytest.raises(AffeqError, match="unknown model"):
+        extract(["resnet_does_not_exist"], env["photos"], tmp_path / "s")
+    # random-weight MobileNet features are ~1e-9: float16 would store zeros, so it is refused
+    with pytest.raises(AffeqError, match="too small for float16"):
+        extract(MODELS[:1], env["photos"], tmp_path / "f16", dtype="float16", workers=0,
+                random_weights=True, export_root=env["exports"])
+    r = subprocess.run(_cli(env, tmp_path / "s2", "--max-images", "0"), capture_output=True,
+                       text=True, env={**os.environ})
+    assert r.returncode == 1 and r.stderr.startswith("error: --max-images")

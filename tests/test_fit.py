@@ -1,0 +1,214 @@
+"""fit: all ordered pairs from one joint Gram pass, on arrays and feature stores; every method."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.data import Sample
+from affeq_rt.errors import AffeqError
+from affeq_rt.fit import fit, fit_maps, holdout_mask
+from affeq_rt.maps import load_maps
+from affeq_rt.store import FeatureStore, StoreConfig, StoreWriter
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import photos  # noqa: E402
+
+DIMS = {"a": 6, "b": 4, "c": 9}
+MODELS = photos.E2E_MODELS
+env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
+
+
+def _features(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three 'networks' seeing the same latent content, plus noise (like CNN features)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 5))
+    return {m: (z @ rng.normal(size=(5, d)) + rng.normal(size=d) + 0.05 * rng.normal(size=(n, d)))
+            .astype(np.float32) for m, d in DIMS.items()}
+
+
+def _store(path, feats, heads_k=12):
+    n = len(next(iter(feats.values())))
+    rng = np.random.default_rng(9)
+    cfg = StoreConfig(models=list(feats), dims={m: f.shape[1] for m, f in feats.items()},
+                      specs={m: {"name": m, "label_offset": 0} for m in feats},
+                      exports={m: "x" for m in feats},
+                      data={"kind": "test", "n_samples": n, "fingerprint": "f"},
+                      dtype="float32", batch_size=n)
+    heads = {m: (rng.normal(size=(heads_k, f.shape[1])).astype(np.float32),
+                 rng.normal(size=heads_k).astype(np.float32)) for m, f in feats.items()}
+    w = StoreWriter(path, cfg, heads)
+    for m, f in feats.items():
+        w.write(m, 0, f)
+    w.commit(n, n, [])
+    w.finalise([Sample(f"/i/{i}.jpg", i % 3) for i in range(n)])
+    return FeatureStore.open(path)
+
+
+def _lstsq(xa: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    z = np.hstack([xa.astype(np.float64), np.ones((len(xa), 1))])
+    sol = np.linalg.lstsq(z, xb.astype(np.float64), rcond=None)[0]
+    return sol[:-1].T, sol[-1]
+
+
+def test_fit_maps_on_arrays_matches_lstsq_for_every_pair():
+    feats = _features(500)
+    maps = fit_maps(feats, method="ols", holdout=0.2, seed=3)
+    assert sorted(m.key for m in maps) == sorted(f"{a}->{b}" for a in DIMS for b in DIMS if a != b)
+    train = ~holdout_mask(500, 0.2, 3)
+    for m in maps:
+        w, b = _lstsq(feats[m.src][train], feats[m.dst][train])
+        # float32-product Gram (rel. error ~3e-7) amplified by cond(S_AA) (≤1e3 here)
+        scale = np.abs(w).max()
+        np.testing.assert_allclose(m.weight, w, rtol=0, atol=1e-3 * scale)
+        np.testing.assert_allclose(m.bias, b, rtol=0, atol=1e-3 * max(scale, np.abs(b).max()))
+        assert m.stats["images"] == train.sum() and m.stats["holdout_images"] == (~train).sum()
+        y = feats[m.dst][~train].astype(np.float64)
+        pred = feats[m.src][~train].astype(np.float64) @ m.weight.T.astype(np.float64) + m.bias
+        r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+        assert m.stats["r2_holdout"] == pytest.approx(r2, abs=1e-4)  # float32-stored map
+        if m.src != "b":  # b (4 dims) cannot carry all 5 latent factors; the others can
+            assert m.stats["r2_holdout"] > 0.95
+
+
+def test_fit_from_store_every_method(tmp_path):
+    feats = _features(300)
+    st = _store(tmp_path / "store", feats)
+    for method in ("ols", "ridge", "logit-pinv", "naive", "adam"):
+        out = tmp_path / f"{method}.safetensors"
+        res = fit(["a", "b", "c"], out, features=tmp_path / "store", method=method,
+                  holdout=0.1, adam_iterations=5)
+        ms = load_maps(out)
+        assert len(ms) == 6 and ms.meta["method"] == method
+        for (s, d), m in ms.items():
+            assert m.weight.shape == (DIMS[d], DIMS[s]) and np.isfinite(m.weight).all()
+            assert m.method == method
+        assert res.images == 300
+    ms = load_maps(tmp_path / "logit-pinv.safetensors")
+    # heads have K=12 > every d: not lossless, and the stats say so
+    assert ms["a", "c"].stats["logits_exact"] is False
+    wa, ba = st.head("a")
+    wc, bc = st.head("c")
+    m = ms["a", "c"]
+    # logit-pinv is least squares in logit space: W_c M = W_c W_c⁺ W_a (projection onto W_c's range)
+    proj = wc.astype(np.float64) @ np.linalg.pinv(wc.astype(np.float64))
+    np.testing.assert_allclose(wc @ m.weight, proj @ wa, atol=1e-4)
+    ridge = load_maps(tmp_path / "ridge.safetensors")["a", "b"].stats
+    assert ridge["lambda"] == ridge["lambda_path"][ridge["lambda_index"]]
+
+
+def test_rank_deficient_fit_is_finite_and_reported(tmp_path):
+    feats = _features(8)  # 8 images, up to 9 dims
+    feats["c"][:, 2] = 0.0  # a dead feature
+    maps = fit_maps(feats, method="ols", holdout=0.0)
+    m = {x.key: x for x in maps}["c->a"]
+    assert np.isfinite(m.weight).all() and m.stats["rank_deficient"]
+    assert m.stats["dead_features"] == 1 and m.stats["rank"] <= 7
+    assert m.stats["r2_holdout"] is None
+
+
+def test_bad_inputs(tmp_path):
+    _store(tmp_path / "store", _features(40))
+    with pytest.raises(AffeqError, match="not in feature store"):
+        fit(["a", "zzz"], tmp_path / "m.safetensors", features=tmp_path / "store")
+    with pytest.raises(AffeqError, match="exactly one"):
+        fit(["a", "b"], tmp_path / "m.safetensors")
+    with pytest.raises(AffeqError, match="unknown fit method"):
+        fit(["a", "b"], tmp_path / "m.safetensors", features=tmp_path / "store", method="svd")
+    with pytest.raises(AffeqError, match="at least two"):
+        fit(["a"], tmp_path / "m.safetensors", features=tmp_path / "store")
+    with pytest.raises(AffeqError, match="holdout"):
+        fit(["a", "b"], tmp_path / "m.safetensors", features=tmp_path / "store", holdout=1.5)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on photos with three networks
+
+
+def _common(env) -> dict:
+    return {"random_weights": True, "export_root": env["exports"], "batch_size": 2}
+
+
+@pytest.mark.slow  # ~30-60 s on 2 shared cores: three 1024-1280-dim eigendecompositions + export
+def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
+    from affeq_rt.extract import extract
+
+    out = tmp_path / "maps.safetensors"
+    res = fit(MODELS, out, data=env["photos"], holdout=0.0, workers=0, **_common(env))
+    n = len(env["good"])
+    assert res.images == n and len(res.skipped) == 2
+    # the reference features: the same networks and batches, stored in float32
+    st = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "store", dtype="float32",
+                                   workers=0, **_common(env)).path)
+    ms = load_maps(out)
+    assert len(ms) == 6 and ms.meta["source"]["n_samples"] == n + 2
+    for (src, dst), m in ms.items():
+        a = st.features(src).astype(np.float64)
+        b = st.features(dst).astype(np.float64)
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        # 21 images, 1024-1280 dims: rank-deficient, so the reference is the minimum-norm
+        # least-squares solution (cut-off 1e-3·σmax ⇔ the solver's ≥1e-7·λmax eigen cut-off;
+        # the 20 real singular values lie within 1e-3 of σmax, the null ones below 1e-12)
+        ref = np.linalg.lstsq(ac, bc, rcond=1e-3)[0].T
+        ref_b = b.mean(0) - ref @ a.mean(0)
+        # float32 products in the compiled Gram (relative error ~3e-7) amplified by
+        # cond(S_AA) ≈ 1e4-7e4 on these images: measured ≤2e-4, asserted 2e-3
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(m.weight, ref, rtol=0, atol=2e-3 * scale)
+        np.testing.assert_allclose(m.bias, ref_b, rtol=0, atol=2e-3 * np.abs(b).max())
+        assert m.stats["rank"] == n - 1 and m.stats["rank_deficient"]
+        assert m.stats["images"] == n and m.stats["r2_holdout"] is None
+        # underdetermined: the fit reproduces the training targets
+        pred = a @ m.weight.T.astype(np.float64) + m.bias
+        assert np.abs(pred - b).max() < 1e-3 * np.abs(bc).max()
+
+
+def _fit_cli(env, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "affeq_rt.cli.main", "fit", "--models", ",".join(MODELS),
+            "--data", str(env["photos"]), "--out", str(out), "--random-weights",
+            "--export-root", env["exports"], "--batch-size", "2", "--workers", "1",
+            "--checkpoint-every", "4", "--holdout", "0.25", *extra]
+
+
+@pytest.mark.slow  # ~60-80 s: three CLI processes (torch import) plus two full fits
+def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
+    ref = tmp_path / "ref.safetensors"
+    fit(MODELS, ref, data=env["photos"], holdout=0.25, workers=1, checkpoint_every=4,
+        **_common(env))
+    out = tmp_path / "killed.safetensors"
+    proc = subprocess.Popen(_fit_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ})
+    ckpt = Path(str(out) + ".partial") / "fit.json"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            done = int(json.loads(ckpt.read_text())["samples"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            done = -1
+        if done >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists() and done < 23
+    # a rerun with other settings must not mix into this checkpoint
+    bad = subprocess.run(_fit_cli(env, out, "--seed", "7"), capture_output=True, text=True)
+    assert bad.returncode == 1 and "different fit" in bad.stderr
+    r = subprocess.run(_fit_cli(env, out), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from image" in r.stdout
+    assert out.read_bytes() == ref.read_bytes()
+    assert not Path(str(out) + ".partial").exists()
+    ms = load_maps(out)
+    assert all(m.stats["holdout_images"] > 0 and m.stats["r2_holdout"] is not None
+               for m in ms.values())

