@@ -236,6 +236,10 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
         rate = bar.rate
     if writer.samples_done != len(src):  # empty tail (start == len) or nothing to do
         writer.commit(len(src), rows, pending_skips)
+    if rows == 0:
+        first = writer.skipped[0] if writer.skipped else {"path": "?", "reason": "?"}
+        raise AffeqError(f"none of the {len(src)} images could be read (e.g. {first['path']}: "
+                         f"{first['reason']})", "check --data")
     seconds = time.perf_counter() - t0
     writer.finalise(src.samples, {"run": {"seconds": seconds, "images_per_s": rate,
                                           "batch_size": bs, "workers": workers,

@@ -212,11 +212,16 @@ def heads_pairs(names: Sequence[str], heads: Mapping[str, tuple[np.ndarray, np.n
     """``logit-pinv`` maps for every ordered pair from the classifier heads alone."""
     offsets = offsets or {}
     out = []
+    pinvs: dict[tuple[str, int], tuple[np.ndarray, int]] = {}  # one SVD per (target, rows)
     for a in names:
         for t in names:
             if t != a:
-                w, b, st = solvers.logit_pinv(heads[a], heads[t], offsets.get(a, 0),
-                                              offsets.get(t, 0))
+                oa, ot = offsets.get(a, 0), offsets.get(t, 0)
+                k = min(heads[a][0].shape[0] - oa, heads[t][0].shape[0] - ot)
+                if (t, k) not in pinvs:
+                    pinvs[t, k] = solvers.head_pinv(heads[t][0][ot:ot + k])
+                w, b, st = solvers.logit_pinv(heads[a], heads[t], oa, ot,
+                                              pinv_dst=pinvs[t, k])
                 out.append(AffineMap(a, t, w.astype(np.float32), b.astype(np.float32),
                                      "logit-pinv", {"images": 0, **st}))
     return out

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,23 +73,6 @@ class Verification:
         return {"max_rel": self.max_rel, "tolerance": self.tolerance, "n_images": len(self.images),
                 "images": self.images, "top1_agree": self.top1_agree,
                 "top1_checked": self.top1_checked, "fp16": self.fp16, "provider": self.provider}
-
-
-@dataclass
-class HybridInfo:
-    """Everything ``build_hybrid`` knows about a hybrid besides the graph (goes into metadata)."""
-
-    source: str
-    target: str
-    method: str
-    fit_images: int | None
-    fit_stats: dict[str, Any]
-    accuracy: Any
-    preprocessing: dict[str, Any]
-    labels: list[str]
-    label_offset: int
-    fp16: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------- ONNX pieces
@@ -393,15 +376,16 @@ def label_names(num_classes: int, label_offset: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------- verification
 
-def verification_inputs(spec: Any, names: Sequence[str] = VERIFY_PHOTOS,
-                        paths: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def verification_inputs(
+    spec: Any, names: Sequence[str] = VERIFY_PHOTOS, paths: Sequence[str | os.PathLike] = (),
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Real photos preprocessed for A: float32 [n,3,S,S], the uint8 [n,S,S,3] crops, their names.
 
     scikit-image's sample photos when it is installed, else ``paths`` (e.g. the fit images).
     """
     from PIL import Image
 
-    from .preprocess import load_image, normalize, resize_crop
+    from .preprocess import load_image, normalize, resize_crop, to_rgb
 
     imgs: list[tuple[str, Image.Image]] = []
     try:
@@ -422,8 +406,6 @@ def verification_inputs(spec: Any, names: Sequence[str] = VERIFY_PHOTOS,
     if not imgs:
         raise AffeqError("no real images to verify the hybrid on",
                          "install scikit-image (pip install 'affeq-rt[demo]') or pass --fit-on DIR")
-    from .preprocess import to_rgb
-
     u8, fl = [], []
     for _, im in imgs:
         crop = np.asarray(resize_crop(to_rgb(im), int(spec.input_size), float(spec.crop_pct),
@@ -586,7 +568,17 @@ def build_hybrid(src: str, dst: str, maps: Any = None, fit_on: str | os.PathLike
         classifier_path=b_exp.classifier_path, fp16=fp16,
         with_preprocessing=with_preprocessing, force=force, server_repo=server_repo,
         model_name=name, accuracy=accuracy, tensorrt=tensorrt, max_batch_size=max_batch_size,
-        extra_meta=extra, progress=progress)
+        extra_meta=extra, verify_images=_first_images(fit_on), progress=progress)
+
+
+def _first_images(folder: str | os.PathLike | None, n: int = 8) -> list[str]:
+    """Up to ``n`` image files of ``folder`` (verification fallback without scikit-image)."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    from .data import IMAGE_EXTS
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return [str(p) for p in files[:n]]
 
 
 def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
@@ -596,6 +588,7 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
                      server_repo: str | os.PathLike | None = None, model_name: str | None = None,
                      accuracy: Any = None, tensorrt: bool = False, max_batch_size: int = 32,
                      extra_meta: Mapping[str, Any] | None = None,
+                     verify_images: Sequence[str | os.PathLike] = (),
                      progress: Callable[[str], None] | None = None) -> Path:
     """The part of :func:`build_hybrid` after names are resolved: A's ``features.onnx``, B's head
     ``(W_B, c_B)``, the map ``amap`` (``maps.AffineMap``) → verified hybrid at ``out``."""
@@ -655,7 +648,7 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
     }
 
     say("verifying against the separate parts")
-    x, x_u8, names = verification_inputs(a_spec)
+    x, x_u8, names = verification_inputs(a_spec, paths=verify_images)
     ref = reference_logits(features_path, amap.weight, amap.bias, (w_b, c_b), x, classifier_path)
     feed = x_u8 if with_preprocessing else x
     big = model.ByteSize() >= TWO_GB

@@ -207,6 +207,8 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
     grpc_port = port + 1 if grpc_port is None else grpc_port
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
+    for m in models:  # a model that cannot load is an error here, not a log line in the server
+        _session(m.path, provider)
     settings, model_settings = settings_for(models, host, port, grpc_port, provider)
     for m in models:
         announce(f"serving {m.name} (v{m.version}, {m.path}) at "

@@ -189,14 +189,23 @@ def _class_rows(w: np.ndarray, b: np.ndarray, offset: int, classes: int) -> tupl
             np.asarray(b[offset:offset + classes], np.float64))
 
 
+def head_pinv(w: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, int]:
+    """Pseudo-inverse [d, K] and rank of a head's weight [K, d] from one SVD (float64)."""
+    u, sv, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    keep = sv > rcond * (sv[0] if sv.size else 0.0)
+    return (vt[keep].T / sv[keep]) @ u[:, keep].T, int(keep.sum())
+
+
 def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarray, np.ndarray],
-               offset_src: int = 0, offset_dst: int = 0,
-               rcond: float = 1e-12) -> tuple[np.ndarray, np.ndarray, dict]:
+               offset_src: int = 0, offset_dst: int = 0, rcond: float = 1e-12,
+               pinv_dst: tuple[np.ndarray, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Through the logits (thesis §5.5): M = W_B⁺ W_A, bias W_B⁺ (b_A − b_B).
 
     Heads are (weight [K, d], bias [K]); ``offset`` is the registry's ``label_offset`` (1 for
     TF-slim 1001-class heads): only the shared ImageNet classes are used. The map reproduces A's
     logits through B's head exactly when W_B has full row rank (K ≤ d_B); ``logits_exact`` says so.
+    ``pinv_dst`` (from :func:`head_pinv` on the same rows) reuses B's SVD across sources.
     """
     wa, ba = head_src
     wb, bb = head_dst
@@ -204,11 +213,10 @@ def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarr
     k = min(k_a, k_b)
     wa, ba = _class_rows(wa, ba, offset_src, k)
     wb, bb = _class_rows(wb, bb, offset_dst, k)
-    pinv = np.linalg.pinv(wb, rcond=rcond)  # [dB, K]
+    pinv, rank = pinv_dst if pinv_dst is not None else head_pinv(wb, rcond)  # [dB, K]
     w = pinv @ wa
     b = pinv @ (ba - bb)
-    rank = int(np.linalg.matrix_rank(wb))
-    recon = wb @ w  # should equal wa when exact
+    recon = wb @ w  # equals wa when exact
     err = float(np.abs(recon - wa).max() / max(np.abs(wa).max(), 1e-30))
     return w, b, {"classes": k, "rank_dst_head": rank, "logits_exact": rank == k,
                   "logit_rel_error": err}

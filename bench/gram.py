@@ -17,16 +17,20 @@ import numpy as np
 from affeq_rt.core import GramAccumulator, gram_reference
 
 
-def _interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
-    """Time each function ``repeat`` times, interleaved (A B C A B C): the machine is shared."""
-    out: dict[str, list[float]] = {k: [] for k in fns}
+def _interleaved(fns: dict, repeat: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run each function ``repeat`` times, interleaved (A B C A B C): the machine is shared.
+
+    Returns wall seconds and process CPU seconds (all threads; includes BLAS/OpenMP spin-waits)."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
             time.sleep(0.3)  # let the previous call's BLAS worker threads stop spinning
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            out[k].append(time.perf_counter() - t0)
-    return out
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
@@ -54,7 +58,7 @@ def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
             Xb = X[i : i + batch]
             G += Xb.T @ Xb
 
-    times = _interleaved(
+    times, cpu = _interleaved(
         {
             "numpy": numpy_full,
             "acc": acc_full,
@@ -69,6 +73,11 @@ def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
     print(
         "#   runs: "
         + "; ".join(f"{k} " + ",".join(f"{v:.3f}" for v in vs) for k, vs in times.items()),
+        flush=True,
+    )
+    print(
+        "#   cpu-seconds: "
+        + "; ".join(f"{k} " + ",".join(f"{v:.3f}" for v in vs) for k, vs in cpu.items()),
         flush=True,
     )
     paired = [a / b for a, b in zip(times["numpy"], times["acc"], strict=True)]

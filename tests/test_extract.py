@@ -98,6 +98,11 @@ def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
     assert not man["complete"] and done < 23
     with pytest.raises(AffeqError, match="unfinished"):
         FeatureStore.open(out)
+    # resume, and kill the resumed run too, later on
+    proc = subprocess.Popen(_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ})
+    later = _kill_when(proc, out / "progress.json", "samples", done + 6)
+    assert done < later < 23 and not json.loads((out / "manifest.json").read_text())["complete"]
     r = subprocess.run(_cli(env, out), capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout
@@ -114,6 +119,11 @@ def test_bad_inputs(env, ref_store, tmp_path):
     with pytest.raises(AffeqError, match="no images"):
         extract(MODELS, tmp_path / "empty", tmp_path / "s", random_weights=True,
                 export_root=env["exports"])
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_bytes(b"not an image")
+    with pytest.raises(AffeqError, match="none of the 1 images could be read"):
+        extract(MODELS[:1], tmp_path / "junk", tmp_path / "sj", dtype="float32", workers=0,
+                random_weights=True, export_root=env["exports"])
     with pytest.raises(AffeqError, match="unknown model"):
         extract(["resnet_does_not_exist"], env["photos"], tmp_path / "s")
     # random-weight MobileNet features are ~1e-9: float16 would store zeros, so it is refused

@@ -144,6 +144,9 @@ def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
         find_models(tmp_path / "notes.txt")
     with pytest.raises(AffeqError, match="holds no model folder"):
         find_models(tmp_path)
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(AffeqError, match="not a readable ONNX model"):
+        find_models(tmp_path / "broken.onnx")
 
 
 # ------------------------------------------------------------ real networks, end to end (slow)

