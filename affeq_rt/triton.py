@@ -202,6 +202,14 @@ def validate_config(text: str, onnx_path: str | os.PathLike | None = None,
     return cfg
 
 
+def default_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file written through ``fsio.atomic_path`` (mkstemp: 0600) the usual umask mode, so a
+    server running as another user can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def _check_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
         raise AffeqError(f"model name {name!r} is not a safe folder name",
@@ -249,6 +257,8 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
             write_bytes_atomic(tmp / LABELS_FILE, ("\n".join(labels) + "\n").encode())
         write_bytes_atomic(tmp / CONFIG_FILE, text.encode())
         validate_config(text, vdir / MODEL_FILE, tmp, source=str(target / CONFIG_FILE))
+        for p in (tmp, *tmp.rglob("*")):
+            default_mode(p, p.is_dir())
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=root))

@@ -24,8 +24,10 @@ def run(
     from ..export import ExportedBackbone, export_backbone
 
     steps = 6  # build, features, classifier, checker, compare, done
+    from rich.console import Console
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True) as bar:
+                  transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(f"exporting {name}", total=steps)
 
         def step(msg: str) -> None:
