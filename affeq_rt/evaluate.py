@@ -101,6 +101,7 @@ class EvalTable:
     device: str = "cpu"
     seconds: float = 0.0
     label_offsets: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # fold_s (float64 folds), pass_s
 
     def index(self, model: str) -> int:
         """Row/column of ``model``, or an AffeqError naming the known models."""
@@ -175,7 +176,9 @@ class EvalTable:
             "agree": mat(self.agree), "agree_unmapped": mat(self.agree_unmapped),
             "methods": [[self.method(a, b) for b in self.models] for a in self.models],
             "pairs": self.pair_info, "label_offsets": self.label_offsets,
-            "device": self.device, "seconds": round(self.seconds, 3), "summary": self.summary(),
+            "device": self.device, "seconds": round(self.seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "summary": self.summary(),
         }
         if self.labelled:
             out.update(top1=mat(self.top1), top5=mat(self.top5),
@@ -438,6 +441,7 @@ def evaluate(store: StoreLike | str | Path, maps: Any, out: str | Path | None = 
     top5 = np.full((nn, nn), np.nan)
     pred = np.empty((nn, nn, n), dtype=np.int32)
     correct = np.empty((nn, nn, (n + 7) // 8), dtype=np.uint8) if labelled else None
+    timings = {"fold_s": 0.0, "pass_s": 0.0}
     for i, src in enumerate(chosen):
         if progress:
             progress(src)
@@ -448,8 +452,12 @@ def evaluate(store: StoreLike | str | Path, maps: Any, out: str | Path | None = 
         if x.shape[1] != heads[src][0].shape[1]:
             raise AffeqError(f"{src}: features have {x.shape[1]} dims but its head expects "
                              f"{heads[src][0].shape[1]}", "re-extract the store")
+        t1 = time.perf_counter()
         w_all, b_all = _stacked_heads(src, chosen, heads, pairs, x.shape[1])
+        t2 = time.perf_counter()
         res = _run_heads(x, w_all, b_all, run_labels, dev)
+        timings["fold_s"] += t2 - t1
+        timings["pass_s"] += time.perf_counter() - t2
         pred[i] = res.pred
         if labelled:
             top1[i] = 100.0 * np.asarray(res.top1, dtype=np.float64) / n
@@ -462,7 +470,7 @@ def evaluate(store: StoreLike | str | Path, maps: Any, out: str | Path | None = 
     table = EvalTable(models=list(chosen), n=n, labelled=labelled, top1=top1, top5=top5,
                       agree=agree, agree_unmapped=agree_unmapped, pred=pred, correct=correct,
                       pair_info=pair_info, device=dev, seconds=time.perf_counter() - t0,
-                      label_offsets={m: heads[m][2] for m in chosen})
+                      label_offsets={m: heads[m][2] for m in chosen}, timings=timings)
     if out is not None:
         from .report import write_report
 

@@ -691,6 +691,8 @@ def _save(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
             f.write(model.SerializeToString())
         onnx.checker.check_model(str(path), full_check=True)
         return
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # save_model moves the tensors out of the proto it is given
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
     onnx.checker.check_model(str(path), full_check=True)

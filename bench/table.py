@@ -87,7 +87,8 @@ def run_folded(store_path: Path, maps_path: Path, n: int, device: str) -> dict[s
     table = evaluate(view, pairs, device=device)
     t_eval = time.perf_counter() - t0
     assert table.top1.shape == (len(st.models),) * 2
-    return {"n": n, "load_maps_s": t_load, "table_s": t_eval, "total_s": t_load + t_eval}
+    return {"n": n, "load_maps_s": t_load, "table_s": t_eval, "total_s": t_load + t_eval,
+            "fold_s": table.timings["fold_s"], "pass_s": table.timings["pass_s"]}
 
 
 def run_unfolded(store_path: Path, maps_path: Path, n: int, chunk: int = 2048) -> dict[str, float]:
@@ -164,7 +165,8 @@ def main() -> None:
     for n in ns:
         r = run_folded(store_path, maps_path, n, dev)
         folded.append(r)
-        print(f"folded   n={n:6d}: load maps {r['load_maps_s']:.1f}s, table {r['table_s']:.1f}s",
+        print(f"folded   n={n:6d}: load maps {r['load_maps_s']:.1f}s, table {r['table_s']:.1f}s "
+              f"(float64 folds {r['fold_s']:.1f}s, compiled passes {r['pass_s']:.1f}s)",
               flush=True)
     base = []
     for n in bns:
@@ -173,7 +175,8 @@ def main() -> None:
         print(f"unfolded n={n:6d}: load maps {r['load_maps_s']:.1f}s, table {r['table_s']:.1f}s",
               flush=True)
     est_f = _fit(folded, "table_s", args.target) + np.mean([p["load_maps_s"] for p in folded])
-    est_b = _fit(base, "table_s", args.target) + np.mean([p["load_maps_s"] for p in base])
+    est_b = (_fit(base, "table_s", args.target) + np.mean([p["load_maps_s"] for p in base])
+             if base else float("nan"))
     out = {"device": dev, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "dims": dims, "K": K,
            "folded": folded, "unfolded": base, "target": args.target,

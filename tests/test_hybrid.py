@@ -216,6 +216,27 @@ def test_existing_output_refused_without_force(parts: TinyParts, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]  # no temp files left
 
 
+def test_external_data_past_the_size_limit(parts: TinyParts, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import affeq_rt.hybrid as hybrid
+    from affeq_rt.triton import read_repository
+
+    monkeypatch.setattr(hybrid, "TWO_GB", 4096)  # stand-in for 2 GB: the tiny model is ~5 kB
+    out = parts.build(tmp_path / "big.onnx", server_repo=tmp_path / "repo", model_name="big")
+    data = tmp_path / "big.onnx.data"
+    assert data.is_file() and data.stat().st_size > out.stat().st_size
+    model = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    x, _ = held_out_inputs(parts.spec_a)
+    ref = parts.expected_logits(x)
+    logits, _ = ort_run(out, x)
+    assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()  # same bound as in-file weights
+    (m,) = read_repository(tmp_path / "repo")
+    assert (m.path.parent / "big.onnx.data").read_bytes() == data.read_bytes()
+    np.testing.assert_array_equal(ort_run(m.path, x)[0], logits)  # model.onnx finds its data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "repo"]
+
+
 def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) -> None:
     # A classifier.onnx with other weights makes the "separate parts" disagree with the hybrid.
     other = tmp_path / "other_classifier.onnx"
@@ -284,6 +305,20 @@ def test_corrupt_maps_file_via_cli(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]
 
 
+def test_maps_of_other_width_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from affeq_rt.cli.main import main
+
+    f = tmp_path / "maps.safetensors"  # the right pair, but fitted on 1000-d source features
+    wrong = AffineMap("efficientnet_lite0", "mobilenet_v2", np.zeros((1280, 1000), np.float32),
+                      np.zeros(1280, np.float32), "ols")
+    save_maps(f, [wrong])
+    assert main(["build-hybrid", "--src", "lite0", "--dst", "mobilenetv2", "--maps", str(f),
+                 "--out", str(tmp_path / "h.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "1280x1000" in err and "efficientnet_lite0 has 1280" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]
+
+
 def test_maps_file_of_other_pair_via_cli(parts: TinyParts, tmp_path: Path) -> None:
     from affeq_rt.cli.main import main
 
@@ -297,7 +332,7 @@ def test_maps_file_of_other_pair_via_cli(parts: TinyParts, tmp_path: Path) -> No
 # ------------------------------------------------------------------------ real PyPI-weight nets
 
 def write_photo_views(folder: Path, n_per: int = 12) -> Path:
-    """Crops and flips of scikit-image's colour photos as PNG files (the fit images)."""
+    """Crops and flips of scikit-image's sample photos as PNG files (the fit images)."""
     from PIL import Image, ImageOps
 
     folder.mkdir(parents=True, exist_ok=True)

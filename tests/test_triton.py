@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,10 @@ def test_repository_layout_and_force(hybrid: Path, tmp_path: Path) -> None:
         "tiny", "tiny/1", "tiny/1/model.onnx", "tiny/config.pbtxt", "tiny/labels.txt"]
     assert (folder / "1" / "model.onnx").read_bytes() == hybrid.read_bytes()
     assert (folder / "labels.txt").read_text().splitlines() == labels
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (folder / "1" / "model.onnx", folder / "config.pbtxt", hybrid):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a server's own user
     (m,) = read_repository(repo)
     assert (m.name, m.version, m.path) == ("tiny", "1", folder / "1" / "model.onnx")
     before = (folder / "config.pbtxt").read_text()

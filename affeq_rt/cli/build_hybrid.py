@@ -38,9 +38,11 @@ def run(
     export_root: Path | None = typer.Option(None, "--export-root", help="Export cache folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
-    """Build one ONNX model: A's features, the affine map and B's classifier folded into one Gemm,
-    with logits and probabilities outputs; verified against the separate parts before it is
-    written."""
+    """Build one verified ONNX model: A's features → map folded into B's classifier.
+
+    One Gemm holds W_B·M and W_B·m + c_B; outputs logits and probabilities; checked against the
+    separate parts on real photos before the file is written.
+    """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from ..hybrid import build_hybrid, read_metadata

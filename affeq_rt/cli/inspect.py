@@ -13,8 +13,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
     all_labels: bool = typer.Option(False, "--labels", help="Print every label name."),
 ) -> None:
-    """Print how a hybrid model was made: source, target, fit, verification, preprocessing,
-    labels."""
+    """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels."""
     from ..hybrid import read_metadata
 
     info = read_metadata(model)

@@ -18,8 +18,11 @@ def run(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider: auto, cpu, "
                                  "cuda, tensorrt."),
 ) -> None:
-    """Serve models over the Open Inference Protocol v2 (Triton/KServe REST and gRPC) with
-    MLServer; query with tritonclient.http (binary_data=False). Ctrl-C stops."""
+    """Serve a hybrid or a Triton repository over OIP v2 (MLServer) on 127.0.0.1.
+
+    REST and gRPC speak the protocol Triton speaks; query with tritonclient.http using
+    binary_data=False. Ctrl-C stops.
+    """
     from ..serve import serve
 
     serve(target, port=port, host=host, grpc_port=grpc_port, provider=provider, name=name,
