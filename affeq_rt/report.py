@@ -207,6 +207,7 @@ def overlap_png(overlaps: Sequence[Overlap]) -> bytes:
     Fig. 5) with the count of every region, beside a bar breakdown of the 7 regions to scale."""
     plt = _plt()
     from matplotlib.patches import Circle
+    from matplotlib.ticker import MaxNLocator
 
     rows = max(1, len(overlaps))
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False,
@@ -224,15 +225,14 @@ def overlap_png(overlaps: Sequence[Overlap]) -> bytes:
         for reg, (x, y) in spots.items():
             ax.text(x, y, f"{o.regions[reg]}", ha="center", va="center", fontsize=10,
                     fontweight="bold" if reg == "AH" else "normal")
-        ax.text(-1.6, 1.5, names["A"], ha="left", fontsize=8.5)
-        ax.text(1.6, 1.5, names["B"], ha="right", fontsize=8.5)
-        ax.text(0.0, -1.75, names["H"], ha="center", fontsize=8.5)
+        ax.text(-1.7, -1.65, f"dashed: {names['A']}\ndotted: {names['B']}\nsolid: {names['H']}",
+                ha="left", va="top", fontsize=8.5, linespacing=1.5)
         ax.set_xlim(-1.7, 1.7)
-        ax.set_ylim(-1.9, 1.7)
+        ax.set_ylim(-2.45, 1.45)
         ax.set_aspect("equal")
         ax.axis("off")
-        ax.set_title(f"images right, of {o.n} (areas schematic, counts exact; "
-                     f"none right: {o.regions['none']})", fontsize=9)
+        ax.set_title(f"images right, of {o.n}; none right: {o.regions['none']}\n"
+                     "(areas schematic, counts exact)", fontsize=9)
         bx = axes[r, 1]
         regs = [g for g in REGIONS if g != "none"]
         counts = [o.regions[g] for g in regs]
@@ -253,8 +253,9 @@ def overlap_png(overlaps: Sequence[Overlap]) -> bytes:
         bx.set_yticks(ypos, [REGION_LABELS[g] for g in regs], fontsize=8)
         bx.set_xlim(0, xmax)
         bx.set_xlabel("images")
-        bx.set_title(f"{o.a}→{o.b}: fixed {o.fixed} of the {o.n - o.right_b} images B gets "
-                     f"wrong; broken {o.broken}", fontsize=9)
+        bx.set_title(f"hybrid {o.a}→{o.b}\nfixed {o.fixed} of the {o.n - o.right_b} images "
+                     f"B gets wrong; broken {o.broken}", fontsize=9)
+        bx.xaxis.set_major_locator(MaxNLocator(integer=True))
         bx.spines[["top", "right"]].set_visible(False)
     if not overlaps:
         axes[0, 0].axis("off")

@@ -1,5 +1,5 @@
-// CPU Gram accumulator: float32 blocks, per-block float32 shift, OpenBLAS ssyrk/sgemm over column bands
-// (OpenMP threads, one BLAS thread each), float64 Chan merge.
+// CPU Gram accumulator: float32 blocks shifted by a float32 reference, OpenBLAS ssyrk per thread on its
+// share of the rows (OpenMP threads, one BLAS thread each), float64 Chan merge.
 #include "gram.h"
 
 #include <algorithm>
