@@ -36,6 +36,14 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (mkstemp/mkdtemp make 0600/0700),
+    so a server running as another user can read what we wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
@@ -47,6 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask_mode(tmp_path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -70,9 +79,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     dest = Path(path)
     ensure_writable_dir(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+    umask_mode(tmp)
     old: Path | None = None
     try:
         yield tmp
@@ -98,7 +105,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+    write_bytes_atomic(path, text.encode())
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

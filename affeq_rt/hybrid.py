@@ -668,9 +668,6 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
             meta["verification"] = ver.to_dict()
             set_metadata(model, meta)
             _save(model, tmp, data_name)
-            from .triton import default_mode
-
-            default_mode(tmp)
         except BaseException:
             if data_name is not None:
                 (out_path.parent / data_name).unlink(missing_ok=True)

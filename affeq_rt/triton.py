@@ -9,11 +9,9 @@ accelerator (fp16, engine cache). Every generated config is parsed with Triton's
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -202,14 +200,6 @@ def validate_config(text: str, onnx_path: str | os.PathLike | None = None,
     return cfg
 
 
-def default_mode(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give a file written through ``fsio.atomic_path`` (mkstemp: 0600) the usual umask mode, so a
-    server running as another user can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
 def _check_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
         raise AffeqError(f"model name {name!r} is not a safe folder name",
@@ -234,17 +224,16 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
     The folder is assembled beside its final place and renamed in, so a failure leaves nothing
     half-written; an existing folder is replaced only with ``force``.
     """
-    from .fsio import atomic_path, ensure_writable_dir, write_bytes_atomic
+    from .fsio import atomic_dir, atomic_path, ensure_writable_dir, umask_mode, write_bytes_atomic
 
     target = check_repo_target(repo, name, force)
-    root = ensure_writable_dir(repo)
+    ensure_writable_dir(repo)
     src = Path(onnx_path)
     ins, outs = onnx_io(src)
     k = {t.dims[0] for t in outs if len(t.dims) == 1}
     has_labels = bool(labels) and len(k) == 1 and len(labels) == next(iter(k))
     text = make_config(name, ins, outs, max_batch_size, has_labels, tensorrt, fp16, engine_cache)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_dir(target) as tmp:
         vdir = tmp / str(version)
         vdir.mkdir()
         with atomic_path(vdir / MODEL_FILE) as t:
@@ -257,19 +246,8 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
             write_bytes_atomic(tmp / LABELS_FILE, ("\n".join(labels) + "\n").encode())
         write_bytes_atomic(tmp / CONFIG_FILE, text.encode())
         validate_config(text, vdir / MODEL_FILE, tmp, source=str(target / CONFIG_FILE))
-        for p in (tmp, *tmp.rglob("*")):
-            default_mode(p, p.is_dir())
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=root))
-            os.replace(target, old / name)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
-        raise
+        for p in tmp.rglob("*"):
+            umask_mode(p)
     return target
 
 

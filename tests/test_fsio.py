@@ -43,3 +43,12 @@ def test_folder_under_a_file_is_reported(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(AffeqError, match="cannot create output folder"):
         ensure_writable_dir(tmp_path / "file" / "sub")
+
+
+def test_written_files_get_umask_mode_not_0600(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+        assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
