@@ -11,6 +11,7 @@ Everything lands in one folder with one self-contained HTML report.
 from __future__ import annotations
 
 import html
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
         acc[name] = a
         say(f"digits: {name:24s} {a['feature_dim']:3d} features, torch test top-1 "
             f"{a['test_top1']:.2f}%  (trained + exported in {a['seconds']:.0f}s)")
+    for old in (out / "store_train", out / "store_test"):
+        if (old / "manifest.json").is_file():  # a previous demo run's store: networks retrained
+            shutil.rmtree(old)
     train_store = write_store(out / "store_train",
                               ArrayStore(feats_train, heads, data.y_train, specs),
                               source="sklearn-digits-train", exports=exports)
