@@ -62,9 +62,9 @@ def _default_source(spec: BackboneSpec) -> tuple[Path, str]:
         p = hub_file(str(w.hub))
         if p is None:
             raise AffeqError(f"no local weights for {spec.name}: {w.hub} is not in the local "
-                             "hub cache and affeq-rt never downloads",
-                             "pass --weights FILE (a state dict for this architecture) "
-                             "or --random-weights")
+                             "hub cache (downloads are off)",
+                             "set AFFEQ_RT_DOWNLOAD=1 to fetch it, or pass --weights FILE "
+                             "(a state dict for this architecture) or --random-weights")
         return p, f"hub:{w.hub}"
     raise AffeqError(f"{spec.name} has no registered weights",
                      "pass --weights FILE or --random-weights")

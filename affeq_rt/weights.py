@@ -162,12 +162,50 @@ def package_file(package: str, rel: str) -> Path:
     raise AffeqError(f"package {package} lacks its weights file {rel}", "reinstall the package")
 
 
-def hub_file(hub: str) -> Path | None:
-    """Local cached file for a hub weight tag, or None (we never download).
+def download_allowed() -> bool:
+    """Hub downloads are opt-in: ``AFFEQ_RT_DOWNLOAD=1`` (default off: runs stay offline)."""
+    return os.environ.get("AFFEQ_RT_DOWNLOAD", "").strip().lower() in ("1", "true", "yes")
+
+
+def hub_download(hub: str) -> Path:
+    """Fetch a hub weight tag into its usual cache (only when ``download_allowed()``)."""
+    lib, _, ident = hub.partition("/")
+    try:
+        if lib == "timm":
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(hub, "model.safetensors"))
+        if lib == "torchvision":
+            import torch
+            import torchvision.models as tvm
+
+            enum_name, _, member = ident.partition(".")
+            url = getattr(getattr(tvm, enum_name), member).url
+            torch.hub.load_state_dict_from_url(url, progress=True, weights_only=True)
+            got = hub_file(hub, download=False)
+            if got is not None:
+                return got
+    except Exception as e:  # network, auth, or unknown tag: one line, no traceback
+        raise AffeqError(f"could not download {hub}: {e.__class__.__name__}: {e}",
+                         "check the network, or pass --weights FILE") from None
+    raise AffeqError(f"unknown hub weights tag {hub}", "fix the spec's weights.hub")
+
+
+def hub_file(hub: str, download: bool | None = None) -> Path | None:
+    """Local file for a hub weight tag: the cache, else a download when allowed, else None.
 
     ``timm/<arch>.<tag>``: the Hugging Face cache (``model.safetensors`` or ``pytorch_model.bin``).
-    ``torchvision/<Enum>.<member>``: torch hub's ``checkpoints`` folder.
+    ``torchvision/<Enum>.<member>``: torch hub's ``checkpoints`` folder. Downloads happen only
+    with ``AFFEQ_RT_DOWNLOAD=1`` (``download=None``) or ``download=True``.
     """
+    found = _cached_hub_file(hub)
+    if found is None and (download_allowed() if download is None else download):
+        return hub_download(hub)
+    return found
+
+
+def _cached_hub_file(hub: str) -> Path | None:
+    """The locally cached file for a hub weight tag, or None."""
     lib, _, ident = hub.partition("/")
     if lib == "torchvision":
         import torch

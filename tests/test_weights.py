@@ -127,12 +127,33 @@ def test_safetensors_and_nested_checkpoints(tmp_path: Path) -> None:
     assert set(load_state_dict(nested)) == set(sd)
 
 
-def test_hub_weights_are_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_weights_are_not_downloaded_by_default(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("AFFEQ_RT_DOWNLOAD", raising=False)
     assert hub_file("timm/pnasnet5large.tf_in1k") is None
     assert hub_file("torchvision/GoogLeNet_Weights.IMAGENET1K_V1") is None
     from affeq_rt.export import build_model
 
-    with pytest.raises(AffeqError, match="never downloads.*--weights FILE.*--random-weights"):
+    with pytest.raises(AffeqError, match="AFFEQ_RT_DOWNLOAD=1.*--weights FILE.*--random-weights"):
         build_model("pnasnet")
+
+
+def test_opt_in_download_goes_to_the_hub_and_fails_cleanly_offline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import affeq_rt.weights as w
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network from tests
+    monkeypatch.setenv("AFFEQ_RT_DOWNLOAD", "1")
+    # The real huggingface_hub call is made (offline mode makes it fail at once) and its
+    # failure becomes one AffeqError line.
+    with pytest.raises(AffeqError, match="could not download timm/pnasnet5large.tf_in1k"):
+        w.hub_file("timm/pnasnet5large.tf_in1k")
+    # With a cache hit nothing is downloaded.
+    called: list[str] = []
+    monkeypatch.setattr(w, "_cached_hub_file", lambda hub: tmp_path / "cached.safetensors")
+    monkeypatch.setattr(w, "hub_download", lambda hub: called.append(hub))
+    assert w.hub_file("timm/pnasnet5large.tf_in1k") == tmp_path / "cached.safetensors"
+    assert called == []
