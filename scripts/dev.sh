@@ -28,7 +28,7 @@ case "${1:-}" in
   demo)
     install demo
     shift
-    exec affeq-rt demo "$@"
+    exec "$PY" -m affeq_rt demo "$@"
     ;;
   install)
     install "${2:-demo}"
