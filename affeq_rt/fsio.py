@@ -103,9 +103,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def jsonable(o: Any) -> Any:
+    """``json.dumps(default=...)`` hook: NumPy scalars and arrays as Python values, else ``str``."""
+    item = getattr(o, "item", None)
+    if callable(item) and getattr(o, "ndim", None) == 0:
+        return item()
+    tolist = getattr(o, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    return str(o)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+    text = json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n"
     write_bytes_atomic(path, text.encode())
 
 

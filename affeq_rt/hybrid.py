@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import AffeqError
+from .fsio import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -315,16 +316,8 @@ def set_metadata(model: onnx.ModelProto, info: Mapping[str, Any]) -> None:
     for k, v in keep:
         model.metadata_props.add(key=k, value=v)
     for k, v in info.items():
-        value = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
+        value = v if isinstance(v, str) else json.dumps(v, default=jsonable)
         model.metadata_props.add(key=META_PREFIX + k, value=value)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

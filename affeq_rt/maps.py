@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AffeqError
-from .fsio import atomic_path
+from .fsio import atomic_path, jsonable
 
 FORMAT = 1
 META_KEY = "affeq_rt"
@@ -104,16 +104,8 @@ def save_maps(path: str | os.PathLike, maps: Sequence[AffineMap],
     doc = {"format": FORMAT, **(meta or {}), "models": models, "pairs": pairs}
     p = Path(path)
     with atomic_path(p) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=_jsonable)})
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=jsonable)})
     return p
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def load_maps(path: str | os.PathLike) -> MapSet:

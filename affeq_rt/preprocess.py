@@ -60,7 +60,7 @@ def _get(spec: Any, key: str) -> Any:
 
 
 def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
-    """timm eval geometry: resize the short side to floor(size / crop_pct), then centre-crop size²."""
+    """timm eval geometry: short side to floor(size / crop_pct), then a centre crop of size²."""
     scale = math.floor(size / crop_pct)
     w, h = img.size
     if w <= h:
@@ -95,6 +95,6 @@ def preprocess(img: Image.Image, spec: Any) -> np.ndarray:
 
 
 def preprocess_key(spec: Any) -> tuple:
-    """Specs with equal keys share one preprocessed tensor (decode once, preprocess once per key)."""
+    """Specs with equal keys share one preprocessed tensor (decode once, prepare once per key)."""
     return (int(_get(spec, "input_size")), float(_get(spec, "crop_pct")),
             str(_get(spec, "interpolation")), tuple(_get(spec, "mean")), tuple(_get(spec, "std")))

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from .evaluate import REGIONS, EvalTable, Overlap, default_overlap_pairs, overlap
-from .fsio import atomic_path, ensure_writable_dir, versions, write_bytes_atomic, write_json_atomic
+from .fsio import (
+    atomic_path,
+    ensure_writable_dir,
+    jsonable,
+    versions,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 REGION_LABELS = {
     "A": "only A", "B": "only B", "H": "only hybrid", "AB": "A and B, not hybrid",
@@ -456,7 +463,7 @@ def write_report(table: EvalTable, out: str | Path,
     doc["notes"] = list(notes)
     doc["overlaps"] = [o.to_dict() for o in overlaps]
     doc["versions"] = versions()
-    write_json_atomic(paths["json"], json.loads(json.dumps(doc, default=_jsonable)))
+    write_json_atomic(paths["json"], json.loads(json.dumps(doc, default=jsonable)))
     _save_npy(paths["pred"], table.pred)
     if table.correct is not None:
         paths["correct"] = d / "correct.npy"
@@ -473,11 +480,3 @@ def write_report(table: EvalTable, out: str | Path,
     page = html_report(table, overlaps, heat, ov, title, notes, extra_sections)
     write_bytes_atomic(paths["html"], page.encode())
     return paths
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)

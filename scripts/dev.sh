@@ -23,6 +23,7 @@ case "${1:-}" in
   test)
     install test
     shift
+    "$PY" -m ruff check .
     exec "$PY" -m pytest "$@"
     ;;
   demo)

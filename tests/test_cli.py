@@ -34,7 +34,7 @@ def test_info_lists_backends(capsys) -> None:
 
 
 def test_user_error_is_one_line_without_traceback() -> None:
-    # A command that reaches an AffeqError: a non-image passed to predict (or, failing that, bad device).
+    # A command that reaches an AffeqError: predict with an unknown model name.
     proc = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "predict", "no-such-model",
                            __file__], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr

@@ -1,4 +1,4 @@
-"""preprocess.py against timm's own evaluation transform on real photos, and image-mode conversion."""
+"""preprocess.py against timm's own eval transform on real photos, and image-mode conversion."""
 
 from __future__ import annotations
 

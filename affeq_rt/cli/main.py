@@ -1,4 +1,4 @@
-"""Entry point of the ``affeq-rt`` typer app: registers every command and turns AffeqError into one line."""
+"""Entry point of the ``affeq-rt`` typer app: registers every command; AffeqError → one line."""
 
 from __future__ import annotations
 
