@@ -11,25 +11,10 @@ import argparse
 import time
 
 import numpy as np
+from timing import interleaved, print_runs
 
 from affeq_rt.backends import cpu_core
 from affeq_rt.core import evaluate_heads
-
-
-def _interleaved(fns: dict, repeat: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Run each function ``repeat`` times, interleaved (A B C A B C): the machine is shared.
-
-    Returns wall seconds and process CPU seconds (all threads; includes BLAS/OpenMP spin-waits)."""
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            time.sleep(0.3)  # let the previous call's BLAS worker threads stop spinning
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-    return wall, cpu
 
 
 def numpy_chunked(
@@ -80,20 +65,11 @@ def run(n: int, d: int, K: int, T: int, repeat: int, dtype: str) -> None:
         numpy_chunked(Xf, W, b, labels)
 
     # Interleaved repeats (A B C D A B C D ...), best of each: the machine is shared, load drifts.
-    times, cpu = _interleaved(
+    times, cpu = interleaved(
         {"bare_numpy": bare_numpy, "bare_core": bare_core, "ours": ours, "chunked": chunked}, repeat
     )
     t_bn, t_bc, t_us, t_np = (min(times[k]) for k in ("bare_numpy", "bare_core", "ours", "chunked"))
-    print(
-        "#   runs: "
-        + "; ".join(f"{k} " + ",".join(f"{v:.2f}" for v in vs) for k, vs in times.items()),
-        flush=True,
-    )
-    print(
-        "#   cpu-seconds: "
-        + "; ".join(f"{k} " + ",".join(f"{v:.2f}" for v in vs) for k, vs in cpu.items()),
-        flush=True,
-    )
+    print_runs(times, cpu, 2)
     floors = [min(a, b) for a, b in zip(times["bare_numpy"], times["bare_core"], strict=True)]
     print(
         "#   paired ours/floor: "

@@ -13,24 +13,9 @@ import platform
 import time
 
 import numpy as np
+from timing import interleaved, print_runs
 
 from affeq_rt.core import GramAccumulator, gram_reference
-
-
-def _interleaved(fns: dict, repeat: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Run each function ``repeat`` times, interleaved (A B C A B C): the machine is shared.
-
-    Returns wall seconds and process CPU seconds (all threads; includes BLAS/OpenMP spin-waits)."""
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            time.sleep(0.3)  # let the previous call's BLAS worker threads stop spinning
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-    return wall, cpu
 
 
 def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
@@ -66,7 +51,7 @@ def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
             Xb = X[i : i + batch]
             G += Xb.T @ Xb
 
-    times, cpu = _interleaved(
+    times, cpu = interleaved(
         {
             "numpy": numpy_full,
             "acc": acc_full,
@@ -79,16 +64,7 @@ def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
     t_np, t_acc, t_accb, t_npb = (
         min(times[k]) for k in ("numpy", "acc", "acc_batched", "numpy_batched")
     )
-    print(
-        "#   runs: "
-        + "; ".join(f"{k} " + ",".join(f"{v:.3f}" for v in vs) for k, vs in times.items()),
-        flush=True,
-    )
-    print(
-        "#   cpu-seconds: "
-        + "; ".join(f"{k} " + ",".join(f"{v:.3f}" for v in vs) for k, vs in cpu.items()),
-        flush=True,
-    )
+    print_runs(times, cpu, 3)
     paired = [a / b for a, b in zip(times["numpy"], times["acc"], strict=True)]
     print(
         "#   paired numpy/accumulator ratios (adjacent runs share the load): "
