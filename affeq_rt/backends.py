@@ -55,13 +55,9 @@ def cuda_status() -> BackendStatus:
         import cupy  # noqa: F401
     except ImportError:
         return BackendStatus("cuda", False, "cupy is not installed (pip install 'affeq-rt[cuda]')")
-    if hasattr(_core_cuda, "probe"):
-        n, detail = _core_cuda.probe()
-    else:
-        n, detail = (_core_cuda.device_count() if hasattr(_core_cuda, "device_count") else 0), ""
+    n, detail = _core_cuda.probe()  # (device count, versions or the CUDA error text)
     if n <= 0:
-        why = f"no CUDA GPU visible ({detail})" if detail else "no CUDA GPU visible"
-        return BackendStatus("cuda", False, why)
+        return BackendStatus("cuda", False, f"no CUDA GPU visible ({detail})")
     return BackendStatus("cuda", True, f"{n} GPU(s)")
 
 

@@ -50,6 +50,11 @@ def _is_cupy(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def _host(x: Any) -> np.ndarray:
+    """A NumPy view of x, copying a cupy array to the host."""
+    return x.get() if _is_cupy(x) else np.asarray(x)
+
+
 def _check_features(X: Any, dim: int | None, what: str = "features") -> None:
     """Raise AffeqError unless X is a C-contiguous float32/float16 [rows, dim] numpy/cupy array."""
     if not (isinstance(X, np.ndarray) or _is_cupy(X)):
@@ -89,6 +94,16 @@ def _range_of(s: slice | int, dim: int, what: str) -> tuple[int, int, int]:
             f"{what} must be a slice or an int, got {type(s).__name__}", "pass e.g. slice(0, 2048)"
         )
     return s.indices(dim)
+
+
+def _gram_from(n: int, mean: np.ndarray, scatter: np.ndarray) -> np.ndarray:
+    """ZᵀZ for Z = [X 1] from count, mean and centred scatter: [[S + nμμᵀ, nμ], [nμᵀ, n]]."""
+    d = mean.shape[0]
+    G = np.empty((d + 1, d + 1))
+    G[:d, :d] = scatter + float(n) * np.outer(mean, mean)
+    G[:d, d] = G[d, :d] = float(n) * mean
+    G[d, d] = n
+    return G
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,9 +281,7 @@ class GramAccumulator:
     def update(self, X: Any) -> int:
         """Add a C-contiguous float32/float16 batch ``[rows, dim]``; returns rows skipped."""
         _check_features(X, self.dim)
-        if self.device == "cpu" and _is_cupy(X):
-            X = X.get()
-        return int(self._impl.update(X))
+        return int(self._impl.update(X if self.device == "cuda" else _host(X)))
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add another accumulator's rows into this one (in place); returns self."""
@@ -282,14 +295,9 @@ class GramAccumulator:
                 f"cannot merge Gram states of widths {self.dim} and {other.dim}",
                 "merge accumulators built over the same features",
             )
-        if other is self:
-            other = self.copy()
-        if type(other._impl) is type(self._impl):
-            self._impl.merge(other._impl)
-        else:  # across backends: move the other state through the host
-            tmp = GramAccumulator(self.dim, device=self.device)
-            tmp._impl.set_state(other.n, other.skipped, other.mean(), other._impl.packed_upper())
-            self._impl.merge(tmp._impl)
+        if other is self or other.device != self.device:  # across backends: through the host
+            other = other._on(self.device)
+        self._impl.merge(other._impl)
         return self
 
     def __add__(self, other: GramAccumulator) -> GramAccumulator:
@@ -302,7 +310,11 @@ class GramAccumulator:
 
     def copy(self) -> GramAccumulator:
         """An independent accumulator with the same state and backend."""
-        out = GramAccumulator(self.dim, device=self.device)
+        return self._on(self.device)
+
+    def _on(self, device: str) -> GramAccumulator:
+        """A new accumulator on ``device`` holding this state."""
+        out = GramAccumulator(self.dim, device=device)
         out._impl.set_state(self.n, self.skipped, self.mean(), self._impl.packed_upper())
         return out
 
@@ -329,13 +341,7 @@ class GramAccumulator:
         Formed from the scatter and mean (ZᵀZ = S + n μμᵀ); solvers should prefer scatter()/mean(),
         which keep the precision that the raw second moment loses for features with large means.
         """
-        d, n = self.dim, float(self.n)
-        mu = self.mean()
-        G = np.empty((d + 1, d + 1))
-        G[:d, :d] = self.scatter() + n * np.outer(mu, mu)
-        G[:d, d] = G[d, :d] = n * mu
-        G[d, d] = n
-        return G
+        return _gram_from(self.n, self.mean(), self.scatter())
 
     # ---- persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -407,12 +413,7 @@ class GramReference:
 
     def gram(self) -> np.ndarray:
         """ZᵀZ for Z = [X 1] in float64."""
-        d = self.mean.shape[0]
-        G = np.empty((d + 1, d + 1))
-        G[:d, :d] = self.scatter + self.n * np.outer(self.mean, self.mean)
-        G[:d, d] = G[d, :d] = self.n * self.mean
-        G[d, d] = self.n
-        return G
+        return _gram_from(self.n, self.mean, self.scatter)
 
 
 def gram_reference(X: np.ndarray, chunk: int = 65536) -> GramReference:
@@ -473,9 +474,7 @@ def _check_eval(
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     _check_features(X, None)
     n, d = X.shape
-    W = np.asarray(W) if not _is_cupy(W) else W.get()
-    b = np.asarray(b) if not _is_cupy(b) else b.get()
-    labels = np.asarray(labels) if not _is_cupy(labels) else labels.get()
+    W, b, labels = _host(W), _host(b), _host(labels)
     if W.ndim != 3 or W.shape[2] != d:
         raise AffeqError(
             f"heads have shape {W.shape}, expected [T, K, {d}] for features of width {d}",
@@ -524,10 +523,9 @@ def evaluate_heads(
     if dev == "cuda":
         top1, top5, pred, correct = _evaluate_cuda(X, W, b, labels, tile_rows)
     else:
-        if _is_cupy(X):
-            X = X.get()
         try:
-            top1, top5, pred, correct = cpu_core().evaluate(X, W, b, labels, int(tile_rows), True)
+            top1, top5, pred, correct = cpu_core().evaluate(
+                _host(X), W, b, labels, int(tile_rows), True)
         except ValueError as e:
             raise AffeqError(
                 f"cannot evaluate: {e}", "drop or repair the rows with NaN/Inf features"

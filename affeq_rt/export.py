@@ -218,17 +218,13 @@ def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
 def check_inputs(spec: Mapping[str, Any] | BackboneSpec, n_noise: int = 2,
                  seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Real photos (scikit-image's, if installed) preprocessed for ``spec``, plus Gaussian noise."""
-    from .preprocess import preprocess
+    from .preprocess import preprocess, sample_photo
 
     s = spec.to_dict() if isinstance(spec, BackboneSpec) else dict(spec)
     xs, names = [], []
     try:
-        import skimage.data
-        from PIL import Image
-
         for name in CHECK_PHOTOS:
-            arr = getattr(skimage.data, name)()
-            xs.append(preprocess(Image.fromarray(arr), s))
+            xs.append(preprocess(sample_photo(name), s))
             names.append(f"skimage:{name}")
     except ImportError:
         pass  # noise only; the manifest says which inputs were used

@@ -378,20 +378,16 @@ def verification_inputs(
     """
     from PIL import Image
 
-    from .preprocess import load_image, normalize, resize_crop, to_rgb
+    from .preprocess import load_image, normalize, resize_crop, sample_photo, to_rgb
 
     imgs: list[tuple[str, Image.Image]] = []
-    try:
-        import skimage.data as skd
-
-        for n in names:
-            try:
-                arr = getattr(skd, n)()
-            except Exception:  # a sample that needs a download (pooch) is simply skipped
-                continue
-            imgs.append((n, Image.fromarray(np.asarray(arr))))
-    except ImportError:
-        pass
+    for n in names:
+        try:
+            imgs.append((n, sample_photo(n)))
+        except ImportError:  # no scikit-image: fall back to ``paths``
+            break
+        except Exception:  # a sample that needs a download (pooch) is simply skipped
+            continue
     for p in paths:
         if len(imgs) >= 8:
             break

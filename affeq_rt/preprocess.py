@@ -55,6 +55,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                          "pass a JPEG/PNG/… image file") from None
 
 
+def sample_photo(name: str) -> Image.Image:
+    """One of scikit-image's sample photos as RGB (stereo pairs: the left image; masks: 0/255).
+
+    Raises ImportError without scikit-image; a sample it would have to download raises its error.
+    """
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    if isinstance(arr, tuple):
+        arr = arr[0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return to_rgb(Image.fromarray(arr))
+
+
 def _get(spec: Any, key: str) -> Any:
     return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
 

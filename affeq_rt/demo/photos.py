@@ -18,26 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..preprocess import sample_photo
+
 NETWORKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 FIT_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
               "retina", "coins", "moon", "clock", "grass", "gravel", "brick", "cell", "logo")
 HELDOUT_PHOTOS = ("chelsea", "coffee", "stereo_motorcycle", "camera")
 VIEW_SHORT_SIDE = 300  # views are stored at this short side (every network crops ≤ 260 of it)
-
-
-def photo(name: str):
-    """One scikit-image sample photo as an RGB PIL image."""
-    import skimage.data
-    from PIL import Image
-
-    from ..preprocess import to_rgb
-
-    arr = getattr(skimage.data, name)()
-    if isinstance(arr, tuple):  # stereo pairs: the left image
-        arr = arr[0]
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    return to_rgb(Image.fromarray(arr))
 
 
 def views(img, count: int, rng: np.random.Generator) -> list:
@@ -73,7 +60,7 @@ def write_views(folder: Path, names: Sequence[str], count: int, seed: int) -> in
     rng = np.random.default_rng(seed)
     total = 0
     for name in names:
-        for i, v in enumerate(views(photo(name), count, rng)):
+        for i, v in enumerate(views(sample_photo(name), count, rng)):
             dest = folder / f"{name}_{i:03d}.jpg"
             if not dest.is_file():
                 with atomic_path(dest) as tmp:
@@ -156,7 +143,7 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
     path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx", force=True,
                         exports_root=export_root)
     names = imagenet_names()
-    img = photo("chelsea")
+    img = sample_photo("chelsea")
     x_src = preprocess(img, get_spec(src))[None]
     x_dst = preprocess(img, get_spec(dst))[None]
     sess = create_session(path, provider="cpu")

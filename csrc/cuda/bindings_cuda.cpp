@@ -26,7 +26,6 @@ T* ptr(uintptr_t p) {
 PYBIND11_MODULE(_core_cuda, m) {
   m.doc() = "affeq-rt compiled core (CUDA kernels; GEMMs run in cuBLAS via cupy)";
   m.def("backend", []() { return "cuda"; });
-  m.def("device_count", &affeq_cuda::device_count, "Visible CUDA devices (0 when none or no driver).");
   m.def(
       "probe",
       []() -> py::tuple {

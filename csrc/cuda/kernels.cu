@@ -91,15 +91,6 @@ inline unsigned grid_for(int64_t work, int threads) {
 
 }  // namespace
 
-int device_count() {
-  int c = 0;
-  if (cudaGetDeviceCount(&c) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no device" error
-    return 0;
-  }
-  return c;
-}
-
 int chan_update(double* S, const float* C, const double* ybar, const double* delta, double m, double f,
                 int64_t d, uintptr_t stream) {
   chan_update_kernel<<<grid_for(d * d, 256), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(

@@ -6,8 +6,6 @@
 
 namespace affeq_cuda {
 
-int device_count();
-
 // S[i,j] += C[i,j] - m*ybar[i]*ybar[j] + f*delta[i]*delta[j] over the full d x d float64 matrix S
 // (C: float32 d x d, the shifted block's Y^T Y).
 int chan_update(double* S, const float* C, const double* ybar, const double* delta, double m, double f,
