@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import AffeqError
+from .store import open_store
 
 # Region names of the 3-set overlap (A's own, B's own, hybrid A→B), in display order.
 REGIONS: tuple[str, ...] = ("A", "B", "H", "AB", "AH", "BH", "ABH", "none")
@@ -264,15 +265,6 @@ class ValidationRow:
 
 # ----------------------------------------------------------------------------------------------
 # inputs
-
-
-def open_store(store: StoreLike | str | Path) -> StoreLike:
-    """A store object, opening a folder with ``FeatureStore.open`` when given a path."""
-    if isinstance(store, (str, Path)):
-        from .store import FeatureStore
-
-        return FeatureStore.open(store)
-    return store
 
 
 def _as_array(x: Any) -> np.ndarray:

@@ -23,6 +23,7 @@ from . import solvers
 from .errors import AffeqError
 from .fsio import ensure_writable_dir, read_json, versions, write_json_atomic
 from .maps import AffineMap, save_maps
+from .store import open_store
 
 GRAM_METHODS = ("ols", "ridge")
 STORE_CHUNK = 4096
@@ -283,12 +284,6 @@ def adam_pairs(names: Sequence[str], arrays: Mapping[str, Any], holdout: float, 
 # front doors
 
 
-def _open_store(features: Any) -> Any:
-    from .store import FeatureStore
-
-    return features if isinstance(features, FeatureStore) else FeatureStore.open(features)
-
-
 def fit_maps(source: Any, models: Sequence[str] | None = None, method: str = "ols",
              holdout: float = 0.1, seed: int = 0, max_images: int | None = None,
              heads: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
@@ -321,7 +316,7 @@ def fit_maps(source: Any, models: Sequence[str] | None = None, method: str = "ol
         res = fit(models or [], None, data=source, method=method, holdout=holdout, seed=seed,
                   max_images=max_images, device=device, adam_iterations=adam_iterations, **data_kw)
         return res.maps
-    store = _open_store(source)
+    store = open_store(source)
     names = list(models or store.models)
     for m in names:
         store.feature_dim(m)  # AffeqError naming a model missing from the store
@@ -407,7 +402,7 @@ def fit(models: str | Sequence[str], out: str | os.PathLike | None, data: Any = 
         raise AffeqError("fit needs exactly one of --data and --features",
                          "pass --data TRAIN_DIR or --features STORE")
     if features is not None:
-        store = _open_store(features)
+        store = open_store(features)
         names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
         names = [m for m in names if m] or store.models
         maps = fit_maps(store, names, method, holdout, seed, max_images, device=device,

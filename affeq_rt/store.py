@@ -178,6 +178,11 @@ class FeatureStore:
 # writing
 
 
+def open_store(store: Any) -> Any:
+    """The store object as given, or ``FeatureStore.open`` of a folder path."""
+    return FeatureStore.open(store) if isinstance(store, (str, os.PathLike)) else store
+
+
 def _rewrite_npy_rows(path: Path, rows: int) -> None:
     """Shrink a preallocated ``.npy`` to its first ``rows`` rows in place (header + truncate).
 

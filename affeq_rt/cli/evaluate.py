@@ -38,8 +38,9 @@ def run(
     correct images; agreement only when the store has no labels. Writes a report folder."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..evaluate import evaluate, open_store
+    from ..evaluate import evaluate
     from ..report import text_table
+    from ..store import open_store
 
     store = open_store(features)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
