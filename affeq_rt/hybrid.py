@@ -272,43 +272,6 @@ def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
                 node.input[i] = new
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Weights and activations in float16, inputs and outputs unchanged (float32 / uint8)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-    _toposort(half.graph)  # the converter appends its input/output Casts at the end
-    return half
-
-
-def _toposort(graph: Any) -> None:
-    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    nodes = list(graph.node)
-    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
-    users: dict[int, list[int]] = {}
-    for i, ds in enumerate(deps):
-        for d in ds:
-            users.setdefault(d, []).append(i)
-    import heapq
-
-    pending = [len(ds) for ds in deps]
-    ready = [i for i, c in enumerate(pending) if c == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users.get(i, []):
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise AffeqError("the fp16 graph has a cycle", "build without --fp16 and report this")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
 def set_metadata(model: onnx.ModelProto, info: Mapping[str, Any]) -> None:
     """Replace ``affeq_rt.*`` metadata_props; non-string values are stored as JSON."""
     keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
@@ -606,10 +569,12 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
         features = onnx.load(str(features_path))
     except Exception as e:  # DecodeError and friends
         raise AffeqError(f"{features_path} is not a readable ONNX model ({e.__class__.__name__})",
-                         f"re-export {src} (affeq-rt export --force)") from None
+                         f"re-export it: affeq-rt export {src}") from None
     model = compose_hybrid(features, w_fold, b_fold, a_spec, with_preprocessing)
     if fp16:
-        model = to_fp16(model)
+        from .runtime import half_model
+
+        model = half_model(model)
 
     stats = dict(amap.stats)
     acc = accuracy if accuracy is not None else next(

@@ -42,14 +42,13 @@ def _provider_options(key: str) -> dict[str, Any]:
     return {}
 
 
-def to_fp16(model_path: str | os.PathLike) -> bytes:
-    """An fp16 copy of an ONNX model (inputs/outputs kept float32), serialised.
+def half_model(model: Any) -> Any:
+    """An fp16 copy of an ONNX ``ModelProto``: weights and activations float16, inputs and
+    outputs unchanged, nodes re-sorted (the converter appends its input/output Casts at the end).
 
     Uses onnxconverter-common when installed, else the same converter shipped inside
     onnxruntime (``onnxruntime.transformers.float16``).
     """
-    import onnx
-
     try:
         from onnxconverter_common.float16 import convert_float_to_float16
     except ImportError:
@@ -59,9 +58,44 @@ def to_fp16(model_path: str | os.PathLike) -> bytes:
             raise AffeqError("fp16 needs a float16 converter: neither onnxconverter-common nor "
                              "onnxruntime.transformers.float16 is importable",
                              "pip install onnxconverter-common, or run without --fp16") from None
-    model = onnx.load(str(model_path))
     half = convert_float_to_float16(model, keep_io_types=True)
-    return half.SerializeToString()
+    _toposort(half.graph)
+    return half
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    nodes = list(graph.node)
+    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    users: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    import heapq
+
+    pending = [len(ds) for ds in deps]
+    ready = [i for i, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise AffeqError("the fp16 graph has a cycle", "run without --fp16 and report this")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def to_fp16(model_path: str | os.PathLike) -> bytes:
+    """:func:`half_model` of an ONNX file, serialised."""
+    import onnx
+
+    return half_model(onnx.load(str(model_path))).SerializeToString()
 
 
 class OrtModel:
