@@ -367,16 +367,12 @@ def verification_inputs(
     return np.stack(fl), np.stack(u8), [n for n, _ in imgs]
 
 
-def _session(path: str | os.PathLike, provider: str = "cpu") -> Any:
+def _run(path: str | os.PathLike, feed: np.ndarray) -> list[np.ndarray]:
+    """Every output of the single-input ONNX model at ``path`` on ``feed`` (CPU session)."""
     from .runtime import create_session
 
-    return create_session(path, provider=provider)
-
-
-def _run(sess: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a ``runtime.OrtModel`` (or a raw onnxruntime session) and return every output."""
-    inner = getattr(sess, "session", sess)
-    return inner.run(None, dict(feeds))
+    sess = create_session(path, provider="cpu")
+    return sess.run_feeds({sess.input_names[0]: feed})
 
 
 def reference_logits(features_path: str | os.PathLike, m_weight: np.ndarray, m_bias: np.ndarray,
@@ -384,26 +380,19 @@ def reference_logits(features_path: str | os.PathLike, m_weight: np.ndarray, m_b
                      classifier_path: str | os.PathLike | None = None) -> np.ndarray:
     """C_B(M·F_A(x)) from the separate parts: A's features session, the map in float64, then B's
     classifier (its ``classifier.onnx`` session where given, else its head arrays in float64)."""
-    fa = _run(_session(features_path), {INPUT_NAME: x})[0]
+    fa = _run(features_path, x)[0]
     mapped = (fa.astype(np.float64) @ np.asarray(m_weight, np.float64).T
               + np.asarray(m_bias, np.float64))
     if classifier_path is not None and Path(classifier_path).is_file():
-        sess = _session(classifier_path)
-        name = _input_names(sess)[0]
-        return _run(sess, {name: mapped.astype(np.float32)})[0].astype(np.float64)
+        return _run(classifier_path, mapped.astype(np.float32))[0].astype(np.float64)
     w, b = head
     return mapped @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
-
-
-def _input_names(sess: Any) -> list[str]:
-    inner = getattr(sess, "session", sess)
-    return [i.name for i in inner.get_inputs()]
 
 
 def verify(path: str | os.PathLike, reference: np.ndarray, feed: np.ndarray, names: list[str],
            fp16: bool) -> Verification:
     """Run the hybrid file on ``feed`` and compare its logits with ``reference`` [n, K]."""
-    logits, probs = _run(_session(path), {INPUT_NAME: feed})
+    logits, probs = _run(path, feed)
     ref = np.asarray(reference, np.float64)
     got = np.asarray(logits, np.float64)
     if got.shape != ref.shape:

@@ -50,17 +50,6 @@ class ServedModel:
     path: Path
 
 
-def _session(path: str | os.PathLike, provider: str) -> Any:
-    from .runtime import create_session
-
-    return create_session(path, provider=provider)
-
-
-def _inner(sess: Any) -> Any:
-    """The onnxruntime InferenceSession inside a ``runtime.OrtModel`` (or the session itself)."""
-    return getattr(sess, "session", sess)
-
-
 class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
     """MLServer runtime: one ONNX model through onnxruntime (``parameters.uri`` = the file,
     ``parameters.extra["provider"]`` = ``auto``/``cpu``/``cuda``/``tensorrt``)."""
@@ -69,10 +58,12 @@ class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
         """Create the session and record the input/output signatures."""
         params = self.settings.parameters
         provider = (params.extra or {}).get("provider", "auto") if params else "auto"
-        self._sess = _session(params.uri, provider)
-        inner = _inner(self._sess)
-        self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32") for i in inner.get_inputs()}
-        self._outputs = [o.name for o in inner.get_outputs()]
+        from .runtime import create_session
+
+        self._sess = create_session(params.uri, provider=provider)
+        self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32")
+                        for i in self._sess.session.get_inputs()}
+        self._outputs = self._sess.output_names
         self.ready = True
         return True
 
@@ -97,9 +88,8 @@ class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
         if unknown:
             raise MLServerError(f"unknown output(s) {unknown}; the model gives {self._outputs}",
                                 status_code=400)
-        inner = _inner(self._sess)
         try:
-            results = await asyncio.to_thread(inner.run, names, feeds)
+            results = await asyncio.to_thread(self._sess.session.run, names, feeds)
         except Exception as e:  # onnxruntime's InvalidArgument / Fail on bad shapes
             raise MLServerError(f"inference failed: {e}", status_code=400) from None
         return InferenceResponse(
@@ -207,8 +197,10 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
     grpc_port = port + 1 if grpc_port is None else grpc_port
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
+    from .runtime import create_session
+
     for m in models:  # a model that cannot load is an error here, not a log line in the server
-        _session(m.path, provider)
+        create_session(m.path, provider=provider)
     settings, model_settings = settings_for(models, host, port, grpc_port, provider)
     for m in models:
         announce(f"serving {m.name} (v{m.version}, {m.path}) at "
