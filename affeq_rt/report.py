@@ -390,38 +390,36 @@ def html_report(table: EvalTable, overlaps: Sequence[Overlap], heatmap: bytes | 
     return "\n".join(p for p in parts if p)
 
 
-def _matrix_html(models: Sequence[str], m: np.ndarray, what: str, signed: bool = False) -> str:
+def _html_grid(header: Sequence[str], rows: Iterable[tuple[str, Iterable[object]]]) -> str:
+    """A plain HTML table: escaped header labels, then (row head HTML, cell HTML…) rows."""
     e = html.escape
-    rows = [f"<table><tr><th>{e(what)}</th>" + "".join(f"<th>{e(x)}</th>" for x in models) +
-            "</tr>"]
-    for i, a in enumerate(models):
-        rows.append(f"<tr><th>{e(a)}</th>" + "".join(
-            f"<td>{_pct(v, signed).rstrip('%') if signed else _pct(v)}</td>" for v in m[i]) +
-            "</tr>")
-    return "\n".join(rows) + "</table>"
+    out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    out += [f"<tr><th>{head}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+            for head, cells in rows]
+    return "\n".join(out) + "</table>"
+
+
+def _matrix_html(models: Sequence[str], m: np.ndarray, what: str, signed: bool = False) -> str:
+    return _html_grid([what, *models], (
+        (html.escape(a), (_pct(v, signed).rstrip("%") if signed else _pct(v) for v in m[i]))
+        for i, a in enumerate(models)))
 
 
 def _overlap_html(overlaps: Sequence[Overlap]) -> str:
     e = html.escape
     head = ["hybrid A→B", "right A", "right B", "right hybrid", "fixed", "fixed, A right",
             "broken"] + [REGION_LABELS[r] for r in REGIONS]
-    rows = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
-    for o in overlaps:
-        vals = [o.right_a, o.right_b, o.right_hybrid, o.fixed, o.fixed_a_right, o.broken] + \
-            [o.regions[r] for r in REGIONS]
-        rows.append(f"<tr><th>{e(o.a)}→{e(o.b)}</th>" +
-                    "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
-    return "\n".join(rows) + "</table>"
+    return _html_grid(head, (
+        (f"{e(o.a)}→{e(o.b)}", [o.right_a, o.right_b, o.right_hybrid, o.fixed, o.fixed_a_right,
+                                o.broken] + [o.regions[r] for r in REGIONS])
+        for o in overlaps))
 
 
 def _pairs_html(table: EvalTable) -> str:
     e = html.escape
     keys = sorted({k for meta in table.pair_info.values() for k in meta})
-    rows = ["<table><tr><th>pair</th>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>"]
-    for pair, meta in table.pair_info.items():
-        rows.append(f"<tr><th>{e(pair)}</th>" +
-                    "".join(f"<td>{e(_fmt(meta.get(k)))}</td>" for k in keys) + "</tr>")
-    return "\n".join(rows) + "</table>"
+    return _html_grid(["pair", *keys], (
+        (e(pair), (e(_fmt(meta.get(k))) for k in keys)) for pair, meta in table.pair_info.items()))
 
 
 def _fmt(v: Any) -> str:
