@@ -19,15 +19,11 @@ def run(
 ) -> None:
     """Export NAME as features.onnx (image → pooled features) and classifier.onnx (features →
     logits), plus head.safetensors and manifest.json, after checking ONNX against the framework."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from ..export import ExportedBackbone, export_backbone
+    from . import spinner
 
     steps = 6  # build, features, classifier, checker, compare, done
-    from rich.console import Console
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True, console=Console(stderr=True)) as bar:
+    with spinner() as bar:
         task = bar.add_task(f"exporting {name}", total=steps)
 
         def step(msg: str) -> None:

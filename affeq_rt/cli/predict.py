@@ -20,13 +20,10 @@ def run(
     """Print the top ImageNet classes (index, probability, name) of each image and which
     onnxruntime provider ran, using the backbone's own preprocessing. NAME is a registry name
     (exported into the export root on first use) or an export folder."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from ..export import predict_files
+    from . import spinner
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True, console=Console(stderr=True)) as bar:
+    with spinner() as bar:
         task = bar.add_task(f"preparing {name}", total=None)
         results, prov, exp = predict_files(
             name, images, top=top, provider=provider, root=export_root, fp16=fp16,
