@@ -42,6 +42,34 @@ def default_export_root() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# head arrays (``head.safetensors`` of exports and feature stores)
+
+
+def save_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Write a head (``weight`` [K, d], ``bias`` [K], float32) as safetensors, atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"weight": np.ascontiguousarray(weight, np.float32),
+                   "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}, str(tmp))
+
+
+def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a head file written by :func:`save_head` (an export's or a store's)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        t = load_file(str(path))
+        return t["weight"], t["bias"]
+    except FileNotFoundError:
+        raise AffeqError(f"head file {path} does not exist", "re-run the export/extract") from None
+    except (SafetensorError, KeyError, OSError) as e:
+        raise AffeqError(f"head file {path} is corrupt ({e})",
+                         "re-run the export/extract") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # weights and model building
 
 
@@ -283,7 +311,6 @@ def export_split(model: torch.nn.Module, spec_dict: Mapping[str, Any] | Backbone
     ``out_dir`` untouched, if the graphs fail the checker or exceed ``tolerance``.
     """
     import torch
-    from safetensors.numpy import save_file
 
     from .runtime import create_session
 
@@ -316,8 +343,7 @@ def export_split(model: torch.nn.Module, spec_dict: Mapping[str, Any] | Backbone
         w = head.weight.detach().float().numpy()
         b = (head.bias.detach().float().numpy() if head.bias is not None
              else np.zeros(k, np.float32))
-        with atomic_path(tmp / "head.safetensors") as t:
-            save_file({"weight": np.ascontiguousarray(w), "bias": np.ascontiguousarray(b)}, str(t))
+        save_head(tmp / "head.safetensors", w, b)
         _say(progress, "checking graphs")
         for f in ("features.onnx", "classifier.onnx"):
             _check_onnx(tmp / f)
@@ -445,14 +471,7 @@ class ExportedBackbone:
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The classifier as float32 arrays (W [K,d], b [K])."""
-        from safetensors.numpy import load_file
-
-        try:
-            t = load_file(str(self.head_path))
-        except Exception as e:
-            raise AffeqError(f"{self.head_path} is unreadable ({e.__class__.__name__})",
-                             "re-export it") from None
-        return t["weight"], t["bias"]
+        return load_head(self.head_path)
 
     def verify(self) -> None:
         """Raise AffeqError if a file is missing or its checksum differs from the manifest."""

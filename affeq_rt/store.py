@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AffeqError
+from .export import load_head, save_head
 from .fsio import (
     atomic_path,
     ensure_writable_dir,
@@ -37,30 +38,6 @@ def _safe_name(model: str) -> str:
     if not model or "/" in model or model in (".", "..") or model.startswith("."):
         raise AffeqError(f"model name {model!r} cannot be a store folder", "use a registry name")
     return model
-
-
-def save_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write a head (``weight`` [K, d], ``bias`` [K], float32) as safetensors, atomically."""
-    from safetensors.numpy import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"weight": np.ascontiguousarray(weight, np.float32),
-                   "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}, str(tmp))
-
-
-def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a head file written by :func:`save_head` (or an export's ``head.safetensors``)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        t = load_file(str(path))
-        return t["weight"], t["bias"]
-    except FileNotFoundError:
-        raise AffeqError(f"head file {path} does not exist", "re-run the export/extract") from None
-    except (SafetensorError, KeyError, OSError) as e:
-        raise AffeqError(f"head file {path} is corrupt ({e})",
-                         "re-run the export/extract") from None
 
 
 F16_MAX = 65504.0
