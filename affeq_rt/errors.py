@@ -1,4 +1,4 @@
-"""The project exception: a user error with one line naming the problem and the fix."""
+"""The project's two error types: a user error (one line: problem and fix) and a bug."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ class AffeqError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+class InternalError(RuntimeError):
+    """An internal invariant broke: a bug in affeq-rt, not the user's input.
+
+    The CLI prints the traceback and asks for a report; it never dresses a bug as a user error.
+    """

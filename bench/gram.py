@@ -15,7 +15,7 @@ import time
 import numpy as np
 from timing import interleaved, print_runs
 
-from affeq_rt.core import GramAccumulator, gram_reference
+from affeq_rt.core.gram import GramAccumulator, gram_reference
 
 
 def throughput(rows: int, d: int, device: str, repeat: int, batch: int) -> None:
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--acc-dim", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    from affeq_rt.backends import cpu_core
+    from affeq_rt.core.backends import cpu_core
 
     print(
         f"# gram bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "

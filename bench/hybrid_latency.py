@@ -27,7 +27,7 @@ import numpy as np
 
 def _random_map(src: str, dst: str, d_src: int, d_dst: int, seed: int = 0):
     """A map with the right shapes (latency does not depend on its values)."""
-    from affeq_rt.maps import AffineMap
+    from affeq_rt.io.maps import AffineMap
 
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((d_dst, d_src)) / np.sqrt(d_src)).astype(np.float32)
@@ -47,11 +47,11 @@ def main() -> None:
     ap.add_argument("--export-root", default=None)
     args = ap.parse_args()
 
-    from affeq_rt.export import ExportedBackbone, ensure_exported
-    from affeq_rt.hybrid import build_from_parts, compose_hybrid
-    from affeq_rt.maps import load_maps
-    from affeq_rt.registry import get_spec
-    from affeq_rt.runtime import create_session
+    from affeq_rt.deploy.hybrid import build_from_parts, compose_hybrid
+    from affeq_rt.io.maps import load_maps
+    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
+    from affeq_rt.onnx.runtime import create_session
+    from affeq_rt.registry.spec import get_spec
 
     sa, sb = get_spec(args.src), get_spec(args.dst)
     root = Path(args.export_root) if args.export_root else None

@@ -31,8 +31,8 @@ K = 1000
 
 def make_store(path: Path, dims: list[int], n: int, seed: int = 0) -> list[str]:
     """A float16 FeatureStore of ``n`` synthetic rows per network (written chunk by chunk)."""
-    from affeq_rt.data import Sample
-    from affeq_rt.store import StoreConfig, StoreWriter
+    from affeq_rt.data.readers import Sample
+    from affeq_rt.io.store import StoreConfig, StoreWriter
 
     rng = np.random.default_rng(seed)
     names = [f"net{i}_{d}" for i, d in enumerate(dims)]
@@ -59,7 +59,7 @@ def make_store(path: Path, dims: list[int], n: int, seed: int = 0) -> list[str]:
 
 def make_maps(path: Path, names: list[str], dims: list[int], seed: int = 1) -> None:
     """Random maps for every ordered pair, in the maps file format."""
-    from affeq_rt.maps import AffineMap, save_maps
+    from affeq_rt.io.maps import AffineMap, save_maps
 
     rng = np.random.default_rng(seed)
     maps = []
@@ -74,8 +74,8 @@ def make_maps(path: Path, names: list[str], dims: list[int], seed: int = 1) -> N
 
 def run_folded(store_path: Path, maps_path: Path, n: int, device: str) -> dict[str, float]:
     """Time ``evaluate`` on the first n rows: maps loading and the table separately."""
-    from affeq_rt.evaluate import ArrayStore, evaluate, load_pairs
-    from affeq_rt.store import FeatureStore
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.evaluate import ArrayStore, evaluate, load_pairs
 
     st = FeatureStore.open(store_path)
     view = st if n == st.n else ArrayStore(
@@ -94,8 +94,8 @@ def run_folded(store_path: Path, maps_path: Path, n: int, device: str) -> dict[s
 
 def run_unfolded(store_path: Path, maps_path: Path, n: int, chunk: int = 2048) -> dict[str, float]:
     """Baseline: per pair, map then classify in NumPy float32, top-1/top-5 by argpartition."""
-    from affeq_rt.evaluate import load_pairs
-    from affeq_rt.store import FeatureStore
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.evaluate import load_pairs
 
     st = FeatureStore.open(store_path)
     t0 = time.perf_counter()
@@ -152,14 +152,14 @@ def main() -> None:
     if not (store_path / "manifest.json").is_file():
         names = make_store(store_path, dims, max(ns + bns))
     else:
-        from affeq_rt.store import FeatureStore
+        from affeq_rt.io.store import FeatureStore
 
         names = FeatureStore.open(store_path).models
     if not maps_path.is_file():
         make_maps(maps_path, names, dims)
     print(f"# synthetic float16 store {len(dims)} nets × {max(ns + bns)} rows, dims {dims}, "
           f"K={K}; built in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
-    from affeq_rt.backends import resolve_device
+    from affeq_rt.core.backends import resolve_device
 
     dev = resolve_device(args.device)
     folded = []

@@ -54,7 +54,7 @@ def photo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _export(name: str, package: str, root: Path) -> Path:
     require_package(package, package.replace("_", "-"))
-    from affeq_rt.export import ensure_exported
+    from affeq_rt.onnx.export import ensure_exported
 
     return ensure_exported(name, root=root)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affeq_rt.data import (
+from affeq_rt.data.preprocess import load_image, preprocess
+from affeq_rt.data.readers import (
     discover,
     distinct_specs,
     imagenet_wnids,
@@ -21,7 +22,6 @@ from affeq_rt.data import (
     read_unlabelled,
 )
 from affeq_rt.errors import AffeqError
-from affeq_rt.preprocess import load_image, preprocess
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402

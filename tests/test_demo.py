@@ -15,8 +15,8 @@ import pytest
 
 from affeq_rt.cli.main import main
 from affeq_rt.errors import AffeqError
-from affeq_rt.evaluate import ArrayStore, evaluate
-from affeq_rt.store import FeatureStore
+from affeq_rt.io.store import FeatureStore
+from affeq_rt.method.evaluate import ArrayStore, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_cli_evaluate_and_validate_on_demo_files(miniature: tuple, tmp_path: Pat
 
 def test_bad_inputs_as_files(miniature: tuple, tmp_path: Path) -> None:
     from affeq_rt.demo.run import write_store
-    from affeq_rt.maps import load_maps, save_maps
+    from affeq_rt.io.maps import load_maps, save_maps
 
     out, tables, _ = miniature
     st = FeatureStore.open(out / "store_test")

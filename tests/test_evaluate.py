@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.evaluate import ArrayStore, evaluate, overlap, validate
+from affeq_rt.method.evaluate import ArrayStore, evaluate, overlap, validate
 
 DIMS = {"alpha": 24, "beta": 32, "gamma": 16}
 K = 12

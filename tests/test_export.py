@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.export import (
+from affeq_rt.onnx.export import (
     EXPORT_RTOL,
     ExportedBackbone,
     build_model,
@@ -20,8 +20,8 @@ from affeq_rt.export import (
     export_split,
     split_model,
 )
-from affeq_rt.registry import get_spec, list_specs
-from affeq_rt.runtime import create_session
+from affeq_rt.onnx.runtime import create_session
+from affeq_rt.registry.spec import get_spec, list_specs
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.errors import AffeqError
-from affeq_rt.extract import extract, open_networks, run_network
-from affeq_rt.preprocess import load_image, preprocess
-from affeq_rt.store import FeatureStore
+from affeq_rt.io.store import FeatureStore
+from affeq_rt.method.extract import extract, open_networks, run_network
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402

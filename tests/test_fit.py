@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affeq_rt.data import Sample
+from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
-from affeq_rt.fit import fit, fit_maps, holdout_mask
-from affeq_rt.maps import load_maps
-from affeq_rt.store import FeatureStore, StoreConfig, StoreWriter
+from affeq_rt.io.maps import load_maps
+from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter
+from affeq_rt.method.fit import fit, fit_maps, holdout_mask
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -140,7 +140,7 @@ def _common(env) -> dict:
 
 @pytest.mark.slow  # ~30-60 s on 2 shared cores: three 1024-1280-dim eigendecompositions + export
 def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
-    from affeq_rt.extract import extract
+    from affeq_rt.method.extract import extract
 
     out = tmp_path / "maps.safetensors"
     res = fit(MODELS, out, data=env["photos"], holdout=0.0, workers=0, **_common(env))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.fsio import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, read_json, write_json_atomic
 
 
 def test_atomic_write_replaces_and_cleans_up(tmp_path) -> None:

@@ -19,8 +19,8 @@ pytest.importorskip("onnxruntime")
 skd = pytest.importorskip("skimage.data")
 
 from affeq_rt.errors import AffeqError  # noqa: E402
-from affeq_rt.maps import AffineMap, MapSet, save_maps  # noqa: E402
-from affeq_rt.registry import BackboneSpec, WeightsSource  # noqa: E402
+from affeq_rt.io.maps import AffineMap, MapSet, save_maps  # noqa: E402
+from affeq_rt.registry.spec import BackboneSpec, WeightsSource  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
 
@@ -56,7 +56,7 @@ class TinyParts:
     """Two tiny CNNs exported like ``affeq-rt export`` does, and a fitted map between them."""
 
     def __init__(self, folder: Path, size: int = 32, opset: int = 11) -> None:
-        from affeq_rt.preprocess import preprocess
+        from affeq_rt.data.preprocess import preprocess
 
         torch.manual_seed(0)
         nn = torch.nn
@@ -99,7 +99,7 @@ class TinyParts:
         return mapped @ w.astype(np.float64).T + b
 
     def build(self, out: Path, **kw) -> Path:
-        from affeq_rt.hybrid import build_from_parts
+        from affeq_rt.deploy.hybrid import build_from_parts
 
         return build_from_parts(self.spec_a, self.spec_b, self.features_path, self.head_wb,
                                 self.map, out, classifier_path=self.classifier_path, **kw)
@@ -119,7 +119,7 @@ def ort_run(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 def held_out_inputs(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray]:
     """Photos the map was not fitted on (float NCHW and uint8 NHWC crops)."""
-    from affeq_rt.hybrid import verification_inputs
+    from affeq_rt.deploy.hybrid import verification_inputs
 
     x, u8, _ = verification_inputs(spec, names=("hubble_deep_field", "camera", "coins", "moon"))
     return x, u8
@@ -148,7 +148,7 @@ def test_hybrid_matches_parts_and_has_one_gemm(parts: TinyParts, tmp_path: Path)
 
 def test_metadata_and_inspect(parts: TinyParts, tmp_path: Path) -> None:
     from affeq_rt.cli.main import main
-    from affeq_rt.hybrid import read_metadata
+    from affeq_rt.deploy.hybrid import read_metadata
 
     out = parts.build(tmp_path / "h.onnx", accuracy=0.5)
     meta = read_metadata(out)["metadata"]
@@ -176,7 +176,7 @@ def test_inspect_cli_output(parts: TinyParts, tmp_path: Path) -> None:
 
 
 def test_with_preprocessing_takes_uint8_nhwc(parts: TinyParts, tmp_path: Path) -> None:
-    from affeq_rt.hybrid import read_metadata
+    from affeq_rt.deploy.hybrid import read_metadata
 
     out = parts.build(tmp_path / "pre.onnx", with_preprocessing=True)
     model = onnx.load(str(out))
@@ -193,7 +193,7 @@ def test_with_preprocessing_takes_uint8_nhwc(parts: TinyParts, tmp_path: Path) -
 
 
 def test_fp16_verified_by_top1(parts: TinyParts, tmp_path: Path) -> None:
-    from affeq_rt.hybrid import TOL_FP16, read_metadata
+    from affeq_rt.deploy.hybrid import TOL_FP16, read_metadata
 
     out = parts.build(tmp_path / "h16.onnx", fp16=True)
     model = onnx.load(str(out))
@@ -218,8 +218,8 @@ def test_existing_output_refused_without_force(parts: TinyParts, tmp_path: Path)
 
 def test_external_data_past_the_size_limit(parts: TinyParts, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import affeq_rt.hybrid as hybrid
-    from affeq_rt.triton import read_repository
+    import affeq_rt.deploy.hybrid as hybrid
+    from affeq_rt.deploy.triton import read_repository
 
     monkeypatch.setattr(hybrid, "TWO_GB", 4096)  # stand-in for 2 GB: the tiny model is ~5 kB
     out = parts.build(tmp_path / "big.onnx", server_repo=tmp_path / "repo", model_name="big")
@@ -244,7 +244,7 @@ def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) ->
     torch.onnx.export(lin, torch.randn(2, 10), str(other), input_names=["features"],
                       output_names=["logits"], dynamo=False,
                       dynamic_axes={"features": {0: "N"}, "logits": {0: "N"}})
-    from affeq_rt.hybrid import build_from_parts
+    from affeq_rt.deploy.hybrid import build_from_parts
 
     out = tmp_path / "out" / "h.onnx"
     with pytest.raises(AffeqError, match="fails verification"):
@@ -254,7 +254,7 @@ def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) ->
 
 
 def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> None:
-    from affeq_rt.hybrid import _resolve_map
+    from affeq_rt.deploy.hybrid import _resolve_map
 
     f = tmp_path / "maps.safetensors"
     save_maps(f, [parts.map])
@@ -274,7 +274,7 @@ def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> Non
 
 
 def test_feature_width_mismatch_in_graph(parts: TinyParts, tmp_path: Path) -> None:
-    from affeq_rt.hybrid import compose_hybrid
+    from affeq_rt.deploy.hybrid import compose_hybrid
 
     with pytest.raises(AffeqError, match="gives 12 features but the map expects 9"):
         compose_hybrid(onnx.load(str(parts.features_path)), np.zeros((7, 9)), np.zeros(7),
@@ -283,7 +283,7 @@ def test_feature_width_mismatch_in_graph(parts: TinyParts, tmp_path: Path) -> No
 
 def test_unknown_names_and_bad_arguments(tmp_path: Path) -> None:
     from affeq_rt.cli.main import main
-    from affeq_rt.hybrid import build_hybrid
+    from affeq_rt.deploy.hybrid import build_hybrid
 
     with pytest.raises(AffeqError, match="unknown model 'pnasnet6'"):
         build_hybrid("pnasnet6", "resnet152", maps=tmp_path / "m.safetensors",

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.maps import AffineMap, fold_head, load_maps, save_maps
+from affeq_rt.io.maps import AffineMap, fold_head, load_maps, save_maps
 
 
 def _maps(rng):

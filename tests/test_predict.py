@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from affeq_rt.cli.main import main
-from affeq_rt.labels import class_name, imagenet_names, topk
-from affeq_rt.runtime import loadable_providers
+from affeq_rt.data.labels import class_name, imagenet_names, topk
+from affeq_rt.onnx.runtime import loadable_providers
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = (967, 968)  # espresso, cup

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from affeq_rt.data.preprocess import load_image, preprocess, preprocess_key, to_rgb
 from affeq_rt.errors import AffeqError
-from affeq_rt.preprocess import load_image, preprocess, preprocess_key, to_rgb
 
 skdata = pytest.importorskip("skimage.data")
 

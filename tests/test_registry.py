@@ -7,7 +7,7 @@ import pytest
 
 from affeq_rt.cli.main import main
 from affeq_rt.errors import AffeqError
-from affeq_rt.registry import BackboneSpec, get_spec, list_specs
+from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
 
 THESIS = ["Inception-v1", "Inception-v2", "MobileNet-v2-1.4-224", "ResNet-v1-152", "ResNet-v2-152",
           "Inception-v3", "Inception-v4", "Inception-ResNet-v2", "NASNet-Large", "PNASNet-Large"]
@@ -105,7 +105,7 @@ def test_feature_dim_matches_architecture(spec: BackboneSpec) -> None:
     """Built on the meta device (shapes only, no memory, no weights) to read the head's width."""
     import torch
 
-    from affeq_rt.export import _build_arch, split_model
+    from affeq_rt.onnx.export import _build_arch, split_model
 
     with torch.device("meta"):
         model = _build_arch(spec, random_init=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affeq_rt.evaluate import ArrayStore, evaluate
-from affeq_rt.report import markdown_table, text_table, write_report
+from affeq_rt.method.evaluate import ArrayStore, evaluate
+from affeq_rt.report.write import markdown_table, text_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.export import ExportedBackbone, check_inputs
-from affeq_rt.runtime import PROVIDERS, create_session, loadable_providers
+from affeq_rt.onnx.export import ExportedBackbone, check_inputs
+from affeq_rt.onnx.runtime import PROVIDERS, create_session, loadable_providers
 
 
 def test_auto_provider_is_one_that_loaded(lite0_export: Path) -> None:

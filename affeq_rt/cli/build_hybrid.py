@@ -45,7 +45,7 @@ def run(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..hybrid import build_hybrid, read_metadata
+    from affeq_rt.deploy.hybrid import build_hybrid, read_metadata
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True) as bar:

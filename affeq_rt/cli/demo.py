@@ -26,7 +26,7 @@ def run(
     Prints the tables and where the HTML report is."""
     from rich.console import Console
 
-    from ..demo.run import run_demo
+    from affeq_rt.demo.run import run_demo
 
     console = Console(stderr=True)
     with console.status("demo") as status:

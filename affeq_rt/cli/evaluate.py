@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 
 def _pairs(specs: list[str]) -> list[tuple[str, str]] | None:
@@ -38,9 +38,9 @@ def run(
     correct images; agreement only when the store has no labels. Writes a report folder."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..evaluate import evaluate
-    from ..report import text_table
-    from ..store import open_store
+    from affeq_rt.io.store import open_store
+    from affeq_rt.method.evaluate import evaluate
+    from affeq_rt.report.write import text_table
 
     store = open_store(features)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None

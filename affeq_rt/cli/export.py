@@ -19,8 +19,8 @@ def run(
 ) -> None:
     """Export NAME as features.onnx (image → pooled features) and classifier.onnx (features →
     logits), plus head.safetensors and manifest.json, after checking ONNX against the framework."""
-    from ..export import ExportedBackbone, export_backbone
-    from . import spinner
+    from affeq_rt.cli import spinner
+    from affeq_rt.onnx.export import ExportedBackbone, export_backbone
 
     steps = 6  # build, features, classifier, checker, compare, done
     with spinner() as bar:

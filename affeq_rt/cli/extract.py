@@ -38,7 +38,7 @@ def run(
 
     Rerun the same command after an interruption to finish the store.
     """
-    from ..extract import extract
+    from affeq_rt.method.extract import extract
 
     res = extract(models, data, out, dtype=dtype, batch_size=batch_size, workers=workers,
                   provider=provider, max_images=max_images, random_weights=random_weights,

@@ -38,7 +38,7 @@ def run(
 ) -> None:
     """Fit a map for every ordered pair A≠B from one pass over the data; resumable (rerun the
     same command after an interruption)."""
-    from ..fit import fit
+    from affeq_rt.method.fit import fit
 
     res = fit(models, out, data=data, features=features, method=method, max_images=max_images,
               holdout=holdout, seed=seed, batch_size=batch_size, workers=workers,

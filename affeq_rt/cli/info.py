@@ -7,8 +7,8 @@ import typer
 
 def run() -> None:
     """Show affeq-rt's version, compiled backends and which onnxruntime providers really load."""
-    from ..backends import backends
-    from ..fsio import versions
+    from affeq_rt.core.backends import backends
+    from affeq_rt.io.fsio import versions
 
     for k, v in versions().items():
         typer.echo(f"{k:18s} {v}")

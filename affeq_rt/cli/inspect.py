@@ -14,7 +14,7 @@ def run(
     all_labels: bool = typer.Option(False, "--labels", help="Print every label name."),
 ) -> None:
     """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels."""
-    from ..hybrid import read_metadata
+    from affeq_rt.deploy.hybrid import read_metadata
 
     info = read_metadata(model)
     if as_json:

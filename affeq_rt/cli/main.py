@@ -8,8 +8,8 @@ import sys
 
 import typer
 
-from .. import __version__
-from ..errors import AffeqError
+from affeq_rt._version import __version__
+from affeq_rt.errors import AffeqError
 
 app = typer.Typer(
     name="affeq-rt",

@@ -16,7 +16,7 @@ def run(
 ) -> None:
     """List the registered backbones (name, paper name, library, input, feature dim, weights),
     or print one model's spec with its faithfulness note."""
-    from ..registry import get_spec, list_specs
+    from affeq_rt.registry.spec import get_spec, list_specs
 
     if name is not None:
         spec = get_spec(name)

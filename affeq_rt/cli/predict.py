@@ -20,8 +20,8 @@ def run(
     """Print the top ImageNet classes (index, probability, name) of each image and which
     onnxruntime provider ran, using the backbone's own preprocessing. NAME is a registry name
     (exported into the export root on first use) or an export folder."""
-    from ..export import predict_files
-    from . import spinner
+    from affeq_rt.cli import spinner
+    from affeq_rt.onnx.export import predict_files
 
     with spinner() as bar:
         task = bar.add_task(f"preparing {name}", total=None)

@@ -23,7 +23,7 @@ def run(
     REST and gRPC speak the protocol Triton speaks; query with tritonclient.http using
     binary_data=False. Ctrl-C stops.
     """
-    from ..serve import serve
+    from affeq_rt.deploy.serve import serve
 
     serve(target, port=port, host=host, grpc_port=grpc_port, provider=provider, name=name,
           announce=typer.echo)

@@ -17,8 +17,8 @@ def run(
     """Report each network's own top-1/top-5 (thesis Table 5.1) beside the top-1 its registry spec
     expects; flags a gap larger than the tolerance (wrong preprocessing or label order shows up
     here first) and exits 1 if any network is flagged."""
-    from ..evaluate import validate
-    from ..fsio import write_json_atomic
+    from affeq_rt.io.fsio import write_json_atomic
+    from affeq_rt.method.evaluate import validate
 
     rows = validate(features, device=device, tolerance=tolerance)
     typer.echo(f"{'network':28s} {'images':>7s} {'top-1':>7s} {'top-5':>7s} {'expected':>9s} "

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 INPUT_SIZE = 28
 NUM_CLASSES = 10
@@ -141,7 +141,7 @@ def load(test_fraction: float = 1 / 3, seed: int = 0) -> Digits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from ..preprocess import preprocess
+    from affeq_rt.data.preprocess import preprocess
 
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).round().astype(np.uint8)  # 0..16 → 0..255

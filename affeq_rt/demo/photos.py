@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import sample_photo
+from affeq_rt.data.preprocess import sample_photo
 
 NETWORKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 FIT_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
@@ -54,7 +54,7 @@ def views(img, count: int, rng: np.random.Generator) -> list:
 
 def write_views(folder: Path, names: Sequence[str], count: int, seed: int) -> int:
     """Write ``count`` views of each named photo as JPEGs under ``folder``; returns how many."""
-    from ..fsio import atomic_path, ensure_writable_dir
+    from affeq_rt.io.fsio import atomic_path, ensure_writable_dir
 
     ensure_writable_dir(folder)
     rng = np.random.default_rng(seed)
@@ -78,11 +78,11 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
     the same photos: unseen crops of seen photos) and ``heldout`` (views of HELDOUT_PHOTOS, never
     seen by any map). Ridge is fitted on ``fit``; logit-pinv needs no images (thesis §5.5).
     """
-    from ..data import read_unlabelled
-    from ..evaluate import evaluate
-    from ..extract import extract
-    from ..fit import fit_maps
-    from ..maps import save_maps
+    from affeq_rt.data.readers import read_unlabelled
+    from affeq_rt.io.maps import save_maps
+    from affeq_rt.method.evaluate import evaluate
+    from affeq_rt.method.extract import extract
+    from affeq_rt.method.fit import fit_maps
 
     parts = {"fit": (FIT_PHOTOS, views_per_photo, seed),
              "crops": (FIT_PHOTOS, max(2, views_per_photo // 3), seed + 1),
@@ -115,9 +115,9 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
 
 def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: int = 0) -> Path:
     """Ridge map src→dst fitted on the views of ALL photos (the deployable model's map)."""
-    from ..fit import fit_maps
-    from ..maps import save_maps
-    from ..store import FeatureStore
+    from affeq_rt.io.maps import save_maps
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.fit import fit_maps
 
     opened = [FeatureStore.open(p) for p in stores.values()]
     arrays = {m: np.concatenate([np.asarray(s.features(m), np.float32) for s in opened])
@@ -133,12 +133,12 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
                       dst: str = "mobilenet_v2", export_root: str | None = None) -> dict:
     """Build one hybrid ONNX model (src → map → dst's classifier) and classify chelsea with it,
     next to what src and dst say on their own."""
-    from ..export import ExportedBackbone, ensure_exported
-    from ..hybrid import build_hybrid
-    from ..labels import imagenet_names
-    from ..preprocess import preprocess
-    from ..registry import get_spec
-    from ..runtime import create_session
+    from affeq_rt.data.labels import imagenet_names
+    from affeq_rt.data.preprocess import preprocess
+    from affeq_rt.deploy.hybrid import build_hybrid
+    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
+    from affeq_rt.onnx.runtime import create_session
+    from affeq_rt.registry.spec import get_spec
 
     path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx", force=True,
                         exports_root=export_root)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AffeqError
-from ..evaluate import ArrayStore, EvalTable
+from affeq_rt.errors import AffeqError
+from affeq_rt.method.evaluate import ArrayStore, EvalTable
 
 DIGIT_METHODS = ("ols", "logit-pinv", "naive")
 
@@ -45,8 +45,8 @@ def write_store(path: Path, store: ArrayStore, dtype: str = "float32",
                 source: str = "arrays", exports: Mapping[str, str] | None = None) -> Path:
     """Write in-memory features, heads, labels and specs as a FeatureStore folder (store.py's
     writer: preallocated arrays, checksums, manifest)."""
-    from ..data import Sample
-    from ..store import StoreConfig, StoreWriter
+    from affeq_rt.data.readers import Sample
+    from affeq_rt.io.store import StoreConfig, StoreWriter
 
     n = store.n
     labels = store.labels_ if store.labels_ is not None else np.full(n, -1, np.int64)
@@ -71,12 +71,12 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
                say: Callable[[str], None] = print) -> tuple[dict[str, EvalTable], dict]:
     """Train, export, extract, fit and evaluate the digits miniature; returns tables by method
     and each network's accuracies (torch on train/test, ONNX features on test)."""
-    from ..export import ExportedBackbone, export_split
-    from ..fit import fit_maps
-    from ..fsio import atomic_path, sha256_file
-    from ..maps import save_maps
-    from ..runtime import create_session
-    from . import digits
+    from affeq_rt.demo import digits
+    from affeq_rt.io.fsio import atomic_path, sha256_file
+    from affeq_rt.io.maps import save_maps
+    from affeq_rt.method.fit import fit_maps
+    from affeq_rt.onnx.export import ExportedBackbone, export_split
+    from affeq_rt.onnx.runtime import create_session
 
     data = digits.load(seed=seed)
     epochs = 4 if quick else 12
@@ -121,7 +121,7 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
     test_store = write_store(out / "store_test", ArrayStore(feats_test, heads, data.y_test, specs),
                              source="sklearn-digits-heldout", exports=exports)
     tables: dict[str, EvalTable] = {}
-    from ..evaluate import evaluate
+    from affeq_rt.method.evaluate import evaluate
 
     for method in DIGIT_METHODS:
         maps = fit_maps(train_store, method=method, holdout=0.1, seed=seed)
@@ -132,7 +132,7 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
 
 
 def _section_table(table: EvalTable, caption: str) -> str:
-    from ..report import html_table
+    from affeq_rt.report.write import html_table
 
     return f"<p class='note'>{html.escape(caption)}</p>" + html_table(table)
 
@@ -143,8 +143,8 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
     """The whole demo; writes ``out/report/report.html`` (one self-contained page) and
     ``out/report/demo.json`` (every number). ``quick``: 4 training epochs and 12 views per photo
     instead of 12 and 30."""
-    from ..fsio import ensure_writable_dir, write_json_atomic
-    from ..report import text_table, write_report
+    from affeq_rt.io.fsio import ensure_writable_dir, write_json_atomic
+    from affeq_rt.report.write import text_table, write_report
 
     t0 = time.perf_counter()
     root = ensure_writable_dir(out)
@@ -166,7 +166,7 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
                          "near chance (10%)"}[method]
         extra.append((f"Digits, {method} maps", _section_table(t, what)))
     if photos:
-        from . import photos as ph
+        from affeq_rt.demo import photos as ph
 
         views = 12 if quick else 30
         try:
@@ -177,7 +177,7 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
             say(f"photos: skipped ({e})")
             pres = None
         if pres is not None:
-            from ..registry import get_spec
+            from affeq_rt.registry.spec import get_spec
 
             res.photos = pres["tables"]
             res.photo_info = {k: v for k, v in pres.items() if k != "tables"}

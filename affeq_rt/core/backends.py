@@ -8,7 +8,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Literal
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -34,7 +34,7 @@ def _build_info() -> dict:
 def cpu_core():
     """The CPU compiled module, or an AffeqError explaining how to build it."""
     try:
-        from . import _core
+        from affeq_rt import _core
     except ImportError as e:
         raise AffeqError(f"the compiled core affeq_rt._core is missing ({e})",
                          "reinstall with: pip install --no-build-isolation -e .") from None
@@ -48,7 +48,7 @@ def cuda_status() -> BackendStatus:
     if info != "built":
         return BackendStatus("cuda", False, f"not compiled: {info}")
     try:
-        from . import _core_cuda
+        from affeq_rt import _core_cuda
     except ImportError as e:
         return BackendStatus("cuda", False, f"compiled module does not load: {e}")
     try:

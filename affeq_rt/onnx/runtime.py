@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends import cpu_core, resolve_device
-from .errors import AffeqError
-from .fsio import atomic_path
+from affeq_rt.core.backends import cpu_core, resolve_device
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import atomic_path
 
 __all__ = [
     "GramAccumulator",
@@ -117,7 +117,7 @@ class _CudaGram:
     def __init__(self, dim: int, block_rows: int = 0) -> None:
         import cupy as cp
 
-        from . import _core_cuda
+        from affeq_rt import _core_cuda
 
         self._cp, self._k = cp, _core_cuda
         self.dim = dim
@@ -547,7 +547,7 @@ def _evaluate_cuda(
     """CUDA path: cuBLAS sgemm per row tile (all heads at once), fused warp top-5 scan kernel."""
     import cupy as cp
 
-    from . import _core_cuda as k
+    from affeq_rt import _core_cuda as k
 
     Xd = cp.asarray(X)
     n, d = Xd.shape

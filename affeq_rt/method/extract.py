@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import Batch, DataSource, discover, iter_batches
-from .errors import AffeqError
-from .fsio import sha256_file
-from .preprocess import preprocess_key
+from affeq_rt.data.preprocess import preprocess_key
+from affeq_rt.data.readers import Batch, DataSource, discover, iter_batches
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import sha256_file
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Network:
 
 def parse_models(models: str | Sequence[str]) -> list[str]:
     """``"a,b,c"`` or a list → canonical registry names, duplicates removed, order kept."""
-    from .registry import get_spec
+    from affeq_rt.registry.spec import get_spec
 
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
     out: list[str] = []
@@ -61,8 +61,8 @@ def parse_models(models: str | Sequence[str]) -> list[str]:
 def open_networks(models: Sequence[str], provider: str = "auto", export_root: str | None = None,
                   random_weights: bool = False) -> list[Network]:
     """Export (or reuse the export of) each model and open its features graph."""
-    from .export import ExportedBackbone, ensure_exported
-    from .runtime import create_session
+    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
+    from affeq_rt.onnx.runtime import create_session
 
     nets = []
     for name in models:
@@ -203,7 +203,7 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     boundary of the sample grid, so a rerun after any interruption redoes the same batches and
     writes the same bytes.
     """
-    from .store import StoreConfig, StoreWriter
+    from affeq_rt.io.store import StoreConfig, StoreWriter
 
     names = parse_models(models)
     src = load_data(data, labels, meta, max_images)

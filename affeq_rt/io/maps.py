@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AffeqError
-from .fsio import atomic_path, jsonable
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import atomic_path, jsonable
 
 FORMAT = 1
 META_KEY = "affeq_rt"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 try:  # MLServer is the `serve` extra; without it the module imports but cannot serve.
     from mlserver import MLModel as _MLModel
@@ -58,7 +58,7 @@ class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
         """Create the session and record the input/output signatures."""
         params = self.settings.parameters
         provider = (params.extra or {}).get("provider", "auto") if params else "auto"
-        from .runtime import create_session
+        from affeq_rt.onnx.runtime import create_session
 
         self._sess = create_session(params.uri, provider=provider)
         self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32")
@@ -103,7 +103,7 @@ def _metadata_tensors(path: Path) -> tuple[list[Any], list[Any]]:
     """Input/output metadata (batch dimension −1) for the model's metadata endpoint."""
     from mlserver.types import MetadataTensor
 
-    from .triton import onnx_io
+    from affeq_rt.deploy.triton import onnx_io
 
     ins, outs = onnx_io(path)
     oip = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_FP64": "FP64", "TYPE_UINT8": "UINT8",
@@ -124,17 +124,17 @@ def find_models(target: str | os.PathLike, name: str | None = None) -> list[Serv
         if p.suffix != ".onnx":
             raise AffeqError(f"{p} is not an .onnx file", "pass a model file or a repository")
         if name is None:
-            from .hybrid import default_model_name, read_metadata
+            from affeq_rt.deploy.hybrid import default_model_name, read_metadata
 
             meta = read_metadata(p)["metadata"]
             name = (default_model_name(meta["source"], meta["target"], bool(meta.get("fp16")))
                     if "source" in meta and "target" in meta else p.stem)
-        from .triton import _check_name
+        from affeq_rt.deploy.triton import _check_name
 
         _check_name(name)
         return [ServedModel(name, "1", p)]
     if p.is_dir():
-        from .triton import read_repository
+        from affeq_rt.deploy.triton import read_repository
 
         models = [ServedModel(m.name, m.version, m.path) for m in read_repository(p)]
         if name is not None:
@@ -197,7 +197,7 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
     grpc_port = port + 1 if grpc_port is None else grpc_port
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
-    from .runtime import create_session
+    from affeq_rt.onnx.runtime import create_session
 
     for m in models:  # a model that cannot load is an error here, not a log line in the server
         create_session(m.path, provider=provider)

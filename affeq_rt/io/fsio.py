@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 LIBRARIES = ("timm", "torchvision", "affeq")
 WEIGHT_KINDS = ("hub", "package", "file", "none")
@@ -138,11 +138,11 @@ def models_dir() -> Path:
     env = os.environ.get("AFFEQ_RT_MODELS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "models", here / "models"):
+    package = Path(__file__).resolve().parents[1]  # affeq_rt/
+    for cand in (package / "models", package.parent / "models"):
         if cand.is_dir():
             return cand
-    return here.parent / "models"
+    return package.parent / "models"
 
 
 @lru_cache(maxsize=4)

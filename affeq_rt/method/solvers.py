@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 METHODS = ("ols", "ridge", "logit-pinv", "adam", "naive")
 # Eigenvalues of S_AA below RTOL·λ_max count as null. The compiled core forms products in float32

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

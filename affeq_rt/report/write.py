@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import REGIONS, EvalTable, Overlap, default_overlap_pairs, overlap
-from .fsio import (
+from affeq_rt.io.fsio import (
     atomic_path,
     ensure_writable_dir,
     jsonable,
@@ -25,6 +24,7 @@ from .fsio import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from affeq_rt.method.evaluate import REGIONS, EvalTable, Overlap, default_overlap_pairs, overlap
 
 REGION_LABELS = {
     "A": "only A", "B": "only B", "H": "only hybrid", "AB": "A and B, not hybrid",

@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import AffeqError
-from .store import open_store
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.store import open_store
 
 # Region names of the 3-set overlap (A's own, B's own, hybrid A→B), in display order.
 REGIONS: tuple[str, ...] = ("A", "B", "H", "AB", "AH", "BH", "ABH", "none")
@@ -282,7 +282,7 @@ def load_pairs(maps: Any) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.nd
     (``weight``/``bias``) or ``(W, b)`` tuples.
     """
     if isinstance(maps, (str, Path)):
-        from .maps import load_maps
+        from affeq_rt.io.maps import load_maps
 
         maps = load_maps(maps)
     if isinstance(maps, Mapping):
@@ -364,7 +364,7 @@ def _stacked_heads(src: str, chosen: Sequence[str], heads: Mapping[str, tuple],
                    d_src: int) -> tuple[np.ndarray, np.ndarray]:
     """Every target's head folded for source ``src`` (float64 products, ``maps.fold_head``), stacked
     as W ``[T, K, d_src]``, b ``[T, K]`` float32."""
-    from .maps import AffineMap, fold_head
+    from affeq_rt.io.maps import AffineMap, fold_head
 
     k = heads[chosen[0]][0].shape[0]
     w_all = np.empty((len(chosen), k, d_src), dtype=np.float32)
@@ -387,7 +387,7 @@ def _stacked_heads(src: str, chosen: Sequence[str], heads: Mapping[str, tuple],
 def _run_heads(x: np.ndarray, w: np.ndarray, b: np.ndarray, labels: np.ndarray,
                device: str) -> Any:
     """One compiled pass of ``core.evaluate_heads`` (float16/float32 features as stored)."""
-    from .core import evaluate_heads
+    from affeq_rt.core.gram import evaluate_heads
 
     if x.dtype not in (np.float16, np.float32) or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -404,7 +404,7 @@ def evaluate(store: StoreLike | str | Path, maps: Any, out: str | Path | None = 
     One compiled pass per source network with all targets' folded heads stacked. Without labels
     the table holds agreement only (how often the hybrid predicts what the target predicts).
     """
-    from .backends import resolve_device
+    from affeq_rt.core.backends import resolve_device
 
     t0 = time.perf_counter()
     st = open_store(store)
@@ -464,7 +464,7 @@ def evaluate(store: StoreLike | str | Path, maps: Any, out: str | Path | None = 
                       pair_info=pair_info, device=dev, seconds=time.perf_counter() - t0,
                       label_offsets={m: heads[m][2] for m in chosen}, timings=timings)
     if out is not None:
-        from .report import write_report
+        from affeq_rt.report.write import write_report
 
         write_report(table, out, overlap_pairs=overlap_pairs, title=title, notes=notes)
     return table
@@ -501,7 +501,7 @@ def validate(store: StoreLike | str | Path, device: str = "auto", tolerance: flo
     A row is flagged (``ok`` False) when the gap exceeds ``tolerance`` points or three binomial
     standard errors of the measured accuracy, whichever is larger (small stores are noisy).
     """
-    from .backends import resolve_device
+    from affeq_rt.core.backends import resolve_device
 
     st = open_store(store)
     labels = st.labels

@@ -17,9 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import AffeqError
-from .fsio import atomic_dir, atomic_path, ensure_writable_dir, read_json, sha256_file, versions
-from .registry import BackboneSpec, get_spec, spec_from
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import (
+    atomic_dir,
+    ensure_writable_dir,
+    read_json,
+    sha256_file,
+    versions,
+)
+from affeq_rt.io.heads import load_head, save_head
+from affeq_rt.registry.spec import BackboneSpec, get_spec, spec_from
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,40 +49,12 @@ def default_export_root() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# head arrays (``head.safetensors`` of exports and feature stores)
-
-
-def save_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write a head (``weight`` [K, d], ``bias`` [K], float32) as safetensors, atomically."""
-    from safetensors.numpy import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"weight": np.ascontiguousarray(weight, np.float32),
-                   "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}, str(tmp))
-
-
-def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a head file written by :func:`save_head` (an export's or a store's)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        t = load_file(str(path))
-        return t["weight"], t["bias"]
-    except FileNotFoundError:
-        raise AffeqError(f"head file {path} does not exist", "re-run the export/extract") from None
-    except (SafetensorError, KeyError, OSError) as e:
-        raise AffeqError(f"head file {path} is corrupt ({e})",
-                         "re-run the export/extract") from None
-
-
-# ---------------------------------------------------------------------------------------------
 # weights and model building
 
 
 def _default_source(spec: BackboneSpec) -> tuple[Path, str]:
     """The spec's own weights file and a stable description of it, or AffeqError."""
-    from .weights import hub_file, package_file
+    from affeq_rt.model.weights import hub_file, package_file
 
     w = spec.weights
     if w.kind == "package":
@@ -145,7 +124,7 @@ def _build(spec: BackboneSpec, weights: str | os.PathLike | None,
            random_weights: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     import torch
 
-    from .weights import adapt, load_state_dict, load_strict
+    from affeq_rt.model.weights import adapt, load_state_dict, load_strict
 
     info = weights_request(spec, weights, random_weights)
     if random_weights:
@@ -246,7 +225,7 @@ def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
 def check_inputs(spec: Mapping[str, Any] | BackboneSpec, n_noise: int = 2,
                  seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Real photos (scikit-image's, if installed) preprocessed for ``spec``, plus Gaussian noise."""
-    from .preprocess import preprocess, sample_photo
+    from affeq_rt.data.preprocess import preprocess, sample_photo
 
     s = spec.to_dict() if isinstance(spec, BackboneSpec) else dict(spec)
     xs, names = [], []
@@ -312,7 +291,7 @@ def export_split(model: torch.nn.Module, spec_dict: Mapping[str, Any] | Backbone
     """
     import torch
 
-    from .runtime import create_session
+    from affeq_rt.onnx.runtime import create_session
 
     spec = dict(spec_dict.to_dict() if isinstance(spec_dict, BackboneSpec) else spec_dict)
     out = Path(out_dir)
@@ -374,7 +353,7 @@ def export_split(model: torch.nn.Module, spec_dict: Mapping[str, Any] | Backbone
                              "measure": "max|ort - torch| / max|torch| over logits"},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        from .fsio import write_json_atomic
+        from affeq_rt.io.fsio import write_json_atomic
 
         write_json_atomic(tmp / "manifest.json", manifest)
     return out
@@ -489,7 +468,7 @@ class ExportedBackbone:
     def logits(self, x: np.ndarray, provider: str = "auto", batch_size: int = 32,
                fp16: bool = False) -> tuple[np.ndarray, str]:
         """classifier(features(x)) through onnxruntime: (logits [N,K], the provider line)."""
-        from .runtime import create_session
+        from affeq_rt.onnx.runtime import create_session
 
         fs = create_session(self.features_path, provider=provider, fp16=fp16)
         cs = create_session(self.classifier_path, provider=provider, fp16=fp16)
@@ -512,8 +491,8 @@ def predict_files(target: str | os.PathLike, images: Sequence[str | os.PathLike]
                   fp16: bool = False, progress: ProgressFn | None = None,
                   ) -> tuple[list[Any], str, ExportedBackbone]:
     """Classify image files with an export: ([labels.TopK per image], provider line, export)."""
-    from .labels import topk
-    from .preprocess import load_image, preprocess
+    from affeq_rt.data.labels import topk
+    from affeq_rt.data.preprocess import load_image, preprocess
 
     if not images:
         raise AffeqError("no images given", "pass one or more image files")

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import AffeqError
-from .fsio import jsonable
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -252,7 +252,7 @@ def compose_hybrid(features: onnx.ModelProto, weight: np.ndarray, bias: np.ndarr
     else:
         _rename_input(model, f"a/{in_old}", INPUT_NAME)
     model.producer_name = "affeq-rt"
-    from . import __version__
+    from affeq_rt._version import __version__
 
     model.producer_version = __version__
     del model.metadata_props[:]
@@ -322,7 +322,7 @@ def label_names(num_classes: int, label_offset: int) -> list[str]:
     for TF-slim 1001-class heads; plain indices for other heads."""
     n_imagenet = num_classes - label_offset
     if n_imagenet == 1000:
-        from .labels import imagenet_names
+        from affeq_rt.data.labels import imagenet_names
 
         names = list(imagenet_names())
     else:
@@ -341,7 +341,7 @@ def verification_inputs(
     """
     from PIL import Image
 
-    from .preprocess import load_image, normalize, resize_crop, sample_photo, to_rgb
+    from affeq_rt.data.preprocess import load_image, normalize, resize_crop, sample_photo, to_rgb
 
     imgs: list[tuple[str, Image.Image]] = []
     for n in names:
@@ -369,7 +369,7 @@ def verification_inputs(
 
 def _run(path: str | os.PathLike, feed: np.ndarray) -> list[np.ndarray]:
     """Every output of the single-input ONNX model at ``path`` on ``feed`` (CPU session)."""
-    from .runtime import create_session
+    from affeq_rt.onnx.runtime import create_session
 
     sess = create_session(path, provider="cpu")
     return sess.run_feeds({sess.input_names[0]: feed})
@@ -413,7 +413,7 @@ def verify(path: str | os.PathLike, reference: np.ndarray, feed: np.ndarray, nam
 # ----------------------------------------------------------------------------------------- build
 
 def _resolve_map(maps: Any, src: str, dst: str, d_src: int, d_dst: int) -> Any:
-    from .maps import MapSet, load_maps
+    from affeq_rt.io.maps import MapSet, load_maps
 
     ms = maps if isinstance(maps, MapSet) else load_maps(maps)
     m = ms[(src, dst)]
@@ -430,8 +430,8 @@ def _resolve_map(maps: Any, src: str, dst: str, d_src: int, d_dst: int) -> Any:
 def _fit_map(src: str, dst: str, fit_on: str | os.PathLike, method: str, exports_root: Any,
              random_weights: bool, holdout: float) -> Any:
     """Fit the map src→dst on the images of ``fit_on`` (one joint pass, ``fit.fit_maps``)."""
-    from .fit import fit_maps
-    from .maps import MapSet
+    from affeq_rt.io.maps import MapSet
+    from affeq_rt.method.fit import fit_maps
 
     folder = Path(fit_on)
     if not folder.is_dir():
@@ -471,7 +471,7 @@ def build_hybrid(src: str, dst: str, maps: Any = None, fit_on: str | os.PathLike
     existing ``out`` (or repository model folder) unless ``force``; nothing is written unless
     verification passes.
     """
-    from .registry import get_spec
+    from affeq_rt.registry.spec import get_spec
 
     say = progress or (lambda _m: None)
     if (maps is None) == (fit_on is None):
@@ -483,7 +483,7 @@ def build_hybrid(src: str, dst: str, maps: Any = None, fit_on: str | os.PathLike
     out_path = Path(out) if out is not None else Path(f"{name}.onnx")
     _check_out(out_path, force)
     if server_repo is not None:
-        from .triton import check_repo_target
+        from affeq_rt.deploy.triton import check_repo_target
 
         check_repo_target(server_repo, name, force)
 
@@ -496,7 +496,7 @@ def build_hybrid(src: str, dst: str, maps: Any = None, fit_on: str | os.PathLike
         amap = _resolve_map(fitted, src, dst, s_spec.feature_dim, d_spec.feature_dim)
 
     say(f"exporting {src} and {dst}")
-    from .export import ExportedBackbone, ensure_exported
+    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
 
     root = None if exports_root is None else Path(exports_root)
     a_exp = ExportedBackbone(ensure_exported(src, root=root, random_weights=random_weights))
@@ -516,7 +516,7 @@ def _first_images(folder: str | os.PathLike | None, n: int = 8) -> list[str]:
     """Up to ``n`` image files of ``folder`` (verification fallback without scikit-image)."""
     if folder is None or not Path(folder).is_dir():
         return []
-    from .data import IMAGE_EXTS
+    from affeq_rt.data.readers import IMAGE_EXTS
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     return [str(p) for p in files[:n]]
@@ -534,9 +534,9 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
     """The part of :func:`build_hybrid` after names are resolved: A's ``features.onnx``, B's head
     ``(W_B, c_B)``, the map ``amap`` (``maps.AffineMap``) → verified hybrid at ``out``."""
     onnx = _onnx()
-    from . import __version__
-    from .fsio import atomic_path
-    from .maps import fold_head
+    from affeq_rt._version import __version__
+    from affeq_rt.io.fsio import atomic_path
+    from affeq_rt.io.maps import fold_head
 
     say = progress or (lambda _m: None)
     out_path = Path(out)
@@ -544,7 +544,7 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
     src, dst = a_spec.name, b_spec.name
     name = model_name or default_model_name(src, dst, fp16)
     if server_repo is not None:
-        from .triton import check_repo_target
+        from affeq_rt.deploy.triton import check_repo_target
 
         check_repo_target(server_repo, name, force)
     w_b, c_b = (np.asarray(a) for a in head_b)
@@ -561,7 +561,7 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
                          f"re-export it: affeq-rt export {src}") from None
     model = compose_hybrid(features, w_fold, b_fold, a_spec, with_preprocessing)
     if fp16:
-        from .runtime import half_model
+        from affeq_rt.onnx.runtime import half_model
 
         model = half_model(model)
 
@@ -616,7 +616,7 @@ def build_from_parts(a_spec: Any, b_spec: Any, features_path: str | os.PathLike,
                 (out_path.parent / data_name).unlink(missing_ok=True)
             raise
     if server_repo is not None:
-        from .triton import write_model_repository
+        from affeq_rt.deploy.triton import write_model_repository
 
         say(f"writing the Triton model repository {server_repo}")
         write_model_repository(server_repo, name, out_path, labels=labels, force=force,

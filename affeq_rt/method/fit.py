@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from . import solvers
-from .errors import AffeqError
-from .fsio import ensure_writable_dir, read_json, versions, write_json_atomic
-from .maps import AffineMap, save_maps
-from .store import open_store
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import ensure_writable_dir, read_json, versions, write_json_atomic
+from affeq_rt.io.maps import AffineMap, save_maps
+from affeq_rt.io.store import open_store
+from affeq_rt.method import solvers
 
 GRAM_METHODS = ("ols", "ridge")
 STORE_CHUNK = 4096
@@ -116,7 +116,7 @@ class _Checkpoint:
             self.seq = int(st["seq"])
 
     def load(self, device: str) -> tuple[Any, Any, int, dict[str, Any]]:
-        from .core import GramAccumulator
+        from affeq_rt.core.gram import GramAccumulator
 
         assert self.state is not None
         s = self.seq
@@ -152,7 +152,7 @@ def accumulate(names: Sequence[str], dims: Mapping[str, int], n: int,
     the accumulator's block buffer: a resumed run then sums exactly the same blocks as an
     uninterrupted one and produces the same bits.
     """
-    from .core import GramAccumulator
+    from affeq_rt.core.gram import GramAccumulator
 
     sl = _slices(names, dims)
     dim = sum(int(dims[m]) for m in names)
@@ -387,7 +387,7 @@ def fit(models: str | Sequence[str], out: str | os.PathLike | None, data: Any = 
         show_progress: bool = False) -> FitResult:
     """Fit all ordered pairs from images (``data``, one checkpointed pass) or a feature store
     (``features``) and save them to ``out`` (safetensors; skipped when ``out`` is None)."""
-    from .extract import (
+    from affeq_rt.method.extract import (
         Progress,
         feature_batches,
         load_data,

@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import AffeqError
-from .preprocess import load_image, preprocess, preprocess_key
+from affeq_rt.data.preprocess import load_image, preprocess, preprocess_key
+from affeq_rt.errors import AffeqError
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                         ".ppm", ".pgm", ".jfif"})

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import AffeqError
+from affeq_rt.errors import AffeqError
 
 PLATFORM = "onnxruntime_onnx"
 LABELS_FILE = "labels.txt"
@@ -224,7 +224,13 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
     The folder is assembled beside its final place and renamed in, so a failure leaves nothing
     half-written; an existing folder is replaced only with ``force``.
     """
-    from .fsio import atomic_dir, atomic_path, ensure_writable_dir, umask_mode, write_bytes_atomic
+    from affeq_rt.io.fsio import (
+        atomic_dir,
+        atomic_path,
+        ensure_writable_dir,
+        umask_mode,
+        write_bytes_atomic,
+    )
 
     target = check_repo_target(repo, name, force)
     ensure_writable_dir(repo)

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AffeqError
-from .export import load_head, save_head
-from .fsio import (
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import (
     atomic_path,
     ensure_writable_dir,
     read_json,
@@ -29,6 +28,7 @@ from .fsio import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from affeq_rt.io.heads import load_head, save_head
 
 FORMAT = 1
 DTYPES = ("float16", "float32")

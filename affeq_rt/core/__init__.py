@@ -1,0 +1,1 @@
+"""Python face of the compiled core: Gram accumulation, fused head evaluation, backends."""

@@ -1,0 +1,1 @@
+"""Datasets: readers, the decode-once loader, preprocessing, ImageNet labels."""

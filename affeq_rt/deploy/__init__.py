@@ -1,0 +1,1 @@
+"""Deployment: hybrid ONNX models, Triton repositories, OIP v2 serving."""

@@ -1,0 +1,1 @@
+"""File formats and atomic file IO: heads, maps, feature stores."""

@@ -1,0 +1,1 @@
+"""The method: extraction, the one-pass Gram fit, solvers, cross-network evaluation."""

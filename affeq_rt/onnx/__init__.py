@@ -1,0 +1,1 @@
+"""ONNX export of split backbones and the one place that creates onnxruntime sessions."""

@@ -1,0 +1,1 @@
+"""The backbone registry: one frozen BackboneSpec per network, specs as JSON files."""
