@@ -1,4 +1,4 @@
-"""Type stubs of affeq_rt._core, the CPU backend of the compiled core (OpenBLAS + OpenMP)."""
+"""Type stubs of affeq_rt._core, the CPU kernels of the compiled core (OpenBLAS + OpenMP)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,27 @@ def backend() -> str: ...
 def blas_config() -> str: ...
 def num_threads() -> int: ...
 
-class Gram:
-    """Streaming Gram state: count, float64 mean, float64 centred scatter (upper triangle)."""
+def gram_ingest(
+    buf: npt.NDArray[np.float64],
+    nbuf: int,
+    X: npt.NDArray[np.float32] | npt.NDArray[np.float16],
+    start: int,
+    ref: npt.NDArray[np.float64],
+    colsum: npt.NDArray[np.float64],
+) -> tuple[int, int]:
+    """Copy finite rows X[start:] into buf[nbuf:] ([cap, d] float64, C order) as x - ref, adding
+    them to colsum; stops when buf is full. Returns (next unread row, rows skipped for NaN/Inf).
+    Every array is checked (dtype, shape, C order, writability): ValueError, never a copy."""
 
-    def __init__(self, dim: int, block_rows: int = 0) -> None: ...
-    @property
-    def dim(self) -> int: ...
-    @property
-    def n(self) -> int: ...
-    @property
-    def skipped(self) -> int: ...
-    @property
-    def block_rows(self) -> int: ...
-    def update(self, X: npt.NDArray[np.float32] | npt.NDArray[np.float16]) -> int: ...
-    def flush(self) -> None: ...
-    def mean(self) -> npt.NDArray[np.float64]: ...
-    def scatter_block(self, r0: int, r1: int, c0: int, c1: int) -> npt.NDArray[np.float64]: ...
-    def packed_upper(self) -> npt.NDArray[np.float64]: ...
-    def set_state(
-        self, n: int, skipped: int, mean: npt.ArrayLike, packed: npt.ArrayLike
-    ) -> None: ...
-    def merge(self, other: Gram) -> None: ...
+def gram_syrk_update(
+    S: npt.NDArray[np.float64],
+    Y: npt.NDArray[np.float64],
+    ybar: npt.NDArray[np.float64],
+    delta: npt.NDArray[np.float64],
+    f: float,
+) -> None:
+    """Upper triangle of S [d, d] += YᵀY − m·ybar ybarᵀ + f·delta deltaᵀ (OpenBLAS dsyrk/dgemm,
+    float64) for the shifted block Y [m, d]; m may be 0."""
 
 def evaluate(
     X: npt.NDArray[np.float32] | npt.NDArray[np.float16],

@@ -13,8 +13,8 @@ import time
 import numpy as np
 from timing import interleaved, print_runs
 
+from affeq_rt.core import evaluate_heads
 from affeq_rt.core.backends import cpu_core
-from affeq_rt.core.gram import evaluate_heads
 
 
 def numpy_chunked(

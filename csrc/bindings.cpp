@@ -1,8 +1,9 @@
-// pybind11 entry point of affeq_rt._core: the CPU backend of the Gram accumulator and the evaluator.
+// pybind11 entry point of affeq_rt._core: the CPU kernels of the Gram accumulator and the evaluator.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cblas.h>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -27,10 +28,22 @@ void require_c_contiguous(const py::array& a, const char* what) {
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
 }
 
-py::array_t<double> vec_to_array(const std::vector<double>& v) {
-  py::array_t<double> out(static_cast<py::ssize_t>(v.size()));
-  std::memcpy(out.mutable_data(), v.data(), sizeof(double) * v.size());
-  return out;
+// Data pointer of a C-contiguous float64 array of ndim dims (dim0/dim1 = -1: any size), writable when
+// asked; a ValueError naming the argument otherwise. Never copies: outputs must be the caller's memory.
+const double* f64_buffer(const py::array& a, const char* what, int ndim, int64_t dim0, int64_t dim1,
+                         bool writable) {
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::value_error(std::string(what) + " must be float64, got " + std::string(py::str(a.dtype())));
+  require_c_contiguous(a, what);
+  if (a.ndim() != ndim) throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) + "-D");
+  if (dim0 >= 0 && a.shape(0) != dim0)
+    throw py::value_error(std::string(what) + " has " + std::to_string(a.shape(0)) + " rows, expected " +
+                          std::to_string(dim0));
+  if (ndim > 1 && dim1 >= 0 && a.shape(1) != dim1)
+    throw py::value_error(std::string(what) + " has " + std::to_string(a.shape(1)) + " columns, expected " +
+                          std::to_string(dim1));
+  if (writable && !a.writeable()) throw py::value_error(std::string(what) + " must be writable");
+  return static_cast<const double*>(a.data());
 }
 
 }  // namespace
@@ -47,77 +60,50 @@ PYBIND11_MODULE(_core, m) {
         "Build string of the BLAS the core links.");
   m.def("num_threads", []() { return affeq::max_threads(); }, "OpenMP threads used by the scans.");
 
-  py::class_<affeq::GramState>(m, "Gram", "Streaming Gram state: count, float64 mean, float64 scatter.")
-      .def(py::init<int64_t, int64_t>(), py::arg("dim"), py::arg("block_rows") = 0)
-      .def_property_readonly("dim", &affeq::GramState::dim)
-      .def_property_readonly("n", &affeq::GramState::n)
-      .def_property_readonly("skipped", &affeq::GramState::skipped)
-      .def_property_readonly("block_rows", &affeq::GramState::block_rows)
-      .def(
-          "update",
-          [](affeq::GramState& g, const py::array& X) {
-            const DType dt = dtype_of(X, "features");
-            require_c_contiguous(X, "features");
-            if (X.ndim() != 2 || X.shape(1) != g.dim())
-              throw py::value_error("features must have shape [rows, " + std::to_string(g.dim()) + "]");
-            const void* p = X.data();
-            const int64_t rows = X.shape(0);
-            py::gil_scoped_release nogil;
-            return g.update(p, rows, dt);
-          },
-          py::arg("X"), "Add rows; returns how many were skipped for NaN/Inf.")
-      .def("flush", [](affeq::GramState& g) {
-        py::gil_scoped_release nogil;
-        g.flush();
-      })
-      .def("mean", [](affeq::GramState& g) {
-        std::vector<double> v;
+  // Gram kernels (the state machine is the Python driver in affeq_rt/core/gram.py). Every argument is
+  // checked here: a wrong shape, dtype or layout is a ValueError, never a stray write.
+  m.def(
+      "gram_ingest",
+      [](const py::array& buf, int64_t nbuf, const py::array& X, int64_t start, const py::array& ref,
+         const py::array& colsum) {
+        const double* bp = f64_buffer(buf, "buf", 2, -1, -1, true);
+        const int64_t cap = buf.shape(0), d = buf.shape(1);
+        const DType dt = dtype_of(X, "features");
+        require_c_contiguous(X, "features");
+        if (X.ndim() != 2 || X.shape(1) != d)
+          throw py::value_error("features must have shape [rows, " + std::to_string(d) + "]");
+        const double* rp = f64_buffer(ref, "ref", 1, d, -1, false);
+        const double* cp = f64_buffer(colsum, "colsum", 1, d, -1, true);
+        const int64_t rows = X.shape(0);
+        if (nbuf < 0 || nbuf > cap) throw py::value_error("nbuf outside 0..buffer rows");
+        if (start < 0 || start > rows) throw py::value_error("start outside 0..rows");
+        const void* xp = X.data();
+        int64_t skipped = 0, stop = 0;
         {
           py::gil_scoped_release nogil;
-          v = g.mean();
+          stop = affeq::gram_ingest(const_cast<double*>(bp), cap, nbuf, d, xp, rows, start, dt, rp,
+                                    const_cast<double*>(cp), &skipped);
         }
-        return vec_to_array(v);
-      })
-      .def(
-          "scatter_block",
-          [](affeq::GramState& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-            if (r0 < 0 || c0 < 0 || r1 > g.dim() || c1 > g.dim() || r1 < r0 || c1 < c0)
-              throw py::index_error("scatter block outside the accumulator");
-            py::array_t<double> out({r1 - r0, c1 - c0});
-            double* p = out.mutable_data();
-            py::gil_scoped_release nogil;
-            g.scatter_block(r0, r1, c0, c1, p);
-            return out;
-          },
-          py::arg("r0"), py::arg("r1"), py::arg("c0"), py::arg("c1"))
-      .def("packed_upper",
-           [](affeq::GramState& g) {
-             const int64_t d = g.dim();
-             py::array_t<double> out(d * (d + 1) / 2);
-             double* p = out.mutable_data();
-             py::gil_scoped_release nogil;
-             g.packed_upper(p);
-             return out;
-           })
-      .def(
-          "set_state",
-          [](affeq::GramState& g, int64_t n, int64_t skipped,
-             const py::array_t<double, py::array::c_style | py::array::forcecast>& mean,
-             const py::array_t<double, py::array::c_style | py::array::forcecast>& packed) {
-            const int64_t d = g.dim();
-            if (mean.size() != d || packed.size() != d * (d + 1) / 2 || n < 0 || skipped < 0)
-              throw py::value_error("state does not match the accumulator width");
-            g.set_state(n, skipped, mean.data(), packed.data());
-          },
-          py::arg("n"), py::arg("skipped"), py::arg("mean"), py::arg("packed"))
-      .def(
-          "merge",
-          [](affeq::GramState& g, affeq::GramState& other) {
-            if (other.dim() != g.dim()) throw py::value_error("cannot merge Gram states of different widths");
-            py::gil_scoped_release nogil;
-            g.merge(other);
-          },
-          py::arg("other"));
+        return py::make_tuple(stop, skipped);
+      },
+      py::arg("buf"), py::arg("nbuf"), py::arg("X"), py::arg("start"), py::arg("ref"), py::arg("colsum"),
+      "Copy finite rows X[start:] into buf[nbuf:] as float64 x - ref (colsum += rows); returns (stop, skipped).");
+  m.def(
+      "gram_syrk_update",
+      [](const py::array& S, const py::array& Y, const py::array& ybar, const py::array& delta, double f) {
+        const double* sp = f64_buffer(S, "S", 2, -1, -1, true);
+        const int64_t d = S.shape(0);
+        if (S.shape(1) != d) throw py::value_error("S must be square [d, d]");
+        const double* yp = f64_buffer(Y, "Y", 2, -1, d, false);
+        const double* bp = f64_buffer(ybar, "ybar", 1, d, -1, false);
+        const double* dp = f64_buffer(delta, "delta", 1, d, -1, false);
+        if (!std::isfinite(f) || f < 0) throw py::value_error("f must be a finite non-negative number");
+        const int64_t m = Y.shape(0);
+        py::gil_scoped_release nogil;
+        affeq::gram_syrk_update(const_cast<double*>(sp), yp, m, d, bp, dp, f);
+      },
+      py::arg("S"), py::arg("Y"), py::arg("ybar"), py::arg("delta"), py::arg("f"),
+      "S (upper) += Y^T Y - m ybar ybar^T + f delta delta^T, float64, Y = the shifted block [m, d].");
 
   m.def(
       "evaluate",

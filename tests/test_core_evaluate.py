@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from affeq_rt.core import HeadsResult, evaluate_heads, evaluate_reference
 from affeq_rt.core.backends import cuda_status
-from affeq_rt.core.gram import HeadsResult, evaluate_heads, evaluate_reference
 from affeq_rt.errors import AffeqError
 
 CUDA = cuda_status()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from affeq_rt.core import GramAccumulator, gram_reference
+from affeq_rt.core.backend import CpuBackend
 from affeq_rt.core.backends import cuda_status
-from affeq_rt.core.gram import GramAccumulator, gram_reference
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
 
 CUDA = cuda_status()
 gpu = pytest.mark.gpu
@@ -50,8 +51,10 @@ def test_random_matches_reference(dtype: type) -> None:
     feed(acc, X, [1, 0, 7, 300, 64, 1000])
     ref = gram_reference(X)
     assert acc.n == 3000 and acc.skipped == 0 and acc.device == "cpu"
-    # float32 products summed over <=256 rows: ~sqrt(256)*6e-8 relative; 2e-5 leaves margin.
-    assert corr_err(acc.scatter(), ref.scatter) < 2e-5
+    # float64 products over <=256 rows: |ΔS_ij| ≤ γ_256·Σ|y_i||y_j| ≤ 256·eps64·sqrt(S_ii S_jj)
+    # (Cauchy-Schwarz, any summation order) ≈ 5.7e-14, plus ~12 merges of eps64 each: 1e-12 is a
+    # worst-case bound (float32 products, the old numerics, give ~1e-6).
+    assert corr_err(acc.scatter(), ref.scatter) < 1e-12
     np.testing.assert_allclose(acc.mean(), ref.mean, rtol=1e-9, atol=1e-9)
     G = acc.gram()
     assert G.shape == (41, 41) and G[40, 40] == 3000
@@ -71,8 +74,10 @@ def test_adversarial_accuracy_beats_float32_gram() -> None:
     mu = G32[:24, 24] / len(X)
     naive = G32[:24, :24] - len(X) * np.outer(mu, mu)
     assert corr_err(naive, ref.scatter) > 1e-2  # the data really is adversarial
-    # Shifted float32 blocks of <=2048 rows: error ~ eps*sqrt(rows) ≈ 3e-6; bound 3e-5 for margin.
-    assert err < 3e-5
+    # Shifted float64 blocks of <=4096 rows: worst case γ_4096 ≈ 4096·eps64 ≈ 9.1e-13 of
+    # sqrt(S_ii S_jj) for any summation order, + a few merges; the block's residual mean (shift =
+    # running mean) adds m·ȳ² ≪ S to the sums. 2e-12 is a worst-case bound (float32: ~2e-6).
+    assert err < 2e-12
     rel_mean = np.abs(acc.mean() - ref.mean) / np.sqrt(np.diag(ref.scatter) / ref.n)
     assert rel_mean.max() < 1e-6  # mean error in units of each column's standard deviation
 
@@ -86,7 +91,7 @@ def test_nan_inf_rows_are_skipped_and_counted() -> None:
     assert acc.update(X[250:]) == 1
     ref = gram_reference(X)
     assert (acc.n, acc.skipped) == (497, 3) == (ref.n, ref.skipped)
-    assert corr_err(acc.scatter(), ref.scatter) < 1e-5
+    assert corr_err(acc.scatter(), ref.scatter) < 1e-12  # 500 rows: ≤ 500·eps64 ≈ 1.1e-13
     H = X.astype(np.float16)
     acc16 = GramAccumulator(8, device="cpu")
     assert acc16.update(H) == 3 and acc16.n == 497
@@ -103,7 +108,14 @@ def test_merge_equals_single_pass_and_joint_blocks() -> None:
     np.testing.assert_array_equal(parts[0].scatter(), before)  # `+` leaves operands alone
     total.merge(parts[2])
     assert total.n == 6000
-    assert corr_err(total.scatter(), ref.scatter) < 2e-5
+    # Within a part: ≤ 512·eps64 (blocks of 512 rows). Merging parts uses δ = μ_b − μ_a, and each
+    # part's float64 mean is off by ≤ K·eps64·|μ| (K ≤ 4 block updates): per merge the cross term
+    # adds ≤ 2K·eps64·κ of sqrt(S_ii S_jj), κ = max |μ_j|/σ_j (≈6e6 here: offset 1e4, scale 1e-3).
+    eps = np.finfo(np.float64).eps
+    kappa = float((np.abs(ref.mean) / np.sqrt(np.diag(ref.scatter) / ref.n)).max())
+    bound = 512 * eps + 2 * 2 * 4 * eps * kappa  # two merges
+    assert bound < 1e-7  # still far below float32 products' ~2e-6
+    assert corr_err(total.scatter(), ref.scatter) < bound
     np.testing.assert_allclose(total.mean(), ref.mean, rtol=1e-10)
     # Joint use: columns 0..9 from "network A", 10..29 from "network B"; read the cross block.
     blk = total.scatter(rows=slice(0, 10), cols=slice(10, 30))
@@ -197,10 +209,10 @@ def test_cuda_matches_reference_and_cpu(dtype: type) -> None:
     assert g.device == "cuda"
     feed(g, cp.asarray(X), [3000, 1, 9000])  # device arrays: no host round trip
     assert (g.n, g.skipped) == (ref.n, 1)
-    assert corr_err(g.scatter(), ref.scatter) < 3e-5  # same shifted-float32-block bound as the CPU
+    assert corr_err(g.scatter(), ref.scatter) < 2e-12  # float64 cuBLAS products: CPU's bound
     c = GramAccumulator(48, device="cpu")
     c.update(X)
-    assert corr_err(g.scatter(), c.scatter()) < 5e-5
+    assert corr_err(g.scatter(), c.scatter()) < 4e-12
     both = c + g  # cross-backend merge goes through the host
     assert both.n == 2 * ref.n
 
@@ -223,3 +235,103 @@ def test_readout_forms_copy_and_empty_state(tmp_path) -> None:
     assert back.n == 0 and back.dim == 9
     with pytest.raises(AffeqError, match="outside"):
         acc.scatter(rows=9)
+
+
+class _FakeDeviceArray:
+    """Exposes __cuda_array_interface__ without any GPU memory behind it (never dereferenced)."""
+
+    def __init__(self, shape: tuple, typestr: str = "<f8", strides: tuple | None = None,
+                 readonly: bool = False) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "version": 3,
+                                         "data": (4096, readonly), "strides": strides}
+
+
+def _core_cuda_or_skip():
+    try:
+        from affeq_rt import _core_cuda
+    except ImportError as e:
+        pytest.skip(f"affeq_rt._core_cuda not built here: {e}")
+    return _core_cuda
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((np.zeros((4, 4)), (4, 4), (4,), (4,)), TypeError, "__cuda_array_interface__"),
+        (((4, 4), (4, 4), (4,), (5,)), ValueError, "delta has size 5"),
+        (((4, 5), (4, 4), (4,), (4,)), ValueError, "square"),
+        (((4, 4), (4, 3), (4,), (4,)), ValueError, "C has size 3"),
+        (((4, 4), (4, 4, 1), (4,), (4,)), ValueError, "C must be 2-D"),
+        (((4, 4), {"shape": (4, 4), "typestr": "<f4"}, (4,), (4,)), TypeError, "dtype f8"),
+        (((4, 4), {"shape": (4, 4), "typestr": ">f8"}, (4,), (4,)), TypeError, "dtype f8"),
+        (({"shape": (4, 4), "strides": (8, 32)}, (4, 4), (4,), (4,)), ValueError, "C-contiguous"),
+        (({"shape": (4, 4), "readonly": True}, (4, 4), (4,), (4,)), ValueError, "read-only"),
+    ],
+)
+def test_cuda_binding_checks_arrays_before_any_cuda_call(args, exc, match) -> None:
+    """The CUDA launchers check shape, dtype, layout and writability in C++ (no GPU needed):
+    a wrong array is an exception, never a kernel writing past a buffer."""
+    k = _core_cuda_or_skip()
+
+    def make(a):
+        if isinstance(a, np.ndarray):
+            return a
+        if isinstance(a, dict):
+            return _FakeDeviceArray(a["shape"], a.get("typestr", "<f8"), a.get("strides"),
+                                    a.get("readonly", False))
+        return _FakeDeviceArray(a)
+
+    with pytest.raises(exc, match=match):
+        k.chan_update(*(make(a) for a in args), 10.0, 0.0, 0)
+
+
+def test_cuda_binding_checks_scan_and_pack_shapes() -> None:
+    k = _core_cuda_or_skip()
+    f = _FakeDeviceArray
+    T, K, n = 2, 5, 10
+    ok = dict(L=f((3, T * K), "<f4"), bias=f((T, K), "<f4"), labels=f((n,), "<i8"),
+              pred=f((T, n), "<i4"), flags=f((T, n), "|u1"), hits1=f((T,), "<u8"),
+              hits5=f((T,), "<u8"))
+
+    def scan(row0=0, **bad):
+        a = {**ok, **bad}
+        k.topk_scan(a["L"], a["bias"], a["labels"], 0, row0, a["pred"], a["flags"],
+                    a["hits1"], a["hits5"], 0)
+
+    with pytest.raises(ValueError, match="G\\*K"):
+        scan(L=f((3, 7), "<f4"))
+    with pytest.raises(ValueError, match="outside the n labels"):
+        scan(row0=8)
+    with pytest.raises(ValueError, match="pred has size 9"):
+        scan(pred=f((T, 9), "<i4"))
+    with pytest.raises(TypeError, match="labels must have dtype i8"):
+        scan(labels=f((n,), "<i4"))
+    with pytest.raises(ValueError, match="hits5 is read-only"):
+        scan(hits5=f((T,), "<u8", readonly=True))
+    with pytest.raises(ValueError, match="out has size 1"):
+        k.pack_bits(f((T, n), "|u1"), f((T, 1), "|u1"), 0)
+    # Well-formed arrays get as far as the device check, which a host address fails (with or
+    # without a GPU): still an exception, and no kernel is launched.
+    with pytest.raises(ValueError, match="CUDA|device"):
+        scan()
+
+
+def test_cpu_kernel_rejections_are_internal_errors() -> None:
+    """The CPU kernels check every array (dtype, shape, layout, writability, never a silent copy);
+    the driver validated the user's input, so a rejection there is a bug: InternalError."""
+    be = CpuBackend()
+    S, y, z = np.zeros((4, 4)), np.zeros((3, 4)), np.zeros(4)
+    with pytest.raises(InternalError, match="Y has 5 columns"):
+        be.syrk_update(S, np.zeros((3, 5)), z, z, 0.0)
+    with pytest.raises(InternalError, match="S must be float64"):
+        be.syrk_update(S.astype(np.float32), y, z, z, 0.0)
+    with pytest.raises(InternalError, match="C-contiguous"):
+        be.syrk_update(np.zeros((4, 8))[:, ::2], y, z, z, 0.0)
+    ro = np.zeros((4, 4))
+    ro.flags.writeable = False
+    with pytest.raises(InternalError, match="writable"):
+        be.syrk_update(ro, y, z, z, 0.0)
+    with pytest.raises(InternalError, match="nbuf"):
+        be.ingest(np.zeros((8, 4)), 9, np.zeros((2, 4), np.float32), 0, z, z.copy())
+    with pytest.raises(InternalError, match="features must have shape"):
+        be.ingest(np.zeros((8, 4)), 0, np.zeros((2, 5), np.float32), 0, z, z.copy())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from affeq_rt.core.gram import GramAccumulator, gram_reference
+from affeq_rt.core import GramAccumulator, gram_reference
 from affeq_rt.errors import AffeqError
 from affeq_rt.method import solvers
 
@@ -63,11 +63,13 @@ def test_ols_on_the_compiled_accumulator_matches_lstsq():
     w, bias, st = solvers.ols(acc, sa, sb)
     z = np.hstack([a.astype(np.float64), np.ones((len(a), 1))])
     ref = np.linalg.lstsq(z, b.astype(np.float64), rcond=None)[0]
-    # The core sums float32 products of mean-shifted blocks: scatter relative error ~3e-7, which
-    # the solve amplifies by cond(S_AA) (~2 here); 1e-5 of the largest entry leaves margin.
+    # The core sums float64 products of mean-shifted blocks: each scatter entry within
+    # γ_600 ≈ 1.3e-13 of sqrt(S_ii S_jj) for any summation order, ≤ d·γ ≈ 3.2e-12 in norm (d=24),
+    # which the solve amplifies by ≤ 2·cond(S_AA) (< 20): ≤ 7e-11; the bias adds |μ_A|·ΔW
+    # (|μ| ≈ 3): 1e-9 of the largest entry is a worst-case bound (measured ~3e-14).
     assert st["condition"] < 10
-    np.testing.assert_allclose(w, ref[:-1].T, rtol=0, atol=1e-5 * np.abs(ref).max())
-    np.testing.assert_allclose(bias, ref[-1], rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(w, ref[:-1].T, rtol=0, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_allclose(bias, ref[-1], rtol=0, atol=1e-9 * np.abs(ref).max())
     resid = ((b - a @ ref[:-1] - ref[-1]) ** 2).sum() / len(a)
     assert st["residual"] == pytest.approx(resid, rel=1e-3)
 
@@ -84,8 +86,9 @@ def test_ols_rank_deficient_is_min_norm_and_finite():
     assert st["dead_features"] == 3
     ac = a.astype(np.float64) - a.mean(0)
     bc = b.astype(np.float64) - b.mean(0)
-    # the eigen cut-off (≥1e-7·λmax) ⇔ a singular-value cut-off ≥3e-4·σmax; the smallest kept
-    # singular value here is ~0.25·σmax, so any cut-off in between selects the same subspace
+    # the eigen cut-off (max(d·eps64·λmax, 4·|most negative λ|): null-space noise ~eps64·λmax)
+    # sits far below the smallest kept singular value (~0.25·σmax, i.e. λ ≈ 0.06·λmax), and
+    # lstsq's rcond=1e-3 far above the null space's noise: both select the same subspace
     ref = np.linalg.lstsq(ac, bc, rcond=1e-3)[0].T
     np.testing.assert_allclose(w, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     # min-norm: dead inputs get no weight (up to eigenvector rounding, ~1e-16)
@@ -125,8 +128,12 @@ def test_ridge_path_matches_brute_force():
     for lmb in st["lambda_path"][1:]:
         wl = np.linalg.solve(saa + lmb * np.eye(da), sba.T).T
         brute.append(((bh - (ah - mu_a) @ wl.T - mu_b) ** 2).sum() / len(ah))
-    # path values agree to float32-Gram precision (relative 1e-3 on residuals of order 1)
-    np.testing.assert_allclose(st["holdout_residual_path"][1:], brute, rtol=1e-3)
+    # every eigenvalue is kept (rank 40: 60 rows, noise 0.05), so the path is plain ridge. Float64
+    # Gram (entries within γ_60·sqrt(S_ii S_jj)) and eigh (d·eps64·‖S‖) perturb W_λ by
+    # ≤ cond(S_AA + λI)·d·eps64 (cond ≤ 7e5, d = 40: ≤ 6e-9) relative; the residual is quadratic
+    # in W: 2e-8 relative bounds it (measured 3e-12; the float32 Gram was ~1e-4)
+    assert st["rank"] == 40
+    np.testing.assert_allclose(st["holdout_residual_path"][1:], brute, rtol=2e-8)
     assert st["lambda_index"] == int(np.argmin(st["holdout_residual_path"]))
     assert st["lambda"] > 0  # with this collinearity, shrinkage wins over λ = 0
     assert st["r2_holdout"] > solvers.ols(tr, sa, sb, ho)[2]["r2_holdout"]

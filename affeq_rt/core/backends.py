@@ -6,11 +6,20 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
 
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
 
-Device = Literal["auto", "cpu", "cuda"]
+# The compiled modules, imported once at module level; a missing one is reported when asked for.
+try:
+    from affeq_rt import _core as _CORE
+    _CORE_ERROR: ImportError | None = None
+except ImportError as _e:
+    _CORE, _CORE_ERROR = None, _e
+try:
+    from affeq_rt import _core_cuda as _CORE_CUDA
+    _CUDA_ERROR: ImportError | None = None
+except ImportError as _e:
+    _CORE_CUDA, _CUDA_ERROR = None, _e
 
 
 @dataclass(frozen=True)
@@ -33,12 +42,17 @@ def _build_info() -> dict:
 @lru_cache(maxsize=1)
 def cpu_core():
     """The CPU compiled module, or an AffeqError explaining how to build it."""
-    try:
-        from affeq_rt import _core
-    except ImportError as e:
-        raise AffeqError(f"the compiled core affeq_rt._core is missing ({e})",
-                         "reinstall with: pip install --no-build-isolation -e .") from None
-    return _core
+    if _CORE is None:
+        raise AffeqError(f"the compiled core affeq_rt._core is missing ({_CORE_ERROR})",
+                         "reinstall with: pip install --no-build-isolation -e .")
+    return _CORE
+
+
+def cuda_core():
+    """The CUDA compiled module (only called once :func:`cuda_status` said it is available)."""
+    if _CORE_CUDA is None:
+        raise InternalError(f"affeq_rt._core_cuda is not loaded ({_CUDA_ERROR})")
+    return _CORE_CUDA
 
 
 @lru_cache(maxsize=1)
@@ -47,15 +61,13 @@ def cuda_status() -> BackendStatus:
     info = _build_info().get("cuda", "unknown")
     if info != "built":
         return BackendStatus("cuda", False, f"not compiled: {info}")
-    try:
-        from affeq_rt import _core_cuda
-    except ImportError as e:
-        return BackendStatus("cuda", False, f"compiled module does not load: {e}")
+    if _CORE_CUDA is None:
+        return BackendStatus("cuda", False, f"compiled module does not load: {_CUDA_ERROR}")
     try:
         import cupy  # noqa: F401
     except ImportError:
         return BackendStatus("cuda", False, "cupy is not installed (pip install 'affeq-rt[cuda]')")
-    n, detail = _core_cuda.probe()  # (device count, versions or the CUDA error text)
+    n, detail = _CORE_CUDA.probe()  # (device count, versions or the CUDA error text)
     if n <= 0:
         return BackendStatus("cuda", False, f"no CUDA GPU visible ({detail})")
     return BackendStatus("cuda", True, f"{n} GPU(s)")

@@ -19,15 +19,26 @@ import numpy as np
 from affeq_rt.errors import AffeqError
 
 METHODS = ("ols", "ridge", "logit-pinv", "adam", "naive")
-# Eigenvalues of S_AA below RTOL·λ_max count as null. The compiled core forms products in float32
-# (per-block, mean-shifted), so its null-space eigenvalues sit at ~1e-8·λ_max; features themselves
-# are float32/float16. A negative eigenvalue measures that noise directly (cut at NOISE_FACTOR×).
-RTOL = 1e-7
+# Eigenvalues of S_AA at or below rcond·λ_max count as null (numpy's convention: relative to the
+# largest). The default follows the precision of the moments: the compiled Gram forms every product
+# in float64 (``GramAccumulator.eps``), and eigh on float64 already blurs eigenvalues by
+# ~d·eps64·λ_max, so rcond = d·eps (≈1.1e-13 for d = 512) keeps every direction float64 resolves.
+# A negative eigenvalue measures the noise directly: up to NOISE_FACTOR·|λ_min| is null too.
 NOISE_FACTOR = 4.0
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def default_rcond(dim: int, eps: float = EPS64) -> float:
+    """Default relative eigenvalue cut-off of a d-dimensional source: d·eps (the moments' eps)."""
+    return max(int(dim), 1) * float(eps)
 
 
 class Moments(Protocol):
-    """What the Gram solvers need (``core.GramAccumulator`` provides it)."""
+    """What the Gram solvers need (``core.GramAccumulator`` provides it).
+
+    An optional ``eps`` attribute (unit roundoff of the products behind the moments) sets the
+    default cut-off; without it the moments are taken to be float64.
+    """
 
     n: int
 
@@ -51,14 +62,23 @@ class SourceEig:
         return int(self.keep.sum())
 
 
-def source_eig(train: Moments, a: slice, rtol: float = RTOL) -> SourceEig:
-    """Eigendecompose the source block S_AA (symmetrised) and apply the relative cut-off."""
+def source_eig(train: Moments, a: slice, rcond: float | None = None) -> SourceEig:
+    """Eigendecompose the source block S_AA (symmetrised) and apply the relative cut-off.
+
+    ``rcond`` (None: :func:`default_rcond` from the moments' ``eps``): eigenvalues at or below
+    max(rcond·λ_max, NOISE_FACTOR·|most negative eigenvalue|) are null.
+    """
     s = np.asarray(train.scatter(a, a), np.float64)
     s = 0.5 * (s + s.T)
+    if rcond is None:
+        rcond = default_rcond(s.shape[0], getattr(train, "eps", EPS64))
+    if not (math.isfinite(rcond) and rcond >= 0):
+        raise AffeqError(f"rcond must be a finite number >= 0, got {rcond}",
+                         "pass e.g. rcond=1e-10, or None for the default")
     dead = int((np.diag(s) <= 0).sum())
     lam, vecs = np.linalg.eigh(s)
     top = float(lam[-1]) if lam.size else 0.0
-    floor = max(rtol * top, NOISE_FACTOR * max(-float(lam[0]), 0.0)) if lam.size else 0.0
+    floor = max(rcond * top, NOISE_FACTOR * max(-float(lam[0]), 0.0)) if lam.size else 0.0
     keep = lam > floor if top > 0 else np.zeros_like(lam, bool)
     return SourceEig(vecs, lam, keep, dead)
 
@@ -100,13 +120,15 @@ def _check_n(train: Moments) -> None:
 
 
 def ols(train: Moments, a: slice, t: slice, holdout: Moments | None = None,
-        eig: SourceEig | None = None, rtol: float = RTOL) -> tuple[np.ndarray, np.ndarray, dict]:
+        eig: SourceEig | None = None, rcond: float | None = None
+        ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Ordinary least squares (thesis eq. 5.1): W = S_BA S_AA⁺, b = μ_B − W μ_A.
 
-    S_AA⁺ is the pseudo-inverse through the eigen cut-off (minimum norm when rank-deficient).
+    S_AA⁺ is the pseudo-inverse through the eigen cut-off ``rcond`` (see :func:`source_eig`;
+    minimum norm when rank-deficient).
     """
     _check_n(train)
-    eig = eig or source_eig(train, a, rtol)
+    eig = eig or source_eig(train, a, rcond)
     v = eig.vecs[:, eig.keep]
     inv = 1.0 / eig.lam[eig.keep]
     s_ba = train.scatter(t, a)
@@ -135,17 +157,19 @@ def ridge_lambdas(eig: SourceEig, count: int = 41) -> np.ndarray:
 
 def ridge(train: Moments, a: slice, t: slice, holdout: Moments | None,
           eig: SourceEig | None = None, lambdas: np.ndarray | None = None,
-          rtol: float = RTOL) -> tuple[np.ndarray, np.ndarray, dict]:
+          rcond: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Ridge regression, W_λ = S_BA (S_AA + λI)⁻¹, with λ chosen by held-out residual.
 
     The whole λ path comes from one eigendecomposition S_AA = V Λ Vᵀ: with P = S_BA V,
     W_λ = P D_λ Vᵀ (D_λ = 1/(Λ+λ)), and the held-out residual of every λ is a cheap function of
-    P, Vᵀ S_h V and Vᵀ S_h,AB (no refit per λ). λ = 0 uses the same cut-off as OLS.
+    P, Vᵀ S_h V and Vᵀ S_h,AB (no refit per λ). Every λ (not only λ = 0) uses OLS's eigenvalue
+    cut-off: directions below it are noise of the Gram, and dividing them by a small λ would
+    amplify that noise (it dominates when there are fewer images than dimensions).
     """
     _check_n(train)
     if holdout is None or int(holdout.n) < 1:
         raise AffeqError("ridge needs held-out images to choose λ", "pass --holdout 0.1 (or more)")
-    eig = eig or source_eig(train, a, rtol)
+    eig = eig or source_eig(train, a, rcond)
     v, lam = eig.vecs, eig.lam
     lambdas = ridge_lambdas(eig) if lambdas is None else np.asarray(lambdas, np.float64)
     mu, mu_h = train.mean(), holdout.mean()
@@ -159,19 +183,21 @@ def ridge(train: Moments, a: slice, t: slice, holdout: Moments | None,
     e = mu_h[t] - mu[t]
     ss_bb = float(np.trace(holdout.scatter(t, t)))
     n_h = int(holdout.n)
+    safe = np.where(eig.keep, lam, 1.0)
+
+    def dvec_of(lmb: float) -> np.ndarray:
+        """D_λ = 1/(Λ + λ) on the kept directions, 0 on the null ones."""
+        return np.where(eig.keep, 1.0 / (safe + lmb), 0.0)
+
     path = []
     for lmb in lambdas:
-        if lmb == 0.0:
-            dvec = np.where(eig.keep, 1.0 / np.where(eig.keep, lam, 1.0), 0.0)
-        else:
-            dvec = 1.0 / (np.clip(lam, 0, None) + lmb)
+        dvec = dvec_of(float(lmb))
         delta = e - p @ (dvec * u)
         ss = ss_bb - 2.0 * float(dvec @ c) + float(dvec @ hg @ dvec) + n_h * float(delta @ delta)
         path.append(max(ss, 0.0) / n_h)
     best = int(np.nanargmin(path))
     lmb = float(lambdas[best])
-    dvec = (np.where(eig.keep, 1.0 / np.where(eig.keep, lam, 1.0), 0.0) if lmb == 0.0
-            else 1.0 / (np.clip(lam, 0, None) + lmb))
+    dvec = dvec_of(lmb)
     w = (p * dvec) @ v.T
     b = mu[t] - w @ mu[a]
     stats = _common_stats(w, b, train, a, t, holdout)

@@ -1,5 +1,5 @@
 // CUDA kernels of affeq_rt._core_cuda: float64 Chan update of the Gram state and the fused warp top-5 scan.
-// The matrix products themselves run in cuBLAS through cupy on the Python side.
+// The matrix products themselves (float64 Y^T Y, float32 logits) run in cuBLAS through cupy on the Python side.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -12,13 +12,14 @@ namespace affeq_cuda {
 
 namespace {
 
-__global__ void chan_update_kernel(double* S, const float* C, const double* ybar, const double* delta,
+// S, C: d x d float64 (C = Y^T Y of the shifted block); ybar, delta: [d].
+__global__ void chan_update_kernel(double* S, const double* C, const double* ybar, const double* delta,
                                    double m, double f, int64_t d) {
   const int64_t total = d * d;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / d, j = e - i * d;
-    S[e] += static_cast<double>(C[e]) - m * ybar[i] * ybar[j] + f * delta[i] * delta[j];
+    S[e] += C[e] - m * ybar[i] * ybar[j] + f * delta[i] * delta[j];
   }
 }
 
@@ -91,7 +92,7 @@ inline unsigned grid_for(int64_t work, int threads) {
 
 }  // namespace
 
-int chan_update(double* S, const float* C, const double* ybar, const double* delta, double m, double f,
+int chan_update(double* S, const double* C, const double* ybar, const double* delta, double m, double f,
                 int64_t d, uintptr_t stream) {
   chan_update_kernel<<<grid_for(d * d, 256), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       S, C, ybar, delta, m, f, d);

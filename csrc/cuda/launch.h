@@ -7,8 +7,8 @@
 namespace affeq_cuda {
 
 // S[i,j] += C[i,j] - m*ybar[i]*ybar[j] + f*delta[i]*delta[j] over the full d x d float64 matrix S
-// (C: float32 d x d, the shifted block's Y^T Y).
-int chan_update(double* S, const float* C, const double* ybar, const double* delta, double m, double f,
+// (C: float64 d x d, the shifted block's Y^T Y).
+int chan_update(double* S, const double* C, const double* ybar, const double* delta, double m, double f,
                 int64_t d, uintptr_t stream);
 
 // One warp per (row, head): top-5 of L[r, h*K:(h+1)*K] + bias[(t0+h)*K:], ties to the lowest class.
