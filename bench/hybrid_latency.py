@@ -24,11 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from affeq_rt.deploy.compose import compose_hybrid
+from affeq_rt.deploy.hybrid import HybridParts, build_from_parts
+from affeq_rt.io.maps import AffineMap, load_maps
+from affeq_rt.onnx.export import ensure_exported
+from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.runtime import create_session
+from affeq_rt.registry.spec import get_spec
 
-def _random_map(src: str, dst: str, d_src: int, d_dst: int, seed: int = 0):
+
+def _random_map(src: str, dst: str, d_src: int, d_dst: int, seed: int = 0) -> AffineMap:
     """A map with the right shapes (latency does not depend on its values)."""
-    from affeq_rt.io.maps import AffineMap
-
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((d_dst, d_src)) / np.sqrt(d_src)).astype(np.float32)
     return AffineMap(src, dst, w, np.zeros(d_dst, np.float32), "random", {"images": 0})
@@ -47,12 +53,6 @@ def main() -> None:
     ap.add_argument("--export-root", default=None)
     args = ap.parse_args()
 
-    from affeq_rt.deploy.hybrid import build_from_parts, compose_hybrid
-    from affeq_rt.io.maps import load_maps
-    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
-    from affeq_rt.onnx.runtime import create_session
-    from affeq_rt.registry.spec import get_spec
-
     sa, sb = get_spec(args.src), get_spec(args.dst)
     root = Path(args.export_root) if args.export_root else None
     a_dir = ensure_exported(sa.name, root=root, random_weights=args.random_weights)
@@ -65,10 +65,9 @@ def main() -> None:
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        hyb = build_from_parts(sa, sb, ea.features_path, eb.head(), amap, Path(tmp) / "hyb.onnx",
-                               classifier_path=Path(b_dir) / "classifier.onnx")
+        hyb = build_from_parts(HybridParts.from_exports(ea, eb), amap, Path(tmp) / "hyb.onnx")
         wa, ba = ea.head()
-        own = compose_hybrid(onnx.load(str(ea.features_path)), wa, ba, sa)
+        own = compose_hybrid(onnx.load(str(ea.features_path)), wa, ba, sa.preprocessing)
         own_path = Path(tmp) / "own.onnx"
         own_path.write_bytes(own.SerializeToString())
         s_own = create_session(own_path, provider="cpu", threads=threads).session

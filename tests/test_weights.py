@@ -134,10 +134,10 @@ def test_hub_weights_are_not_downloaded_by_default(tmp_path: Path,
     monkeypatch.delenv("AFFEQ_RT_DOWNLOAD", raising=False)
     assert hub_file("timm/pnasnet5large.tf_in1k") is None
     assert hub_file("torchvision/GoogLeNet_Weights.IMAGENET1K_V1") is None
-    from affeq_rt.onnx.export import build_model
+    from affeq_rt.model.build import build_model
 
     with pytest.raises(AffeqError, match="AFFEQ_RT_DOWNLOAD=1.*--weights FILE.*--random-weights"):
-        build_model("pnasnet")
+        build_model(get_spec("pnasnet"))
 
 
 def test_opt_in_download_goes_to_the_hub_and_fails_cleanly_offline(

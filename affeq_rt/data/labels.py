@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from affeq_rt.errors import InternalError
 
 
 @lru_cache(maxsize=1)
@@ -15,15 +18,6 @@ def imagenet_names() -> tuple[str, ...]:
 
     info = ImageNetInfo()
     return tuple(info.index_to_description(i) for i in range(info.num_classes()))
-
-
-@lru_cache(maxsize=1)
-def imagenet_synsets() -> tuple[str, ...]:
-    """The 1000 WordNet ids (``n01440764`` …) in index order."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
 
 
 def class_name(index: int) -> str:
@@ -49,15 +43,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def topk(logits: np.ndarray, k: int = 5, label_offset: int = 0) -> list[TopK]:
+def topk(logits: np.ndarray, k: int = 5, label_offset: int = 0,
+         names: Sequence[str] | None = None) -> list[TopK]:
     """Top-``k`` classes of each row of ``logits`` [N, K]; ties go to the lower index.
 
     ``label_offset`` = 1 for 1001-class TF-slim heads: logit ``c + 1`` is ImageNet class ``c``
-    and the background logit is dropped before the softmax.
+    and the background logit is dropped before the softmax. ``names`` (one per class after the
+    offset) replaces the ImageNet-1k names, e.g. for heads of other label sets.
     """
     z = np.atleast_2d(np.asarray(logits))[:, label_offset:]
     p = softmax(z)
+    if names is not None and len(names) != p.shape[1]:
+        raise InternalError(f"{len(names)} class names for {p.shape[1]} classes")
     k = max(1, min(int(k), p.shape[1]))
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    return [TopK(tuple(int(i) for i in row), tuple(class_name(int(i)) for i in row),
+    name = class_name if names is None else (lambda i: str(names[i]))
+    return [TopK(tuple(int(i) for i in row), tuple(name(int(i)) for i in row),
                  tuple(float(p[r, i]) for i in row)) for r, row in enumerate(order)]

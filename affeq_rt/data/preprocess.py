@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
@@ -70,10 +70,6 @@ def sample_photo(name: str) -> Image.Image:
     return to_rgb(Image.fromarray(arr))
 
 
-def _get(spec: Any, key: str) -> Any:
-    return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
-
-
 def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
     """timm eval geometry: short side to floor(size / crop_pct), then a centre crop of size²."""
     scale = math.floor(size / crop_pct)
@@ -97,19 +93,24 @@ def normalize(arr_hwc_uint8: np.ndarray, mean: Sequence[float], std: Sequence[fl
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def preprocess(img: Image.Image, spec: Any) -> np.ndarray:
-    """One backbone's evaluation preprocessing: float32 array (3, S, S).
-
-    ``spec`` is a ``BackboneSpec`` or its dict form (``input_size``, ``crop_pct``,
-    ``interpolation``, ``mean``, ``std``).
-    """
-    size = int(_get(spec, "input_size"))
-    cropped = resize_crop(to_rgb(img), size, float(_get(spec, "crop_pct")),
-                          str(_get(spec, "interpolation")))
-    return normalize(np.asarray(cropped, dtype=np.uint8), _get(spec, "mean"), _get(spec, "std"))
+def preprocess_key(spec: BackboneSpec | Preprocessing) -> Preprocessing:
+    """The preprocessing of a spec: specs with equal keys share one prepared tensor."""
+    if isinstance(spec, BackboneSpec):
+        return spec.preprocessing
+    if isinstance(spec, Preprocessing):
+        return spec
+    raise InternalError(f"preprocessing needs a BackboneSpec or Preprocessing, got "
+                        f"{type(spec).__name__}")
 
 
-def preprocess_key(spec: Any) -> tuple:
-    """Specs with equal keys share one preprocessed tensor (decode once, prepare once per key)."""
-    return (int(_get(spec, "input_size")), float(_get(spec, "crop_pct")),
-            str(_get(spec, "interpolation")), tuple(_get(spec, "mean")), tuple(_get(spec, "std")))
+def crop(img: Image.Image, spec: BackboneSpec | Preprocessing) -> np.ndarray:
+    """The resized, centre-cropped image as uint8 [S, S, 3] RGB (before normalisation)."""
+    p = preprocess_key(spec)
+    return np.asarray(resize_crop(to_rgb(img), p.input_size, p.crop_pct, p.interpolation),
+                      dtype=np.uint8)
+
+
+def preprocess(img: Image.Image, spec: BackboneSpec | Preprocessing) -> np.ndarray:
+    """One backbone's evaluation preprocessing: float32 array (3, S, S)."""
+    p = preprocess_key(spec)
+    return normalize(crop(img, p), p.mean, p.std)

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.deploy.metadata import default_model_name, read_metadata
+from affeq_rt.deploy.triton import check_name, onnx_io, read_repository
 from affeq_rt.errors import AffeqError
+from affeq_rt.onnx.runtime import create_session
 
 try:  # MLServer is the `serve` extra; without it the module imports but cannot serve.
     from mlserver import MLModel as _MLModel
@@ -58,8 +61,6 @@ class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
         """Create the session and record the input/output signatures."""
         params = self.settings.parameters
         provider = (params.extra or {}).get("provider", "auto") if params else "auto"
-        from affeq_rt.onnx.runtime import create_session
-
         self._sess = create_session(params.uri, provider=provider)
         self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32")
                         for i in self._sess.session.get_inputs()}
@@ -103,8 +104,6 @@ def _metadata_tensors(path: Path) -> tuple[list[Any], list[Any]]:
     """Input/output metadata (batch dimension −1) for the model's metadata endpoint."""
     from mlserver.types import MetadataTensor
 
-    from affeq_rt.deploy.triton import onnx_io
-
     ins, outs = onnx_io(path)
     oip = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_FP64": "FP64", "TYPE_UINT8": "UINT8",
            "TYPE_INT8": "INT8", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_BOOL": "BOOL"}
@@ -124,18 +123,13 @@ def find_models(target: str | os.PathLike, name: str | None = None) -> list[Serv
         if p.suffix != ".onnx":
             raise AffeqError(f"{p} is not an .onnx file", "pass a model file or a repository")
         if name is None:
-            from affeq_rt.deploy.hybrid import default_model_name, read_metadata
-
             meta = read_metadata(p)["metadata"]
             name = (default_model_name(meta["source"], meta["target"], bool(meta.get("fp16")))
                     if "source" in meta and "target" in meta else p.stem)
-        from affeq_rt.deploy.triton import _check_name
 
-        _check_name(name)
+        check_name(name)
         return [ServedModel(name, "1", p)]
     if p.is_dir():
-        from affeq_rt.deploy.triton import read_repository
-
         models = [ServedModel(m.name, m.version, m.path) for m in read_repository(p)]
         if name is not None:
             models = [m for m in models if m.name == name]
@@ -197,8 +191,6 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
     grpc_port = port + 1 if grpc_port is None else grpc_port
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
-    from affeq_rt.onnx.runtime import create_session
-
     for m in models:  # a model that cannot load is an error here, not a log line in the server
         create_session(m.path, provider=provider)
     settings, model_settings = settings_for(models, host, port, grpc_port, provider)

@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import (
+    atomic_dir,
+    atomic_path,
+    ensure_writable_dir,
+    umask_mode,
+    write_bytes_atomic,
+)
 
 PLATFORM = "onnxruntime_onnx"
 LABELS_FILE = "labels.txt"
@@ -200,7 +207,8 @@ def validate_config(text: str, onnx_path: str | os.PathLike | None = None,
     return cfg
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """AffeqError unless ``name`` is a safe model folder name."""
     if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
         raise AffeqError(f"model name {name!r} is not a safe folder name",
                          "use letters, digits, '_', '-' and '.'")
@@ -208,7 +216,7 @@ def _check_name(name: str) -> None:
 
 def check_repo_target(repo: str | os.PathLike, name: str, force: bool) -> Path:
     """Where ``name`` would go in ``repo``; AffeqError if it exists and ``force`` is off."""
-    _check_name(name)
+    check_name(name)
     target = Path(repo) / name
     if target.exists() and not force:
         raise AffeqError(f"model folder {target} already exists", "pass --force to replace it")
@@ -224,14 +232,6 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
     The folder is assembled beside its final place and renamed in, so a failure leaves nothing
     half-written; an existing folder is replaced only with ``force``.
     """
-    from affeq_rt.io.fsio import (
-        atomic_dir,
-        atomic_path,
-        ensure_writable_dir,
-        umask_mode,
-        write_bytes_atomic,
-    )
-
     target = check_repo_target(repo, name, force)
     ensure_writable_dir(repo)
     src = Path(onnx_path)

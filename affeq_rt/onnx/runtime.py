@@ -111,6 +111,7 @@ class OrtModel:
         self.providers: list[str] = list(session.get_providers())
         self.provider: str = self.providers[0]
         self.input_names = [i.name for i in session.get_inputs()]
+        self.input_types = [i.type for i in session.get_inputs()]  # e.g. "tensor(float)"
         self.output_names = [o.name for o in session.get_outputs()]
 
     def __repr__(self) -> str:
@@ -126,7 +127,8 @@ class OrtModel:
         if len(self.input_names) != 1:
             raise AffeqError(f"{self.path.name} has {len(self.input_names)} inputs",
                              "use run_feeds with a dict of inputs")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        dtype = np.uint8 if self.input_types[0] == "tensor(uint8)" else np.float32
+        x = np.ascontiguousarray(x, dtype=dtype)
         idx = self.output_names.index(output) if isinstance(output, str) else int(output)
         if batch_size <= 0:
             raise AffeqError(f"batch size {batch_size} is not positive", "pass a batch size >= 1")

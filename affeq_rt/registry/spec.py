@@ -44,6 +44,58 @@ class WeightsSource:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """A backbone's evaluation preprocessing (timm's eval transform): resize the short side to
+    ``floor(input_size / crop_pct)``, centre-crop ``input_size``², scale to [0, 1], then
+    ``(x − mean) / std``.
+
+    Hashable: images decoded once are prepared once per distinct ``Preprocessing``.
+    """
+
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessing") -> Preprocessing:
+        """From a JSON form with ``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
+        ``std`` (a registry spec, a hybrid's metadata); AffeqError names a bad field."""
+        try:
+            p = cls(int(d["input_size"]), float(d["crop_pct"]), str(d["interpolation"]),
+                    tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        except KeyError as e:
+            raise AffeqError(f"{source} lacks the field {e.args[0]!r}",
+                             "see the formats in docs/ARCHITECTURE.md") from None
+        except (TypeError, ValueError) as e:
+            raise AffeqError(f"{source} has a malformed field ({e})",
+                             "see the formats in docs/ARCHITECTURE.md") from None
+        p.validate(source)
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the same keys as in a registry spec)."""
+        return {"input_size": self.input_size, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    def validate(self, source: str = "preprocessing") -> None:
+        """Check ranges and enumerations; raise AffeqError naming the field."""
+        checks = [
+            (self.interpolation in INTERPOLATIONS,
+             f"interpolation {self.interpolation!r} not in {INTERPOLATIONS}"),
+            (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values"),
+            (all(s > 0 for s in self.std), "std values must be positive"),
+            (0.0 < self.crop_pct <= 1.0, f"crop_pct {self.crop_pct} not in (0, 1]"),
+            (self.input_size > 0, "input_size must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise AffeqError(f"{source}: {msg}", "fix the spec file")
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """One backbone: architecture, weights, preprocessing, feature/label layout, fidelity note."""
 
@@ -98,6 +150,7 @@ class BackboneSpec:
     def validate(self, source: str = "spec") -> None:
         """Check enumerations and shapes; raise AffeqError naming the field."""
         w = self.weights
+        self.preprocessing.validate(source)
         checks = [
             (self.library in LIBRARIES, f"library {self.library!r} not in {LIBRARIES}"),
             (w.kind in WEIGHT_KINDS, f"weights.kind {w.kind!r} not in {WEIGHT_KINDS}"),
@@ -105,21 +158,24 @@ class BackboneSpec:
             (w.kind != "package" or bool(w.package and w.file),
              "weights.kind package needs weights.package and weights.file"),
             (w.kind != "file" or bool(w.file), "weights.kind file needs weights.file"),
-            (self.interpolation in INTERPOLATIONS,
-             f"interpolation {self.interpolation!r} not in {INTERPOLATIONS}"),
-            (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values"),
-            (all(s > 0 for s in self.std), "std values must be positive"),
-            (0.0 < self.crop_pct <= 1.0, f"crop_pct {self.crop_pct} not in (0, 1]"),
-            (self.input_size > 0 and self.feature_dim > 0 and self.num_classes > 0,
-             "input_size, feature_dim and num_classes must be positive"),
-            (self.label_offset >= 0, "label_offset must be >= 0"),
+            (self.feature_dim > 0 and self.num_classes > 0,
+             "feature_dim and num_classes must be positive"),
+            (0 <= self.label_offset < self.num_classes,
+             "label_offset must be >= 0 and below num_classes"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise AffeqError(f"{source}: {msg}", "fix the spec file")
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """This backbone's evaluation preprocessing."""
+        return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean,
+                             self.std)
+
     def to_dict(self) -> dict[str, Any]:
-        """The registry JSON form (round-trips through ``from_dict``)."""
+        """The registry JSON form (round-trips through ``from_dict``); used only at file edges
+        (registry files, export manifests, store manifests, hybrid metadata)."""
         d: dict[str, Any] = {
             "name": self.name, "aliases": list(self.aliases), "paper_name": self.paper_name,
             "library": self.library, "arch": self.arch, "weights": self.weights.to_dict(),
@@ -133,16 +189,24 @@ class BackboneSpec:
         return d
 
 
-def models_dir() -> Path:
-    """Folder holding the spec files: ``$AFFEQ_RT_MODELS`` or the repository's ``models/``."""
+def models_dir(package: Path | None = None) -> Path:
+    """Folder holding the spec files, first found of: ``$AFFEQ_RT_MODELS``; the installed
+    ``affeq_rt/models/`` (a wheel or ``pip install .``); the checkout's top-level ``models/``
+    (an editable install, whose ``affeq_rt/`` is the checkout's). ``package`` (the ``affeq_rt``
+    folder, default this one) is a parameter for tests."""
     env = os.environ.get("AFFEQ_RT_MODELS")
     if env:
         return Path(env)
-    package = Path(__file__).resolve().parents[1]  # affeq_rt/
-    for cand in (package / "models", package.parent / "models"):
-        if cand.is_dir():
-            return cand
-    return package.parent / "models"
+    package = package or Path(__file__).resolve().parents[1]
+    installed = package / "models"
+    if installed.is_dir():
+        return installed
+    checkout = package.parent
+    # Only a real checkout: an installed package's parent is site-packages, where a foreign
+    # `models/` folder may lie.
+    if (checkout / "pyproject.toml").is_file() and (checkout / "models").is_dir():
+        return checkout / "models"
+    return installed
 
 
 @lru_cache(maxsize=4)
@@ -201,11 +265,3 @@ def get_spec(name: str) -> BackboneSpec:
             else "run `affeq-rt models` for the list")
     raise AffeqError(f"unknown model {name!r}", hint)
 
-
-def spec_from(obj: BackboneSpec | Mapping[str, Any] | str) -> BackboneSpec:
-    """Accept a spec, its dict form, or a registry name."""
-    if isinstance(obj, BackboneSpec):
-        return obj
-    if isinstance(obj, str):
-        return get_spec(obj)
-    return BackboneSpec.from_dict(obj)

@@ -1,0 +1,107 @@
+"""A hybrid's metadata (``metadata_props`` keys ``affeq_rt.*``): writing, reading, label names.
+
+This is the hybrid's file edge: specs and preprocessing are stored as JSON here and read back
+into :class:`~affeq_rt.registry.spec.Preprocessing` by :func:`hybrid_preprocessing`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from affeq_rt.data.labels import imagenet_names
+from affeq_rt.deploy.compose import INPUT_NAME, default_opset, dims, real_inputs
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import jsonable
+from affeq_rt.registry.spec import BackboneSpec, Preprocessing
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+META_PREFIX = "affeq_rt."
+
+
+def default_model_name(src: str, dst: str, fp16: bool = False) -> str:
+    """Triton-safe model name ``<src>_to_<dst>[_fp16]``."""
+    name = f"{src}_to_{dst}" + ("_fp16" if fp16 else "")
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+
+
+def label_names(num_classes: int, label_offset: int) -> list[str]:
+    """Class names for B's logits: ImageNet-1k descriptions (timm's table), ``background`` first
+    for TF-slim 1001-class heads; plain indices for other heads."""
+    n_imagenet = num_classes - label_offset
+    names = list(imagenet_names()) if n_imagenet == 1000 else [str(i) for i in range(n_imagenet)]
+    return ["background"] * label_offset + names
+
+
+def preprocessing_record(a_spec: BackboneSpec, in_graph: bool) -> dict[str, Any]:
+    """The ``preprocessing`` metadata entry: A's preprocessing and the input layout."""
+    return {
+        "in_graph": in_graph, "input": INPUT_NAME,
+        "layout": "NHWC" if in_graph else "NCHW",
+        "dtype": "uint8" if in_graph else "float32",
+        **a_spec.preprocessing.to_dict(),
+        "note": ("the graph does /255, -mean, /std and NHWC->NCHW; the caller resizes the short "
+                 "side to floor(S/crop_pct) and centre-crops SxS (RGB)") if in_graph
+                else f"the caller applies affeq_rt.data.preprocess.preprocess with {a_spec.name}'s"
+                     " spec",
+    }
+
+
+def hybrid_preprocessing(meta: Mapping[str, Any], path: str | os.PathLike) -> \
+        tuple[Preprocessing, bool]:
+    """(A's preprocessing, whether the graph normalises uint8 NHWC itself) from read metadata."""
+    rec = meta.get("preprocessing")
+    if not isinstance(rec, Mapping):
+        raise AffeqError(f"{path} records no preprocessing (not a hybrid, or an older one)",
+                         "rebuild it with affeq-rt build-hybrid")
+    pre = Preprocessing.from_dict(rec, source=f"{path} preprocessing metadata")
+    return pre, bool(rec.get("in_graph", False))
+
+
+def set_metadata(model: onnx.ModelProto, info: Mapping[str, Any]) -> None:
+    """Replace ``affeq_rt.*`` metadata_props; non-string values are stored as JSON."""
+    keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
+    del model.metadata_props[:]
+    for k, v in keep:
+        model.metadata_props.add(key=k, value=v)
+    for k, v in info.items():
+        value = v if isinstance(v, str) else json.dumps(v, default=jsonable)
+        model.metadata_props.add(key=META_PREFIX + k, value=value)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``affeq_rt.*`` metadata of a hybrid (JSON values decoded) plus its inputs and outputs."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise AffeqError(f"model {p} does not exist", "check the path")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError / google.protobuf errors
+        raise AffeqError(f"{p} is not a readable ONNX model ({e.__class__.__name__})",
+                         "pass a .onnx file written by affeq-rt build-hybrid") from None
+    meta: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if not prop.key.startswith(META_PREFIX):
+            continue
+        try:
+            meta[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            meta[prop.key[len(META_PREFIX):]] = prop.value
+    g = model.graph
+    onnx_types = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    io = {
+        "inputs": [{"name": i.name, "type": onnx_types.get(i.type.tensor_type.elem_type, "?"),
+                    "shape": dims(i)} for i in real_inputs(g)],
+        "outputs": [{"name": o.name, "type": onnx_types.get(o.type.tensor_type.elem_type, "?"),
+                     "shape": dims(o)} for o in g.output],
+        "opset": default_opset(model), "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+    }
+    return {"path": str(p), "metadata": meta, "graph": io}
