@@ -27,9 +27,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("affeq_rt.cli",),
     ("affeq_rt", "affeq_rt.__main__"),
 ]
-# Imports that stay inside functions on purpose: the optional compiled CUDA module (absent on
-# CPU builds) and the CLI's per-command registration.
-LAZY_OK = {"affeq_rt._core_cuda"}
+# Imports that stay inside functions on purpose: modules that need an optional extra at import
+# time (the compiled CUDA module, absent on CPU builds; the MLServer runtime, the `serve` extra).
+LAZY_OK = {"affeq_rt._core_cuda", "affeq_rt.deploy.oip_runtime"}
 
 
 def module_name(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Serve hybrid ONNX models over the Open Inference Protocol v2 (Triton's protocol) with MLServer.
 
 ``serve(MODEL_OR_REPO, port=8000)`` starts MLServer (REST on ``port``, gRPC on ``port + 1``, both on
-127.0.0.1 unless ``host`` says otherwise) with :class:`OnnxRuntimeServing`, a small custom runtime
+127.0.0.1 unless ``host`` says otherwise) with ``oip_runtime.OnnxRuntimeServing``, a small runtime
 that runs each model through ``runtime.create_session``. ``MODEL_OR_REPO`` is one ``.onnx`` file or
 a Triton model repository written by ``build-hybrid --server-repo`` (its configs are validated with
 Triton's schema first). Clients: ``tritonclient.http.InferenceServerClient("127.0.0.1:8000")``,
@@ -12,36 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from affeq_rt.deploy.metadata import default_model_name, read_metadata
 from affeq_rt.deploy.triton import check_name, onnx_io, read_repository
 from affeq_rt.errors import AffeqError
 from affeq_rt.onnx.runtime import create_session
-
-try:  # MLServer is the `serve` extra; without it the module imports but cannot serve.
-    from mlserver import MLModel as _MLModel
-    from mlserver.codecs import NumpyCodec
-    from mlserver.errors import MLServerError
-    from mlserver.types import InferenceRequest, InferenceResponse
-
-    HAVE_MLSERVER = True
-except ImportError:  # pragma: no cover - exercised only without the extra
-    _MLModel = object  # type: ignore[assignment,misc]
-    HAVE_MLSERVER = False
-
-# ONNX Runtime tensor type → Open Inference Protocol datatype.
-ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-              "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
-              "tensor(int64)": "INT64", "tensor(bool)": "BOOL"}
-OIP_TO_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8,
-                "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -51,53 +32,6 @@ class ServedModel:
     name: str
     version: str
     path: Path
-
-
-class OnnxRuntimeServing(_MLModel):  # type: ignore[misc,valid-type]
-    """MLServer runtime: one ONNX model through onnxruntime (``parameters.uri`` = the file,
-    ``parameters.extra["provider"]`` = ``auto``/``cpu``/``cuda``/``tensorrt``)."""
-
-    async def load(self) -> bool:
-        """Create the session and record the input/output signatures."""
-        params = self.settings.parameters
-        provider = (params.extra or {}).get("provider", "auto") if params else "auto"
-        self._sess = create_session(params.uri, provider=provider)
-        self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32")
-                        for i in self._sess.session.get_inputs()}
-        self._outputs = self._sess.output_names
-        self.ready = True
-        return True
-
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        """Decode the inputs (shape and datatype checked), run, encode the requested outputs."""
-        feeds: dict[str, np.ndarray] = {}
-        for inp in payload.inputs:
-            want = self._inputs.get(inp.name)
-            if want is None:
-                raise MLServerError(f"unknown input {inp.name!r}; this model takes "
-                                    f"{sorted(self._inputs)}", status_code=400)
-            if inp.datatype != want:
-                raise MLServerError(f"input {inp.name!r} is {inp.datatype}, the model takes "
-                                    f"{want}", status_code=400)
-            feeds[inp.name] = np.ascontiguousarray(NumpyCodec.decode_input(inp),
-                                                   OIP_TO_NUMPY[want])
-        missing = set(self._inputs) - set(feeds)
-        if missing:
-            raise MLServerError(f"missing input(s) {sorted(missing)}", status_code=400)
-        names = [o.name for o in payload.outputs] if payload.outputs else self._outputs
-        unknown = [n for n in names if n not in self._outputs]
-        if unknown:
-            raise MLServerError(f"unknown output(s) {unknown}; the model gives {self._outputs}",
-                                status_code=400)
-        try:
-            results = await asyncio.to_thread(self._sess.session.run, names, feeds)
-        except Exception as e:  # onnxruntime's InvalidArgument / Fail on bad shapes
-            raise MLServerError(f"inference failed: {e}", status_code=400) from None
-        return InferenceResponse(
-            model_name=self.name, model_version=self.version, id=payload.id,
-            outputs=[NumpyCodec.encode_output(n, np.asarray(r))
-                     for n, r in zip(names, results, strict=True)],
-        )
 
 
 def _metadata_tensors(path: Path) -> tuple[list[Any], list[Any]]:
@@ -164,6 +98,8 @@ def settings_for(models: list[ServedModel], host: str, port: int, grpc_port: int
     """MLServer ``Settings`` (no metrics server, no worker pool) and one ``ModelSettings`` each."""
     from mlserver.settings import ModelParameters, ModelSettings, Settings
 
+    from affeq_rt.deploy.oip_runtime import OnnxRuntimeServing
+
     settings = Settings(host=host, http_port=port, grpc_port=grpc_port, metrics_endpoint=None,
                         parallel_workers=0, load_models_at_startup=False,
                         model_repository_root=str(models[0].path.parent))
@@ -183,7 +119,7 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
           grpc_port: int | None = None, provider: str = "auto", name: str | None = None,
           announce: Any = print) -> None:
     """Serve ``target`` until interrupted (SIGINT/SIGTERM stop it gracefully)."""
-    if not HAVE_MLSERVER:
+    if importlib.util.find_spec("mlserver") is None:
         raise AffeqError("MLServer is not installed", "pip install 'affeq-rt[serve]'")
     models = find_models(target, name)
     if port == 0:
