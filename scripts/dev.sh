@@ -6,10 +6,29 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
+build_requires() {
+  # The [build-system] requires of pyproject.toml, one per line: the one list of build tools
+  # (read with a regex, not tomllib, so that Python 3.10 works too).
+  "$PY" - <<'PYEOF'
+import pathlib, re
+text = pathlib.Path("pyproject.toml").read_text()
+block = re.search(r"^\[build-system\]$(.*?)^\[", text, re.S | re.M).group(1)
+items = re.search(r"^requires = \[(.*?)\]", block, re.S | re.M).group(1)
+print("\n".join(re.findall(r'"([^"]+)"', items)))
+PYEOF
+}
+
 install() {
   # Build tools first: the package is installed editable without build isolation so the
-  # compiled core is rebuilt in place by `pip install --no-build-isolation -e .`.
-  "${PIP[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" cmake ninja
+  # compiled core is rebuilt in place by `pip install --no-build-isolation -e .`; cmake and
+  # ninja are what scikit-build-core would otherwise fetch into an isolated build.
+  local reqs
+  mapfile -t reqs < <(build_requires)
+  if [[ ${#reqs[@]} -eq 0 ]]; then
+    echo "dev.sh: cannot read [build-system] requires from pyproject.toml" >&2
+    exit 1
+  fi
+  "${PIP[@]}" "${reqs[@]}" cmake ninja
   # onnxruntime and onnxruntime-gpu share one folder: keep only -gpu (it runs on CPU too).
   if "$PY" -m pip show -q onnxruntime >/dev/null 2>&1; then
     "$PY" -m pip uninstall -y -q onnxruntime onnxruntime-gpu || true
