@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from affeq_rt.data.loader import iter_batches
+from affeq_rt.data.readers import discover
+from affeq_rt.method.extract import feature_batches, open_networks, parse_models
+
 
 def make_photos(folder: Path, count: int, seed: int = 0) -> None:
     """``count`` distinct JPEGs (random crops of scikit-image's sample photos, 400-640 px)."""
@@ -47,8 +51,6 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> None:
 
 def run(nets: list, samples: list, batch_size: int, workers: int) -> tuple[float, int]:
     """Seconds to push every sample through ``nets`` with one shared decode; rows produced."""
-    from affeq_rt.method.extract import feature_batches
-
     t0 = time.perf_counter()
     rows = 0
     for batch, feats in feature_batches(nets, samples, batch_size, workers):
@@ -59,8 +61,6 @@ def run(nets: list, samples: list, batch_size: int, workers: int) -> tuple[float
 
 def run_loader(specs: list, samples: list, batch_size: int, workers: int) -> float:
     """Seconds for the decode-once loader alone (decode + preprocess for ``specs``, no network)."""
-    from affeq_rt.data.readers import iter_batches
-
     t0 = time.perf_counter()
     for _ in iter_batches(samples, specs, batch_size=batch_size, workers=workers):
         pass
@@ -79,9 +79,6 @@ def main() -> None:
     ap.add_argument("--export-root", default=None)
     ap.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times")
     args = ap.parse_args()
-
-    from affeq_rt.data.readers import discover
-    from affeq_rt.method.extract import open_networks, parse_models
 
     names = parse_models(args.models)
     with tempfile.TemporaryDirectory() as tmp:

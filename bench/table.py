@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from affeq_rt.core.backends import resolve_device
+from affeq_rt.data.readers import Sample
+from affeq_rt.io.maps import AffineMap, MapSet, load_maps, save_maps
+from affeq_rt.io.store import ArrayStore, FeatureStore, StoreConfig, StoreWriter
+from affeq_rt.method.evaluate import evaluate
+
 THESIS_DIMS = (1024, 1024, 1792, 2048, 2048, 2048, 1536, 1536, 4032, 4320)
 K = 1000
 
 
 def make_store(path: Path, dims: list[int], n: int, seed: int = 0) -> list[str]:
     """A float16 FeatureStore of ``n`` synthetic rows per network (written chunk by chunk)."""
-    from affeq_rt.data.readers import Sample
-    from affeq_rt.io.store import StoreConfig, StoreWriter
-
     rng = np.random.default_rng(seed)
     names = [f"net{i}_{d}" for i, d in enumerate(dims)]
     heads = {}
@@ -59,8 +62,6 @@ def make_store(path: Path, dims: list[int], n: int, seed: int = 0) -> list[str]:
 
 def make_maps(path: Path, names: list[str], dims: list[int], seed: int = 1) -> None:
     """Random maps for every ordered pair, in the maps file format."""
-    from affeq_rt.io.maps import AffineMap, save_maps
-
     rng = np.random.default_rng(seed)
     maps = []
     for a, da in zip(names, dims, strict=True):
@@ -69,23 +70,21 @@ def make_maps(path: Path, names: list[str], dims: list[int], seed: int = 1) -> N
                 wt = (rng.standard_normal((db, da), dtype=np.float32) / np.sqrt(da))
                 maps.append(AffineMap(a, b, wt.astype(np.float32),
                                       rng.standard_normal(db).astype(np.float32), "random"))
-    save_maps(path, maps)
+    save_maps(path, MapSet(maps))
 
 
 def run_folded(store_path: Path, maps_path: Path, n: int, device: str) -> dict[str, float]:
     """Time ``evaluate`` on the first n rows: maps loading and the table separately."""
-    from affeq_rt.io.store import FeatureStore
-    from affeq_rt.method.evaluate import ArrayStore, evaluate, load_pairs
-
     st = FeatureStore.open(store_path)
     view = st if n == st.n else ArrayStore(
-        {m: st.features(m)[:n] for m in st.models}, {m: st.head(m) for m in st.models},
+        {m: st.features(m)[:n] for m in st.models},
+        {m: (st.head(m).weight, st.head(m).bias) for m in st.models},  # offsets are 0 here
         st.labels[:n], {m: st.spec(m) for m in st.models})
     t0 = time.perf_counter()
-    pairs, info = load_pairs(maps_path)
+    maps = load_maps(maps_path)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    table = evaluate(view, pairs, device=device)
+    table = evaluate(view, maps, device=device)
     t_eval = time.perf_counter() - t0
     assert table.top1.shape == (len(st.models),) * 2
     return {"n": n, "load_maps_s": t_load, "table_s": t_eval, "total_s": t_load + t_eval,
@@ -94,12 +93,9 @@ def run_folded(store_path: Path, maps_path: Path, n: int, device: str) -> dict[s
 
 def run_unfolded(store_path: Path, maps_path: Path, n: int, chunk: int = 2048) -> dict[str, float]:
     """Baseline: per pair, map then classify in NumPy float32, top-1/top-5 by argpartition."""
-    from affeq_rt.io.store import FeatureStore
-    from affeq_rt.method.evaluate import load_pairs
-
     st = FeatureStore.open(store_path)
     t0 = time.perf_counter()
-    pairs, _ = load_pairs(maps_path)
+    maps = load_maps(maps_path)
     t_load = time.perf_counter() - t0
     labels = st.labels[:n]
     t0 = time.perf_counter()
@@ -107,12 +103,12 @@ def run_unfolded(store_path: Path, maps_path: Path, n: int, chunk: int = 2048) -
     for a in st.models:
         x_all = st.features(a)
         for b in st.models:
-            w, bias = st.head(b)
+            head = st.head(b)
+            w, bias = head.weight, head.bias
             for s in range(0, n, chunk):
                 x = np.asarray(x_all[s:min(n, s + chunk)], np.float32)
                 if a != b:
-                    mw, mb = pairs[(a, b)]
-                    x = x @ mw.T + mb
+                    x = maps[a, b](x)
                 logits = x @ w.T + bias
                 y = labels[s:s + len(x)]
                 top5 = np.argpartition(-logits, 5, axis=1)[:, :5]
@@ -152,15 +148,11 @@ def main() -> None:
     if not (store_path / "manifest.json").is_file():
         names = make_store(store_path, dims, max(ns + bns))
     else:
-        from affeq_rt.io.store import FeatureStore
-
         names = FeatureStore.open(store_path).models
     if not maps_path.is_file():
         make_maps(maps_path, names, dims)
     print(f"# synthetic float16 store {len(dims)} nets × {max(ns + bns)} rows, dims {dims}, "
           f"K={K}; built in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
-    from affeq_rt.core.backends import resolve_device
-
     dev = resolve_device(args.device)
     folded = []
     for n in ns:

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from affeq_rt.data.loader import distinct_specs, iter_batches
 from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.data.readers import (
     discover,
-    distinct_specs,
     imagenet_wnids,
-    iter_batches,
     read_devkit_val,
     read_image_folder,
     read_kaggle_val,
@@ -22,6 +21,7 @@ from affeq_rt.data.readers import (
     read_unlabelled,
 )
 from affeq_rt.errors import AffeqError
+from affeq_rt.registry.spec import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -34,10 +34,8 @@ IDX = {TENCH: 0, GOLDFISH: 1, SEA_SNAKE: 65, KIT_FOX: 278, TABBY: 281}
 # ILSVRC2012_val_00000001, whose ground-truth line is 490).
 DEVKIT_ID = {KIT_FOX: 1, SEA_SNAKE: 490, TENCH: 449, TABBY: 174}
 
-SPEC_A = {"input_size": 64, "crop_pct": 0.875, "interpolation": "bilinear",
-          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-SPEC_B = {"input_size": 48, "crop_pct": 1.0, "interpolation": "bicubic",
-          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+SPEC_A = Preprocessing(64, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SPEC_B = Preprocessing(48, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +179,7 @@ def test_decode_once_loader(tmp_path, workers):
     good = photos.write_photos(tmp_path, count=7, corrupt=True)
     src = discover(tmp_path)
     assert len(src) == 9  # 7 photos + corrupt + truncated
-    specs = [SPEC_A, dict(SPEC_A), SPEC_B]  # two share a preprocessing key
+    specs = [SPEC_A, Preprocessing(**vars(SPEC_A)), SPEC_B]  # two share a preprocessing key
     assert len(distinct_specs(specs)) == 2
     batches = list(iter_batches(src.samples, specs, batch_size=4, workers=workers))
     assert [(b.start, b.stop) for b in batches] == [(0, 4), (4, 8), (8, 9)]

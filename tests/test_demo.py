@@ -15,8 +15,9 @@ import pytest
 
 from affeq_rt.cli.main import main
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.store import FeatureStore
-from affeq_rt.method.evaluate import ArrayStore, evaluate
+from affeq_rt.io.maps import MapSet, load_maps, save_maps
+from affeq_rt.io.store import ArrayStore, FeatureStore
+from affeq_rt.method.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_logit_pinv_hybrids_predict_what_the_source_predicts(miniature: tuple) -
     t = tables["logit-pinv"]
     st = FeatureStore.open(out / "store_test")
     for i, a in enumerate(t.models):
-        w, b = st.head(a)
+        w, b = st.head(a).weight, st.head(a).bias
         logits = np.asarray(st.features(a), np.float64) @ w.T.astype(np.float64) + b
         top2 = np.sort(logits, axis=1)[:, -2:]
         # W_B W_B⁺ = I only up to float32 rounding (~1e-6 of the logit scale): images whose own
@@ -97,25 +98,25 @@ def test_cli_evaluate_and_validate_on_demo_files(miniature: tuple, tmp_path: Pat
 
 def test_bad_inputs_as_files(miniature: tuple, tmp_path: Path) -> None:
     from affeq_rt.demo.run import write_store
-    from affeq_rt.io.maps import load_maps, save_maps
 
     out, tables, _ = miniature
     st = FeatureStore.open(out / "store_test")
     names = st.models
-    two = [m for k, m in load_maps(out / "maps_ols.safetensors").items()
-           if names[2] not in k]
+    two = MapSet(m for k, m in load_maps(out / "maps_ols.safetensors").items()
+                 if names[2] not in k)
     save_maps(tmp_path / "two.safetensors", two)
     with pytest.raises(AffeqError, match=f"{names[2]} have no maps"):
         evaluate(st, tmp_path / "two.safetensors", device="cpu")
     sub = evaluate(st, tmp_path / "two.safetensors", device="cpu", models=names[:2])
     np.testing.assert_array_equal(sub.top1, tables["ols"].top1[:2, :2])
+    heads = {m: (st.head(m).weight, st.head(m).bias) for m in names}  # offset 0: the file rows
     renamed = ArrayStore({f"x{i}": st.features(m) for i, m in enumerate(names)},
-                         {f"x{i}": st.head(m) for i, m in enumerate(names)}, st.labels)
+                         {f"x{i}": heads[m] for i, m in enumerate(names)}, st.labels)
     with pytest.raises(AffeqError, match="different network sets"):
         evaluate(renamed, out / "maps_ols.safetensors", device="cpu")
     # a store without labels: agreement only, through the CLI
     path = write_store(tmp_path / "nolabels", ArrayStore(
-        {m: np.asarray(st.features(m)) for m in names}, {m: st.head(m) for m in names}, None,
+        {m: np.asarray(st.features(m)) for m in names}, heads, None,
         {m: st.spec(m) for m in names}), source="digits-unlabelled")
     t = evaluate(path, out / "maps_logit-pinv.safetensors", device="cpu")
     assert not t.labelled and np.isnan(t.top1).all()

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.method.evaluate import ArrayStore, evaluate, overlap, validate
+from affeq_rt.io.maps import AffineMap, MapSet
+from affeq_rt.io.store import ArrayStore
+from affeq_rt.method.evaluate import evaluate, validate
+from affeq_rt.method.overlap import default_overlap_pairs, overlap
 
 DIMS = {"alpha": 24, "beta": 32, "gamma": 16}
 K = 12
@@ -48,6 +51,11 @@ def _problem(seed: int = 0, offset_model: str | None = "beta", labelled: bool = 
     return ArrayStore(feats, heads, labels if labelled else None, specs), maps
 
 
+def _mapset(maps: dict) -> MapSet:
+    """The test's ``{"a->b": (W, b)}`` as the one maps type."""
+    return MapSet([AffineMap(*k.split("->"), w, b, "lstsq") for k, (w, b) in maps.items()])
+
+
 def _reference(store: ArrayStore, maps: dict) -> dict:
     """Materialised float64 logits per (source, target): top-1/5 hits, predictions, margins."""
     out = {}
@@ -55,7 +63,7 @@ def _reference(store: ArrayStore, maps: dict) -> dict:
     for a in store.models:
         xa = store.features(a).astype(np.float64)
         for b in store.models:
-            w, bias = (x.astype(np.float64) for x in store.head(b))
+            w, bias = (x.astype(np.float64) for x in store.heads_[b])  # the raw file rows
             off = store.spec(b)["label_offset"]
             w, bias = w[off:], bias[off:]
             if a == b:
@@ -83,7 +91,7 @@ NEAR_TIE = 1e-4
 
 def test_table_equals_materialised_numpy() -> None:
     store, maps = _problem()
-    table = evaluate(store, maps, device="cpu")
+    table = evaluate(store, _mapset(maps), device="cpu")
     ref = _reference(store, maps)
     assert table.labelled and table.models == list(DIMS)
     for i, a in enumerate(table.models):
@@ -110,7 +118,7 @@ def test_table_equals_materialised_numpy() -> None:
 def test_label_offset_drops_background_row() -> None:
     """The background logit (5.0, far above the others) would win everywhere if it were kept."""
     store, maps = _problem(offset_model="beta")
-    table = evaluate(store, maps, device="cpu")
+    table = evaluate(store, _mapset(maps), device="cpu")
     j = table.index("beta")
     assert table.label_offsets["beta"] == 1
     assert table.top1[j, j] > 300.0 / K  # chance is 100/K; with the row kept it would be ~0
@@ -119,7 +127,7 @@ def test_label_offset_drops_background_row() -> None:
 
 def test_overlap_regions_match_sets() -> None:
     store, maps = _problem(seed=1)
-    table = evaluate(store, maps, device="cpu")
+    table = evaluate(store, _mapset(maps), device="cpu")
     o = overlap(table, "alpha", "gamma")
     ra, rb, rh = table.hits("alpha", "alpha"), table.hits("gamma", "gamma"), \
         table.hits("alpha", "gamma")
@@ -135,7 +143,7 @@ def test_overlap_regions_match_sets() -> None:
 
 def test_agreement_mode_without_labels() -> None:
     store, maps = _problem(seed=2, labelled=False)
-    table = evaluate(store, maps, device="cpu")
+    table = evaluate(store, _mapset(maps), device="cpu")
     ref = _reference(store, maps)
     assert not table.labelled and table.correct is None and np.isnan(table.top1).all()
     for i, a in enumerate(table.models):
@@ -155,35 +163,35 @@ def test_agreement_mode_without_labels() -> None:
 
 def test_subset_of_models_and_bad_inputs() -> None:
     store, maps = _problem(seed=4)
-    sub = evaluate(store, maps, device="cpu", models=["gamma", "alpha"])
-    full = evaluate(store, maps, device="cpu")
+    sub = evaluate(store, _mapset(maps), device="cpu", models=["gamma", "alpha"])
+    full = evaluate(store, _mapset(maps), device="cpu")
     assert sub.models == ["gamma", "alpha"]
     assert sub.top1[0, 1] == full.top1[2, 0]
     other = {k.replace("alpha", "x").replace("beta", "y").replace("gamma", "z"): v
              for k, v in maps.items()}
     with pytest.raises(AffeqError, match="different network sets"):
-        evaluate(store, other, device="cpu")
+        evaluate(store, _mapset(other), device="cpu")
     no_gamma = {k: v for k, v in maps.items() if "gamma" not in k}
     with pytest.raises(AffeqError, match="gamma have no maps"):
-        evaluate(store, no_gamma, device="cpu")
+        evaluate(store, _mapset(no_gamma), device="cpu")
     one_missing = {k: v for k, v in maps.items() if k != "beta->alpha"}
     with pytest.raises(AffeqError, match="lacks pair"):
-        evaluate(store, one_missing, device="cpu")
+        evaluate(store, _mapset(one_missing), device="cpu")
     swapped = dict(maps)
     swapped["alpha->beta"] = maps["alpha->gamma"]
     with pytest.raises(AffeqError, match="alpha->beta has shape"):
-        evaluate(store, swapped, device="cpu")
+        evaluate(store, _mapset(swapped), device="cpu")
     with pytest.raises(AffeqError, match="not in the feature store"):
-        evaluate(store, maps, device="cpu", models=["alpha", "delta"])
+        evaluate(store, _mapset(maps), device="cpu", models=["alpha", "delta"])
     partial = ArrayStore(store.features_, store.heads_,
                          np.where(np.arange(N) < 5, -1, store.labels), store.specs_)
     with pytest.raises(AffeqError, match="have no label"):
-        evaluate(partial, maps, device="cpu")
+        evaluate(partial, _mapset(maps), device="cpu")
 
 
 def test_validate_flags_mismatch() -> None:
     store, maps = _problem(seed=5)
-    table = evaluate(store, maps, device="cpu")
+    table = evaluate(store, _mapset(maps), device="cpu")
     rows = {r.model: r for r in validate(store, device="cpu")}
     for i, m in enumerate(table.models):
         assert rows[m].top1 == pytest.approx(table.top1[i, i])
@@ -196,3 +204,40 @@ def test_validate_flags_mismatch() -> None:
     assert rows["alpha"].ok is True
     assert rows["gamma"].ok is False and rows["gamma"].delta == pytest.approx(-20.0)
     assert rows["beta"].ok is None
+
+
+class _Recorder:
+    """A Progress that records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, task: str, total: int | None = None, done: int = 0,
+              unit: str = "img") -> None:
+        self.calls.append(("start", task, total, done, unit))
+
+    def advance(self, n: int = 1) -> None:
+        self.calls.append(("advance", n))
+
+    def done(self) -> None:
+        self.calls.append(("done",))
+
+    def step(self, message: str) -> None:
+        self.calls.append(("step", message))
+
+
+def test_results_carry_overlaps_and_progress_counts_sources(tmp_path, monkeypatch) -> None:
+    store, maps = _problem(seed=6)
+    rec = _Recorder()
+    monkeypatch.chdir(tmp_path)
+    table = evaluate(store, _mapset(maps), device="cpu", progress=rec)
+    assert list(tmp_path.iterdir()) == []  # evaluate computes; report.write_report writes
+    assert rec.calls == [("start", "evaluate", 3, 0, "source"), ("advance", 1), ("advance", 1),
+                         ("advance", 1), ("done",)]
+    pairs = default_overlap_pairs(table)
+    assert [(o.a, o.b) for o in table.overlaps] == pairs and len(pairs) == 2
+    assert table.overlaps[0].regions == overlap(table, *pairs[0]).regions
+    chosen = evaluate(store, _mapset(maps), device="cpu", overlap_pairs=[("gamma", "beta")])
+    assert [(o.a, o.b) for o in chosen.overlaps] == [("gamma", "beta")]
+    unlabelled, maps_u = _problem(seed=6, labelled=False)
+    assert evaluate(unlabelled, _mapset(maps_u), device="cpu").overlaps == []

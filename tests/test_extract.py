@@ -16,7 +16,7 @@ import pytest
 from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import FeatureStore
-from affeq_rt.method.extract import extract, open_networks, run_network
+from affeq_rt.method.extract import ImageOptions, extract, open_networks, run_network
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -27,11 +27,39 @@ MODELS = photos.E2E_MODELS
 env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
 
 
+def _opts(env, **kw) -> ImageOptions:
+    """Random-weight exports from the test cache; decoding in this process unless told."""
+    return ImageOptions(**{"workers": 0, "random_weights": True, "export_root": env["exports"],
+                           **kw})
+
+
+class _Recorder:
+    """A Progress that records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, task: str, total: int | None = None, done: int = 0,
+              unit: str = "img") -> None:
+        self.calls.append(("start", task, total, done))
+
+    def advance(self, n: int = 1) -> None:
+        self.calls.append(("advance", n))
+
+    def done(self) -> None:
+        self.calls.append(("done",))
+
+    def step(self, message: str) -> None:
+        self.calls.append(("step", message))
+
+
 @pytest.fixture(scope="module")
 def ref_store(env):
     """An uninterrupted run: batch size 2, float32, in-process decoding."""
-    res = extract(MODELS, env["photos"], env["base"] / "ref", dtype="float32", batch_size=2,
-                  workers=0, random_weights=True, export_root=env["exports"])
+    rec = _Recorder()
+    res = extract(MODELS, env["photos"], env["base"] / "ref", dtype="float32",
+                  images=_opts(env, batch_size=2), progress=rec)
+    res.progress_calls = rec.calls
     return res
 
 
@@ -53,12 +81,18 @@ def test_extract_three_networks_on_photos(env, ref_store):
             want = run_network(net, x, 1)[0]
             # same graph, batch of 2 vs 1: ORT may pick other kernels/blockings (float32 noise)
             np.testing.assert_allclose(f[i], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-        w, b = st.head(net.name)
-        assert w.shape == (1000, net.dim) and b.shape == (1000,)
+        head = st.head(net.name)
+        assert head.weight.shape == (1000, net.dim) and head.bias.shape == (1000,)
     # running the same command again finds the store complete
-    again = extract(MODELS, env["photos"], ref_store.path, dtype="float32", batch_size=2,
-                    workers=0, random_weights=True, export_root=env["exports"])
+    again = extract(MODELS, env["photos"], ref_store.path, dtype="float32",
+                    images=_opts(env, batch_size=2))
     assert again.already_complete
+    # progress: one task over every sample (readable or not), in batches of 2; the rate is
+    # this run's images over the run's own timestamps (the same seconds: equal up to rounding)
+    calls = ref_store.progress_calls
+    assert calls[0] == ("start", "extract", n_good + 2, 0) and calls[-1] == ("done",)
+    assert [c[1] for c in calls[1:-1]] == [2] * ((n_good + 2) // 2) + [1] * ((n_good + 2) % 2)
+    assert ref_store.images_per_s == pytest.approx((n_good + 2) / ref_store.seconds, rel=1e-12)
 
 
 def _cli(env, out: Path, *extra: str) -> list[str]:
@@ -113,23 +147,20 @@ def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
 
 def test_bad_inputs(env, ref_store, tmp_path):
     with pytest.raises(AffeqError, match="different feature store.*models"):
-        extract(MODELS[:2], env["photos"], ref_store.path, batch_size=2, workers=0,
-                random_weights=True, export_root=env["exports"])
+        extract(MODELS[:2], env["photos"], ref_store.path, images=_opts(env, batch_size=2))
     (tmp_path / "empty").mkdir()
     with pytest.raises(AffeqError, match="no images"):
-        extract(MODELS, tmp_path / "empty", tmp_path / "s", random_weights=True,
-                export_root=env["exports"])
+        extract(MODELS, tmp_path / "empty", tmp_path / "s", images=_opts(env, workers=2))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_bytes(b"not an image")
     with pytest.raises(AffeqError, match="none of the 1 images could be read"):
-        extract(MODELS[:1], tmp_path / "junk", tmp_path / "sj", dtype="float32", workers=0,
-                random_weights=True, export_root=env["exports"])
+        extract(MODELS[:1], tmp_path / "junk", tmp_path / "sj", dtype="float32",
+                images=_opts(env))
     with pytest.raises(AffeqError, match="unknown model"):
         extract(["resnet_does_not_exist"], env["photos"], tmp_path / "s")
     # random-weight MobileNet features are ~1e-9: float16 would store zeros, so it is refused
     with pytest.raises(AffeqError, match="too small for float16"):
-        extract(MODELS[:1], env["photos"], tmp_path / "f16", dtype="float16", workers=0,
-                random_weights=True, export_root=env["exports"])
+        extract(MODELS[:1], env["photos"], tmp_path / "f16", dtype="float16", images=_opts(env))
     r = subprocess.run(_cli(env, tmp_path / "s2", "--max-images", "0"), capture_output=True,
                        text=True, env={**os.environ})
     assert r.returncode == 1 and r.stderr.startswith("error: --max-images")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from affeq_rt.errors import AffeqError
-from affeq_rt.io.maps import AffineMap, fold_head, load_maps, save_maps
+from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.io.maps import AffineMap, MapSet, fold_head, load_maps, save_maps
 
 
-def _maps(rng):
+def _maps(rng) -> list[AffineMap]:
     return [AffineMap("a", "b", rng.normal(size=(4, 3)).astype(np.float32),
                       rng.normal(size=4).astype(np.float32), "ols",
                       {"images": 10, "residual": 0.5, "r2_holdout": 0.9}),
@@ -24,7 +24,7 @@ def _maps(rng):
 def test_round_trip_and_metadata(tmp_path):
     rng = np.random.default_rng(0)
     maps = _maps(rng)
-    p = save_maps(tmp_path / "m.safetensors", maps, {"method": "ols", "seed": 0})
+    p = save_maps(tmp_path / "m.safetensors", MapSet(maps), {"method": "ols", "seed": 0})
     ms = load_maps(p)
     assert set(ms) == {("a", "b"), ("b", "a")} and ms.models == ["a", "b"]
     assert ms.meta["models"] == {"a": {"feature_dim": 3}, "b": {"feature_dim": 4}}
@@ -43,7 +43,7 @@ def test_round_trip_and_metadata(tmp_path):
 
 
 def test_missing_pair_and_bad_files(tmp_path):
-    p = save_maps(tmp_path / "m.safetensors", _maps(np.random.default_rng(1))[:1])
+    p = save_maps(tmp_path / "m.safetensors", MapSet(_maps(np.random.default_rng(1))[:1]))
     ms = load_maps(p)
     with pytest.raises(AffeqError, match="no map b->a"):
         ms["b", "a"]
@@ -68,5 +68,21 @@ def test_nan_map_is_refused(tmp_path):
     m = _maps(np.random.default_rng(2))[0]
     m.weight[0, 0] = np.nan
     with pytest.raises(AffeqError, match="NaN"):
-        save_maps(tmp_path / "m.safetensors", [m])
+        save_maps(tmp_path / "m.safetensors", MapSet([m]))
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_mapset_is_the_one_type(tmp_path):
+    """A MapSet read from a file saves back to the same bytes (its metadata travels with it,
+    the derived keys are recomputed); extra keys update it; only AffineMaps go in."""
+    maps = MapSet(_maps(np.random.default_rng(3)), {"method": "ols", "source": {"n": 10}})
+    first = save_maps(tmp_path / "1.safetensors", maps)
+    again = save_maps(tmp_path / "2.safetensors", load_maps(first))
+    assert first.read_bytes() == again.read_bytes()
+    tagged = load_maps(save_maps(tmp_path / "3.safetensors", load_maps(first), {"demo": "x"}))
+    assert tagged.meta["demo"] == "x" and tagged.meta["source"] == {"n": 10}
+    assert ("a", "b") in maps and ("a", "c") not in maps and len(maps) == 2
+    with pytest.raises(InternalError, match="AffineMap"):
+        MapSet([(np.zeros((2, 2)), np.zeros(2))])
+    with pytest.raises(AffeqError, match="no maps to save"):
+        save_maps(tmp_path / "4.safetensors", MapSet([]))

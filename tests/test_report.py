@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affeq_rt.method.evaluate import ArrayStore, evaluate
-from affeq_rt.report.write import markdown_table, text_table, write_report
+from affeq_rt.io.maps import AffineMap, MapSet
+from affeq_rt.io.store import ArrayStore
+from affeq_rt.method.evaluate import evaluate
+from affeq_rt.report import markdown_table, text_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _store(labelled: bool = True) -> tuple[ArrayStore, dict]:
+def _store(labelled: bool = True) -> tuple[ArrayStore, MapSet]:
     """Three networks whose features share a class signal; maps by least squares."""
     rng = np.random.default_rng(7)
     n, k, dims = 400, 6, {"lenet": 10, "resnet": 14, "incept": 12}
@@ -30,22 +32,22 @@ def _store(labelled: bool = True) -> tuple[ArrayStore, dict]:
         feats[m] = f.astype(np.float32)
         w = np.linalg.lstsq(f, np.eye(k)[labels], rcond=None)[0].T
         heads[m] = (w.astype(np.float32), np.zeros(k, np.float32))
-    maps = {}
+    maps = []
     for a in dims:
         for b in dims:
             if a != b:
                 z = np.hstack([feats[a], np.ones((n, 1), np.float32)])
                 sol = np.linalg.lstsq(z, feats[b], rcond=None)[0]
-                maps[f"{a}->{b}"] = (sol[:-1].T, sol[-1])
-    return ArrayStore(feats, heads, labels if labelled else None), maps
+                maps.append(AffineMap(a, b, sol[:-1].T, sol[-1], "lstsq"))
+    return ArrayStore(feats, heads, labels if labelled else None), MapSet(maps)
 
 
 @pytest.fixture(scope="module")
 def labelled_report(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     store, maps = _store()
     out = tmp_path_factory.mktemp("rep")
-    table = evaluate(store, maps, device="cpu")
-    paths = write_report(table, out, overlap_pairs=[("lenet", "resnet")], notes=["a note"])
+    table = evaluate(store, maps, device="cpu", overlap_pairs=[("lenet", "resnet")])
+    paths = write_report(table, out, notes=["a note"])
     return table, paths
 
 

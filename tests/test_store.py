@@ -32,7 +32,8 @@ def _feats(n: int) -> dict[str, np.ndarray]:
 
 
 def _run(path, samples, feats, bad, stop_after=None):
-    """Write batches of 4 samples like extract does; stop (crash) after ``stop_after`` batches."""
+    """Write batches of 4 samples like extract does, from the writer's committed position;
+    "crash" after ``stop_after`` commits, with the next batch's rows written but not committed."""
     w = StoreWriter(path, _cfg(len(samples)), _heads())
     rows, b = w.rows, 0
     for start in range(w.samples_done, len(samples), 4):
@@ -40,12 +41,14 @@ def _run(path, samples, feats, bad, stop_after=None):
         good = [i for i in range(start, stop) if i not in bad]
         for m in DIMS:
             w.write(m, rows, feats[m][good])
+        if stop_after is not None and b == stop_after:
+            for arr in w._arrays.values():
+                arr.flush()  # the uncommitted rows reach the file, as a kill may leave them
+            return w
         rows += len(good)
         w.commit(stop, rows, [{"index": i, "path": samples[i].path, "reason": "corrupt"}
                               for i in range(start, stop) if i in bad])
         b += 1
-        if stop_after is not None and b == stop_after:
-            return w
     w.finalise(samples)
     return w
 
@@ -57,8 +60,18 @@ def test_write_resume_finalise(tmp_path):
     w = _run(tmp_path / "s", samples, feats, bad, stop_after=1)  # "crash" after one commit
     with pytest.raises(AffeqError, match="unfinished"):
         FeatureStore.open(tmp_path / "s")
-    w2 = _run(tmp_path / "s", samples, feats, bad)
-    assert w2.resumed is False or w2.already_complete  # finished
+    # the resumed writer starts at the commit (samples 0-3, sample 2 unreadable: 3 rows) ...
+    r = StoreWriter(tmp_path / "s", _cfg(10), _heads())
+    assert r.resumed and (r.samples_done, r.rows) == (4, 3) and not r.already_complete
+    assert [s["index"] for s in r.skipped] == [2]
+    del r
+    # ... and keeps the committed rows: the rerun is fed different features for samples 0-3,
+    # which a writer restarting from zero would store instead of the committed ones
+    rerun = {m: f.copy() for m, f in feats.items()}
+    for f in rerun.values():
+        f[:4] = 99.0
+    w2 = _run(tmp_path / "s", samples, rerun, bad)
+    assert w2.already_complete
     st = FeatureStore.open(tmp_path / "s")
     keep = [i for i in range(10) if i not in bad]
     assert st.n == 8 and st.models == ["a", "b"] and st.dtype == "float16"
@@ -67,7 +80,7 @@ def test_write_resume_finalise(tmp_path):
     np.testing.assert_array_equal(st.labels, [samples[i].label for i in keep])
     assert st.images == [samples[i].path for i in keep]
     assert [s["index"] for s in st.manifest["skipped"]] == [2, 9]
-    np.testing.assert_array_equal(st.head("a")[0], _heads()["a"][0])
+    np.testing.assert_array_equal(st.head("a").weight, _heads()["a"][0])
     assert st.spec("b")["name"] == "b" and st.feature_dim("a") == 5
     st.verify()
     del w

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data.preprocess import preprocess
 from affeq_rt.errors import AffeqError
+from affeq_rt.registry.spec import BackboneSpec
 
 INPUT_SIZE = 28
 NUM_CLASSES = 10
@@ -26,17 +28,19 @@ PAPER_NAMES = {"lenet5": "LeNet-5 (course notes, 3-channel input)",
                "inception_small": "small Inception-style net (two 4-branch modules)"}
 
 
-def spec_for(arch: str, weights_file: str | None = None) -> dict[str, Any]:
+def spec_for(arch: str, weights_file: str | None = None) -> BackboneSpec:
     """The registry-style spec (library ``affeq``) of one demo network."""
     if arch not in ARCHS:
         raise AffeqError(f"unknown demo architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
-    return {"name": f"digits_{arch}", "aliases": [], "paper_name": PAPER_NAMES[arch],
+    return BackboneSpec.from_dict({
+            "name": f"digits_{arch}", "aliases": [], "paper_name": PAPER_NAMES[arch],
             "library": "affeq", "arch": arch,
             "weights": {"kind": "file", "file": weights_file} if weights_file else {"kind": "none"},
             "input_size": INPUT_SIZE, "crop_pct": 1.0, "interpolation": "bilinear",
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "feature_dim": FEATURE_DIMS[arch],
             "num_classes": NUM_CLASSES, "label_offset": 0, "expected_top1": None, "tags": ["demo"],
-            "note": "trained by `affeq-rt demo` on scikit-learn's digits (fixed seed)"}
+            "note": "trained by `affeq-rt demo` on scikit-learn's digits (fixed seed)"},
+                                  source=f"demo spec {arch}")
 
 
 def build(arch: str) -> Any:
@@ -140,8 +144,6 @@ def load(test_fraction: float = 1 / 3, seed: int = 0) -> Digits:
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
-    from affeq_rt.data.preprocess import preprocess
 
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).round().astype(np.uint8)  # 0..16 → 0..255

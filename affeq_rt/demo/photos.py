@@ -18,7 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from affeq_rt.data.preprocess import sample_photo
+from affeq_rt.data.labels import imagenet_names
+from affeq_rt.data.preprocess import preprocess, sample_photo
+from affeq_rt.data.readers import read_unlabelled
+from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+from affeq_rt.io.fsio import atomic_path, ensure_writable_dir
+from affeq_rt.io.maps import MapSet, save_maps
+from affeq_rt.io.store import FeatureStore
+from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.fit import FitOptions, fit
+from affeq_rt.onnx.export import ensure_exported
+from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.runtime import create_session
+from affeq_rt.registry.spec import get_spec
 
 NETWORKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 FIT_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
@@ -54,8 +67,6 @@ def views(img, count: int, rng: np.random.Generator) -> list:
 
 def write_views(folder: Path, names: Sequence[str], count: int, seed: int) -> int:
     """Write ``count`` views of each named photo as JPEGs under ``folder``; returns how many."""
-    from affeq_rt.io.fsio import atomic_path, ensure_writable_dir
-
     ensure_writable_dir(folder)
     rng = np.random.default_rng(seed)
     total = 0
@@ -78,12 +89,6 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
     the same photos: unseen crops of seen photos) and ``heldout`` (views of HELDOUT_PHOTOS, never
     seen by any map). Ridge is fitted on ``fit``; logit-pinv needs no images (thesis §5.5).
     """
-    from affeq_rt.data.readers import read_unlabelled
-    from affeq_rt.io.maps import save_maps
-    from affeq_rt.method.evaluate import evaluate
-    from affeq_rt.method.extract import extract
-    from affeq_rt.method.fit import fit_maps
-
     parts = {"fit": (FIT_PHOTOS, views_per_photo, seed),
              "crops": (FIT_PHOTOS, max(2, views_per_photo // 3), seed + 1),
              "heldout": (HELDOUT_PHOTOS, views_per_photo, seed + 2)}
@@ -97,14 +102,16 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
         say(f"photos: extracting {', '.join(networks)} features of the {part} views "
             "(onnxruntime)")
         res = extract(list(networks), read_unlabelled(out / "views" / part),
-                      out / f"store_{part}", batch_size=16, workers=1, export_root=export_root)
+                      out / f"store_{part}",
+                      images=ImageOptions(batch_size=16, workers=1, export_root=export_root))
         stores[part] = res.path
     results: dict = {"counts": counts, "networks": list(networks),
                      "stores": {k: str(v) for k, v in stores.items()}, "tables": {}, "maps": {}}
     for method in ("ridge", "logit-pinv"):
         say(f"photos: fitting {method} maps" + (" on the fit views" if method == "ridge" else
                                                 " from the classifier heads"))
-        maps = fit_maps(stores["fit"], method=method, holdout=0.2, seed=seed)
+        maps = fit(stores["fit"], method=method,
+                   options=FitOptions(holdout=0.2, seed=seed)).maps
         path = out / f"maps_{method}.safetensors"
         save_maps(path, maps, {"demo": "photos", "views": counts["fit"]})
         results["maps"][method] = str(path)
@@ -115,15 +122,11 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
 
 def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: int = 0) -> Path:
     """Ridge map src→dst fitted on the views of ALL photos (the deployable model's map)."""
-    from affeq_rt.io.maps import save_maps
-    from affeq_rt.io.store import FeatureStore
-    from affeq_rt.method.fit import fit_maps
-
     opened = [FeatureStore.open(p) for p in stores.values()]
     arrays = {m: np.concatenate([np.asarray(s.features(m), np.float32) for s in opened])
               for m in (src, dst)}
-    maps = [m for m in fit_maps(arrays, method="ridge", holdout=0.2, seed=seed)
-            if (m.src, m.dst) == (src, dst)]
+    fitted = fit(arrays, method="ridge", options=FitOptions(holdout=0.2, seed=seed)).maps
+    maps = MapSet([fitted[src, dst]])
     path = out / f"maps_{src}_to_{dst}_all_photos.safetensors"
     save_maps(path, maps, {"demo": "photos, all views", "views": int(len(arrays[src]))})
     return path
@@ -133,15 +136,8 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
                       dst: str = "mobilenet_v2", export_root: str | None = None) -> dict:
     """Build one hybrid ONNX model (src → map → dst's classifier) and classify chelsea with it,
     next to what src and dst say on their own."""
-    from affeq_rt.data.labels import imagenet_names
-    from affeq_rt.data.preprocess import preprocess
-    from affeq_rt.deploy.hybrid import build_hybrid
-    from affeq_rt.onnx.export import ExportedBackbone, ensure_exported
-    from affeq_rt.onnx.runtime import create_session
-    from affeq_rt.registry.spec import get_spec
-
-    path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx", force=True,
-                        exports_root=export_root)
+    path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx",
+                        options=HybridOptions(force=True), export_root=export_root)
     names = imagenet_names()
     img = sample_photo("chelsea")
     x_src = preprocess(img, get_spec(src))[None]
@@ -152,8 +148,8 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
     for name, x in ((src, x_src), (dst, x_dst)):
         exp = ExportedBackbone(ensure_exported(name, root=export_root))
         f = create_session(exp.features_path, provider="cpu").run(x)
-        w, b = exp.head()
-        own[name] = int(np.argmax(f[0] @ np.asarray(w).T + np.asarray(b)))
+        head = exp.classifier_head()
+        own[name] = int(np.argmax(f[0] @ head.weight.T + head.bias))
     top = int(np.argmax(logits))
     p = np.exp(logits - logits.max())
     p /= p.sum()

@@ -20,8 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data.readers import Sample
+from affeq_rt.demo import digits
+from affeq_rt.demo import photos as ph
 from affeq_rt.errors import AffeqError
-from affeq_rt.method.evaluate import ArrayStore, EvalTable
+from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
+from affeq_rt.io.maps import save_maps
+from affeq_rt.io.store import ArrayStore, StoreConfig, StoreWriter
+from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.fit import FitOptions, fit
+from affeq_rt.method.results import EvalTable
+from affeq_rt.onnx.export import export_split
+from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.runtime import create_session
+from affeq_rt.registry.spec import get_spec
+from affeq_rt.report import html_table, text_table, write_report
 
 DIGIT_METHODS = ("ols", "logit-pinv", "naive")
 
@@ -45,9 +58,6 @@ def write_store(path: Path, store: ArrayStore, dtype: str = "float32",
                 source: str = "arrays", exports: Mapping[str, str] | None = None) -> Path:
     """Write in-memory features, heads, labels and specs as a FeatureStore folder (store.py's
     writer: preallocated arrays, checksums, manifest)."""
-    from affeq_rt.data.readers import Sample
-    from affeq_rt.io.store import StoreConfig, StoreWriter
-
     n = store.n
     labels = store.labels_ if store.labels_ is not None else np.full(n, -1, np.int64)
     ids = getattr(store, "ids", None) or [f"{source}/{i}" for i in range(n)]
@@ -57,7 +67,7 @@ def write_store(path: Path, store: ArrayStore, dtype: str = "float32",
                       exports=dict(exports or {m: "in-memory" for m in store.models}),
                       data={"n_samples": n, "fingerprint": f"{source}-{n}", "source": source},
                       dtype=dtype, batch_size=max(n, 1))
-    w = StoreWriter(path, cfg, {m: store.head(m) for m in store.models})
+    w = StoreWriter(path, cfg, store.heads_)
     if w.already_complete:
         return path
     for m in store.models:
@@ -71,13 +81,6 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
                say: Callable[[str], None] = print) -> tuple[dict[str, EvalTable], dict]:
     """Train, export, extract, fit and evaluate the digits miniature; returns tables by method
     and each network's accuracies (torch on train/test, ONNX features on test)."""
-    from affeq_rt.demo import digits
-    from affeq_rt.io.fsio import atomic_path, sha256_file
-    from affeq_rt.io.maps import save_maps
-    from affeq_rt.method.fit import fit_maps
-    from affeq_rt.onnx.export import ExportedBackbone, export_split
-    from affeq_rt.onnx.runtime import create_session
-
     data = digits.load(seed=seed)
     epochs = 4 if quick else 12
     say(f"digits: {len(data.y_train)} training and {len(data.y_test)} held-out images "
@@ -105,7 +108,7 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
         feats_test[name] = sess.run(data.x_test, batch_size=256)
         w, b = exp.head()
         heads[name] = (np.asarray(w, np.float32), np.asarray(b, np.float32))
-        specs[name] = spec
+        specs[name] = spec.to_dict()  # the store's file form
         exports[name] = sha256_file(exp.features_path)
         a["feature_dim"] = int(feats_train[name].shape[1])
         a["seconds"] = time.perf_counter() - t0
@@ -121,10 +124,8 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
     test_store = write_store(out / "store_test", ArrayStore(feats_test, heads, data.y_test, specs),
                              source="sklearn-digits-heldout", exports=exports)
     tables: dict[str, EvalTable] = {}
-    from affeq_rt.method.evaluate import evaluate
-
     for method in DIGIT_METHODS:
-        maps = fit_maps(train_store, method=method, holdout=0.1, seed=seed)
+        maps = fit(train_store, method=method, options=FitOptions(holdout=0.1, seed=seed)).maps
         path = out / f"maps_{method}.safetensors"
         save_maps(path, maps, {"demo": "digits"})
         tables[method] = evaluate(test_store, path, device="cpu")
@@ -132,8 +133,6 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
 
 
 def _section_table(table: EvalTable, caption: str) -> str:
-    from affeq_rt.report.write import html_table
-
     return f"<p class='note'>{html.escape(caption)}</p>" + html_table(table)
 
 
@@ -143,9 +142,6 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
     """The whole demo; writes ``out/report/report.html`` (one self-contained page) and
     ``out/report/demo.json`` (every number). ``quick``: 4 training epochs and 12 views per photo
     instead of 12 and 30."""
-    from affeq_rt.io.fsio import ensure_writable_dir, write_json_atomic
-    from affeq_rt.report.write import text_table, write_report
-
     t0 = time.perf_counter()
     root = ensure_writable_dir(out)
     tables, acc = run_digits(root / "digits", quick=quick, seed=seed, say=say)
@@ -166,8 +162,6 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
                          "near chance (10%)"}[method]
         extra.append((f"Digits, {method} maps", _section_table(t, what)))
     if photos:
-        from affeq_rt.demo import photos as ph
-
         views = 12 if quick else 30
         try:
             pres = ph.run_photos(root / "photos", views, export_root=export_root, seed=seed,
@@ -177,8 +171,6 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
             say(f"photos: skipped ({e})")
             pres = None
         if pres is not None:
-            from affeq_rt.registry.spec import get_spec
-
             res.photos = pres["tables"]
             res.photo_info = {k: v for k, v in pres.items() if k != "tables"}
             d = min(get_spec(n).feature_dim for n in pres["networks"])

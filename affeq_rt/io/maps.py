@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import atomic_path, jsonable
 
 FORMAT = 1
@@ -52,11 +52,18 @@ def fold_head(m: AffineMap, w_dst: np.ndarray, b_dst: np.ndarray) -> tuple[np.nd
 
 
 class MapSet(Mapping[tuple[str, str], AffineMap]):
-    """The maps of one file, indexed by ``(src, dst)``; a missing pair raises AffeqError."""
+    """THE type for a set of maps: ``(src, dst)`` → :class:`AffineMap`; a missing pair raises
+    AffeqError. ``fit`` returns one, ``save_maps``/``load_maps`` write/read one, ``evaluate`` and
+    ``build_hybrid`` take one. ``meta`` holds the file-level metadata (method, source, …)."""
 
-    def __init__(self, maps: Sequence[AffineMap], meta: dict[str, Any], path: str = "") -> None:
-        self._maps = {(m.src, m.dst): m for m in maps}
-        self.meta = meta
+    def __init__(self, maps: Iterable[AffineMap], meta: Mapping[str, Any] | None = None,
+                 path: str = "") -> None:
+        self._maps: dict[tuple[str, str], AffineMap] = {}
+        for m in maps:
+            if not isinstance(m, AffineMap):
+                raise InternalError(f"MapSet holds AffineMap values, got {type(m).__name__}")
+            self._maps[(m.src, m.dst)] = m
+        self.meta = dict(meta or {})
         self.path = path
 
     def __getitem__(self, key: tuple[str, str]) -> AffineMap:
@@ -67,6 +74,9 @@ class MapSet(Mapping[tuple[str, str], AffineMap]):
                              f" (it has {', '.join(f'{a}->{b}' for a, b in self._maps) or 'none'})",
                              "fit that pair with affeq-rt fit --models including both") from None
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._maps
+
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._maps)
 
@@ -75,13 +85,20 @@ class MapSet(Mapping[tuple[str, str], AffineMap]):
 
     @property
     def models(self) -> list[str]:
-        """Every model named in the file, in metadata order."""
-        return list(self.meta.get("models", {}))
+        """Every model named by the maps (the file's metadata order when read from a file)."""
+        named = list(self.meta.get("models", {}))
+        for a, b in self._maps:
+            named += [m for m in (a, b) if m not in named]
+        return named
 
 
-def save_maps(path: str | os.PathLike, maps: Sequence[AffineMap],
-              meta: dict[str, Any] | None = None) -> Path:
-    """Write ``maps`` (and extra ``meta`` keys) to a safetensors file, atomically."""
+# Keys save_maps derives from the maps themselves (never copied from ``MapSet.meta``).
+_DERIVED = ("format", "models", "pairs")
+
+
+def save_maps(path: str | os.PathLike, maps: MapSet, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``maps`` to a safetensors file, atomically; the file's metadata is ``maps.meta``
+    updated with ``meta`` (``format``/``models``/``pairs`` are always derived from the maps)."""
     from safetensors.numpy import save_file
 
     if not maps:
@@ -89,11 +106,11 @@ def save_maps(path: str | os.PathLike, maps: Sequence[AffineMap],
     tensors: dict[str, np.ndarray] = {}
     models: dict[str, dict[str, int]] = {}
     pairs: dict[str, dict[str, Any]] = {}
-    for m in maps:
+    for m in maps.values():
         w = np.ascontiguousarray(m.weight, np.float32)
         b = np.ascontiguousarray(m.bias, np.float32).reshape(-1)
         if w.ndim != 2 or w.shape[0] != b.shape[0]:
-            raise ValueError(f"{m.key}: weight {w.shape} and bias {b.shape} disagree")
+            raise InternalError(f"{m.key}: weight {w.shape} and bias {b.shape} disagree")
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise AffeqError(f"map {m.key} has NaN/Inf entries", "check the input features")
         tensors[f"{m.key}.weight"] = w
@@ -101,7 +118,8 @@ def save_maps(path: str | os.PathLike, maps: Sequence[AffineMap],
         models.setdefault(m.src, {"feature_dim": int(w.shape[1])})
         models.setdefault(m.dst, {"feature_dim": int(w.shape[0])})
         pairs[m.key] = {"method": m.method, **m.stats}
-    doc = {"format": FORMAT, **(meta or {}), "models": models, "pairs": pairs}
+    extra = {k: v for k, v in {**maps.meta, **(meta or {})}.items() if k not in _DERIVED}
+    doc = {"format": FORMAT, **extra, "models": models, "pairs": pairs}
     p = Path(path)
     with atomic_path(p) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=jsonable)})

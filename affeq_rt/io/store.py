@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import (
     atomic_path,
     ensure_writable_dir,
@@ -28,7 +28,7 @@ from affeq_rt.io.fsio import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from affeq_rt.io.heads import load_head, save_head
+from affeq_rt.io.heads import Head, save_head
 
 FORMAT = 1
 DTYPES = ("float16", "float32")
@@ -58,8 +58,79 @@ def _check_float16(model: str, feats: np.ndarray) -> None:
                          f"{np.median(nz):.3g}; they would round to 0)", "use --dtype float32")
 
 
+def _label_offset(spec: Mapping[str, Any]) -> int:
+    """Leading background classes of a head (registry ``label_offset``; TF-slim: 1)."""
+    return int(spec.get("label_offset", 0) or 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # reading
+
+
+class StoreLike(Protocol):
+    """What readers of features need: :class:`FeatureStore` on disk or :class:`ArrayStore`."""
+
+    @property
+    def models(self) -> list[str]: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def labels(self) -> np.ndarray | None: ...
+    def features(self, model: str) -> np.ndarray: ...
+    def head(self, model: str) -> Head: ...
+    def spec(self, model: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class ArrayStore:
+    """An in-memory :class:`FeatureStore`: the same reading protocol over arrays.
+
+    ``features_[m]`` is ``[n, d_m]``; ``heads_[m]`` is ``(W [K, d_m], b [K])`` as in a head file
+    (background rows included; ``head(m)`` strips the spec's ``label_offset`` like the store);
+    ``labels_`` is int64 ``[n]`` with −1 for unknown (or None); ``specs_[m]`` a spec dict.
+    """
+
+    features_: dict[str, np.ndarray]
+    heads_: dict[str, tuple[np.ndarray, np.ndarray]]
+    labels_: np.ndarray | None = None
+    specs_: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[str]:
+        """Model names, in insertion order."""
+        return list(self.features_)
+
+    @property
+    def n(self) -> int:
+        """Number of rows."""
+        return int(next(iter(self.features_.values())).shape[0]) if self.features_ else 0
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 [n] labels, or None when every label is unknown (-1)."""
+        if self.labels_ is None:
+            return None
+        lab = np.asarray(self.labels_, dtype=np.int64)
+        return None if bool((lab < 0).all()) else lab
+
+    def _check(self, model: str) -> str:
+        if model not in self.features_:
+            raise AffeqError(f"model {model!r} is not in the in-memory feature store (it has "
+                             f"{', '.join(self.models)})", "pass features for it")
+        return model
+
+    def features(self, model: str) -> np.ndarray:
+        """The [n, d] features of ``model``."""
+        return self.features_[self._check(model)]
+
+    def head(self, model: str) -> Head:
+        """The classifier, background rows stripped (as :meth:`FeatureStore.head`)."""
+        w, b = self.heads_[self._check(model)]
+        return Head.from_raw(np.asarray(w), np.asarray(b), _label_offset(self.spec(model)))
+
+    def spec(self, model: str) -> dict[str, Any]:
+        """The spec dict (a bare one naming the model when none was given)."""
+        return self.specs_.get(model, {"name": model, "label_offset": 0})
 
 
 class FeatureStore:
@@ -131,9 +202,11 @@ class FeatureStore:
                              f"manifest says {self.n}", "re-run affeq-rt extract into a new folder")
         return arr
 
-    def head(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        """The model's classifier (weight [K, d], bias [K]) as copied into the store."""
-        return load_head(self.path / self._check(model) / "head.safetensors")
+    def head(self, model: str) -> Head:
+        """The model's classifier as copied into the store, background rows (the spec's
+        ``label_offset``) stripped: logit ``c`` is class ``c``, as the labels are."""
+        return Head.load(self.path / self._check(model) / "head.safetensors",
+                         _label_offset(self.spec(model)))
 
     def spec(self, model: str) -> dict[str, Any]:
         """The registry spec (dict) the features were extracted with."""
@@ -155,7 +228,7 @@ class FeatureStore:
 # writing
 
 
-def open_store(store: Any) -> Any:
+def open_store(store: StoreLike | str | os.PathLike) -> StoreLike:
     """The store object as given, or ``FeatureStore.open`` of a folder path."""
     return FeatureStore.open(store) if isinstance(store, (str, os.PathLike)) else store
 
@@ -178,7 +251,7 @@ def _rewrite_npy_rows(path: Path, rows: int) -> None:
             prefix = 8 + (2 if version == (1, 0) else 4)
             room = offset - prefix
             if len(text) + 1 > room:
-                raise RuntimeError("npy header grew")  # cannot happen: the row count only shrinks
+                raise InternalError("npy header grew")  # cannot happen: the row count only shrinks
             f.seek(prefix)
             f.write((text.ljust(room - 1) + "\n").encode("latin1"))
         f.flush()
@@ -210,7 +283,8 @@ class StoreWriter:
     """Create or resume a store; write batches of rows in order; commit; finalise."""
 
     def __init__(self, path: str | os.PathLike, cfg: StoreConfig,
-                 heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+                 heads: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """``heads[m]``: the export's head file rows ``(W [K, d], b [K])``, copied verbatim."""
         if cfg.dtype not in DTYPES:
             raise AffeqError(f"unknown dtype {cfg.dtype!r}", f"use one of {', '.join(DTYPES)}")
         for m in cfg.models:
@@ -227,7 +301,7 @@ class StoreWriter:
         self._open(heads)
 
     # -- setup
-    def _open(self, heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _open(self, heads: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         mf = self.path / "manifest.json"
         if self.path.exists() and not self.path.is_dir():
             raise AffeqError(f"--out {self.path} is a file", "pass a folder for the store")
@@ -262,7 +336,7 @@ class StoreWriter:
         write_json_atomic(mf, self._manifest(complete=False))  # first: marks the folder as ours
         self._prepare_models(heads)
 
-    def _prepare_models(self, heads: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _prepare_models(self, heads: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Open each model's preallocated array, creating missing ones (only before any commit)."""
         for m in self.cfg.models:
             d = self.path / m
@@ -311,14 +385,16 @@ class StoreWriter:
 
     def finalise(self, samples: Sequence[Any], extra: dict[str, Any] | None = None) -> None:
         """Shrink arrays to the rows written; write images, labels, checksums, final manifest."""
-        assert self.samples_done == self.n_samples
+        if self.samples_done != self.n_samples:
+            raise InternalError(f"finalise at sample {self.samples_done} of {self.n_samples}")
         for arr in self._arrays.values():
             arr.flush()
         self._arrays.clear()
         bad = {int(s["index"]) for s in self.skipped}
         good = [s for i, s in enumerate(samples) if i not in bad]
         if len(good) != self.rows:
-            raise RuntimeError(f"store bookkeeping: {len(good)} readable samples, {self.rows} rows")
+            raise InternalError(f"store bookkeeping: {len(good)} readable samples, "
+                                f"{self.rows} rows")
         for m in self.cfg.models:
             _rewrite_npy_rows(self.path / m / "features.npy", self.rows)
         write_bytes_atomic(self.path / "images.txt", "".join(f"{s.path}\n" for s in good).encode())

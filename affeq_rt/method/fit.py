@@ -1,10 +1,11 @@
 """Fit every ordered pair of affine maps from ONE pass: joint Gram accumulation, then solve.
 
-Each batch goes through every network; the concatenated features [F_1 … F_k] feed one
+:func:`fit` is the one front door. It reads joint feature rows [F_1 … F_k] from a row source
+(``method.rows``: arrays, a feature store, or an image folder decoded once); the rows feed one
 ``core.GramAccumulator`` (training rows) and a second one (held-out rows), so every pairwise block
-comes from the same pass. The accumulators are checkpointed with the count of samples consumed, so
-``fit`` resumes like ``extract``. Library entry points: :func:`fit_maps` (arrays, stores, image
-folders → maps in memory) and :func:`fit` (the CLI's job, with checkpoints and a maps file).
+comes from the same pass. On images with ``out``, the accumulators are checkpointed in
+``<out>.partial/`` with the count of samples consumed, so a rerun resumes like ``extract`` and
+writes the same bytes. Logit-pinv and naive maps need no rows; Adam reads addressable arrays.
 """
 
 from __future__ import annotations
@@ -12,21 +13,24 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from affeq_rt.errors import AffeqError
+from affeq_rt.core.gram import GramAccumulator
+from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import ensure_writable_dir, read_json, versions, write_json_atomic
-from affeq_rt.io.maps import AffineMap, save_maps
-from affeq_rt.io.store import open_store
+from affeq_rt.io.heads import Head
+from affeq_rt.io.maps import AffineMap, MapSet, save_maps
 from affeq_rt.method import solvers
+from affeq_rt.method.extract import ImageOptions
+from affeq_rt.method.rows import CHUNK, RowSource, row_source
+from affeq_rt.progress import Progress, or_silent
 
 GRAM_METHODS = ("ols", "ridge")
-STORE_CHUNK = 4096
 
 
 def normalise_method(method: str) -> str:
@@ -66,28 +70,7 @@ class Accumulated:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# sources of joint feature rows
-
-
-def _store_chunks(store: Any, names: Sequence[str], n: int,
-                  start: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    feats = [store.features(m) for m in names]
-    for a in range(start, n, STORE_CHUNK):
-        b = min(a + STORE_CHUNK, n)
-        yield a, b, np.ascontiguousarray(np.concatenate([np.asarray(f[a:b], np.float32)
-                                                         for f in feats], axis=1))
-
-
-def _array_chunks(arrays: Mapping[str, np.ndarray], names: Sequence[str], n: int,
-                  start: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    for a in range(start, n, STORE_CHUNK):
-        b = min(a + STORE_CHUNK, n)
-        yield a, b, np.ascontiguousarray(np.concatenate(
-            [np.asarray(arrays[m][a:b], np.float32) for m in names], axis=1))
-
-
-def _feed(acc_t: Any, acc_h: Any, x: np.ndarray, mask: np.ndarray) -> None:
+def _feed(acc_t: GramAccumulator, acc_h: GramAccumulator, x: np.ndarray, mask: np.ndarray) -> None:
     """Training rows to ``acc_t``, held-out rows to ``acc_h`` (row order kept)."""
     if mask.any():
         if (~mask).any():
@@ -115,16 +98,16 @@ class _Checkpoint:
             self.state = st
             self.seq = int(st["seq"])
 
-    def load(self, device: str) -> tuple[Any, Any, int, dict[str, Any]]:
-        from affeq_rt.core.gram import GramAccumulator
-
-        assert self.state is not None
+    def load(self, device: str) -> tuple[GramAccumulator, GramAccumulator, int, dict[str, Any]]:
+        if self.state is None:
+            raise InternalError("no checkpoint to load")
         s = self.seq
         return (GramAccumulator.load(self.folder / f"train.{s}.gram", device=device),
                 GramAccumulator.load(self.folder / f"holdout.{s}.gram", device=device),
                 int(self.state["samples"]), dict(self.state.get("extra", {})))
 
-    def save(self, acc_t: Any, acc_h: Any, samples: int, extra: dict[str, Any]) -> None:
+    def save(self, acc_t: GramAccumulator, acc_h: GramAccumulator, samples: int,
+             extra: dict[str, Any]) -> None:
         ensure_writable_dir(self.folder)
         s = self.seq + 1
         acc_t.save(self.folder / f"train.{s}.gram")
@@ -137,23 +120,22 @@ class _Checkpoint:
         self.seq = s
 
     def remove(self) -> None:
+        """Delete the checkpoint folder (the fit is saved)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def accumulate(names: Sequence[str], dims: Mapping[str, int], n: int,
-               chunks: Any, holdout: float = 0.1, seed: int = 0, device: str = "auto",
+def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str = "auto",
                checkpoint: _Checkpoint | None = None, checkpoint_every: int = 20000,
-               bar: Any = None) -> Accumulated:
-    """Stream joint rows from ``chunks(start)`` (yielding ``(start, stop, x[rows, Σd])`` over sample
-    indices, or ``(start, stop, x, ok)`` with a readable-rows mask) into the two accumulators.
+               progress: Progress | None = None) -> Accumulated:
+    """Stream ``rows.chunks(start)`` into the two accumulators (held-out samples:
+    :func:`holdout_mask` over sample indices; unreadable samples have no row).
 
     Commits a checkpoint whenever the sample count crosses a multiple of ``checkpoint_every``,
     and at the end. The positions are fixed by the data, not the clock, because saving flushes
     the accumulator's block buffer: a resumed run then sums exactly the same blocks as an
     uninterrupted one and produces the same bits.
     """
-    from affeq_rt.core.gram import GramAccumulator
-
+    names, dims, n = rows.names, rows.dims(), rows.n
     sl = _slices(names, dims)
     dim = sum(int(dims[m]) for m in names)
     mask = holdout_mask(n, holdout, seed)
@@ -163,23 +145,22 @@ def accumulate(names: Sequence[str], dims: Mapping[str, int], n: int,
     else:
         acc_t, acc_h = GramAccumulator(dim, device=device), GramAccumulator(dim, device=device)
         start = 0
-    if bar is not None:
-        bar.skip_to(start)
+    bar = or_silent(progress)
+    bar.start("fit", total=n, done=start)
     every = max(int(checkpoint_every), 1)
     done = start
-    for item in chunks(start):
-        a, b, x = item[0], item[1], item[2]
+    for c in rows.chunks(start):
+        a, b = c.start, c.stop
         m = mask[a:b]
-        if len(item) > 3:  # image batches: unreadable samples have no row
-            ok = item[3]
-            m = m[ok]
-            extra["skipped"] += item[4]
-        _feed(acc_t, acc_h, x, m)
+        if c.ok is not None:  # image batches: unreadable samples have no row
+            m = m[c.ok]
+            extra["skipped"] += c.skipped
+        _feed(acc_t, acc_h, c.x, m)
         done = b
-        if bar is not None:
-            bar.advance(b - a)
+        bar.advance(b - a)
         if checkpoint is not None and (b // every > a // every or b == n):
             checkpoint.save(acc_t, acc_h, b, extra)
+    bar.done()
     return Accumulated(acc_t, acc_h, sl, max(done, start), extra)
 
 
@@ -187,41 +168,37 @@ def accumulate(names: Sequence[str], dims: Mapping[str, int], n: int,
 # solving
 
 
-def solve_pairs(acc: Accumulated, names: Sequence[str], method: str = "ols",
-                heads: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                offsets: Mapping[str, int] | None = None) -> list[AffineMap]:
+def solve_pairs(acc: Accumulated, names: Sequence[str], method: str = "ols") -> list[AffineMap]:
     """Every ordered pair A≠B from the accumulated statistics (one eigh per source)."""
-    method = normalise_method(method)
     if method not in GRAM_METHODS:
-        raise ValueError("solve_pairs handles ols and ridge")
+        raise InternalError(f"solve_pairs handles ols and ridge, not {method}")
     hold = acc.holdout if int(acc.holdout.n) > 0 else None
+    fn = solvers.ols if method == "ols" else solvers.ridge
     out: list[AffineMap] = []
     for a in names:
         eig = solvers.source_eig(acc.train, acc.slices[a])
         for t in names:
             if t == a:
                 continue
-            fn = solvers.ols if method == "ols" else solvers.ridge
             w, b, st = fn(acc.train, acc.slices[a], acc.slices[t], hold, eig=eig)
             st["nonfinite_rows_skipped"] = int(acc.train.skipped) + int(acc.holdout.skipped)
             out.append(AffineMap(a, t, w.astype(np.float32), b.astype(np.float32), method, st))
     return out
 
 
-def heads_pairs(names: Sequence[str], heads: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                offsets: Mapping[str, int] | None = None) -> list[AffineMap]:
-    """``logit-pinv`` maps for every ordered pair from the classifier heads alone."""
-    offsets = offsets or {}
+def heads_pairs(names: Sequence[str], heads: Mapping[str, Head]) -> list[AffineMap]:
+    """``logit-pinv`` maps for every ordered pair from the classifier heads alone (background
+    rows already stripped by :class:`~affeq_rt.io.heads.Head`)."""
     out = []
     pinvs: dict[tuple[str, int], tuple[np.ndarray, int]] = {}  # one SVD per (target, rows)
     for a in names:
         for t in names:
             if t != a:
-                oa, ot = offsets.get(a, 0), offsets.get(t, 0)
-                k = min(heads[a][0].shape[0] - oa, heads[t][0].shape[0] - ot)
+                k = min(heads[a].num_classes, heads[t].num_classes)
                 if (t, k) not in pinvs:
-                    pinvs[t, k] = solvers.head_pinv(heads[t][0][ot:ot + k])
-                w, b, st = solvers.logit_pinv(heads[a], heads[t], oa, ot,
+                    pinvs[t, k] = solvers.head_pinv(heads[t].weight[:k])
+                w, b, st = solvers.logit_pinv((heads[a].weight, heads[a].bias),
+                                              (heads[t].weight, heads[t].bias), 0, 0,
                                               pinv_dst=pinvs[t, k])
                 out.append(AffineMap(a, t, w.astype(np.float32), b.astype(np.float32),
                                      "logit-pinv", {"images": 0, **st}))
@@ -247,8 +224,8 @@ def _array_r2(w: np.ndarray, b: np.ndarray, xa: Any, xb: Any, rows: np.ndarray) 
     ss = 0.0
     s1 = np.zeros(xb.shape[1])
     s2 = 0.0
-    for i in range(0, rows.size, STORE_CHUNK):
-        r = rows[i:i + STORE_CHUNK]
+    for i in range(0, rows.size, CHUNK):
+        r = rows[i:i + CHUNK]
         a = np.asarray(xa[r], np.float64)
         y = np.asarray(xb[r], np.float64)
         ss += float(((y - a @ w.T - b) ** 2).sum())
@@ -281,85 +258,33 @@ def adam_pairs(names: Sequence[str], arrays: Mapping[str, Any], holdout: float, 
 
 
 # ---------------------------------------------------------------------------------------------
-# front doors
+# the front door
 
 
-def fit_maps(source: Any, models: Sequence[str] | None = None, method: str = "ols",
-             holdout: float = 0.1, seed: int = 0, max_images: int | None = None,
-             heads: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-             offsets: Mapping[str, int] | None = None, device: str = "auto",
-             adam_iterations: int = 200, adam_lr: float = 0.1, **data_kw: Any) -> list[AffineMap]:
-    """Fit every ordered pair of ``models`` from ``source`` and return the maps (nothing written).
+@dataclass(frozen=True)
+class FitOptions:
+    """The knobs of a fit (image reading has its own: ``method.extract.ImageOptions``)."""
 
-    ``source``: a dict ``{model: [n, d] array}`` (pass ``heads`` for logit-pinv), a
-    :class:`~affeq_rt.store.FeatureStore` or store folder, or an image folder (extra keyword
-    arguments go to :func:`fit`'s image path: ``batch_size``, ``workers``, ``provider``,
-    ``random_weights``, ``export_root``).
-    """
-    method = normalise_method(method)
-    if isinstance(source, Mapping):
-        names = list(models or source)
-        missing = [m for m in names if m not in source]
-        if missing:
-            raise AffeqError(f"no features given for {', '.join(missing)}",
-                             "pass an array for every model")
-        n = min(int(source[m].shape[0]) for m in names)
-        if any(int(source[m].shape[0]) != n for m in names):
-            raise AffeqError("feature arrays have different row counts",
-                             "pass features of the same images, row-aligned")
-        n = min(n, max_images or n)
-        dims = {m: int(source[m].shape[1]) for m in names}
-        return _solve(method, names, dims, n, lambda s: _array_chunks(source, names, n, s),
-                      {m: source[m] for m in names}, heads, offsets, holdout, seed, device,
-                      adam_iterations, adam_lr)
-    if isinstance(source, (str, os.PathLike)) and not (Path(source) / "manifest.json").is_file():
-        res = fit(models or [], None, data=source, method=method, holdout=holdout, seed=seed,
-                  max_images=max_images, device=device, adam_iterations=adam_iterations, **data_kw)
-        return res.maps
-    store = open_store(source)
-    names = list(models or store.models)
-    for m in names:
-        store.feature_dim(m)  # AffeqError naming a model missing from the store
-    n = min(store.n, max_images or store.n)
-    dims = {m: store.feature_dim(m) for m in names}
-    heads = heads or {m: store.head(m) for m in names}
-    offsets = offsets or {m: int(store.spec(m).get("label_offset", 0)) for m in names}
-    return _solve(method, names, dims, n, lambda s: _store_chunks(store, names, n, s),
-                  {m: store.features(m)[:n] for m in names}, heads, offsets, holdout, seed,
-                  device, adam_iterations, adam_lr)
-
-
-def _solve(method: str, names: list[str], dims: dict[str, int], n: int, chunks: Any,
-           arrays: Mapping[str, Any] | None, heads: Any, offsets: Any, holdout: float, seed: int,
-           device: str, adam_iterations: int, adam_lr: float,
-           checkpoint: _Checkpoint | None = None, bar: Any = None) -> list[AffineMap]:
-    if len(names) < 2:
-        raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
-    if method == "naive":
-        return naive_pairs(names, dims)
-    if method == "logit-pinv":
-        if heads is None:
-            raise AffeqError("logit-pinv needs the classifier heads", "pass heads= or a store")
-        return heads_pairs(names, heads, offsets)
-    if method == "adam":
-        if arrays is None:
-            raise AffeqError("adam streams features from a feature store",
-                             "run affeq-rt extract first, then fit --features STORE")
-        return adam_pairs(names, arrays, holdout, seed, adam_iterations, adam_lr)
-    acc = accumulate(names, dims, n, chunks, holdout, seed, device, checkpoint, bar=bar)
-    return solve_pairs(acc, names, method)
+    holdout: float = 0.1  # fraction of samples held out for R² (and ridge's λ)
+    seed: int = 0  # seed of the held-out split and of Adam's batches
+    max_images: int | None = None  # use only the first N samples
+    device: str = "auto"  # Gram accumulator: auto|cpu|cuda
+    checkpoint_every: int = 20000  # images between checkpoints (image sources with ``out``)
+    adam_iterations: int = 200
+    adam_lr: float = 0.1
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` produced."""
+    """What :func:`fit` produced: the maps, and how the run went."""
 
     path: Path | None
-    maps: list[AffineMap]
+    maps: MapSet
     images: int
     seconds: float
     resumed_from: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    images_per_s: float = 0.0  # this run's samples (resumed ones excluded) per second
 
     def summary(self) -> str:
         """Human summary: one line per pair."""
@@ -369,7 +294,7 @@ class FitResult:
             lines.append(f"resumed from image {self.resumed_from}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s)")
-        for m in self.maps:
+        for m in self.maps.values():
             r2 = m.stats.get("r2_holdout")
             lines.append(f"  {m.key:40s} {m.method:10s} "
                          f"R²(held-out) {'-' if r2 is None else f'{r2:.4f}'}"
@@ -378,94 +303,78 @@ class FitResult:
         return "\n".join(lines)
 
 
-def fit(models: str | Sequence[str], out: str | os.PathLike | None, data: Any = None,
-        features: Any = None, method: str = "ols", max_images: int | None = None,
-        holdout: float = 0.1, seed: int = 0, batch_size: int = 32, workers: int = 2,
-        provider: str = "auto", random_weights: bool = False, export_root: str | None = None,
-        labels: str | None = None, meta: str | None = None, device: str = "auto",
-        checkpoint_every: int = 20000, adam_iterations: int = 200, adam_lr: float = 0.1,
-        show_progress: bool = False) -> FitResult:
-    """Fit all ordered pairs from images (``data``, one checkpointed pass) or a feature store
-    (``features``) and save them to ``out`` (safetensors; skipped when ``out`` is None)."""
-    from affeq_rt.method.extract import (
-        Progress,
-        feature_batches,
-        load_data,
-        open_networks,
-        parse_models,
-        spec_dict,
-    )
+def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "ols", *,
+        out: str | os.PathLike | None = None, options: FitOptions | None = None,
+        images: ImageOptions | None = None, progress: Progress | None = None) -> FitResult:
+    """Fit every ordered pair A≠B of ``models`` (default: all of the source's) from ``source``.
 
+    ``source``: ``{model: [n, d]}`` arrays, a FeatureStore (or store folder, or an in-memory
+    ``ArrayStore``), an image folder/list file/``DataSource`` (read with ``images``), or any
+    :class:`~affeq_rt.method.rows.RowSource`. Returns the maps (``FitResult.maps``, a MapSet whose
+    ``meta`` is the file metadata); with ``out`` also saves them (safetensors). On images with
+    ``out``, OLS/ridge checkpoint into ``<out>.partial/`` and a rerun resumes there. ``progress``
+    counts samples.
+    """
     method = normalise_method(method)
+    opt = options or FitOptions()
+    holdout_mask(0, opt.holdout)  # AffeqError for a bad fraction, before any work
     t0 = time.perf_counter()
-    if (data is None) == (features is None):
-        raise AffeqError("fit needs exactly one of --data and --features",
-                         "pass --data TRAIN_DIR or --features STORE")
-    if features is not None:
-        store = open_store(features)
-        names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
-        names = [m for m in names if m] or store.models
-        maps = fit_maps(store, names, method, holdout, seed, max_images, device=device,
-                        adam_iterations=adam_iterations, adam_lr=adam_lr)
-        images = min(store.n, max_images or store.n)
-        source = {"kind": "feature-store", "path": str(Path(store.path).resolve()),
-                  "n": images, "data": store.manifest.get("data")}
-        specs = {m: store.spec(m) for m in names}
-        resumed, skipped = 0, []
-    else:
-        names = parse_models(models)
-        if method == "adam":
+    rows = row_source(source, models, images, opt.max_images)
+    names = rows.names
+    if len(names) < 2:
+        raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
+    streamed = rows.arrays() is None  # images: counted as read; arrays/stores: rows given
+    resumed, skipped, rate, ckpt = 0, [], 0.0, None
+    if method == "adam":
+        arrays = rows.arrays()
+        if arrays is None:
             raise AffeqError("adam streams features from a feature store",
                              "run affeq-rt extract first, then fit --features STORE")
-        src = load_data(data, labels, meta, max_images)
-        images = len(src)
-        if method in ("naive", "logit-pinv"):
-            nets = open_networks(names, provider=provider, export_root=export_root,
-                                 random_weights=random_weights)
-            heads = {n.name: n.head for n in nets}
-            offsets = {n.name: int(spec_dict(n.spec).get("label_offset", 0)) for n in nets}
-            maps = _solve(method, names, {n.name: n.dim for n in nets}, 0, None, None, heads,
-                          offsets, holdout, seed, device, adam_iterations, adam_lr)
-            resumed, skipped = 0, []
-            images = 0
+        maps = adam_pairs(names, arrays, opt.holdout, opt.seed, opt.adam_iterations, opt.adam_lr)
+        images = rows.n
+    elif method in ("naive", "logit-pinv"):
+        if method == "naive":
+            maps = naive_pairs(names, rows.dims())
         else:
-            nets = open_networks(names, provider=provider, export_root=export_root,
-                                 random_weights=random_weights)
-            dims = {n.name: n.dim for n in nets}
-            identity = {"models": names, "exports": {n.name: n.onnx_sha256 for n in nets},
-                        "data": src.describe(), "holdout": holdout, "seed": seed,
-                        "batch_size": batch_size}
-            folder = Path(str(out) + ".partial") if out is not None else None
-            ckpt = _Checkpoint(folder, identity) if folder is not None else None
-            if ckpt is not None and ckpt.state is not None:
-                resumed = int(ckpt.state["samples"])
-            else:
-                resumed = 0
-
-            def chunks(start: int) -> Iterator[tuple]:
-                for batch, feats in feature_batches(nets, src.samples, batch_size, workers, start):
-                    x = np.ascontiguousarray(np.concatenate([feats[m] for m in names], axis=1))
-                    yield (batch.start, batch.stop, x, batch.ok,
-                           [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
-
-            with Progress(images, "fit", show_progress) as bar:
-                acc = accumulate(names, dims, images, chunks, holdout, seed, device, ckpt,
-                                 checkpoint_every, bar=bar)
-            skipped = acc.extra.get("skipped", [])
-            if int(acc.train.n) + int(acc.holdout.n) == 0:
-                raise AffeqError(f"none of the {images} images could be read",
-                                 "check --data (see the skipped files)")
-            maps = solve_pairs(acc, names, method)
-            images = int(acc.train.n) + int(acc.holdout.n)
-        source = src.describe()
-        specs = {n.name: spec_dict(n.spec) for n in nets}
-    seconds = time.perf_counter() - t0
+            heads = rows.heads()
+            if heads is None:
+                raise AffeqError("logit-pinv needs the classifier heads",
+                                 "fit from a feature store or images, not bare arrays")
+            maps = heads_pairs(names, heads)
+        images = 0 if streamed else rows.n
+    else:
+        ident = rows.identity() if out is not None else None
+        if ident is not None:
+            ckpt = _Checkpoint(Path(str(out) + ".partial"),
+                               {**ident, "holdout": opt.holdout, "seed": opt.seed})
+            resumed = int(ckpt.state["samples"]) if ckpt.state is not None else 0
+        t1 = time.perf_counter()
+        acc = accumulate(rows, opt.holdout, opt.seed, opt.device, ckpt, opt.checkpoint_every,
+                         progress)
+        dt = time.perf_counter() - t1
+        rate = (acc.samples - resumed) / dt if dt > 0 else 0.0
+        skipped = acc.extra.get("skipped", [])
+        read = int(acc.train.n) + int(acc.holdout.n)
+        if read == 0 and streamed:
+            raise AffeqError(f"none of the {rows.n} images could be read",
+                             "check --data (see the skipped files)")
+        maps = solve_pairs(acc, names, method)
+        images = read if streamed else rows.n
+    meta = {"method": method, "source": rows.describe(), "holdout_fraction": opt.holdout,
+            "seed": opt.seed, "max_images": opt.max_images, "specs": rows.specs(),
+            "versions": versions(), "skipped": skipped}
+    mapset = MapSet(maps, meta, str(out) if out is not None else "")
     if out is not None:
-        meta_doc = {"method": method, "source": source, "holdout_fraction": holdout, "seed": seed,
-                    "max_images": max_images, "specs": specs, "versions": versions(),
-                    "skipped": skipped}
-        save_maps(out, maps, meta_doc)
-        if features is None and method in GRAM_METHODS:
-            shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)
-    return FitResult(Path(out) if out is not None else None, maps, images, seconds, resumed,
-                     skipped)
+        save_maps(out, mapset)
+        if ckpt is not None:
+            ckpt.remove()
+    return FitResult(Path(out) if out is not None else None, mapset, images,
+                     time.perf_counter() - t0, resumed, skipped, rate)
+
+
+def fit_maps(source: Any, models: str | Sequence[str] | None = None, method: str = "ols",
+             holdout: float = 0.1, seed: int = 0) -> list[AffineMap]:
+    """Deprecated thin alias of :func:`fit` for one remaining test: ``fit(...).maps.values()`` as a
+    list. Use :func:`fit`."""
+    return list(fit(source, models, method, options=FitOptions(holdout=holdout, seed=seed))
+                .maps.values())

@@ -1,0 +1,316 @@
+"""Row sources for ``fit``: joint feature rows [F_1 … F_k] of the same samples, in sample order.
+
+One protocol (:class:`RowSource`), three implementations: in-memory arrays (:class:`ArraySource`),
+a feature store or anything with its reading protocol (:class:`StoreSource`), and an image folder
+(:class:`ImageSource`: networks opened through ``method.extract``'s building blocks, each image
+decoded once). :func:`row_source` picks one for what the caller passed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from affeq_rt.data.readers import DataSource
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.heads import Head
+from affeq_rt.io.store import FeatureStore, StoreLike
+from affeq_rt.method.extract import (
+    ImageOptions,
+    Network,
+    feature_batches,
+    load_data,
+    open_networks,
+    parse_models,
+    spec_dict,
+)
+
+CHUNK = 4096  # samples per chunk of array and store sources
+
+
+@dataclass
+class Chunk:
+    """Joint rows of samples ``start``…``stop``: ``x`` float32 [rows, Σd], C-contiguous.
+
+    ``ok`` marks the samples that have a row (None: all of them); ``skipped`` lists the others as
+    ``{index, path, reason}``.
+    """
+
+    start: int
+    stop: int
+    x: np.ndarray
+    ok: np.ndarray | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """What ``fit`` reads: model names, widths, sample count, joint rows, heads, metadata."""
+
+    @property
+    def names(self) -> list[str]:
+        """The models, in joint-vector order."""
+        ...
+
+    @property
+    def n(self) -> int:
+        """Samples (rows, or images of which some may be unreadable)."""
+        ...
+
+    def dims(self) -> dict[str, int]:
+        """Feature width per model."""
+        ...
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        """Joint rows from sample ``start`` on, in order."""
+        ...
+
+    def heads(self) -> dict[str, Head] | None:
+        """Each model's classifier (background rows stripped), or None when unknown."""
+        ...
+
+    def arrays(self) -> Mapping[str, Any] | None:
+        """Random-access [n, d] features per model (Adam), or None when not addressable."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The maps file's ``source`` entry."""
+        ...
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The maps file's ``specs`` entry."""
+        ...
+
+    def identity(self) -> dict[str, Any] | None:
+        """What a checkpoint must match to resume; None: this source is not checkpointed."""
+        ...
+
+
+def parse_names(models: str | Sequence[str] | None) -> list[str] | None:
+    """``"a,b"`` or a list → names (blanks dropped); None or empty → None (all models)."""
+    if models is None:
+        return None
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
+    return [m for m in names if m] or None
+
+
+def _joint(parts: Sequence[Any], a: int, b: int) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([np.asarray(p[a:b], np.float32) for p in parts],
+                                               axis=1))
+
+
+class ArraySource:
+    """Row-aligned in-memory features ``{model: [n, d]}`` (and optionally the heads)."""
+
+    def __init__(self, arrays: Mapping[str, Any], models: str | Sequence[str] | None = None,
+                 max_images: int | None = None,
+                 heads: Mapping[str, Head] | None = None) -> None:
+        names = parse_names(models) or list(arrays)
+        missing = [m for m in names if m not in arrays]
+        if missing:
+            raise AffeqError(f"no features given for {', '.join(missing)}",
+                             "pass an array for every model")
+        counts = {int(arrays[m].shape[0]) for m in names}
+        if len(counts) > 1:
+            raise AffeqError("feature arrays have different row counts",
+                             "pass features of the same images, row-aligned")
+        n = counts.pop() if counts else 0
+        self._names = names
+        self._n = min(n, max_images or n)
+        self._arrays = {m: arrays[m] for m in names}
+        self._heads = dict(heads) if heads is not None else None
+
+    @property
+    def names(self) -> list[str]:
+        """The models, in joint-vector order."""
+        return self._names
+
+    @property
+    def n(self) -> int:
+        """Rows used."""
+        return self._n
+
+    def dims(self) -> dict[str, int]:
+        """Feature width per model."""
+        return {m: int(a.shape[1]) for m, a in self._arrays.items()}
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        """Joint rows in chunks of :data:`CHUNK`."""
+        parts = [self._arrays[m] for m in self._names]
+        for a in range(start, self._n, CHUNK):
+            b = min(a + CHUNK, self._n)
+            yield Chunk(a, b, _joint(parts, a, b))
+
+    def heads(self) -> dict[str, Head] | None:
+        """The heads given, if any."""
+        return self._heads
+
+    def arrays(self) -> Mapping[str, Any]:
+        """The arrays, cut to :attr:`n` rows."""
+        return {m: a[:self._n] for m, a in self._arrays.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """``{"kind": "arrays", "n": n}``."""
+        return {"kind": "arrays", "n": self._n}
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """None known."""
+        return {}
+
+    def identity(self) -> None:
+        """Arrays are not checkpointed."""
+        return None
+
+
+class StoreSource:
+    """A :class:`~affeq_rt.io.store.FeatureStore` (or an in-memory ``ArrayStore``)."""
+
+    def __init__(self, store: StoreLike, models: str | Sequence[str] | None = None,
+                 max_images: int | None = None) -> None:
+        self.store = store
+        self._names = parse_names(models) or list(store.models)
+        self._dims = {m: int(store.features(m).shape[1]) for m in self._names}  # AffeqError
+        self._n = min(int(store.n), max_images or int(store.n))
+
+    @property
+    def names(self) -> list[str]:
+        """The models, in joint-vector order."""
+        return self._names
+
+    @property
+    def n(self) -> int:
+        """Rows used."""
+        return self._n
+
+    def dims(self) -> dict[str, int]:
+        """Feature width per model."""
+        return dict(self._dims)
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        """Joint rows in chunks of :data:`CHUNK` (read from the memory-mapped arrays)."""
+        parts = [self.store.features(m) for m in self._names]
+        for a in range(start, self._n, CHUNK):
+            b = min(a + CHUNK, self._n)
+            yield Chunk(a, b, _joint(parts, a, b))
+
+    def heads(self) -> dict[str, Head]:
+        """The store's heads (background rows stripped)."""
+        return {m: self.store.head(m) for m in self._names}
+
+    def arrays(self) -> Mapping[str, Any]:
+        """Memory-mapped features, cut to :attr:`n` rows."""
+        return {m: self.store.features(m)[:self._n] for m in self._names}
+
+    def describe(self) -> dict[str, Any]:
+        """The store's path and data description."""
+        path = getattr(self.store, "path", None)
+        manifest = getattr(self.store, "manifest", {})
+        return {"kind": "feature-store",
+                "path": str(Path(path).resolve()) if path is not None else None,
+                "n": self._n, "data": manifest.get("data")}
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The specs the store was extracted with."""
+        return {m: self.store.spec(m) for m in self._names}
+
+    def identity(self) -> None:
+        """Stores are read in one go, not checkpointed."""
+        return None
+
+
+class ImageSource:
+    """Images run through every network, each decoded once; networks opened on first use."""
+
+    def __init__(self, data: str | os.PathLike | DataSource, models: str | Sequence[str] | None,
+                 images: ImageOptions | None = None, max_images: int | None = None) -> None:
+        self._names = parse_models(parse_names(models) or [])
+        self._data = data
+        self.options = images or ImageOptions()
+        self._max_images = max_images
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical registry names, in joint-vector order."""
+        return self._names
+
+    @cached_property
+    def data(self) -> DataSource:
+        """The samples (read on first use)."""
+        o = self.options
+        return load_data(self._data, o.labels, o.meta, self._max_images)
+
+    @cached_property
+    def networks(self) -> list[Network]:
+        """The opened backbones (exported on first use)."""
+        o = self.options
+        return open_networks(self._names, provider=o.provider, export_root=o.export_root,
+                             random_weights=o.random_weights)
+
+    @cached_property
+    def _description(self) -> dict[str, Any]:
+        return self.data.describe()
+
+    @property
+    def n(self) -> int:
+        """Images, readable or not."""
+        return len(self.data)
+
+    def dims(self) -> dict[str, int]:
+        """Feature width per model."""
+        return {net.name: net.dim for net in self.networks}
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        """One chunk per batch of the decode-once loader; unreadable images have no row."""
+        nets, o = self.networks, self.options
+        for batch, feats in feature_batches(nets, self.data.samples, o.batch_size, o.workers,
+                                            start):
+            x = np.ascontiguousarray(np.concatenate([feats[m] for m in self._names], axis=1))
+            yield Chunk(batch.start, batch.stop, x, batch.ok,
+                        [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
+
+    def heads(self) -> dict[str, Head]:
+        """Each network's classifier (background rows stripped)."""
+        return {net.name: net.head for net in self.networks}
+
+    def arrays(self) -> None:
+        """Images are streamed, not addressable."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The data description (kind, root, count, fingerprint)."""
+        return self._description
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The specs of the exports used."""
+        return {net.name: spec_dict(net.spec) for net in self.networks}
+
+    def identity(self) -> dict[str, Any]:
+        """Models, their exports, the data and the batch grid (holdout/seed added by ``fit``)."""
+        return {"models": self._names,
+                "exports": {net.name: net.onnx_sha256 for net in self.networks},
+                "data": self._description, "batch_size": self.options.batch_size}
+
+
+def row_source(source: Any, models: str | Sequence[str] | None = None,
+               images: ImageOptions | None = None, max_images: int | None = None) -> RowSource:
+    """A :class:`RowSource` for ``source``: a RowSource as is; ``{model: [n, d]}`` arrays; a
+    FeatureStore (or anything with its reading protocol) or a store folder; else an image folder,
+    list file or ``DataSource``."""
+    if isinstance(source, RowSource):
+        return source
+    if isinstance(source, Mapping):
+        return ArraySource(source, models, max_images)
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "manifest.json").is_file():
+        return StoreSource(FeatureStore.open(source), models, max_images)
+    if isinstance(source, (str, os.PathLike, DataSource)):
+        return ImageSource(source, models, images, max_images)
+    if all(hasattr(source, a) for a in ("features", "head", "models", "n")):
+        return StoreSource(source, models, max_images)
+    raise AffeqError(f"cannot fit maps from a {type(source).__name__}",
+                     "pass feature arrays, a feature store or an image folder")
