@@ -19,7 +19,7 @@ from affeq_rt.io.heads import load_head
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter
 from affeq_rt.method.extract import ImageOptions, extract
-from affeq_rt.method.fit import FitOptions, fit, fit_maps, holdout_mask
+from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -66,7 +66,7 @@ def _lstsq(xa: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_fit_maps_on_arrays_matches_lstsq_for_every_pair():
     feats = _features(500)
-    maps = fit_maps(feats, method="ols", holdout=0.2, seed=3)
+    maps = fit(feats, method="ols", options=FitOptions(holdout=0.2, seed=3)).maps.values()
     assert sorted(m.key for m in maps) == sorted(f"{a}->{b}" for a in DIMS for b in DIMS if a != b)
     train = ~holdout_mask(500, 0.2, 3)
     for m in maps:

@@ -149,12 +149,9 @@ def test_logit_pinv_lossless_when_head_has_full_row_rank():
     x = rng.normal(size=(5, 6))
     np.testing.assert_allclose((x @ w.T + b) @ wb.T + bb, x @ wa.T + ba, atol=1e-10)
     assert st["logits_exact"] and w.shape == (12, 6)
-    # TF-slim style 1001-row head (background first, label_offset 1) maps the same classes
-    wb1 = np.vstack([rng.normal(size=(1, 12)), wb])
-    bb1 = np.concatenate([[5.0], bb])
-    w1, b1, _ = solvers.logit_pinv((wa, ba), (wb1, bb1), 0, 1)
-    np.testing.assert_allclose(w1, w, atol=1e-10)
-    np.testing.assert_allclose(b1, b, atol=1e-10)
+    # heads over different label sets are refused, not silently truncated
+    with pytest.raises(AffeqError, match="different numbers of classes"):
+        solvers.logit_pinv((wa, ba), (np.vstack([wb, wb[:1]]), np.concatenate([bb, bb[:1]])))
     _, _, st2 = solvers.logit_pinv((wa, ba), (rng.normal(size=(10, 4)), bb))  # d_B=4 < K
     assert not st2["logits_exact"]
 

@@ -190,16 +190,15 @@ def heads_pairs(names: Sequence[str], heads: Mapping[str, Head]) -> list[AffineM
     """``logit-pinv`` maps for every ordered pair from the classifier heads alone (background
     rows already stripped by :class:`~affeq_rt.io.heads.Head`)."""
     out = []
-    pinvs: dict[tuple[str, int], tuple[np.ndarray, int]] = {}  # one SVD per (target, rows)
+    pinvs: dict[str, tuple[np.ndarray, int]] = {}  # one SVD per target
     for a in names:
         for t in names:
             if t != a:
-                k = min(heads[a].num_classes, heads[t].num_classes)
-                if (t, k) not in pinvs:
-                    pinvs[t, k] = solvers.head_pinv(heads[t].weight[:k])
+                if t not in pinvs:
+                    pinvs[t] = solvers.head_pinv(heads[t].weight)
                 w, b, st = solvers.logit_pinv((heads[a].weight, heads[a].bias),
-                                              (heads[t].weight, heads[t].bias), 0, 0,
-                                              pinv_dst=pinvs[t, k])
+                                              (heads[t].weight, heads[t].bias),
+                                              pinv_dst=pinvs[t])
                 out.append(AffineMap(a, t, w.astype(np.float32), b.astype(np.float32),
                                      "logit-pinv", {"images": 0, **st}))
     return out
@@ -370,11 +369,3 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "o
             ckpt.remove()
     return FitResult(Path(out) if out is not None else None, mapset, images,
                      time.perf_counter() - t0, resumed, skipped, rate)
-
-
-def fit_maps(source: Any, models: str | Sequence[str] | None = None, method: str = "ols",
-             holdout: float = 0.1, seed: int = 0) -> list[AffineMap]:
-    """Deprecated thin alias of :func:`fit` for one remaining test: ``fit(...).maps.values()`` as a
-    list. Use :func:`fit`."""
-    return list(fit(source, models, method, options=FitOptions(holdout=holdout, seed=seed))
-                .maps.values())

@@ -207,14 +207,6 @@ def ridge(train: Moments, a: slice, t: slice, holdout: Moments | None,
     return w, b, stats
 
 
-def _class_rows(w: np.ndarray, b: np.ndarray, offset: int, classes: int) -> tuple[np.ndarray, ...]:
-    if w.shape[0] < offset + classes:
-        raise AffeqError(f"head has {w.shape[0]} classes, fewer than offset {offset} + {classes}",
-                         "check label_offset/num_classes in the registry spec")
-    return (np.asarray(w[offset:offset + classes], np.float64),
-            np.asarray(b[offset:offset + classes], np.float64))
-
-
 def head_pinv(w: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, int]:
     """Pseudo-inverse [d, K] and rank of a head's weight [K, d] from one SVD (float64)."""
     u, sv, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
@@ -223,22 +215,22 @@ def head_pinv(w: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, int]:
 
 
 def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarray, np.ndarray],
-               offset_src: int = 0, offset_dst: int = 0, rcond: float = 1e-12,
-               pinv_dst: tuple[np.ndarray, int] | None = None
+               rcond: float = 1e-12, pinv_dst: tuple[np.ndarray, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Through the logits (thesis §5.5): M = W_B⁺ W_A, bias W_B⁺ (b_A − b_B).
 
-    Heads are (weight [K, d], bias [K]); ``offset`` is the registry's ``label_offset`` (1 for
-    TF-slim 1001-class heads): only the shared ImageNet classes are used. The map reproduces A's
-    logits through B's head exactly when W_B has full row rank (K ≤ d_B); ``logits_exact`` says so.
-    ``pinv_dst`` (from :func:`head_pinv` on the same rows) reuses B's SVD across sources.
+    Heads are (weight [K, d], bias [K]) over the same K classes in the same order (a TF-slim
+    background row is stripped once, where heads are loaded: :class:`affeq_rt.io.heads.Head`).
+    The map reproduces A's logits through B's head exactly when W_B has full row rank
+    (K ≤ d_B); ``logits_exact`` says so. ``pinv_dst`` (from :func:`head_pinv` on B's weight)
+    reuses B's SVD across sources.
     """
-    wa, ba = head_src
-    wb, bb = head_dst
-    k_a, k_b = wa.shape[0] - offset_src, wb.shape[0] - offset_dst
-    k = min(k_a, k_b)
-    wa, ba = _class_rows(wa, ba, offset_src, k)
-    wb, bb = _class_rows(wb, bb, offset_dst, k)
+    wa, ba = (np.asarray(x, np.float64) for x in head_src)
+    wb, bb = (np.asarray(x, np.float64) for x in head_dst)
+    if wa.shape[0] != wb.shape[0]:
+        raise AffeqError(f"the heads score different numbers of classes ({wa.shape[0]} and "
+                         f"{wb.shape[0]})", "map between networks with the same label set")
+    k = wa.shape[0]
     pinv, rank = pinv_dst if pinv_dst is not None else head_pinv(wb, rcond)  # [dB, K]
     w = pinv @ wa
     b = pinv @ (ba - bb)
