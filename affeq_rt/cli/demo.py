@@ -10,6 +10,7 @@ import typer
 from affeq_rt.cli.options import ExportRoot, Quiet, opt_str
 from affeq_rt.cli.progress import Display
 from affeq_rt.demo.run import run_demo
+from affeq_rt.onnx.exported import default_export_root
 
 STAGES = ("digits:", "photos:", "hybrid:")  # progress lines of run_demo; the rest is the result
 
@@ -44,6 +45,10 @@ def run(
             else:
                 typer.echo(msg)
 
+        root = export_root or default_export_root()
+        typer.echo(f"demo: writing stores, maps and the report under {out.resolve()} (about "
+                   f"270 MB; delete it when done) and network exports under {root} (about "
+                   "100 MB, reused by later runs)", err=True)
         display.step("demo")
         run_demo(out, quick=quick, photos=photos, hybrid=hybrid, seed=seed,
                  export_root=opt_str(export_root), say=say)
