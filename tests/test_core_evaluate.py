@@ -37,11 +37,18 @@ def assert_matches(res: HeadsResult, ref: HeadsResult, X, W, b, tol_gap: float) 
     bits, rbits = res.correct_bits(), ref.correct_bits()
     np.testing.assert_array_equal(bits[~ambiguous], rbits[~ambiguous])
     n_amb = ambiguous.sum(axis=1)
-    assert (np.abs(res.top1 - ref.top1) <= n_amb).all() and (
+    assert (np.abs(res.top1 - ref.top1) <= n_amb).all()
+    assert (
         np.abs(res.top5 - ref.top5) <= n_amb
     ).all()
     assert (
-        res.top1.dtype == np.int64 and res.pred.dtype == np.int32 and res.correct.dtype == np.uint8
+        res.top1.dtype == np.int64
+    )
+    assert (
+        res.pred.dtype == np.int32
+    )
+    assert (
+        res.correct.dtype == np.uint8
     )
 
 
@@ -52,7 +59,9 @@ def test_random_matches_reference(dtype: type, tile: int) -> None:
     X = X.astype(dtype)
     res = evaluate_heads(X, W, b, labels, device="cpu", tile_rows=tile)
     ref = evaluate_reference(X, W, b, labels)
-    assert res.device == "cpu" and res.n == 1003 and res.correct.shape == (4, 126)
+    assert res.device == "cpu"
+    assert res.n == 1003
+    assert res.correct.shape == (4, 126)
     assert res.labeled == ref.labeled == int((labels >= 0).sum())
     # float32 products over d=96 terms of O(1): error ~1e-6; gaps below 1e-4 are undecidable.
     assert_matches(res, ref, X, W, b, tol_gap=1e-4)
@@ -80,7 +89,9 @@ def test_exact_ties_go_to_lowest_class() -> None:
     assert not np.isin(res.pred, [7, 9, 11]).any()  # duplicates never win over the lower index
     Xz = np.zeros((9, d), np.float32)  # all logits equal: class 0 everywhere
     r0 = evaluate_heads(Xz, W, b, np.arange(9) % K, device="cpu")
-    assert (r0.pred == 0).all() and list(r0.top1) == [1, 1] and list(r0.top5) == [5, 5]
+    assert (r0.pred == 0).all()
+    assert list(r0.top1) == [1, 1]
+    assert list(r0.top5) == [5, 5]
 
 
 def test_near_ties_resolved_like_float64() -> None:
@@ -97,7 +108,8 @@ def test_near_ties_resolved_like_float64() -> None:
     ref = evaluate_reference(X, W, b, labels)
     np.testing.assert_array_equal(res.pred, ref.pred)
     np.testing.assert_array_equal(res.top5, ref.top5)
-    assert len(np.unique(res.pred)) == 1 and res.pred[0, 0] == int(np.argmax(b[0]))
+    assert len(np.unique(res.pred)) == 1
+    assert res.pred[0, 0] == int(np.argmax(b[0]))
 
 
 @pytest.mark.parametrize("K", [1, 3, 5])
@@ -115,9 +127,15 @@ def test_unknown_labels_never_hit() -> None:
     res = evaluate_heads(X, W, b, np.full(64, -1), device="cpu")
     assert (
         res.labeled == 0
-        and (res.top1 == 0).all()
-        and (res.top5 == 0).all()
-        and not res.correct.any()
+    )
+    assert (
+        (res.top1 == 0).all()
+    )
+    assert (
+        (res.top5 == 0).all()
+    )
+    assert (
+        not res.correct.any()
     )
     assert np.isnan(res.top1_acc).all()
 

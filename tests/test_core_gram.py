@@ -31,7 +31,8 @@ def corr_err(S: np.ndarray, ref: np.ndarray) -> float:
     Constant columns (zero variance, e.g. tiny scales lost to float16) must come out exactly 0."""
     dg = np.sqrt(np.diag(ref))
     ok = dg > 0
-    assert not S[~ok].any() and not S[:, ~ok].any()
+    assert not S[~ok].any()
+    assert not S[:, ~ok].any()
     return float((np.abs(S - ref)[np.ix_(ok, ok)] / np.outer(dg[ok], dg[ok])).max())
 
 
@@ -50,14 +51,17 @@ def test_random_matches_reference(dtype: type) -> None:
     acc = GramAccumulator(40, device="cpu", block_rows=256)  # small blocks: many flushes and merges
     feed(acc, X, [1, 0, 7, 300, 64, 1000])
     ref = gram_reference(X)
-    assert acc.n == 3000 and acc.skipped == 0 and acc.device == "cpu"
+    assert acc.n == 3000
+    assert acc.skipped == 0
+    assert acc.device == "cpu"
     # float64 products over <=256 rows: |ΔS_ij| ≤ γ_256·Σ|y_i||y_j| ≤ 256·eps64·sqrt(S_ii S_jj)
     # (Cauchy-Schwarz, any summation order) ≈ 5.7e-14, plus ~12 merges of eps64 each: 1e-12 is a
     # worst-case bound (float32 products, the old numerics, give ~1e-6).
     assert corr_err(acc.scatter(), ref.scatter) < 1e-12
     np.testing.assert_allclose(acc.mean(), ref.mean, rtol=1e-9, atol=1e-9)
     G = acc.gram()
-    assert G.shape == (41, 41) and G[40, 40] == 3000
+    assert G.shape == (41, 41)
+    assert G[40, 40] == 3000
     np.testing.assert_allclose(G, ref.gram(), rtol=1e-6, atol=1e-6 * np.abs(ref.gram()).max())
     np.testing.assert_array_equal(G, G.T)
 
@@ -94,7 +98,8 @@ def test_nan_inf_rows_are_skipped_and_counted() -> None:
     assert corr_err(acc.scatter(), ref.scatter) < 1e-12  # 500 rows: ≤ 500·eps64 ≈ 1.1e-13
     H = X.astype(np.float16)
     acc16 = GramAccumulator(8, device="cpu")
-    assert acc16.update(H) == 3 and acc16.n == 497
+    assert acc16.update(H) == 3
+    assert acc16.n == 497
 
 
 def test_merge_equals_single_pass_and_joint_blocks() -> None:
@@ -157,7 +162,7 @@ def test_save_load_roundtrip_and_corruption(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad, match",
+    ("bad", "match"),
     [
         (np.zeros((4, 6), np.float64), "dtype"),
         (np.zeros((4, 7), np.float32), "columns"),
@@ -227,12 +232,16 @@ def test_readout_forms_copy_and_empty_state(tmp_path) -> None:
     np.testing.assert_array_equal(acc.scatter(rows=slice(None, None, 2), cols=-1), S[::2, 8:9])
     dup = acc.copy()
     dup += acc
-    assert dup.n == 600 and acc.n == 300
+    assert dup.n == 600
+    assert acc.n == 300
     np.testing.assert_allclose(dup.scatter(), 2 * S, rtol=1e-12)  # same mean: the scatters add
     empty = GramAccumulator(9, device="cpu")
-    assert empty.n == 0 and not empty.mean().any() and not empty.scatter().any()
+    assert empty.n == 0
+    assert not empty.mean().any()
+    assert not empty.scatter().any()
     back = GramAccumulator.load(empty.save(tmp_path / "empty.gram"), device="cpu")
-    assert back.n == 0 and back.dim == 9
+    assert back.n == 0
+    assert back.dim == 9
     with pytest.raises(AffeqError, match="outside"):
         acc.scatter(rows=9)
 
@@ -255,7 +264,7 @@ def _core_cuda_or_skip():
 
 
 @pytest.mark.parametrize(
-    "args, exc, match",
+    ("args", "exc", "match"),
     [
         ((np.zeros((4, 4)), (4, 4), (4,), (4,)), TypeError, "__cuda_array_interface__"),
         (((4, 4), (4, 4), (4,), (5,)), ValueError, "delta has size 5"),

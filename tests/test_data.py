@@ -51,7 +51,8 @@ def _save(im: Image.Image, p: Path) -> Path:
 
 def test_timm_ships_the_sorted_imagenet_list():
     w = imagenet_wnids()
-    assert len(w) == 1000 and list(w) == sorted(w)
+    assert len(w) == 1000
+    assert list(w) == sorted(w)
     for wnid, i in IDX.items():
         assert w[i] == wnid
 
@@ -155,7 +156,8 @@ def test_list_file_and_unlabelled(tmp_path, imgs):
     src = read_list_file(lst)
     assert [(Path(s.path).name, s.label) for s in src.samples] == [("b.png", 7), ("a.jpg", 3)]
     un = read_unlabelled(tmp_path / "x")
-    assert {s.label for s in un.samples} == {-1} and len(un) == 2
+    assert {s.label for s in un.samples} == {-1}
+    assert len(un) == 2
     assert discover(tmp_path / "x").kind == "unlabelled"
     # a flat folder with a name,label file whose names are relative to the folder
     (tmp_path / "labels.txt").write_text("a.jpg,4\nsub/b.png,2\n")

@@ -38,7 +38,8 @@ def test_networks_are_real_and_different(miniature: tuple) -> None:
     t = tables["ols"]
     assert len(t.models) >= 3
     dims = [acc[m]["feature_dim"] for m in t.models]
-    assert len(set(dims)) == len(dims) and min(dims) >= 10
+    assert len(set(dims)) == len(dims)
+    assert min(dims) >= 10
     for i, m in enumerate(t.models):
         assert t.top1[i, i] > 90.0, m  # trained nets, 10 classes: far above chance
         # ONNX features through the exported head agree with torch's own accuracy; a float32
@@ -78,7 +79,8 @@ def test_naive_hybrids_are_near_chance(miniature: tuple) -> None:
     vals = np.array([t.top1[i, j] for i, j in _off(len(t.models))])
     # chance is 10 %; the trained nets score > 90 %. Unmapped features of another net can land
     # anywhere from 0 to a few times chance (ReLU features are all ≥ 0), never near the source.
-    assert vals.max() < 40.0 and vals.mean() < 20.0, vals
+    assert vals.max() < 40.0, vals
+    assert vals.mean() < 20.0, vals
 
 
 def test_cli_evaluate_and_validate_on_demo_files(miniature: tuple, tmp_path: Path,
@@ -119,7 +121,8 @@ def test_bad_inputs_as_files(miniature: tuple, tmp_path: Path) -> None:
         {m: np.asarray(st.features(m)) for m in names}, heads, None,
         {m: st.spec(m) for m in names}), source="digits-unlabelled")
     t = evaluate(path, out / "maps_logit-pinv.safetensors", device="cpu")
-    assert not t.labelled and np.isnan(t.top1).all()
+    assert not t.labelled
+    assert np.isnan(t.top1).all()
     # logit-pinv hybrids predict what the source predicts: agreement with the target's own
     # prediction therefore equals the unmapped source-vs-target agreement (up to near-ties)
     assert np.abs(t.agree - t.agree_unmapped).max() <= 1.0
@@ -156,4 +159,5 @@ def test_full_demo_cli(tmp_path: Path) -> None:
         gap = np.abs(np.array(photos[f"logit-pinv, {part}"]["agree"]) -
                      np.array(photos[f"logit-pinv, {part}"]["agree_unmapped"]))
         assert gap.max() <= 100 / 24 + 1e-9
-    assert doc["hybrid"] is not None and doc["hybrid"]["top1_name"]
+    assert doc["hybrid"] is not None
+    assert doc["hybrid"]["top1_name"]

@@ -93,7 +93,8 @@ def test_table_equals_materialised_numpy() -> None:
     store, maps = _problem()
     table = evaluate(store, _mapset(maps), device="cpu")
     ref = _reference(store, maps)
-    assert table.labelled and table.models == list(DIMS)
+    assert table.labelled
+    assert table.models == list(DIMS)
     for i, a in enumerate(table.models):
         for j, b in enumerate(table.models):
             r = ref[(a, b)]
@@ -112,7 +113,8 @@ def test_table_equals_materialised_numpy() -> None:
     t1 = table.top1
     assert table.change_top1[0, 1] == pytest.approx((t1[0, 1] - t1[0, 0]) / t1[0, 0] * 100)
     assert table.loss_top1[0, 1] == pytest.approx(t1[0, 0] - t1[1, 0])
-    assert np.all(np.diag(table.change_top1) == 0) and np.all(np.diag(table.loss_top1) == 0)
+    assert np.all(np.diag(table.change_top1) == 0)
+    assert np.all(np.diag(table.loss_top1) == 0)
 
 
 def test_label_offset_drops_background_row() -> None:
@@ -132,7 +134,9 @@ def test_overlap_regions_match_sets() -> None:
     ra, rb, rh = table.hits("alpha", "alpha"), table.hits("gamma", "gamma"), \
         table.hits("alpha", "gamma")
     assert sum(o.regions.values()) == N
-    assert o.right_a == ra.sum() and o.right_b == rb.sum() and o.right_hybrid == rh.sum()
+    assert o.right_a == ra.sum()
+    assert o.right_b == rb.sum()
+    assert o.right_hybrid == rh.sum()
     assert o.fixed == (rh & ~rb).sum()
     assert o.fixed_a_right == (ra & rh & ~rb).sum()
     assert o.broken == (rb & ~rh).sum()
@@ -145,7 +149,9 @@ def test_agreement_mode_without_labels() -> None:
     store, maps = _problem(seed=2, labelled=False)
     table = evaluate(store, _mapset(maps), device="cpu")
     ref = _reference(store, maps)
-    assert not table.labelled and table.correct is None and np.isnan(table.top1).all()
+    assert not table.labelled
+    assert table.correct is None
+    assert np.isnan(table.top1).all()
     for i, a in enumerate(table.models):
         for j, b in enumerate(table.models):
             sure = (ref[(a, b)]["margin"] > NEAR_TIE) & (ref[(b, b)]["margin"] > NEAR_TIE)
@@ -202,7 +208,8 @@ def test_validate_flags_mismatch() -> None:
     store.specs_["beta"].pop("expected_top1")
     rows = {r.model: r for r in validate(store, device="cpu")}
     assert rows["alpha"].ok is True
-    assert rows["gamma"].ok is False and rows["gamma"].delta == pytest.approx(-20.0)
+    assert rows["gamma"].ok is False
+    assert rows["gamma"].delta == pytest.approx(-20.0)
     assert rows["beta"].ok is None
 
 
@@ -235,7 +242,8 @@ def test_results_carry_overlaps_and_progress_counts_sources(tmp_path, monkeypatc
     assert rec.calls == [("start", "evaluate", 3, 0, "source"), ("advance", 1), ("advance", 1),
                          ("advance", 1), ("done",)]
     pairs = default_overlap_pairs(table)
-    assert [(o.a, o.b) for o in table.overlaps] == pairs and len(pairs) == 2
+    assert [(o.a, o.b) for o in table.overlaps] == pairs
+    assert len(pairs) == 2
     assert table.overlaps[0].regions == overlap(table, *pairs[0]).regions
     chosen = evaluate(store, _mapset(maps), device="cpu", overlap_pairs=[("gamma", "beta")])
     assert [(o.a, o.b) for o in chosen.overlaps] == [("gamma", "beta")]

@@ -36,7 +36,8 @@ def test_lite0_export_is_complete_and_checked(lite0_export: Path) -> None:
     assert len(m["weights"]["sha256"]) == 64
     err = m["export_error"]
     assert 0 <= err["max_rel"] <= err["tolerance"] == EXPORT_RTOL
-    assert "skimage:chelsea" in err["inputs"] and any(i.startswith("noise") for i in err["inputs"])
+    assert "skimage:chelsea" in err["inputs"]
+    assert any(i.startswith("noise") for i in err["inputs"])
     for f in (exp.features_path, exp.classifier_path):
         model = onnx.load(str(f))
         assert 17 <= model.opset_import[0].version <= 18
@@ -48,7 +49,9 @@ def test_lite0_export_is_complete_and_checked(lite0_export: Path) -> None:
 def test_graphs_match_head_arrays_any_batch(lite0_export: Path) -> None:
     exp = ExportedBackbone(lite0_export)
     w, b = exp.head()
-    assert w.shape == (1000, 1280) and b.shape == (1000,) and w.dtype == np.float32
+    assert w.shape == (1000, 1280)
+    assert b.shape == (1000,)
+    assert w.dtype == np.float32
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 3, 224, 224)).astype(np.float32)
     fs = create_session(exp.features_path, provider="cpu")
@@ -69,15 +72,15 @@ def test_ensure_exported_reuses_and_repairs(lite0_export: Path) -> None:
     assert ensure_exported("lite0", root=root) == lite0_export
     assert (lite0_export / "features.onnx").stat().st_mtime_ns == stamp
     exp = ExportedBackbone(lite0_export)
+    # a damaged copy is detected …
+    bad = root.parent / "damaged"
+    bad.mkdir(exist_ok=True)
+    for f in ("features.onnx", "classifier.onnx", "head.safetensors", "manifest.json"):
+        (bad / f).write_bytes((lite0_export / f).read_bytes())
+    with open(bad / "head.safetensors", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x7f\x7f\x7f\x7f")
     with pytest.raises(AffeqError, match="does not match its checksum"):
-        # a damaged copy is detected …
-        bad = root.parent / "damaged"
-        bad.mkdir(exist_ok=True)
-        for f in ("features.onnx", "classifier.onnx", "head.safetensors", "manifest.json"):
-            (bad / f).write_bytes((lite0_export / f).read_bytes())
-        with open(bad / "head.safetensors", "r+b") as fh:
-            fh.seek(200)
-            fh.write(b"\x7f\x7f\x7f\x7f")
         ExportedBackbone(bad).verify()
     assert exp.manifest["weights"]["source"] != "random"
 

@@ -40,7 +40,7 @@ class _Recorder:
         self.calls: list[tuple] = []
 
     def start(self, task: str, total: int | None = None, done: int = 0,
-              unit: str = "img") -> None:
+              unit: str = "img") -> None:  # noqa: ARG002 (the Progress protocol's signature)
         self.calls.append(("start", task, total, done))
 
     def advance(self, n: int = 1) -> None:
@@ -66,7 +66,8 @@ def ref_store(env):
 def test_extract_three_networks_on_photos(env, ref_store):
     st = FeatureStore.open(ref_store.path)
     n_good = len(env["good"])
-    assert st.n == n_good == ref_store.n and st.models == MODELS
+    assert st.n == n_good == ref_store.n
+    assert st.models == MODELS
     assert sorted(Path(s["path"]).name for s in st.manifest["skipped"]) == \
         ["zz_corrupt.jpg", "zz_truncated.jpg"]
     assert st.images == [str(p) for p in env["good"]]
@@ -75,14 +76,16 @@ def test_extract_three_networks_on_photos(env, ref_store):
     nets = open_networks(MODELS, export_root=env["exports"], random_weights=True)
     for net in nets:
         f = st.features(net.name)
-        assert f.dtype == np.float32 and f.shape == (n_good, net.dim)
+        assert f.dtype == np.float32
+        assert f.shape == (n_good, net.dim)
         for i in (0, 7, n_good - 1):  # grayscale, CMYK, RGBA and palette files are among them
             x = preprocess(load_image(st.images[i]), net.spec)[None]
             want = run_network(net, x, 1)[0]
             # same graph, batch of 2 vs 1: ORT may pick other kernels/blockings (float32 noise)
             np.testing.assert_allclose(f[i], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
         head = st.head(net.name)
-        assert head.weight.shape == (1000, net.dim) and head.bias.shape == (1000,)
+        assert head.weight.shape == (1000, net.dim)
+        assert head.bias.shape == (1000,)
     # running the same command again finds the store complete
     again = extract(MODELS, env["photos"], ref_store.path, dtype="float32",
                     images=_opts(env, batch_size=2))
@@ -90,7 +93,8 @@ def test_extract_three_networks_on_photos(env, ref_store):
     # progress: one task over every sample (readable or not), in batches of 2; the rate is
     # this run's images over the run's own timestamps (the same seconds: equal up to rounding)
     calls = ref_store.progress_calls
-    assert calls[0] == ("start", "extract", n_good + 2, 0) and calls[-1] == ("done",)
+    assert calls[0] == ("start", "extract", n_good + 2, 0)
+    assert calls[-1] == ("done",)
     assert [c[1] for c in calls[1:-1]] == [2] * ((n_good + 2) // 2) + [1] * ((n_good + 2) % 2)
     assert ref_store.images_per_s == pytest.approx((n_good + 2) / ref_store.seconds, rel=1e-12)
 
@@ -129,14 +133,16 @@ def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
     done = _kill_when(proc, out / "progress.json", "samples", 4)
     assert proc.returncode == -signal.SIGKILL
     man = json.loads((out / "manifest.json").read_text())
-    assert not man["complete"] and done < 23
+    assert not man["complete"]
+    assert done < 23
     with pytest.raises(AffeqError, match="unfinished"):
         FeatureStore.open(out)
     # resume, and kill the resumed run too, later on
     proc = subprocess.Popen(_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ})
     later = _kill_when(proc, out / "progress.json", "samples", done + 6)
-    assert done < later < 23 and not json.loads((out / "manifest.json").read_text())["complete"]
+    assert done < later < 23
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
     r = subprocess.run(_cli(env, out), capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout
@@ -163,4 +169,5 @@ def test_bad_inputs(env, ref_store, tmp_path):
         extract(MODELS[:1], env["photos"], tmp_path / "f16", dtype="float16", images=_opts(env))
     r = subprocess.run(_cli(env, tmp_path / "s2", "--max-images", "0"), capture_output=True,
                        text=True, env={**os.environ})
-    assert r.returncode == 1 and r.stderr.startswith("error: --max-images")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: --max-images")

@@ -80,7 +80,8 @@ def test_fit_maps_on_arrays_matches_lstsq_for_every_pair():
         scale = np.abs(w).max()
         np.testing.assert_allclose(m.weight, w, rtol=0, atol=1e-6 * scale)
         np.testing.assert_allclose(m.bias, b, rtol=0, atol=1e-6 * max(scale, np.abs(b).max()))
-        assert m.stats["images"] == train.sum() and m.stats["holdout_images"] == (~train).sum()
+        assert m.stats["images"] == train.sum()
+        assert m.stats["holdout_images"] == (~train).sum()
         y = feats[m.dst][~train].astype(np.float64)
         pred = feats[m.src][~train].astype(np.float64) @ m.weight.T.astype(np.float64) + m.bias
         r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
@@ -97,9 +98,11 @@ def test_fit_from_store_every_method(tmp_path):
         res = fit(tmp_path / "store", ["a", "b", "c"], method, out=out,
                   options=FitOptions(holdout=0.1, adam_iterations=5))
         ms = load_maps(out)
-        assert len(ms) == 6 and ms.meta["method"] == method
+        assert len(ms) == 6
+        assert ms.meta["method"] == method
         for (s, d), m in ms.items():
-            assert m.weight.shape == (DIMS[d], DIMS[s]) and np.isfinite(m.weight).all()
+            assert m.weight.shape == (DIMS[d], DIMS[s])
+            assert np.isfinite(m.weight).all()
             assert m.method == method
         assert res.images == 300
     ms = load_maps(tmp_path / "logit-pinv.safetensors")
@@ -114,12 +117,14 @@ def test_fit_from_store_every_method(tmp_path):
     assert ridge["lambda"] == ridge["lambda_path"][ridge["lambda_index"]]
 
 
-def test_rank_deficient_fit_is_finite_and_reported(tmp_path):
+def test_rank_deficient_fit_is_finite_and_reported():
     feats = _features(8)  # 8 images, up to 9 dims
     feats["c"][:, 2] = 0.0  # a dead feature
     m = fit(feats, method="ols", options=FitOptions(holdout=0.0)).maps["c", "a"]
-    assert np.isfinite(m.weight).all() and m.stats["rank_deficient"]
-    assert m.stats["dead_features"] == 1 and m.stats["rank"] <= 7
+    assert np.isfinite(m.weight).all()
+    assert m.stats["rank_deficient"]
+    assert m.stats["dead_features"] == 1
+    assert m.stats["rank"] <= 7
     assert m.stats["r2_holdout"] is None
 
 
@@ -151,7 +156,7 @@ class _Recorder:
         self.calls: list[tuple] = []
 
     def start(self, task: str, total: int | None = None, done: int = 0,
-              unit: str = "img") -> None:
+              unit: str = "img") -> None:  # noqa: ARG002 (the Progress protocol's signature)
         self.calls.append(("start", task, total, done))
 
     def advance(self, n: int = 1) -> None:
@@ -175,10 +180,12 @@ def test_one_front_door_same_maps_from_arrays_and_store(tmp_path):
     from_arrays = fit(feats, method="ols", options=FitOptions(holdout=0.2, seed=1))
     assert rec.calls == [("start", "fit", 5000, 0), ("advance", 4096), ("advance", 904),
                          ("done",)]
-    assert from_store.images == 5000 and from_store.images_per_s > 0
+    assert from_store.images == 5000
+    assert from_store.images_per_s > 0
     assert set(from_store.maps) == {(a, b) for a in DIMS for b in DIMS if a != b}
     loaded = load_maps(tmp_path / "m.safetensors")
-    assert loaded.meta["source"]["kind"] == "feature-store" and loaded.meta["method"] == "ols"
+    assert loaded.meta["source"]["kind"] == "feature-store"
+    assert loaded.meta["method"] == "ols"
     for key, m in from_store.maps.items():
         # same rows, same chunks, same accumulator: bit-identical
         np.testing.assert_array_equal(m.weight, from_arrays.maps[key].weight)
@@ -188,7 +195,8 @@ def test_one_front_door_same_maps_from_arrays_and_store(tmp_path):
     assert from_arrays.maps.meta["source"] == {"kind": "arrays", "n": 5000}
     # max_images cuts every source to the first rows
     cut = fit(st, method="ols", options=FitOptions(max_images=10, holdout=0.0))
-    assert cut.images == 10 and cut.maps["a", "c"].stats["images"] == 10
+    assert cut.images == 10
+    assert cut.maps["a", "c"].stats["images"] == 10
 
 
 def test_logit_pinv_uses_heads_stripped_once(tmp_path):
@@ -201,7 +209,8 @@ def test_logit_pinv_uses_heads_stripped_once(tmp_path):
     # the reference reads the head files themselves and drops row 0 by hand
     wa, ba = (x.astype(np.float64) for x in load_head(tmp_path / "store/a/head.safetensors"))
     wc, bc = (x[1:].astype(np.float64) for x in load_head(tmp_path / "store/c/head.safetensors"))
-    assert st.head("c").num_classes == 12 and st.head("c").label_offset == 1
+    assert st.head("c").num_classes == 12
+    assert st.head("c").label_offset == 1
     m = ms["a", "c"]
     assert m.stats["classes"] == 12
     x = feats["a"][:5].astype(np.float64)
@@ -228,12 +237,14 @@ def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
     res = fit(env["photos"], MODELS, out=out, options=FitOptions(holdout=0.0),
               images=_images(env, 0))
     n = len(env["good"])
-    assert res.images == n and len(res.skipped) == 2
+    assert res.images == n
+    assert len(res.skipped) == 2
     # the reference features: the same networks and batches, stored in float32
     st = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "store", dtype="float32",
                                    images=_images(env, 0)).path)
     ms = load_maps(out)
-    assert len(ms) == 6 and ms.meta["source"]["n_samples"] == n + 2
+    assert len(ms) == 6
+    assert ms.meta["source"]["n_samples"] == n + 2
     for (src, dst), m in ms.items():
         a = st.features(src).astype(np.float64)
         b = st.features(dst).astype(np.float64)
@@ -248,8 +259,10 @@ def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
         scale = np.abs(ref).max()
         np.testing.assert_allclose(m.weight, ref, rtol=0, atol=2e-3 * scale)
         np.testing.assert_allclose(m.bias, ref_b, rtol=0, atol=2e-3 * np.abs(b).max())
-        assert m.stats["rank"] == n - 1 and m.stats["rank_deficient"]
-        assert m.stats["images"] == n and m.stats["r2_holdout"] is None
+        assert m.stats["rank"] == n - 1
+        assert m.stats["rank_deficient"]
+        assert m.stats["images"] == n
+        assert m.stats["r2_holdout"] is None
         # underdetermined: the fit reproduces the training targets
         pred = a @ m.weight.T.astype(np.float64) + m.bias
         assert np.abs(pred - b).max() < 1e-3 * np.abs(bc).max()
@@ -283,10 +296,13 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.005)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not out.exists() and done < 23
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert done < 23
     # a rerun with other settings must not mix into this checkpoint
     bad = subprocess.run(_fit_cli(env, out, "--seed", "7"), capture_output=True, text=True)
-    assert bad.returncode == 1 and "different fit" in bad.stderr
+    assert bad.returncode == 1
+    assert "different fit" in bad.stderr
     r = subprocess.run(_fit_cli(env, out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout

@@ -14,10 +14,14 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path) -> None:
     dest = tmp_path / "m.json"
     write_json_atomic(dest, {"a": 1})
     assert read_json(dest) == {"a": 1}
-    with pytest.raises(RuntimeError):
+
+    def crash_mid_write() -> None:
         with atomic_path(dest) as tmp:
             tmp.write_text("partial")
             raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        crash_mid_write()
     assert read_json(dest) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 

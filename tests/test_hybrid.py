@@ -164,13 +164,18 @@ def test_metadata_and_inspect(parts: TinyParts, tmp_path: Path) -> None:
 
     out = parts.build(tmp_path / "h.onnx", accuracy=0.5)
     meta = read_metadata(out)["metadata"]
-    assert meta["source"] == "tiny_a" and meta["target"] == "tiny_b"
-    assert meta["method"] == "ols" and meta["fit_images"] == parts.map.stats["images"]
+    assert meta["source"] == "tiny_a"
+    assert meta["target"] == "tiny_b"
+    assert meta["method"] == "ols"
+    assert meta["fit_images"] == parts.map.stats["images"]
     assert meta["labels"] == [str(i) for i in range(7)]
-    assert meta["preprocessing"]["layout"] == "NCHW" and not meta["preprocessing"]["in_graph"]
+    assert meta["preprocessing"]["layout"] == "NCHW"
+    assert not meta["preprocessing"]["in_graph"]
     ver = meta["verification"]
-    assert ver["max_rel"] <= ver["tolerance"] == 1e-4 and ver["n_images"] >= 8
-    assert meta["accuracy"] == 0.5 and meta["version"]
+    assert ver["max_rel"] <= ver["tolerance"] == 1e-4
+    assert ver["n_images"] >= 8
+    assert meta["accuracy"] == 0.5
+    assert meta["version"]
     assert main(["inspect", str(out)]) == 0
     assert main(["inspect", str(out), "--json"]) == 0
 
@@ -209,7 +214,9 @@ def test_fp16_verified_by_top1(parts: TinyParts, tmp_path: Path) -> None:
     assert halves, "fp16 model keeps float32 weights"
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     ver = read_metadata(out)["metadata"]["verification"]
-    assert ver["fp16"] and ver["tolerance"] == TOL_FP16 and ver["max_rel"] <= TOL_FP16
+    assert ver["fp16"]
+    assert ver["tolerance"] == TOL_FP16
+    assert ver["max_rel"] <= TOL_FP16
     assert ver["top1_agree"] == ver["top1_checked"] > 0
 
 
@@ -227,7 +234,7 @@ def test_existing_output_refused_without_force(parts: TinyParts, tmp_path: Path)
 SMALL_LIMIT = 4096  # bytes: the tiny hybrid (~5 kB) is "too big" under this scaled-down limit
 
 
-@pytest.fixture()
+@pytest.fixture
 def scaled_protobuf_limit(monkeypatch: pytest.MonkeyPatch) -> int:
     """Protobuf's 2 GiB limit scaled down to SMALL_LIMIT bytes, on both sides of the contract.
 
@@ -274,7 +281,8 @@ def test_external_data_past_the_size_limit(parts17: TinyParts, tmp_path: Path,
     parts = parts17
     out = parts.build(tmp_path / "big.onnx", server_repo=tmp_path / "repo", model_name="big")
     data = tmp_path / "big.onnx.data"
-    assert data.is_file() and data.stat().st_size > out.stat().st_size
+    assert data.is_file()
+    assert data.stat().st_size > out.stat().st_size
     model = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     full = onnx.load(str(out))  # with its tensors: over the (scaled) limit, as a real one would be
@@ -300,7 +308,8 @@ def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) ->
     wrong = HybridParts(parts.spec_a, parts.spec_b, parts.features_path, parts.head_wb, other)
     with pytest.raises(AffeqError, match="fails verification"):
         build_from_parts(wrong, parts.map, out)
-    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
 
 
 def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> None:
@@ -321,7 +330,7 @@ def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> Non
         _resolve_map(corrupt, "tiny_a", "tiny_b", 12, 10)
 
 
-def test_feature_width_mismatch_in_graph(parts: TinyParts, tmp_path: Path) -> None:
+def test_feature_width_mismatch_in_graph(parts: TinyParts) -> None:
     with pytest.raises(AffeqError, match="gives 12 features but the map expects 9"):
         compose_hybrid(onnx.load(str(parts.features_path)), np.zeros((7, 9)), np.zeros(7),
                        parts.spec_a.preprocessing)
@@ -360,7 +369,8 @@ def test_maps_of_other_width_via_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["build-hybrid", "--src", "lite0", "--dst", "mobilenetv2", "--maps", str(f),
                  "--out", str(tmp_path / "h.onnx")]) == 1
     err = capsys.readouterr().err
-    assert "1280x1000" in err and "efficientnet_lite0 has 1280" in err
+    assert "1280x1000" in err
+    assert "efficientnet_lite0 has 1280" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]
 
 

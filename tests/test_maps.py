@@ -26,14 +26,16 @@ def test_round_trip_and_metadata(tmp_path):
     maps = _maps(rng)
     p = save_maps(tmp_path / "m.safetensors", MapSet(maps), {"method": "ols", "seed": 0})
     ms = load_maps(p)
-    assert set(ms) == {("a", "b"), ("b", "a")} and ms.models == ["a", "b"]
+    assert set(ms) == {("a", "b"), ("b", "a")}
+    assert ms.models == ["a", "b"]
     assert ms.meta["models"] == {"a": {"feature_dim": 3}, "b": {"feature_dim": 4}}
     assert ms.meta["pairs"]["a->b"] == {"method": "ols", "images": 10, "residual": 0.5,
                                         "r2_holdout": 0.9}
     m = ms["a", "b"]
     np.testing.assert_array_equal(m.weight, maps[0].weight)
     np.testing.assert_array_equal(m.bias, maps[0].bias)
-    assert m.method == "ols" and m.stats["r2_holdout"] == 0.9
+    assert m.method == "ols"
+    assert m.stats["r2_holdout"] == 0.9
     x = rng.normal(size=(2, 3)).astype(np.float32)
     np.testing.assert_allclose(m(x), x @ maps[0].weight.T + maps[0].bias, rtol=1e-6)
     # the folded head is W_dst·W and W_dst·b + b_dst in float64
@@ -80,8 +82,11 @@ def test_mapset_is_the_one_type(tmp_path):
     again = save_maps(tmp_path / "2.safetensors", load_maps(first))
     assert first.read_bytes() == again.read_bytes()
     tagged = load_maps(save_maps(tmp_path / "3.safetensors", load_maps(first), {"demo": "x"}))
-    assert tagged.meta["demo"] == "x" and tagged.meta["source"] == {"n": 10}
-    assert ("a", "b") in maps and ("a", "c") not in maps and len(maps) == 2
+    assert tagged.meta["demo"] == "x"
+    assert tagged.meta["source"] == {"n": 10}
+    assert ("a", "b") in maps
+    assert ("a", "c") not in maps
+    assert len(maps) == 2
     with pytest.raises(InternalError, match="AffineMap"):
         MapSet([(np.zeros((2, 2)), np.zeros(2))])
     with pytest.raises(AffeqError, match="no maps to save"):

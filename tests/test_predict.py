@@ -24,8 +24,10 @@ def _top1(out: str, image: Path) -> int:
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and needle in err, err
-    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: "), err
+    assert needle in err, err
+    assert "\n" not in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("fixture", ["lite0_export", "mobilenet_v2_export"])
@@ -37,7 +39,8 @@ def test_predict_photos_real_weights(fixture: str, request: pytest.FixtureReques
     assert main(["predict", str(export), *map(str, imgs), "--top", "5"]) == 0
     out = capsys.readouterr().out
     prov = [ln.removeprefix("provider: ") for ln in out.splitlines() if ln.startswith("provider: ")]
-    assert len(prov) == 1 and prov[0] in loadable_providers()
+    assert len(prov) == 1
+    assert prov[0] in loadable_providers()
     assert _top1(out, imgs[0]) in CATS
     assert _top1(out, imgs[1]) in COFFEE
     assert class_name(_top1(out, imgs[0])) in out
@@ -100,19 +103,24 @@ def test_export_cli_bad_inputs_write_nothing(tmp_path: Path, lite0_export: Path,
 def test_export_cli_writes_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "mobilenetv2", "--random-weights", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"exported mobilenet_v2 to {tmp_path / 'mobilenet_v2'}" in out and "export error" in out
+    assert f"exported mobilenet_v2 to {tmp_path / 'mobilenet_v2'}" in out
+    assert "export error" in out
     assert sorted(p.name for p in (tmp_path / "mobilenet_v2").iterdir()) == [
         "classifier.onnx", "features.onnx", "head.safetensors", "manifest.json"]
 
 
 def test_labels_and_offset() -> None:
     names = imagenet_names()
-    assert len(names) == 1000 and "tabby" in names[281] and "espresso" in names[967]
+    assert len(names) == 1000
+    assert "tabby" in names[281]
+    assert "espresso" in names[967]
     z = np.zeros((2, 1001))
     z[0, 282], z[1, 968] = 5.0, 7.0  # 1001-class (TF-slim) logits: index c+1 is class c
     res = topk(z, k=3, label_offset=1)
-    assert res[0].indices[0] == 281 and res[1].indices[0] == 967
-    assert res[0].names[0] == names[281] and abs(sum(topk(z[:1], 1000, 1)[0].probs) - 1) < 1e-9
+    assert res[0].indices[0] == 281
+    assert res[1].indices[0] == 967
+    assert res[0].names[0] == names[281]
+    assert abs(sum(topk(z[:1], 1000, 1)[0].probs) - 1) < 1e-9
     ties = topk(np.zeros((1, 10)), k=3)
     assert ties[0].indices == (0, 1, 2)  # ties go to the lower index
 
@@ -160,9 +168,11 @@ def test_predict_hybrid_uses_its_recorded_preprocessing(
     # bilinear) and B's spec (other mean/std) move the logits by far more than the tolerance.
     for other in (tiny_parts.spec_a, tiny_parts.spec_b):
         assert np.abs(expected(other) - ref).max() > 100 * 1e-4 * scale
-    assert pred.name == "tiny_a->tiny_b hybrid" and pred.path == out
+    assert pred.name == "tiny_a->tiny_b hybrid"
+    assert pred.path == out
     top = [r.indices[0] for r in pred.results]
-    assert top == list(ref.argmax(1)) and pred.results[0].names[0] == str(top[0])
+    assert top == list(ref.argmax(1))
+    assert pred.results[0].names[0] == str(top[0])
     assert main(["predict", str(out), str(files[0]), "-k", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"model: tiny_a->tiny_b hybrid ({out})" in printed
@@ -187,8 +197,8 @@ def test_predict_hybrid_bad_inputs(tmp_path: Path, photo_files: dict[str, Path],
 
 
 @pytest.mark.slow
-def test_build_hybrid_then_predict_a_cat(lite0_export: Path, mobilenet_v2_export: Path,
-                                         tmp_export_root: Path, tmp_path: Path,
+@pytest.mark.usefixtures("lite0_export", "mobilenet_v2_export")
+def test_build_hybrid_then_predict_a_cat(tmp_export_root: Path, tmp_path: Path,
                                          photo_files: dict[str, Path],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """issue 9's must-show: ``build-hybrid --src efficientnet_lite0 --dst mobilenet_v2 --fit-on

@@ -23,7 +23,7 @@ def test_thesis_ten_are_registered_and_tagged() -> None:
         assert s.weights.kind == "hub", s.name
 
 
-@pytest.mark.parametrize("alias, canonical", [
+@pytest.mark.parametrize(("alias", "canonical"), [
     ("pnasnet", "pnasnet5large"), ("PNASNet", "pnasnet5large"), ("nasnet", "nasnetalarge"),
     ("resnet_v1_152", "resnet152"), ("resnet_v2_152", "resnetv2_101"),
     ("inception_v4", "inception_v4"),
@@ -49,10 +49,12 @@ def test_unknown_name_lists_closest() -> None:
     with pytest.raises(AffeqError) as e:
         get_spec("pnasnet_larg")
     msg = str(e.value)
-    assert "unknown model 'pnasnet_larg'" in msg and "pnasnet" in msg and "\n" not in msg
+    assert "unknown model 'pnasnet_larg'" in msg
+    assert "pnasnet" in msg
+    assert "\n" not in msg
 
 
-@pytest.mark.parametrize("bad, field", [
+@pytest.mark.parametrize(("bad", "field"), [
     ({"library": "keras"}, "library"), ({"weights": {"kind": "cloud"}}, "weights.kind"),
     ({"weights": {"kind": "hub"}}, "weights.hub"), ({"crop_pct": 1.5}, "crop_pct"),
     ({"interpolation": "cubic"}, "interpolation"), ({"std": [0.5, 0.0, 0.5]}, "std"),
@@ -81,7 +83,8 @@ def test_timm_spec_matches_pretrained_cfg(spec: BackboneSpec) -> None:
     assert spec.input_size == cfg["input_size"][-1]
     assert spec.crop_pct == pytest.approx(cfg["crop_pct"])
     assert spec.interpolation == cfg["interpolation"]
-    assert spec.mean == pytest.approx(cfg["mean"]) and spec.std == pytest.approx(cfg["std"])
+    assert spec.mean == pytest.approx(cfg["mean"])
+    assert spec.std == pytest.approx(cfg["std"])
     assert spec.num_classes == cfg["num_classes"]
     assert spec.label_offset == cfg.get("label_offset", 0) or 0
 
@@ -96,7 +99,8 @@ def test_torchvision_spec_matches_weights_transforms(spec: BackboneSpec) -> None
     assert spec.input_size == t.crop_size[0]
     assert spec.crop_pct == pytest.approx(t.crop_size[0] / t.resize_size[0], abs=1e-3)
     assert spec.interpolation == t.interpolation.value
-    assert spec.mean == pytest.approx(t.mean) and spec.std == pytest.approx(t.std)
+    assert spec.mean == pytest.approx(t.mean)
+    assert spec.std == pytest.approx(t.std)
     assert spec.num_classes == len(w.meta["categories"])
 
 
@@ -121,7 +125,10 @@ def test_models_cli_table_and_one(capsys: pytest.CaptureFixture[str]) -> None:
         assert s.name in out
     assert main(["models", "pnasnet"]) == 0
     out = capsys.readouterr().out
-    assert "pnasnet5large" in out and "4320" in out and "note" in out
+    assert "pnasnet5large" in out
+    assert "4320" in out
+    assert "note" in out
     assert main(["models", "no_such_net"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown model") and "Traceback" not in err
+    assert err.startswith("error: unknown model")
+    assert "Traceback" not in err

@@ -54,7 +54,8 @@ def labelled_report(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 def test_all_files_written(labelled_report: tuple) -> None:
     _, paths = labelled_report
     for kind in ("markdown", "csv", "json", "html", "heatmap", "overlap", "pred", "correct"):
-        assert paths[kind].is_file() and paths[kind].stat().st_size > 0, kind
+        assert paths[kind].is_file(), kind
+        assert paths[kind].stat().st_size > 0, kind
     assert not list(paths["html"].parent.glob(".*.tmp"))  # atomic writes leave no temp files
     for kind in ("heatmap", "overlap"):
         assert paths[kind].read_bytes()[:8] == PNG_MAGIC
@@ -99,17 +100,22 @@ def test_html_is_self_contained(labelled_report: tuple) -> None:
     _, paths = labelled_report
     page = paths["html"].read_text()
     imgs = re.findall(r"src='([^']*)'", page)
-    assert len(imgs) == 2 and all(s.startswith("data:image/png;base64,") for s in imgs)
-    assert "http://" not in page and "https://" not in page
-    assert "a note" in page and "lenet→resnet" in page
+    assert len(imgs) == 2
+    assert all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert "http://" not in page
+    assert "https://" not in page
+    assert "a note" in page
+    assert "lenet→resnet" in page
 
 
 def test_unlabelled_report(tmp_path: Path) -> None:
     store, maps = _store(labelled=False)
     table = evaluate(store, maps, device="cpu")
     paths = write_report(table, tmp_path)
-    assert "overlap" not in paths and "correct" not in paths
+    assert "overlap" not in paths
+    assert "correct" not in paths
     doc = json.loads(paths["json"].read_text())
-    assert doc["labelled"] is False and "top1" not in doc
+    assert doc["labelled"] is False
+    assert "top1" not in doc
     assert "unmapped" in paths["markdown"].read_text()
     assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC

@@ -65,7 +65,8 @@ def test_fp16_close_to_fp32_and_same_top1(lite0_export: Path) -> None:
     x, names = check_inputs(exp.spec, n_noise=0)
     f32 = create_session(exp.features_path, provider="cpu").run(x)
     s16 = create_session(exp.features_path, provider="cpu", fp16=True)
-    assert s16.fp16 and s16.provider_line.endswith("(fp16)")
+    assert s16.fp16
+    assert s16.provider_line.endswith("(fp16)")
     f16 = s16.run(x)
     assert f16.dtype == np.float32  # inputs/outputs stay float32
     # float16 keeps 11 significant bits (~5e-4 per rounding); through ~60 layers the features

@@ -129,7 +129,8 @@ def test_port_in_use_is_a_clear_error(parts, tmp_path: Path) -> None:
         res = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "serve", str(out),
                               "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
-    assert f"port {port} on 127.0.0.1 is in use" in res.stderr and "--port" in res.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in res.stderr
+    assert "--port" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -179,7 +180,9 @@ def test_pypi_pair_labels_photos_onnx_and_served(tmp_path: Path) -> None:
     meta = read_metadata(out)["metadata"]
     # fewer views than the 1280 feature dims: under-determined, so ridge with λ chosen on held-out
     # views (OLS would be the minimum-norm solution)
-    assert n_views < 1280 and meta["fit_stats"]["underdetermined"] and meta["method"] == "ridge"
+    assert n_views < 1280
+    assert meta["fit_stats"]["underdetermined"]
+    assert meta["method"] == "ridge"
     assert meta["labels"][281] == "tabby, tabby cat"
     x, _, names = verification_inputs(get_spec("efficientnet_lite0"), ("chelsea", "coffee"))
     want = direct(out, x)

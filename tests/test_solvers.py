@@ -52,7 +52,9 @@ def test_ols_solver_math_is_exact_on_float64_moments():
     # float64 all the way: only eigh/lstsq rounding (~1e-16·cond) separates the two
     np.testing.assert_allclose(w, ref[:-1].T, rtol=0, atol=1e-9 * np.abs(ref).max())
     np.testing.assert_allclose(bias, ref[-1], rtol=0, atol=1e-9 * np.abs(ref).max())
-    assert st["rank"] == 24 and not st["rank_deficient"] and st["dead_features"] == 0
+    assert st["rank"] == 24
+    assert not st["rank_deficient"]
+    assert st["dead_features"] == 0
 
 
 def test_ols_on_the_compiled_accumulator_matches_lstsq():
@@ -81,8 +83,11 @@ def test_ols_rank_deficient_is_min_norm_and_finite():
     b = rng.normal(size=(12, 9)).astype(np.float32)
     acc, (sa, sb) = _acc(a, b)
     w, bias, st = solvers.ols(acc, sa, sb)
-    assert np.isfinite(w).all() and np.isfinite(bias).all()
-    assert st["rank"] == 11 and st["rank_deficient"] and st["underdetermined"]
+    assert np.isfinite(w).all()
+    assert np.isfinite(bias).all()
+    assert st["rank"] == 11
+    assert st["rank_deficient"]
+    assert st["underdetermined"]
     assert st["dead_features"] == 3
     ac = a.astype(np.float64) - a.mean(0)
     bc = b.astype(np.float64) - b.mean(0)
@@ -107,7 +112,8 @@ def test_holdout_r2_from_gram_equals_direct():
     y = b[300:].astype(np.float64)
     r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert st["r2_holdout"] == pytest.approx(r2, rel=1e-6)
-    assert st["holdout_images"] == 100 and 0.5 < st["r2_holdout"] < 1
+    assert st["holdout_images"] == 100
+    assert 0.5 < st["r2_holdout"] < 1
 
 
 def test_ridge_path_matches_brute_force():
@@ -148,7 +154,8 @@ def test_logit_pinv_lossless_when_head_has_full_row_rank():
     w, b, st = solvers.logit_pinv((wa, ba), (wb, bb))
     x = rng.normal(size=(5, 6))
     np.testing.assert_allclose((x @ w.T + b) @ wb.T + bb, x @ wa.T + ba, atol=1e-10)
-    assert st["logits_exact"] and w.shape == (12, 6)
+    assert st["logits_exact"]
+    assert w.shape == (12, 6)
     # heads over different label sets are refused, not silently truncated
     with pytest.raises(AffeqError, match="different numbers of classes"):
         solvers.logit_pinv((wa, ba), (np.vstack([wb, wb[:1]]), np.concatenate([bb, bb[:1]])))
@@ -187,6 +194,8 @@ def test_all_dead_source_and_constant_target_stay_finite():
     w, bias, st = solvers.ols(acc, sa, sb)
     np.testing.assert_array_equal(w, 0.0)
     np.testing.assert_allclose(bias, b.mean(0), rtol=1e-6)  # the best constant: the mean
-    assert st["rank"] == 0 and st["dead_features"] == 4 and st["condition"] is None
+    assert st["rank"] == 0
+    assert st["dead_features"] == 4
+    assert st["condition"] is None
     acc2, (s2a, s2b) = _acc(np.full((5, 2), 1.0, np.float32), np.full((5, 2), 3.0, np.float32))
     assert solvers.ols(acc2, s2a, s2b)[2]["r2_train"] is None  # constant target: undefined R²

@@ -35,8 +35,8 @@ def _run(path, samples, feats, bad, stop_after=None):
     """Write batches of 4 samples like extract does, from the writer's committed position;
     "crash" after ``stop_after`` commits, with the next batch's rows written but not committed."""
     w = StoreWriter(path, _cfg(len(samples)), _heads())
-    rows, b = w.rows, 0
-    for start in range(w.samples_done, len(samples), 4):
+    rows = w.rows
+    for b, start in enumerate(range(w.samples_done, len(samples), 4)):
         stop = min(start + 4, len(samples))
         good = [i for i in range(start, stop) if i not in bad]
         for m in DIMS:
@@ -48,7 +48,6 @@ def _run(path, samples, feats, bad, stop_after=None):
         rows += len(good)
         w.commit(stop, rows, [{"index": i, "path": samples[i].path, "reason": "corrupt"}
                               for i in range(start, stop) if i in bad])
-        b += 1
     w.finalise(samples)
     return w
 
@@ -62,7 +61,9 @@ def test_write_resume_finalise(tmp_path):
         FeatureStore.open(tmp_path / "s")
     # the resumed writer starts at the commit (samples 0-3, sample 2 unreadable: 3 rows) ...
     r = StoreWriter(tmp_path / "s", _cfg(10), _heads())
-    assert r.resumed and (r.samples_done, r.rows) == (4, 3) and not r.already_complete
+    assert r.resumed
+    assert (r.samples_done, r.rows) == (4, 3)
+    assert not r.already_complete
     assert [s["index"] for s in r.skipped] == [2]
     del r
     # ... and keeps the committed rows: the rerun is fed different features for samples 0-3,
@@ -74,14 +75,17 @@ def test_write_resume_finalise(tmp_path):
     assert w2.already_complete
     st = FeatureStore.open(tmp_path / "s")
     keep = [i for i in range(10) if i not in bad]
-    assert st.n == 8 and st.models == ["a", "b"] and st.dtype == "float16"
+    assert st.n == 8
+    assert st.models == ["a", "b"]
+    assert st.dtype == "float16"
     np.testing.assert_array_equal(st.features("a"), feats["a"][keep].astype(np.float16))
     assert np.load(tmp_path / "s" / "b" / "features.npy").shape == (8, 3)  # truncated file
     np.testing.assert_array_equal(st.labels, [samples[i].label for i in keep])
     assert st.images == [samples[i].path for i in keep]
     assert [s["index"] for s in st.manifest["skipped"]] == [2, 9]
     np.testing.assert_array_equal(st.head("a").weight, _heads()["a"][0])
-    assert st.spec("b")["name"] == "b" and st.feature_dim("a") == 5
+    assert st.spec("b")["name"] == "b"
+    assert st.feature_dim("a") == 5
     st.verify()
     del w
     # a store identical to an uninterrupted run, byte for byte
@@ -125,4 +129,5 @@ def test_shrink_is_idempotent(tmp_path):
     _rewrite_npy_rows(p, 998)
     _rewrite_npy_rows(p, 998)  # a rerun after a kill mid-finalise
     b = np.load(p)
-    assert b.shape == (998, 7) and b[-1, -1] == np.float16(998 * 7 - 1)
+    assert b.shape == (998, 7)
+    assert b[-1, -1] == np.float16(998 * 7 - 1)

@@ -40,14 +40,16 @@ def test_config_parses_with_triton_schema(hybrid: Path) -> None:
     cfg = validate_config(text, hybrid)
     pb2 = model_config_pb2()
     assert isinstance(cfg, pb2.ModelConfig)
-    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert cfg.platform == "onnxruntime_onnx"
+    assert cfg.max_batch_size == 16
     assert [(t.name, pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input] == [
         ("image", "TYPE_FP32", [3, 32, 32])]
     assert [t.name for t in cfg.output] == ["logits", "probabilities"]
     assert all(list(t.dims) == [7] and t.label_filename == "labels.txt" for t in cfg.output)
     assert max(cfg.dynamic_batching.preferred_batch_size) <= 16
     (trt,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    assert trt.name == "tensorrt"
+    assert trt.parameters["precision_mode"] == "FP16"
     assert trt.parameters["trt_engine_cache_enable"] == "1"
     assert trt.parameters["trt_engine_cache_path"].endswith("/tiny")
 
@@ -124,7 +126,8 @@ def test_build_writes_repository(tmp_path: Path) -> None:
     out = parts.build(tmp_path / "h.onnx", server_repo=tmp_path / "repo", model_name="tiny_hyb",
                       tensorrt=True, fp16=False, max_batch_size=8)
     (m,) = read_repository(tmp_path / "repo")
-    assert m.name == "tiny_hyb" and m.path.read_bytes() == out.read_bytes()
+    assert m.name == "tiny_hyb"
+    assert m.path.read_bytes() == out.read_bytes()
     trt = m.config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.parameters["precision_mode"] == "FP32"
     labels = (tmp_path / "repo" / "tiny_hyb" / "labels.txt").read_text().splitlines()

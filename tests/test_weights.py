@@ -72,7 +72,8 @@ def test_wrong_architecture_lists_keys_and_shapes(tmp_path: Path) -> None:
     with pytest.raises(AffeqError) as e:
         load_strict(_timm("resnet34"), load_state_dict(f), str(f))
     msg = str(e.value)
-    assert "missing: layer1.2." in msg and "\n" not in msg
+    assert "missing: layer1.2." in msg
+    assert "\n" not in msg
     tweaked = dict(src.state_dict())
     tweaked["fc.weight"] = torch.zeros(10, 512)
     with pytest.raises(AffeqError, match=r"wrong shape: fc\.weight \(10, 512\)≠\(1000, 512\)"):
@@ -121,7 +122,8 @@ def test_safetensors_and_nested_checkpoints(tmp_path: Path) -> None:
     f = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
     got = load_state_dict(f)
-    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert set(got) == set(sd)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
     nested = tmp_path / "nested.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, nested)
     assert set(load_state_dict(nested)) == set(sd)
@@ -153,7 +155,7 @@ def test_opt_in_download_goes_to_the_hub_and_fails_cleanly_offline(
         w.hub_file("timm/pnasnet5large.tf_in1k")
     # With a cache hit nothing is downloaded.
     called: list[str] = []
-    monkeypatch.setattr(w, "_cached_hub_file", lambda hub: tmp_path / "cached.safetensors")
+    monkeypatch.setattr(w, "_cached_hub_file", lambda _hub: tmp_path / "cached.safetensors")
     monkeypatch.setattr(w, "hub_download", lambda hub: called.append(hub))
     assert w.hub_file("timm/pnasnet5large.tf_in1k") == tmp_path / "cached.safetensors"
     assert called == []

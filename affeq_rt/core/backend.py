@@ -140,10 +140,8 @@ class CudaBackend:
 
     def syrk_update(self, S: Any, Y: Any, ybar: Any, delta: Any, f: float) -> None:
         d = S.shape[0]
-        if Y.shape[0]:
-            C = self.xp.ascontiguousarray(Y.T @ Y)  # cuBLAS dgemm, float64
-        else:  # a merge: only the rank-1 Chan term
-            C = self.xp.zeros((d, d))
+        # cuBLAS dgemm in float64; a merge (no rows) has only the rank-1 Chan term
+        C = self.xp.ascontiguousarray(Y.T @ Y) if Y.shape[0] else self.xp.zeros((d, d))
         _checked(self._k.chan_update, S, C, ybar, delta, float(Y.shape[0]), float(f),
                  self._stream())
 

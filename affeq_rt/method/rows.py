@@ -165,7 +165,7 @@ class ArraySource:
 
     def identity(self) -> None:
         """Arrays are not checkpointed."""
-        return None
+        return
 
 
 class StoreSource:
@@ -221,7 +221,7 @@ class StoreSource:
 
     def identity(self) -> None:
         """Stores are read in one go, not checkpointed."""
-        return None
+        return
 
 
 class ImageSource:
@@ -280,7 +280,7 @@ class ImageSource:
 
     def arrays(self) -> None:
         """Images are streamed, not addressable."""
-        return None
+        return
 
     def describe(self) -> dict[str, Any]:
         """The data description (kind, root, count, fingerprint)."""

@@ -127,7 +127,7 @@ def _efficientnet_pytorch_lite(state: StateDict, model: torch.nn.Module) -> Stat
     return out
 
 
-def _torchvision_googlenet(state: StateDict, model: torch.nn.Module) -> StateDict:
+def _torchvision_googlenet(state: StateDict, _model: torch.nn.Module) -> StateDict:
     """torchvision's GoogLeNet checkpoint has two auxiliary classifiers; we build without them."""
     return {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
 
