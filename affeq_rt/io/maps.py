@@ -137,7 +137,7 @@ def load_maps(path: str | os.PathLike) -> MapSet:
     try:
         with safe_open(str(p), framework="numpy") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as e:
         raise AffeqError(f"maps file {p} is corrupt ({e})", "fit the maps again") from None
     if raw is None:
