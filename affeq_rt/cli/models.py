@@ -1,4 +1,5 @@
-"""``affeq-rt models``: list the backbone registry as a table, or show one spec."""
+"""``affeq-rt models``: list the backbone registry as a table, show one spec (curated, or resolved
+from timm/torchvision), or list every resolvable library name (``--all [PATTERN]``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from affeq_rt.cli.options import Json
+from affeq_rt.registry.resolve import list_resolvable
 from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
 
 PIPE_WIDTH = 240  # not a terminal and no COLUMNS: every column, one line per model (grep)
@@ -46,19 +48,57 @@ def _table(specs: list[BackboneSpec], wide: bool) -> Table:
     return table
 
 
+def _all(pattern: str | None, as_json: bool) -> None:
+    """Every resolvable timm/torchvision name matching ``pattern``: one line each (name, library,
+    label set, weights offline, curated), a count on stderr."""
+    curated = {s.arch.lower(): s.name for s in list_specs() if s.library != "affeq"}
+    curated |= {s.weights.hub.split("/", 1)[1].lower(): s.name for s in list_specs()
+                if s.weights.kind == "hub" and s.weights.hub}
+    rows = list_resolvable(pattern)
+    if as_json:
+        typer.echo(json.dumps([{"name": r.name, "library": r.library, "labels": r.label_set,
+                                "weights_offline": r.weights_offline,
+                                "curated": curated.get(r.name.lower())} for r in rows], indent=2))
+        return
+    width = max((len(r.name) for r in rows), default=4)
+    typer.echo(f"{'name':{width}s}  {'library':11s}  {'offline':7s}  labels / curated spec")
+    for r in rows:
+        mark = curated.get(r.name.lower())
+        labels = (r.label_set if r.imagenet_1k or r.label_set.startswith("none")
+                  else f"{r.label_set} (agreement mode only)")
+        typer.echo(f"{r.name:{width}s}  {r.library:11s}  {'yes' if r.weights_offline else '-':7s}"
+                   f"  {labels}{f'  [curated: {mark}]' if mark else ''}")
+    n_1k = sum(r.imagenet_1k for r in rows)
+    typer.echo(f"{len(rows)} names ({n_1k} ImageNet-1k, "
+               f"{sum(r.weights_offline for r in rows)} with weights offline); "
+               "`affeq-rt models NAME` shows one", err=True)
+
+
 def run(
     name: Annotated[str | None, typer.Argument(
         metavar="NAME",
-        help="Show this model's full spec.", show_default=False)] = None,
+        help="Show this model's full spec (a curated name, or any timm name like "
+        "convnext_tiny[.fb_in1k], or torchvision/resnet50[.IMAGENET1K_V2]); with --all, an "
+        "fnmatch PATTERN like 'vit_*'.", show_default=False)] = None,
     tag: Annotated[str | None, typer.Option(
         "--tag", show_default=False,
         help="Only models with this tag (thesis, classic, pypi).")] = None,
+    all_names: Annotated[bool, typer.Option(
+        "--all", help="List every timm pretrained tag and torchvision weight that resolves "
+        "(NAME is then a pattern), marking curated ones and weights in the local cache.")] = False,
+    other_labels: Annotated[bool, typer.Option(
+        "--other-labels", help="Agreement mode: accept heads over other label sets than "
+        "ImageNet-1k (21k, …); other commands: set AFFEQ_RT_OTHER_LABELS=1.")] = False,
     as_json: Json = False,
 ) -> None:
     """List the registered backbones (name, paper name, feature dim, input, library, weights),
-    or print one model's spec with its faithfulness note."""
+    print one model's spec (curated, or resolved from timm/torchvision metadata), or list every
+    resolvable name (--all)."""
+    if all_names:
+        _all(name, as_json)
+        return
     if name is not None:
-        spec = get_spec(name)
+        spec = get_spec(name, allow_other_labels=other_labels or None)
         if as_json:
             typer.echo(json.dumps(spec.to_dict(), indent=2))
             return

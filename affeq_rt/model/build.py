@@ -74,7 +74,9 @@ def build_arch(spec: BackboneSpec, random_init: bool) -> torch.nn.Module:
         import torchvision.models as tvm
 
         kwargs: dict[str, Any] = {"weights": None, "num_classes": spec.num_classes}
-        if spec.arch == "googlenet":  # as torchvision builds it for its ported TF weights
+        if "builder_kwargs" in spec.extra:  # a resolved spec: as the builder makes it for its
+            kwargs.update(spec.extra["builder_kwargs"])  # weights (ViT image_size, aux heads)
+        elif spec.arch == "googlenet":  # as torchvision builds it for its ported TF weights
             kwargs.update(aux_logits=False, transform_input=True, init_weights=random_init)
         try:
             model = tvm.get_model(spec.arch, **kwargs)
@@ -87,6 +89,51 @@ def build_arch(spec: BackboneSpec, random_init: bool) -> torch.nn.Module:
     return model.eval()
 
 
+# Auxiliary classifiers torchvision's checkpoints carry and the built (eval) network lacks.
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+
+
+def _library_layout(spec: BackboneSpec, state: dict[str, Any],
+                    model: torch.nn.Module) -> dict[str, Any]:
+    """A checkpoint in the model's own key layout, as the library would load it: for resolved
+    torchvision specs the auxiliary heads are dropped; for timm, a checkpoint whose keys do not
+    fit as they are goes through the architecture module's ``checkpoint_filter_fn`` (what
+    ``timm.create_model(pretrained=True)`` applies: original-layout ConvNeXt, ViT, … files)."""
+    target = model.state_dict()
+    if spec.library == "torchvision" and "resolved_from" in spec.extra:
+        state = {k: v for k, v in state.items()
+                 if k in target or not k.startswith(AUX_PREFIXES)}
+    if spec.library == "timm" and set(state) != set(target):
+        import importlib
+
+        filt = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn",
+                       None)
+        if filt is not None:
+            try:
+                state = dict(filt(state, model))
+            except Exception:  # noqa: BLE001 - not this layout either: load_strict names the keys
+                return state
+    return state
+
+
+def _live_head(model: torch.nn.Module) -> None:
+    """Random weights: a classifier the architecture initialises to zero (MLP-Mixer, torchvision
+    ViT) gets seeded N(0, 0.02²) weights, else every logit is its bias whatever the image and the
+    export, hybrid and agreement checks downstream would compare constants."""
+    import torch
+
+    get = getattr(model, "get_classifier", None)
+    heads = get() if get is not None else \
+        [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    for h in heads if isinstance(heads, (tuple, list)) else [heads]:
+        for m in h.modules():  # a Linear, or one inside a head module (timm's ClassifierHead)
+            w = getattr(m, "weight", None) if isinstance(m, (torch.nn.Linear,
+                                                             torch.nn.Conv2d)) else None
+            if isinstance(w, torch.Tensor) and not w.is_meta and not bool(w.detach().any()):
+                with torch.no_grad():
+                    w.normal_(0.0, 0.02)
+
+
 def build_with_info(spec: BackboneSpec, weights: str | os.PathLike | None = None,
                     random_weights: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model in eval mode and a description of its weights (for export manifests)."""
@@ -96,11 +143,13 @@ def build_with_info(spec: BackboneSpec, weights: str | os.PathLike | None = None
     if random_weights:
         torch.manual_seed(int(info["seed"]))
     model = build_arch(spec, random_init=random_weights)
-    if not random_weights:
+    if random_weights:
+        _live_head(model)
+    else:
         path = Path(info["path"])
         state = load_state_dict(path)
         adapter = spec.weights.adapter
-        load_strict(model, adapt(state, model, adapter), str(path))
+        load_strict(model, _library_layout(spec, adapt(state, model, adapter), model), str(path))
         info.update(sha256=sha256_file(path), adapter=adapter)
     return model.eval(), info
 

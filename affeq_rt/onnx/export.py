@@ -27,7 +27,7 @@ from affeq_rt.io.fsio import (
 )
 from affeq_rt.io.heads import save_head
 from affeq_rt.model.build import build_with_info
-from affeq_rt.model.split import split_model
+from affeq_rt.model.split import check_split, split_error, split_model
 from affeq_rt.onnx.exported import ExportedBackbone, default_export_root
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.progress import Progress, or_silent
@@ -108,9 +108,14 @@ def _check_shapes(spec: BackboneSpec, d: int, k: int, out_shape: tuple[int, ...]
     if spec.num_classes != k:
         raise AffeqError(f"{spec.name}: the head has {k} outputs, the spec says "
                          f"{spec.num_classes}", "fix num_classes in the spec")
-    if out_shape != (2, k):
+    if len(out_shape) != 2 or out_shape[1] != k:
         raise AffeqError(f"{spec.name}: model output {out_shape} is not (N, {k})",
                          "the classifier must be the model's last layer")
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    """max|got − ref| / max|ref| (a zero reference counts as scale 1e-12)."""
+    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
 def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.PathLike, *,
@@ -131,11 +136,14 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
     features, head = split_model(model)
     x, names = inputs if inputs is not None else check_inputs(spec)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    with torch.no_grad():
-        ref_logits = model(xt[:2]).float()
-        feats = features(xt[:2])
-        d, k = int(feats.shape[1]), int(head.out_features)
-    _check_shapes(spec, d, k, tuple(ref_logits.shape))
+    with torch.no_grad():  # the framework's own logits are the reference for every check
+        ref_t = model(xt)
+        feats_t = features(xt)
+        d, k = int(feats_t.shape[1]), int(head.out_features)
+        _check_shapes(spec, d, k, tuple(ref_t.shape))
+        split_logits = head(feats_t)
+        split_rel = split_error(ref_t, split_logits)  # the family's split rule holds?
+    feats = feats_t[:2]
     with atomic_dir(out) as tmp:
         say("exporting features.onnx")
         _onnx_export(features, xt[:2], tmp / "features.onnx", "image", "features", opset)
@@ -149,17 +157,26 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
         for f in ("features.onnx", "classifier.onnx"):
             _check_onnx(tmp / f)
         say(f"comparing onnxruntime with torch on {len(names)} inputs")
-        with torch.no_grad():
-            ref = model(xt).double().numpy()
+        ref = ref_t.double().numpy()
         fs = create_session(tmp / "features.onnx", provider="cpu")
         cs = create_session(tmp / "classifier.onnx", provider="cpu")
-        got = cs.run(fs.run(x, batch_size=len(x)), batch_size=len(x)).astype(np.float64)
-        scale = max(float(np.abs(ref).max()), 1e-12)
-        max_rel = float(np.abs(got - ref).max() / scale)
-        if not np.isfinite(max_rel) or max_rel > tolerance:
-            raise AffeqError(f"{spec.name}: ONNX logits differ from torch by {max_rel:.3g} "
-                             f"(relative, tolerance {tolerance:g})",
-                             "the export was not written; report it")
+        got_feats = fs.run(x, batch_size=len(x))
+        got = cs.run(got_feats, batch_size=len(x)).astype(np.float64)
+        max_rel = _rel(got, ref)
+        # Features too: a head that random init leaves at zero (MLP-Mixer, torchvision ViT)
+        # gives constant logits, which would make the logit check vacuous.
+        feat_rel = _rel(got_feats.astype(np.float64), feats_t.double().numpy())
+        bad_split = not split_rel <= tolerance
+        for what, err in (("logits", max_rel), ("features", feat_rel)):
+            if not np.isfinite(err) or err > tolerance:
+                why = (f" because {type(model).__name__} is not its classifier applied to its "
+                       f"pre-logits (in torch too: {split_rel:.3g}), so it cannot be split exactly"
+                       if bad_split else "")
+                raise AffeqError(f"{spec.name}: ONNX {what} differ from torch by {err:.3g} "
+                                 f"(relative, tolerance {tolerance:g}){why}",
+                                 "pick another model; the export was not written" if bad_split
+                                 else "the export was not written; report it")
+        check_split(type(model).__name__, ref_t, split_logits, tolerance)
         del fs, cs
         manifest = {
             "spec": spec.to_dict(),
@@ -171,7 +188,8 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
             "num_classes": k,
             "checksums": {f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp))
                           if (tmp / f).is_file() and not f.startswith(".")},
-            "export_error": {"max_rel": max_rel, "tolerance": tolerance, "inputs": names,
+            "export_error": {"max_rel": max_rel, "features_max_rel": feat_rel,
+                             "split_max_rel": split_rel, "tolerance": tolerance, "inputs": names,
                              "measure": "max|ort - torch| / max|torch| over logits"},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

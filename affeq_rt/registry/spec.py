@@ -1,4 +1,5 @@
-"""Backbone registry: one JSON spec per network in ``models/``, resolved by name or alias.
+"""Backbone registry: one JSON spec per network in ``models/``, resolved by name or alias, then any
+timm/torchvision classifier resolved from its library's metadata (``registry.resolve``).
 
 A spec says which timm/torchvision architecture to build, where its weights come from,
 how to preprocess images for it, and how faithful it is to the network the thesis used.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from affeq_rt.errors import AffeqError
+from affeq_rt.registry.resolve import library_names, other_labels_default, resolve_library_name
 
 LIBRARIES = ("timm", "torchvision", "affeq")
 WEIGHT_KINDS = ("hub", "package", "file", "none")
@@ -252,16 +254,27 @@ def list_specs(tag: str | None = None) -> list[BackboneSpec]:
     return [s for s in out if tag is None or tag in s.tags]
 
 
-def get_spec(name: str) -> BackboneSpec:
-    """Resolve a canonical name or alias (case-insensitive); unknown names list the closest ones."""
+def get_spec(name: str, allow_other_labels: bool | None = None) -> BackboneSpec:
+    """Resolve a name: a curated spec's name or alias first (case-insensitive), else any timm
+    model (``arch`` or ``arch.tag``) or torchvision classifier (``torchvision/resnet50[.WEIGHTS]``,
+    ``tv_resnet50``) from the library's own metadata (``registry.resolve``). Unknown names list
+    the closest ones among curated and library names.
+
+    ``allow_other_labels`` (None: ``$AFFEQ_RT_OTHER_LABELS``) is agreement mode: heads over other
+    label sets than ImageNet-1k are accepted instead of refused."""
     specs = _load_all(str(models_dir()))
     idx = _index(specs)
     key = _norm(name)
     if key in idx:
         return specs[idx[key]]
-    close = difflib.get_close_matches(key, list(idx), n=5, cutoff=0.5)
-    suggestions = [c if c == _norm(idx[c]) else f"{c} (= {idx[c]})" for c in close]
+    other = other_labels_default() if allow_other_labels is None else allow_other_labels
+    resolved = resolve_library_name(name.strip(), other)
+    if resolved is not None:
+        return BackboneSpec.from_dict(resolved, source=f"{resolved['resolved_from']} metadata "
+                                                       f"of {name.strip()!r}")
+    pool = {k: k for k in library_names()} | idx
+    close = difflib.get_close_matches(key, list(pool), n=5, cutoff=0.5)
+    suggestions = [c if c == _norm(pool[c]) else f"{c} (= {pool[c]})" for c in close]
     hint = (f"closest: {', '.join(suggestions)}" if suggestions
-            else "run `affeq-rt models` for the list")
+            else "run `affeq-rt models --all PATTERN` for the names")
     raise AffeqError(f"unknown model {name!r}", hint)
-
