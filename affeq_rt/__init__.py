@@ -35,6 +35,9 @@ from affeq_rt.onnx.runtime import create_session
 from affeq_rt.progress import Progress
 from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
 from affeq_rt.report.write import write_report
+from affeq_rt.vis.ablate import ablate
+from affeq_rt.vis.cam import cam
+from affeq_rt.vis.layers import layers
 
 __all__ = [
     "AffeqError",
@@ -53,8 +56,10 @@ __all__ = [
     "MapSet",
     "Progress",
     "__version__",
+    "ablate",
     "backends",
     "build_hybrid",
+    "cam",
     "create_session",
     "evaluate",
     "evaluate_heads",
@@ -63,6 +68,7 @@ __all__ = [
     "fit",
     "get_spec",
     "inspect",
+    "layers",
     "list_specs",
     "load_maps",
     "predict",

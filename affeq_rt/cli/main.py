@@ -19,7 +19,9 @@ import typer
 
 from affeq_rt._version import __version__
 from affeq_rt.cli import (
+    ablate,
     build_hybrid,
+    cam,
     demo,
     evaluate,
     export,
@@ -27,6 +29,7 @@ from affeq_rt.cli import (
     fit,
     info,
     inspect,
+    layers,
     models,
     predict,
     serve,
@@ -63,6 +66,9 @@ COMMANDS: list[tuple[ModuleType, str]] = [
     (build_hybrid, "build-hybrid"),
     (inspect, "inspect"),
     (serve, "serve"),
+    (cam, "cam"),
+    (ablate, "ablate"),
+    (layers, "layers"),
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data.preprocess import sample_photo
 from affeq_rt.data.readers import Sample
 from affeq_rt.demo import digits
 from affeq_rt.demo import photos as ph
@@ -35,6 +36,9 @@ from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import get_spec
 from affeq_rt.report import html_table, text_table, write_report
+from affeq_rt.report.vis_sections import cam_report_section, robustness_report_section
+from affeq_rt.vis.ablate import ablate
+from affeq_rt.vis.cam import cam
 
 DIGIT_METHODS = ("ols", "logit-pinv", "naive")
 
@@ -136,6 +140,53 @@ def _section_table(table: EvalTable, caption: str) -> str:
     return f"<p class='note'>{html.escape(caption)}</p>" + html_table(table)
 
 
+def vis_sections(root: Path, photo_info: Mapping[str, Any] | None, export_root: str | None,
+                 seed: int, say: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Issue 12 in the demo: CAM of Lite0, MobileNetV2 and the hybrid on chelsea; robustness
+    ablations on the held-out digits (accuracy) and on held-out photo views (agreement)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out: list[tuple[str, str]] = []
+    try:
+        data, imgs = digits.load(seed=seed), load_digits().images
+        folder = root / "digits" / "heldout_images"
+        for sid, y in zip(data.ids_test, data.y_test, strict=True):
+            i = int(sid.rsplit("/", 1)[1])
+            (folder / str(y)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((imgs[i] / 16.0 * 255.0).round().astype(np.uint8), mode="L").save(
+                folder / str(y) / f"{i:04d}.png")
+        say("robustness: ablations of the digits networks and their OLS hybrids")
+        nets = [root / "digits" / "exports" / f"digits_{a}" for a in digits.ARCHS]
+        t = ablate(nets, folder, root / "digits" / "maps_ols.safetensors",
+                   out=root / "digits" / "ablation", provider="cpu", seed=seed)
+        out.append(robustness_report_section(t, "Digits miniature (labelled): grayscale and "
+                   "channel shuffles are identities on grey digits, so those columns equal "
+                   "clean exactly."))
+    except (AffeqError, ImportError) as e:
+        say(f"robustness (digits): skipped ({e})")
+    if photo_info:
+        src, dst = "efficientnet_lite0", "mobilenet_v2"
+        pdir = root / "photos"
+        try:
+            chelsea = pdir / "chelsea.jpg"
+            with atomic_path(chelsea) as tmp:
+                sample_photo("chelsea").save(tmp, format="JPEG", quality=95)
+            hmaps = pdir / f"maps_{src}_to_{dst}_all_photos.safetensors"
+            mp = hmaps if hmaps.is_file() else photo_info["maps"]["logit-pinv"]
+            say(f"cam: {src}, {dst} and the hybrid on chelsea")
+            c = cam([chelsea], src, dst, mp, out=pdir / "cam", export_root=export_root)
+            out.insert(0, cam_report_section(c, f"Maps: {Path(mp).name}."))
+            say("robustness: ablations of the photo networks on held-out views")
+            t = ablate([src, dst], pdir / "views" / "heldout", photo_info["maps"]["ridge"],
+                       out=pdir / "ablation", max_images=24, export_root=export_root, seed=seed)
+            out.append(robustness_report_section(t, "Held-out photo views (no labels: agreement "
+                       "with each network's own clean prediction); ridge maps."))
+        except (AffeqError, ImportError, KeyError) as e:
+            say(f"cam/robustness (photos): skipped ({e})")
+    return out
+
+
 def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: bool = True,
              seed: int = 0, export_root: str | None = None,
              say: Callable[[str], None] = print) -> DemoResult:
@@ -224,6 +275,7 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
                         f"{html.escape(h['dst_own_name'])}. Its map is a ridge fit on the views "
                         "of all the photos (chelsea's included): the deployable model, not a "
                         "held-out score.</p>")))
+    extra += vis_sections(root, res.photo_info if res.photos else None, export_root, seed, say)
     res.notes = notes + res.notes
     res.seconds = time.perf_counter() - t0
     paths = write_report(ols, root / "report", title="affeq-rt demo: digits miniature (OLS maps)"

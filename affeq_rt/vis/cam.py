@@ -1,0 +1,215 @@
+"""Class activation maps (Zhou et al. 2016), exact through an affine map: what a hybrid looks at.
+
+For a network whose classifier follows global average pooling, logits = W·mean_xy f(x, y) + b,
+so CAM_c(x, y) = Σ_k W[c, k] f_k(x, y) averages over positions to logit_c − b_c exactly. The
+hybrid C_B(M·F_A) has the folded head (W_B·M, W_B·m + b_B) on A's pooled features, so its CAM is
+Σ_k (W_B M)[c, k] f_{A,k}(x, y), on A's spatial grid, with the same identity against the hybrid's
+logits. ``cam()`` computes A's own, B's own and the hybrid's maps for the top classes of each
+image, the correlation of the hybrid's map with each parent's, and writes PNGs + one HTML page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from affeq_rt.data.labels import softmax
+from affeq_rt.data.preprocess import crop, load_image, preprocess
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.fsio import write_json_atomic
+from affeq_rt.io.heads import Head
+from affeq_rt.io.maps import MapSet
+from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.spatial import SpatialModel, open_spatial
+from affeq_rt.progress import Progress, or_silent
+from affeq_rt.vis.common import (
+    as_mapset,
+    crop_geometry,
+    hybrid_head,
+    label_names,
+    pair_map,
+    pearson,
+    resample,
+    resolve_export,
+)
+from affeq_rt.vis.figures import write_cam_outputs
+
+CORR_GRID = 56  # maps are compared on a 56×56 grid over the part of the image both crops see
+
+
+def class_activation_maps(spatial: np.ndarray, weight: np.ndarray,
+                          classes: Sequence[int] | None = None) -> np.ndarray:
+    """CAM_c(x, y) = Σ_k W[c, k] f_k(x, y) in float64: ``spatial`` [C, h, w] or [N, C, h, w],
+    ``weight`` [K, C] → [k, h, w] (or [N, k, h, w]) for ``classes`` (default all K)."""
+    w = np.asarray(weight, np.float64)
+    if classes is not None:
+        w = w[list(classes)]
+    f = np.asarray(spatial, np.float64)
+    if f.shape[-3] != w.shape[1]:
+        raise AffeqError(f"spatial map has {f.shape[-3]} channels, the head {w.shape[1]} inputs",
+                         "use the head of the network (or hybrid) the map comes from")
+    return np.einsum("kc,...chw->...khw", w, f)
+
+
+@dataclass
+class CamNetwork:
+    """One network opened for CAM: its export, ``spatial.onnx`` session and classifier head."""
+
+    export: ExportedBackbone
+    spatial: SpatialModel
+    head: Head
+
+    @property
+    def name(self) -> str:
+        """Canonical name."""
+        return self.export.name
+
+    @property
+    def spec(self) -> Any:
+        """Its BackboneSpec."""
+        return self.export.spec
+
+
+def open_cam_network(target: str | os.PathLike, provider: str = "auto",
+                     export_root: str | os.PathLike | None = None,
+                     random_weights: bool = False) -> CamNetwork:
+    """Resolve, export if needed and open a network's spatial map; AffeqError (one line) for a
+    network whose classifier does not follow global average pooling."""
+    exp = resolve_export(target, export_root, random_weights)
+    return CamNetwork(exp, open_spatial(exp, provider), exp.classifier_head())
+
+
+@dataclass
+class CamImage:
+    """One image's maps. ``roles`` ⊂ (src, dst, hybrid); per role: ``maps`` [k, h, w] raw CAM
+    values for ``classes``, ``probs`` [k] of those classes, ``top1`` its own best class,
+    ``peaks`` the (x, y) of each map's maximum in ORIGINAL image pixels."""
+
+    path: str
+    size: tuple[int, int]
+    classes: list[int]
+    names: list[str]
+    maps: dict[str, np.ndarray]
+    probs: dict[str, list[float]]
+    top1: dict[str, int]
+    peaks: dict[str, list[tuple[float, float]]]
+    correlation: dict[str, float]
+    crops: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (maps omitted)."""
+        return {"path": self.path, "size": list(self.size), "classes": self.classes,
+                "names": self.names, "probs": self.probs, "top1": self.top1,
+                "peaks": {r: [list(p) for p in v] for r, v in self.peaks.items()},
+                "correlation": self.correlation}
+
+
+@dataclass
+class CamResult:
+    """What :func:`cam` computed: role → network label, one :class:`CamImage` per image, files."""
+
+    labels: dict[str, str]
+    images: list[CamImage]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Lines for the CLI: per image the top class per role and the correlations."""
+        lines = []
+        for im in self.images:
+            best = ", ".join(f"{self.labels[r]}: {im.names[0]} {im.probs[r][0]:.2f}"
+                             for r in im.maps)
+            corr = "  ".join(f"r(hybrid, {self.labels[r]}) = {v:+.3f}"
+                             for r, v in im.correlation.items())
+            lines.append(f"{Path(im.path).name}: {best}" + (f"\n  {corr}" if corr else ""))
+        lines += [f"wrote {p}" for p in self.files.values()]
+        return "\n".join(lines)
+
+
+def _peaks(maps: np.ndarray, size: tuple[int, int], spec: Any) -> list[tuple[float, float]]:
+    """Each map's argmax cell centre in original image pixels."""
+    left, top, side = crop_geometry(size, spec)
+    out = []
+    for m in maps:
+        i, j = np.unravel_index(int(np.argmax(m)), m.shape)
+        out.append((left + (j + 0.5) / m.shape[1] * side, top + (i + 0.5) / m.shape[0] * side))
+    return out
+
+
+def cam(images: Sequence[str | os.PathLike], src: str | os.PathLike,
+        dst: str | os.PathLike | None = None, maps: str | os.PathLike | MapSet | None = None, *,
+        out: str | os.PathLike | None = None, top: int = 3, provider: str = "auto",
+        export_root: str | os.PathLike | None = None, random_weights: bool = False,
+        progress: Progress | None = None) -> CamResult:
+    """CAMs of ``src`` (and of ``dst`` and the hybrid ``src → dst`` through ``maps``) for the
+    top ``top`` classes of each image (the hybrid's when there is one); with ``out`` writes
+    ``<stem>.png`` per image, ``cam.html`` and ``cam.json``. Images are read first: an
+    unreadable one raises AffeqError before any network runs."""
+    if not images:
+        raise AffeqError("no images given", "pass one or more image files")
+    if (dst is None) != (maps is None):
+        raise AffeqError("--dst and --maps go together", "pass both (the hybrid), or neither")
+    decoded = [(str(p), load_image(p)) for p in images]
+    prog = or_silent(progress)
+    prog.step(f"opening {src}" + (f" and {dst}" if dst else ""))
+    a = open_cam_network(src, provider, export_root, random_weights)
+    nets = {"src": a}
+    labels = {"src": a.name}
+    if dst is not None:
+        b = open_cam_network(dst, provider, export_root, random_weights)
+        if b.head.num_classes != a.head.num_classes:
+            raise AffeqError(f"{a.name} has {a.head.num_classes} classes and {b.name} "
+                             f"{b.head.num_classes}", "CAM compares networks over one label set")
+        mset = as_mapset(maps)  # type: ignore[arg-type]
+        m = pair_map(mset, a.name, b.name, a.head.dim, b.head.dim)
+        w_h, b_h = hybrid_head(m, b.head)
+        nets["dst"] = b
+        labels.update(dst=b.name, hybrid=f"{a.name}→{b.name}")
+    names_all = label_names(a.head.num_classes)
+    results = []
+    prog.start("class activation maps", total=len(decoded), unit="img")
+    for path, img in decoded:
+        spatial: dict[str, np.ndarray] = {}
+        crops: dict[str, np.ndarray] = {}
+        for role, net in nets.items():
+            sp, _ = net.spatial.run(preprocess(img, net.spec)[None])
+            spatial[role] = sp[0]
+            crops[role] = crop(img, net.spec)
+        heads = {r: (np.asarray(n.head.weight, np.float64), np.asarray(n.head.bias, np.float64))
+                 for r, n in nets.items()}
+        if dst is not None:
+            heads["hybrid"] = (w_h, b_h)
+            spatial["hybrid"], crops["hybrid"] = spatial["src"], crops["src"]
+        logits = {r: w @ spatial[r].astype(np.float64).mean(axis=(1, 2)) + bb
+                  for r, (w, bb) in heads.items()}
+        probs = {r: softmax(z) for r, z in logits.items()}
+        lead = "hybrid" if dst is not None else "src"
+        classes = [int(c) for c in np.argsort(-probs[lead], kind="stable")[:max(1, top)]]
+        cams = {r: class_activation_maps(spatial[r], heads[r][0], classes) for r in heads}
+        specs = {r: nets["src" if r == "hybrid" else r].spec for r in heads}
+        corr: dict[str, float] = {}
+        if dst is not None:
+            fr = {r: crop_geometry(img.size, specs[r])[2] for r in ("src", "dst")}
+            common = min(fr.values())
+            grid = {r: resample(cams[r][0], CORR_GRID, common / fr["src" if r == "hybrid" else r])
+                    for r in ("src", "dst", "hybrid")}
+            corr = {r: pearson(grid["hybrid"], grid[r]) for r in ("src", "dst")}
+        results.append(CamImage(
+            path=path, size=img.size, classes=classes, names=[names_all[c] for c in classes],
+            maps=cams, probs={r: [float(probs[r][c]) for c in classes] for r in cams},
+            top1={r: int(np.argmax(probs[r])) for r in cams},
+            peaks={r: _peaks(cams[r], img.size, specs[r]) for r in cams},
+            correlation=corr, crops=crops))
+        prog.advance()
+    prog.done()
+    res = CamResult(labels, results)
+    if out is not None:
+        res.files = write_cam_outputs(res, Path(out))
+        write_json_atomic(Path(out) / "cam.json",
+                          {"labels": labels, "images": [i.to_dict() for i in results]})
+        res.files["json"] = Path(out) / "cam.json"
+    return res

@@ -1,0 +1,266 @@
+"""CAM through the affine map: the exact identity mean_xy CAM = logits − bias for a network and for
+a hybrid (real EfficientNet-Lite0 → MobileNetV2 weights), the cat-class maps of chelsea peak on
+the cat, and the one-line errors (no spatial map, unreadable image, maps for other networks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affeq_rt.cli.main import main
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.maps import AffineMap, MapSet, save_maps
+from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.runtime import create_session
+from affeq_rt.onnx.spatial import open_spatial
+from affeq_rt.vis.cam import cam, class_activation_maps
+from affeq_rt.vis.common import hybrid_head
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+U64 = 2.0 ** -53
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+# chelsea (451×300): the networks' centre crops (x 94–356, y 19–281) are all cat, so the box is
+# the cat's FACE (both eyes, nose, mouth; looked up on the photo with a 50-px grid): a peak on
+# forehead fur at the top of the crop, or on the cheek at its left edge, falls outside.
+FACE_BOX = (110.0, 70.0, 360.0, 290.0)  # x0, y0, x1, y1 in original pixels
+
+
+def _digits_export(arch: str, folder: Path) -> Path:
+    """An untrained demo net (fixed torch seed) exported with export_split: fast, real graphs."""
+    import torch
+
+    from affeq_rt.demo import digits
+    from affeq_rt.onnx.export import export_split
+
+    torch.manual_seed(0)
+    model = digits.build(arch).eval()
+    return export_split(model, digits.spec_for(arch), folder / f"digits_{arch}")
+
+
+@pytest.fixture(scope="module")
+def digit_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """resnet_small (GAP: has a spatial map) and lenet5 (fully connected: none)."""
+    root = tmp_path_factory.mktemp("vis_digits")
+    return {a: _digits_export(a, root) for a in ("resnet_small", "lenet5", "inception_small")}
+
+
+def _bound_linear(w: np.ndarray, f: np.ndarray, ef: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Worst-case error of a float32 ``W f + b`` evaluated on features ``f`` that are themselves
+    off by at most ``ef`` (Higham's γ_n ≈ n·u for an n-term dot product, plus the bias add)."""
+    aw = np.abs(w)
+    return aw @ ef + (w.shape[1] + 2) * U32 * (aw @ np.abs(f) + np.abs(b))
+
+
+def _gap_error(sp: np.ndarray) -> np.ndarray:
+    """Worst-case error of ORT's float32 average over h·w positions, per channel [N, C]."""
+    hw = sp.shape[2] * sp.shape[3]
+    return (hw + 1) * U32 * np.abs(sp.astype(np.float64)).mean(axis=(2, 3))
+
+
+def _check_identity(sp: np.ndarray, w: np.ndarray, ref_minus_bias: np.ndarray,
+                    bound: np.ndarray) -> float:
+    cams = class_activation_maps(sp, w)  # [N, K, h, w]
+    err = np.abs(cams.mean(axis=(2, 3)) - ref_minus_bias)
+    assert np.all(err <= bound), f"max error {err.max():.3g}, bound {bound[err > bound].min():.3g}"
+    return float((err / bound).max())
+
+
+def test_cam_mean_is_logits_minus_bias_digits(digit_exports: dict[str, Path]) -> None:
+    """The GAP identity on a (random-weight) demo net, against its own classifier.onnx."""
+    exp = ExportedBackbone(digit_exports["resnet_small"])
+    x = np.random.default_rng(1).standard_normal((5, 3, 28, 28)).astype(np.float32)
+    sp, ft = open_spatial(exp, "cpu").run(x)
+    assert sp.shape == (5, 48, 7, 7)
+    logits = create_session(exp.classifier_path, "cpu").run(ft).astype(np.float64)
+    head = exp.classifier_head()
+    w, b = head.weight.astype(np.float64), head.bias.astype(np.float64)
+    f = ft.astype(np.float64)
+    _check_identity(sp, w, logits - b, _bound_linear(w, f.T, _gap_error(sp).T, b[:, None]).T)
+
+
+def test_no_spatial_map_is_a_one_line_error(digit_exports: dict[str, Path],
+                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """LeNet-5's features are fc activations: refused, saying why, from the API and the CLI."""
+    with pytest.raises(AffeqError, match="no spatial feature map.*Relu"):
+        open_spatial(digit_exports["lenet5"], "cpu")
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(img)
+    rc = main(["cam", str(img), "--src", str(digit_exports["lenet5"]), "--out",
+               str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1
+    assert "no spatial feature map" in err[0]
+
+
+def test_unreadable_image_and_foreign_maps(digit_exports: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """An image that cannot be read and a maps file for other networks: one line each, exit 1."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    a, b = digit_exports["resnet_small"], digit_exports["inception_small"]
+    assert main(["cam", str(bad), "--src", str(a), "--out", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "not a readable image" in err[0]
+    other = MapSet([AffineMap("efficientnet_lite0", "mobilenet_v2", np.zeros((1280, 1280),
+                              np.float32), np.zeros(1280, np.float32), "ols")])
+    maps = save_maps(tmp_path / "other.safetensors", other)
+    from PIL import Image
+
+    img = tmp_path / "ok.png"
+    Image.new("RGB", (28, 28), (0, 0, 0)).save(img)
+    rc = main(["cam", str(img), "--src", str(a), "--dst", str(b), "--maps", str(maps), "--out",
+               str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1
+    assert "has no map digits_resnet_small->digits_inception_small" in err[0]
+
+
+def test_cam_help() -> None:
+    """``--help`` works (exit 0)."""
+    assert main(["cam", "--help"]) == 0
+
+
+# -- real weights ---------------------------------------------------------------------------------
+
+FIT_PHOTOS = ("astronaut", "rocket", "coffee", "hubble_deep_field", "immunohistochemistry",
+              "colorwheel", "coins", "moon", "clock", "grass", "gravel", "brick", "logo")
+
+
+@pytest.fixture(scope="module")
+def lite_to_mnv2_maps(lite0_export: Path, mobilenet_v2_export: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ridge map Lite0 → MobileNetV2 fitted on 4 views each of 13 scikit-image photos (no cat:
+    chelsea is never seen by the fit)."""
+    from affeq_rt.data.preprocess import preprocess, sample_photo
+    from affeq_rt.demo.photos import views
+    from affeq_rt.method.fit import FitOptions, fit
+
+    rng = np.random.default_rng(0)
+    imgs = [v for n in FIT_PHOTOS for v in views(sample_photo(n), 4, rng)]
+    feats = {}
+    for path in (lite0_export, mobilenet_v2_export):
+        exp = ExportedBackbone(path)
+        x = np.stack([preprocess(im, exp.spec) for im in imgs])
+        feats[exp.name] = create_session(exp.features_path, "cpu").run(x, 16)
+    res = fit(feats, method="ridge", options=FitOptions(holdout=0.2))
+    out = tmp_path_factory.mktemp("vis_maps") / "maps.safetensors"
+    save_maps(out, res.maps)
+    return out
+
+
+@pytest.fixture(scope="module")
+def logit_pinv_maps(lite0_export: Path, mobilenet_v2_export: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lite0 → MobileNetV2 through the logits (M = W_B⁺ W_A): needs no images, and since W_B
+    [1000, 1280] has full row rank the hybrid reproduces Lite0's logits (a known answer)."""
+    from affeq_rt.method.solvers import logit_pinv
+
+    a, b = ExportedBackbone(lite0_export), ExportedBackbone(mobilenet_v2_export)
+    ha, hb = a.classifier_head(), b.classifier_head()
+    w, bias, stats = logit_pinv((ha.weight, ha.bias), (hb.weight, hb.bias))
+    assert stats["logits_exact"]
+    maps = MapSet([AffineMap(a.name, b.name, w.astype(np.float32), bias.astype(np.float32),
+                             "logit-pinv")])
+    return save_maps(tmp_path_factory.mktemp("vis_pinv") / "pinv.safetensors", maps)
+
+
+@pytest.mark.slow
+def test_cam_identity_real_hybrid(lite0_export: Path, mobilenet_v2_export: Path,
+                                  lite_to_mnv2_maps: Path, photo_files: dict[str, Path]) -> None:
+    """Lite0's own CAM and the hybrid Lite0 → MobileNetV2's CAM average to their logits minus
+    bias, the hybrid's logits computed independently: B's classifier.onnx on M·F_A (float32)."""
+    from affeq_rt.data.preprocess import load_image, preprocess
+    from affeq_rt.io.maps import load_maps
+
+    a, b = ExportedBackbone(lite0_export), ExportedBackbone(mobilenet_v2_export)
+    x = np.stack([preprocess(load_image(p), a.spec) for p in photo_files.values()])
+    sp, ft = open_spatial(a, "cpu").run(x)
+    assert sp.shape[1:] == (1280, 7, 7)
+    f = ft.astype(np.float64)
+    egap = _gap_error(sp)
+    # A itself
+    ha = a.classifier_head()
+    wa, ba = ha.weight.astype(np.float64), ha.bias.astype(np.float64)
+    la = create_session(a.classifier_path, "cpu").run(ft).astype(np.float64)
+    _check_identity(sp, wa, la - ba, _bound_linear(wa, f.T, egap.T, ba[:, None]).T)
+    # the hybrid: reference logits through the map (float32) and B's own classifier graph
+    m = load_maps(lite_to_mnv2_maps)[(a.name, b.name)]
+    g = m(ft)  # float32 [N, 1280]
+    lh = create_session(b.classifier_path, "cpu").run(g).astype(np.float64)
+    hb = b.classifier_head()
+    w_h, b_h = hybrid_head(m, hb)
+    mw, mb = m.weight.astype(np.float64), m.bias.astype(np.float64)
+    eg = _bound_linear(mw, f.T, egap.T, mb[:, None])  # error of g [1280, N]
+    wb = hb.weight.astype(np.float64)
+    bound = _bound_linear(wb, g.astype(np.float64).T, eg, hb.bias.astype(np.float64)[:, None]).T
+    bound += mw.shape[0] * U64 * (np.abs(wb) @ np.abs(mw) @ np.abs(f).T).T  # the float64 fold
+    used = _check_identity(sp, w_h, lh - b_h, bound)
+    assert used < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("use_affeq_home")
+def test_cli_cam_on_chelsea_peaks_on_the_cat(lite0_export: Path, mobilenet_v2_export: Path,
+                                             logit_pinv_maps: Path,
+                                             photo_files: dict[str, Path], tmp_path: Path) -> None:
+    """``affeq-rt cam --src lite0 --dst mobilenet_v2 --maps … chelsea.jpg``: PNG + HTML + JSON;
+    the hybrid's top class is a cat, and every cat-class map (A's, B's, the hybrid's) peaks on
+    the cat's face; the correlations with both parents are reported. (The logit-pinv map: a
+    ridge map fitted on 52 views of 13 unrelated photos does not carry "cat" to MobileNetV2's
+    head — measured: the hybrid's top class on chelsea is ping-pong ball at p = 0.02.)"""
+    out = tmp_path / "cam"
+    assert lite0_export.name == "efficientnet_lite0"  # exported in the session's home: by name
+    assert mobilenet_v2_export.name == "mobilenet_v2"
+    rc = main(["cam", str(photo_files["chelsea"]), "--src", "efficientnet_lite0", "--dst",
+               "mobilenet_v2", "--maps", str(logit_pinv_maps), "--out", str(out),
+               "--provider", "cpu", "-q"])
+    assert rc == 0
+    assert (out / "00_chelsea.png").stat().st_size > 10_000
+    assert "data:image/png;base64" in (out / "cam.html").read_text()
+    doc = json.loads((out / "cam.json").read_text())
+    im = doc["images"][0]
+    assert im["classes"][0] in CAT_CLASSES
+    x0, y0, x1, y1 = FACE_BOX
+    checked = 0
+    for role, peaks in im["peaks"].items():
+        for c, (x, y) in zip(im["classes"], peaks, strict=True):
+            if c in CAT_CLASSES:
+                assert x0 <= x <= x1, (role, c, x, y)
+                assert y0 <= y <= y1, (role, c, x, y)
+                checked += 1
+    assert checked >= 3
+    assert set(im["correlation"]) == {"src", "dst"}
+    # logit-pinv: W_B·M = W_B W_B⁺ W_A = W_A up to float32 storage of M (relative 1e-7 per
+    # entry), so the hybrid's maps ARE Lite0's: correlation 1 to 1e-5
+    assert im["correlation"]["src"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= im["correlation"]["dst"] < 0.999
+
+
+@pytest.mark.slow
+def test_cam_localises_a_small_cat(lite0_export: Path, photo_files: dict[str, Path],
+                                   tmp_path: Path) -> None:
+    """chelsea shrunk into one corner of a grey canvas: the cat fills a quarter of the crop, and
+    Lite0's cat-class maps peak inside the pasted photo (a random peak would land there ~1/4 of
+    the time per map)."""
+    from PIL import Image
+
+    cat = Image.open(photo_files["chelsea"]).resize((225, 150), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (600, 400), (128, 128, 128))
+    canvas.paste(cat, (130, 30))
+    p = tmp_path / "small_cat.png"
+    canvas.save(p)
+    res = cam([p], lite0_export, top=3, provider="cpu")
+    im = res.images[0]
+    assert im.classes[0] in CAT_CLASSES
+    for c, (x, y) in zip(im.classes, im.peaks["src"], strict=True):
+        if c in CAT_CLASSES:
+            assert 130 <= x <= 355
+            assert 30 <= y <= 180
