@@ -3,6 +3,9 @@ agreement mode, validate, and clear errors on mismatched inputs."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,9 @@ from affeq_rt.io.maps import AffineMap, MapSet
 from affeq_rt.io.store import ArrayStore
 from affeq_rt.method.evaluate import evaluate, validate
 from affeq_rt.method.overlap import default_overlap_pairs, overlap
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+from recording import RecordingProgress  # noqa: E402
 
 DIMS = {"alpha": 24, "beta": 32, "gamma": 16}
 K = 12
@@ -213,29 +219,9 @@ def test_validate_flags_mismatch() -> None:
     assert rows["beta"].ok is None
 
 
-class _Recorder:
-    """A Progress that records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def start(self, task: str, total: int | None = None, done: int = 0,
-              unit: str = "img") -> None:
-        self.calls.append(("start", task, total, done, unit))
-
-    def advance(self, n: int = 1) -> None:
-        self.calls.append(("advance", n))
-
-    def done(self) -> None:
-        self.calls.append(("done",))
-
-    def step(self, message: str) -> None:
-        self.calls.append(("step", message))
-
-
 def test_results_carry_overlaps_and_progress_counts_sources(tmp_path, monkeypatch) -> None:
     store, maps = _problem(seed=6)
-    rec = _Recorder()
+    rec = RecordingProgress()
     monkeypatch.chdir(tmp_path)
     table = evaluate(store, _mapset(maps), device="cpu", progress=rec)
     assert list(tmp_path.iterdir()) == []  # evaluate computes; report.write_report writes

@@ -20,6 +20,7 @@ from affeq_rt.method.extract import ImageOptions, extract, open_networks, run_ne
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
+from recording import RecordingProgress  # noqa: E402
 
 MODELS = photos.E2E_MODELS
 
@@ -33,30 +34,10 @@ def _opts(env, **kw) -> ImageOptions:
                            **kw})
 
 
-class _Recorder:
-    """A Progress that records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def start(self, task: str, total: int | None = None, done: int = 0,
-              unit: str = "img") -> None:  # noqa: ARG002 (the Progress protocol's signature)
-        self.calls.append(("start", task, total, done))
-
-    def advance(self, n: int = 1) -> None:
-        self.calls.append(("advance", n))
-
-    def done(self) -> None:
-        self.calls.append(("done",))
-
-    def step(self, message: str) -> None:
-        self.calls.append(("step", message))
-
-
 @pytest.fixture(scope="module")
 def ref_store(env):
     """An uninterrupted run: batch size 2, float32, in-process decoding."""
-    rec = _Recorder()
+    rec = RecordingProgress()
     res = extract(MODELS, env["photos"], env["base"] / "ref", dtype="float32",
                   images=_opts(env, batch_size=2), progress=rec)
     res.progress_calls = rec.calls
@@ -93,7 +74,7 @@ def test_extract_three_networks_on_photos(env, ref_store):
     # progress: one task over every sample (readable or not), in batches of 2; the rate is
     # this run's images over the run's own timestamps (the same seconds: equal up to rounding)
     calls = ref_store.progress_calls
-    assert calls[0] == ("start", "extract", n_good + 2, 0)
+    assert calls[0] == ("start", "extract", n_good + 2, 0, "img")
     assert calls[-1] == ("done",)
     assert [c[1] for c in calls[1:-1]] == [2] * ((n_good + 2) // 2) + [1] * ((n_good + 2) % 2)
     assert ref_store.images_per_s == pytest.approx((n_good + 2) / ref_store.seconds, rel=1e-12)

@@ -23,6 +23,7 @@ from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
+from recording import RecordingProgress  # noqa: E402
 
 DIMS = {"a": 6, "b": 4, "c": 9}
 MODELS = photos.E2E_MODELS
@@ -149,36 +150,16 @@ def test_bad_inputs(tmp_path):
     assert not out.exists()
 
 
-class _Recorder:
-    """A Progress that records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def start(self, task: str, total: int | None = None, done: int = 0,
-              unit: str = "img") -> None:  # noqa: ARG002 (the Progress protocol's signature)
-        self.calls.append(("start", task, total, done))
-
-    def advance(self, n: int = 1) -> None:
-        self.calls.append(("advance", n))
-
-    def done(self) -> None:
-        self.calls.append(("done",))
-
-    def step(self, message: str) -> None:
-        self.calls.append(("step", message))
-
-
 def test_one_front_door_same_maps_from_arrays_and_store(tmp_path):
     """Arrays and the store holding them give the same bits; the result is a MapSet that
     save/load round-trips; progress counts every sample once."""
     feats = _features(5000)  # more than one 4096-row chunk
     st = _store(tmp_path / "store", feats)
-    rec = _Recorder()
+    rec = RecordingProgress()
     from_store = fit(st, method="ols", out=tmp_path / "m.safetensors",
                      options=FitOptions(holdout=0.2, seed=1), progress=rec)
     from_arrays = fit(feats, method="ols", options=FitOptions(holdout=0.2, seed=1))
-    assert rec.calls == [("start", "fit", 5000, 0), ("advance", 4096), ("advance", 904),
+    assert rec.calls == [("start", "fit", 5000, 0, "img"), ("advance", 4096), ("advance", 904),
                          ("done",)]
     assert from_store.images == 5000
     assert from_store.images_per_s > 0
