@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,6 +120,8 @@ def test_table_equals_materialised_numpy() -> None:
     t1 = table.top1
     assert table.change_top1[0, 1] == pytest.approx((t1[0, 1] - t1[0, 0]) / t1[0, 0] * 100)
     assert table.loss_top1[0, 1] == pytest.approx(t1[0, 0] - t1[1, 0])
+    # the loss of the hybrid row→column, aligned with top1 (the CSV's per-row loss)
+    assert table.hybrid_loss_top1[0, 1] == pytest.approx(t1[1, 1] - t1[0, 1])
     assert np.all(np.diag(table.change_top1) == 0)
     assert np.all(np.diag(table.loss_top1) == 0)
 
@@ -235,3 +238,120 @@ def test_results_carry_overlaps_and_progress_counts_sources(tmp_path, monkeypatc
     assert [(o.a, o.b) for o in chosen.overlaps] == [("gamma", "beta")]
     unlabelled, maps_u = _problem(seed=6, labelled=False)
     assert evaluate(unlabelled, _mapset(maps_u), device="cpu").overlaps == []
+
+
+# ---------------------------------------------------------------- issue 11, item 9
+# A logit-pinv hybrid reproduces its source only when the target head is folded into the map in
+# float64 (``maps.fold_head``): ARCHITECTURE.md, "Logit-pinv hybrids and float64".
+
+PINV_S, PINV_K, PINV_DB = 16, 1000, 1024  # A's features = the 3·16·16 = 768 pixels of the image
+PINV_DA = 3 * PINV_S * PINV_S
+
+
+def _onnx_file(path: Path, node: Any, inits: list, inp: str, in_shape: list, out: str,
+               out_shape: list) -> Path:
+    """A one-node float32 ONNX model (opset 13)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _classifier_onnx(path: Path, w: np.ndarray, b: np.ndarray) -> Path:
+    """``classifier.onnx`` as an export writes it: features [N, d] → Gemm → logits [N, K]."""
+    from onnx import helper, numpy_helper
+
+    return _onnx_file(path, helper.make_node("Gemm", ["features", "W", "b"], ["logits"],
+                                             transB=1),
+                      [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+                      "features", ["N", w.shape[1]], "logits", ["N", w.shape[0]])
+
+
+def _near_ties(wa: np.ndarray, ba: np.ndarray, n: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features whose top-2 logits under A's head are 1e-8 … 1e-4 of the logit scale
+    apart (log-spaced), and those margins (relative, recomputed in float64 after the cast)."""
+    x = rng.standard_normal((n, wa.shape[1]))
+    lg = x @ wa.T.astype(np.float64) + ba
+    order = np.argsort(lg, axis=1)
+    t1, t2, rows = order[:, -1], order[:, -2], np.arange(n)
+    u = wa[t1].astype(np.float64) - wa[t2]
+    gap = lg[rows, t1] - lg[rows, t2]
+    target = np.abs(lg).max() * np.logspace(-8, -4, n)
+    x32 = (x - ((gap - target) / (u * u).sum(1))[:, None] * u).astype(np.float32)
+    ref = x32.astype(np.float64) @ wa.T.astype(np.float64) + ba
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    return x32, (top2[:, 1] - top2[:, 0]) / np.abs(ref).max()
+
+
+def test_logit_pinv_hybrid_agrees_with_its_source_on_near_ties(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hybrid built (``build_from_parts``) from the logit-pinv map that ``fit`` writes (float32
+    weights, as in a maps file) predicts what the source's own classifier.onnx predicts on every
+    image whose top-2 logits are ≥ 5e-7 of the logit scale apart: its head, folded in float64, is
+    A's head to ~5e-8, below the float32 rounding of evaluating A's head at all (measured: the
+    float64 fold disagrees only below 2.3e-7, where A's own ONNX head and a float64 evaluation of
+    it disagree too). Folded in float32 instead, the same hybrid flips near-ties up to ~1.2e-6."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("skimage.data")  # build_from_parts verifies on scikit-image's photos
+    from onnx import helper, numpy_helper
+
+    import affeq_rt.deploy.hybrid as hybrid_mod
+    from affeq_rt.deploy.hybrid import HybridOptions, HybridParts, build_from_parts
+    from affeq_rt.method.fit import fit
+    from affeq_rt.registry.spec import BackboneSpec, WeightsSource
+
+    rng = np.random.default_rng(1)
+    k, da, db = PINV_K, PINV_DA, PINV_DB
+    wa = (0.03 * rng.standard_normal((k, da))).astype(np.float32)
+    ba = (0.1 * rng.standard_normal(k)).astype(np.float32)
+    wb = (0.03 * rng.standard_normal((k, db))).astype(np.float32)
+    bb = (0.1 * rng.standard_normal(k)).astype(np.float32)
+    store = ArrayStore({"a": np.zeros((2, da), np.float32), "b": np.zeros((2, db), np.float32)},
+                       {"a": (wa, ba), "b": (wb, bb)})
+    amap = fit(store, method="logit-pinv").maps["a", "b"]
+    assert amap.weight.dtype == np.float32
+    assert amap.stats["logits_exact"]
+
+    def spec(name: str, dim: int) -> BackboneSpec:
+        return BackboneSpec(name=name, library="affeq", arch=name, weights=WeightsSource(),
+                            input_size=PINV_S, crop_pct=1.0, interpolation="bilinear",
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), feature_dim=dim,
+                            num_classes=k)
+
+    features = _onnx_file(tmp_path / "a_features.onnx",
+                          helper.make_node("Reshape", ["image", "shape"], ["features"]),
+                          [numpy_helper.from_array(np.array([-1, da], np.int64), "shape")],
+                          "image", ["N", 3, PINV_S, PINV_S], "features", ["N", da])
+    parts = HybridParts(spec("a", da), spec("b", db), features, (wb, bb),
+                        _classifier_onnx(tmp_path / "b_classifier.onnx", wb, bb))
+    x, margin = _near_ties(wa, ba, 1500, rng)
+    own = ort.InferenceSession(str(_classifier_onnx(tmp_path / "a_classifier.onnx", wa, ba)),
+                               providers=["CPUExecutionProvider"]).run(None, {"features": x})[0]
+
+    def hybrid_top1(out: Path) -> np.ndarray:
+        path = build_from_parts(parts, amap, out, HybridOptions(force=True))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(["logits"], {"image": x.reshape(-1, 3, PINV_S, PINV_S)})[0].argmax(1)
+
+    clear = margin >= 5e-7
+    assert clear.sum() > 500
+    assert (margin[clear] < 2e-6).sum() > 50  # near-ties in the range that matters
+    top1 = hybrid_top1(tmp_path / "h64.onnx")
+    np.testing.assert_array_equal(top1[clear], own.argmax(1)[clear])
+
+    # control: the same hybrid with the head folded in float32 flips some of those near-ties
+    def fold32(m: AffineMap, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w32 = np.asarray(w, np.float32)
+        return w32 @ m.weight.astype(np.float32), w32 @ m.bias.astype(np.float32) + b
+
+    monkeypatch.setattr(hybrid_mod, "fold_head", fold32)
+    top1_32 = hybrid_top1(tmp_path / "h32.onnx")
+    assert (top1_32[clear] != own.argmax(1)[clear]).sum() > 0

@@ -15,7 +15,9 @@ import pytest
 from affeq_rt.io.maps import AffineMap, MapSet
 from affeq_rt.io.store import ArrayStore
 from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.results import EvalTable
 from affeq_rt.report import markdown_table, text_table, write_report
+from affeq_rt.report.tables import csv_text, loss_gain_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -71,8 +73,9 @@ def test_csv_and_json_hold_every_number(labelled_report: tuple) -> None:
         assert float(r["top1"]) == pytest.approx(table.top1[i, j], abs=1e-6)
         assert float(r["top5"]) == pytest.approx(table.top5[i, j], abs=1e-6)
         assert float(r["change_top1"]) == pytest.approx(table.change_top1[i, j], abs=1e-6)
-        assert float(r["loss_top1_target_to_source"]) == pytest.approx(table.loss_top1[i, j],
-                                                                       abs=1e-6)
+        # the row is the hybrid source→target and carries that hybrid's loss
+        assert float(r["hybrid_loss_top1"]) == pytest.approx(table.top1[j, j] - table.top1[i, j],
+                                                             abs=1e-6)
         assert float(r["agree"]) == pytest.approx(table.agree[i, j], abs=1e-6)
         assert doc["top1"][i][j] == pytest.approx(table.top1[i, j], abs=1e-5)
     assert doc["overlaps"][0]["hybrid"] == "lenet->resnet"
@@ -119,3 +122,47 @@ def test_unlabelled_report(tmp_path: Path) -> None:
     assert "top1" not in doc
     assert "unmapped" in paths["markdown"].read_text()
     assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC
+
+
+def _hand_table() -> EvalTable:
+    """Two networks, 200 images, top-1 chosen by hand: A alone 80 %, B alone 70 %, hybrid A→B
+    (A's features, B's classifier) 75 %, hybrid B→A 60 %."""
+    top1 = np.array([[80.0, 75.0], [60.0, 70.0]])
+    nan = np.full((2, 2), np.nan)
+    return EvalTable(models=["A", "B"], n=200, labelled=True, top1=top1, top5=nan.copy(),
+                     agree=nan.copy(), agree_unmapped=nan.copy(),
+                     pred=np.zeros((2, 2, 0), np.int32), correct=None)
+
+
+def test_csv_row_carries_its_own_hybrids_loss() -> None:
+    """Hybrid A→B: B's classifier scores 70 % on B's features and 75 % on A's mapped ones, a loss
+    of −5 (a gain). Hybrid B→A: A's 80 % falls to 60 %, a loss of +20. (Before issue 11 the row
+    A,B carried +20, the reverse hybrid's loss.)"""
+    table = _hand_table()
+    rows = {(r["source"], r["target"]): r for r in csv.DictReader(io.StringIO(csv_text(table)))}
+    assert float(rows[("A", "B")]["hybrid_loss_top1"]) == pytest.approx(-5.0)
+    assert float(rows[("B", "A")]["hybrid_loss_top1"]) == pytest.approx(20.0)
+    assert float(rows[("A", "A")]["hybrid_loss_top1"]) == 0.0
+    assert float(rows[("A", "B")]["top1"]) == 75.0
+    # the paper's Loss_{A,B} matrix keeps its convention: A's classifier, B's features
+    assert table.loss_top1[0, 1] == pytest.approx(20.0)
+    np.testing.assert_array_equal(table.hybrid_loss_top1, table.loss_top1.T)
+
+
+def test_loss_gain_markdown_in_paper_table_1_layout() -> None:
+    table = _hand_table()
+    md = loss_gain_markdown(table)
+    lines = md.splitlines()
+    assert lines[0] == "| description | mapping | correct | percent | loss (points) |"
+    assert "| A | A→A | 160 / 200 | 80.00% | |" in lines
+    assert "| B | B→B | 140 / 200 | 70.00% | |" in lines
+    assert "| A features, B classifier | A→B | 150 / 200 | 75.00% | −5.00 |" in lines
+    assert "| B features, A classifier | B→A | 120 / 200 | 60.00% | +20.00 |" in lines
+    assert md in markdown_table(table)
+    # unlabelled tables have no loss
+    nan = np.full((2, 2), np.nan)
+    unl = EvalTable(models=["A", "B"], n=200, labelled=False, top1=nan, top5=nan,
+                    agree=np.full((2, 2), 50.0), agree_unmapped=np.full((2, 2), 50.0),
+                    pred=np.zeros((2, 2, 0), np.int32), correct=None)
+    assert loss_gain_markdown(unl) == ""
+    assert "Loss and gain" not in markdown_table(unl)

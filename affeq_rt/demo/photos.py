@@ -121,7 +121,9 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
 
 
 def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: int = 0) -> Path:
-    """Ridge map src→dst fitted on the views of ALL photos (the deployable model's map)."""
+    """Ridge map src→dst fitted on the views of ALL photos (the deployable model's map). The
+    held-out photos, chelsea among them, are included, so the hybrid's label on chelsea is not a
+    held-out score."""
     opened = [FeatureStore.open(p) for p in stores.values()]
     arrays = {m: np.concatenate([np.asarray(s.features(m), np.float32) for s in opened])
               for m in (src, dst)}
@@ -135,7 +137,8 @@ def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: 
 def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0",
                       dst: str = "mobilenet_v2", export_root: str | None = None) -> dict:
     """Build one hybrid ONNX model (src → map → dst's classifier) and classify chelsea with it,
-    next to what src and dst say on their own."""
+    next to what src and dst say on their own. With :func:`fit_for_hybrid`'s map, chelsea is a
+    photo the map was fitted on."""
     path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx",
                         options=HybridOptions(force=True), export_root=export_root)
     names = imagenet_names()

@@ -8,6 +8,8 @@ Conventions (thesis Table 5.2 and the paper §4):
   SOURCE network's own accuracy.
 - ``loss[A, B] = Acc(C_A(F_A)) − Acc(C_A(M_{B→A} F_B)) = top1[A, A] − top1[B, A]`` in percentage
   points: what A's classifier loses when A's features are replaced by B's (negative = gain).
+  The loss of the hybrid A→B (row A, column B, as in ``top1``) is therefore ``loss[B, A]``;
+  ``hybrid_loss_top1`` holds it aligned with ``top1`` (the CSV's per-row loss).
 """
 
 from __future__ import annotations
@@ -121,6 +123,13 @@ class EvalTable:
         """Paper's Loss_{A,B} = top1[A, A] − top1[B, A] in percentage points (negative = gain)."""
         own = np.diag(self.top1)
         return own[:, None] - self.top1.T
+
+    @property
+    def hybrid_loss_top1(self) -> np.ndarray:
+        """Loss of each hybrid, aligned with ``top1``: ``[A, B]`` = top1[B, B] − top1[A, B], what
+        B's classifier loses when fed A's mapped features instead of B's own (the paper's
+        Loss_{B,A}; points, negative = gain). Equal to ``loss_top1.T``."""
+        return self.loss_top1.T
 
     def method(self, src: str, dst: str) -> str:
         """The fitting method of the map src→dst ("identity" on the diagonal)."""

@@ -1,4 +1,5 @@
-"""Text formats of evaluation results: terminal table, Markdown (thesis Table 5.2 layout), CSV."""
+"""Text formats of evaluation results: terminal table, Markdown (thesis Table 5.2 layout, and the
+per-hybrid loss/gain in the paper's Table 1 layout), CSV."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def text_table(table: EvalTable, width: int = 9) -> str:
 def markdown_table(table: EvalTable) -> str:
     """Thesis Table 5.2 layout: rows = source features, columns = target classifier; each cell the
     accuracy with the % change from the source's own accuracy under it (agreement when unlabelled).
+    Labelled tables are followed by the per-hybrid loss/gain (``loss_gain_markdown``).
     """
     cols = "| source \\ target | " + " | ".join(table.models) + " |"
     sep = "|---|" + "---:|" * len(table.models)
@@ -76,7 +78,11 @@ def markdown_table(table: EvalTable) -> str:
         legend = ("No labels: large = % of images where C_target(M F_source) predicts what the "
                   "target predicts from its own features; small = how often the two networks "
                   f"agree unmapped ({table.n} images).")
-    return "\n".join(rows) + "\n\n" + legend + "\n"
+    out = "\n".join(rows) + "\n\n" + legend + "\n"
+    if table.labelled and len(table.models) > 1:
+        out += "\n### Loss and gain per hybrid (paper Table 1 layout)\n\n" + \
+            loss_gain_markdown(table)
+    return out
 
 
 def overlap_markdown(overlaps: Sequence[Overlap]) -> str:
@@ -94,21 +100,54 @@ def overlap_markdown(overlaps: Sequence[Overlap]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def loss_gain_markdown(table: EvalTable) -> str:
+    """Per-hybrid loss/gain laid out like the paper's Table 1: each network on its own features
+    (A→A), then every hybrid A→B with B's classifier on A's mapped features, the number of images
+    it labels correctly, the percentage, and its loss Acc(C_B(F_B)) − Acc(C_B(M F_A)) in points
+    (the paper's Loss_{B,A}; negative = gain). Empty for unlabelled tables."""
+    if not table.labelled:
+        return ""
+    loss = table.hybrid_loss_top1
+    rows = ["| description | mapping | correct | percent | loss (points) |",
+            "|---|---|---:|---:|---:|"]
+
+    def correct(i: int, j: int) -> str:
+        v = table.top1[i, j]
+        return "–" if not np.isfinite(v) else str(int(round(v * table.n / 100)))
+
+    for i, a in enumerate(table.models):
+        rows.append(f"| {a} | {a}→{a} | {correct(i, i)} / {table.n} | {_pct(table.top1[i, i])} "
+                    "| |")
+    for i, a in enumerate(table.models):
+        for j, b in enumerate(table.models):
+            if i != j:
+                v = loss[i, j]
+                lv = "–" if not np.isfinite(v) else f"{v:+.2f}".replace("-", "−")
+                rows.append(f"| {a} features, {b} classifier | {a}→{b} | {correct(i, j)} / "
+                            f"{table.n} | {_pct(table.top1[i, j])} | {lv} |")
+    legend = ("Loss of the hybrid A→B: B's own top-1 minus B's classifier on A's mapped features, "
+              "in points (the paper's Loss_{B,A}); negative = gain.")
+    return "\n".join(rows) + "\n\n" + legend + "\n"
+
+
 def csv_text(table: EvalTable) -> str:
-    """One row per (source, target) with every number."""
+    """One row per (source, target) with every number; each row is the hybrid source→target.
+
+    ``hybrid_loss_top1`` is that row's hybrid's loss, top1[target, target] − top1[source, target]
+    (the paper's Loss_{target,source}, points, negative = gain), as ``EvalTable.hybrid_loss_top1``.
+    """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["source", "target", "method", "n", "top1", "top5", "change_top1", "change_top5",
-                "loss_top1_target_to_source", "agree", "agree_unmapped"])
+                "hybrid_loss_top1", "agree", "agree_unmapped"])
     lab = table.labelled
     for i, a in enumerate(table.models):
         for j, b in enumerate(table.models):
             def num(m: np.ndarray | None, ii: int = i, jj: int = j) -> str:
                 return "" if m is None or not np.isfinite(m[ii, jj]) else f"{m[ii, jj]:.6f}"
-            # loss_top1[i, j] is Loss_{a,b}: what a's classifier loses with b's mapped features.
             w.writerow([a, b, table.method(a, b), table.n, num(table.top1 if lab else None),
                         num(table.top5 if lab else None), num(table.change_top1 if lab else None),
                         num(table.change_top5 if lab else None),
-                        num(table.loss_top1 if lab else None), num(table.agree),
+                        num(table.hybrid_loss_top1 if lab else None), num(table.agree),
                         num(table.agree_unmapped)])
     return buf.getvalue()
