@@ -208,3 +208,51 @@ def test_loader_resumes_on_the_same_grid(tmp_path):
     assert [(b.start, b.stop) for b in tail] == [(4, 6)]
     key = next(iter(tail[0].tensors))
     np.testing.assert_array_equal(tail[0].tensors[key], full[2].tensors[key])
+
+
+# ------------------------------------------------------------ labels all-or-error (issue 10)
+
+def test_one_unknown_wnid_in_kaggle_csv_is_an_error_naming_the_row(tmp_path, imgs):
+    """Before: one stray wnid switched every label to folder-name order, silently."""
+    _flat_val(tmp_path / "val", imgs, 3)
+    rows = ["ImageId,PredictionString",
+            f"ILSVRC2012_val_00000001,{SEA_SNAKE} 1 2 3 4",
+            "ILSVRC2012_val_00000002,n99999999 1 2 3 4",  # not an ImageNet-1k class
+            f"ILSVRC2012_val_00000003,{TENCH} 1 2 3 4"]
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(AffeqError) as e:
+        discover(tmp_path / "val")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "1 row(s)" in msg
+    assert "line 3 (ILSVRC2012_val_00000002: 'n99999999')" in msg
+
+
+def test_mixed_wnid_and_other_class_folders_is_an_error(tmp_path, imgs):
+    _save(imgs[0][1], tmp_path / TENCH / "a.jpg")
+    _save(imgs[1][1], tmp_path / "misc" / "b.jpg")
+    with pytest.raises(AffeqError, match=r"1 of 2 classes .* not ImageNet-1k wnids \('misc'\)"):
+        discover(tmp_path)
+
+
+@pytest.mark.parametrize("target", [".", "..", TABBY, "outside"])
+def test_symlink_that_revisits_a_folder_is_skipped_and_reported(tmp_path, imgs, target):
+    """``loop -> .`` became an extra class and every image was extracted twice; a link to a
+    folder outside the tree is still a class."""
+    root = tmp_path / "train"
+    for j, wnid in enumerate([TABBY, TENCH]):
+        _save(imgs[j][1], root / wnid / f"{j}.jpg")
+    if target == "outside":
+        _save(imgs[2][1], tmp_path / "elsewhere" / "c.jpg")
+        (root / SEA_SNAKE).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    else:
+        (root / "loop").symlink_to(target, target_is_directory=True)
+    src = discover(root)
+    labels = sorted(s.label for s in src.samples)
+    if target == "outside":
+        assert labels == sorted([IDX[TABBY], IDX[TENCH], IDX[SEA_SNAKE]])
+        assert "skipped_symlinks" not in src.extra
+    else:
+        assert labels == sorted([IDX[TABBY], IDX[TENCH]])
+        assert src.extra["skipped_symlinks"] == ["loop"]
+        assert src.extra["classes"] == 2

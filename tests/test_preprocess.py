@@ -73,3 +73,42 @@ def test_preprocess_key_groups_equal_specs() -> None:
         preprocess_key(lite0.to_dict())
     with pytest.raises(AffeqError, match="crop_pct"):
         Preprocessing.from_dict({**lite0.to_dict(), "crop_pct": 1.5})
+
+
+# ------------------------------------------------------------ bounded work per image (issue 10)
+
+def test_a_one_pixel_line_is_refused_before_any_resize(tmp_path) -> None:
+    """The issue's 118-byte 1×20000 PNG: before, preprocessing scaled it to 256×5 120 000 RGB
+    (≈ 3.9 GB) before cropping; now a one-line error naming the file, before the decode."""
+    Image.new("L", (1, 20000), 128).save(tmp_path / "line.png")
+    assert (tmp_path / "line.png").stat().st_size < 1000
+    with pytest.raises(AffeqError) as e:
+        preprocess(load_image(tmp_path / "line.png"), SPECS[0])
+    assert "line.png is 1×20000 pixels" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_upscale_and_output_size_guards_name_the_file(tmp_path) -> None:
+    from affeq_rt.data.preprocess import MAX_RESIZE_PIXELS, resize_crop
+
+    Image.new("RGB", (3, 3), (1, 2, 3)).save(tmp_path / "dot.png")  # 3 px → 256: ×85
+    with pytest.raises(AffeqError, match=r"dot.png is 3×3 pixels: .* enlarged 85 times"):
+        preprocess(load_image(tmp_path / "dot.png"), SPECS[0])
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "ok.png")  # ×64: still allowed
+    assert preprocess(load_image(tmp_path / "ok.png"), SPECS[0]).shape == (3, 224, 224)
+    # the output check: 100×3200 is within the aspect limit, but a 2000-px geometry would
+    # resize it to 2000×64000 pixels
+    Image.new("RGB", (100, 3200)).save(tmp_path / "tall.png")
+    img = load_image(tmp_path / "tall.png")
+    assert MAX_RESIZE_PIXELS < 2000 * 64000
+    with pytest.raises(AffeqError, match=r"tall.png \(100×3200 pixels\) would resize to "
+                                         r"2000×64000"):
+        resize_crop(img, 2000, 1.0, "bilinear")
+
+
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch) -> None:
+    """PIL's own bomb limit (lowered here so the test file stays small) is an AffeqError."""
+    Image.new("RGB", (300, 300)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)  # 4× over: PIL's error
+    with pytest.raises(AffeqError, match="bomb.png is too large to decode safely"):
+        load_image(tmp_path / "bomb.png")

@@ -33,9 +33,11 @@ HOST = "127.0.0.1"
 
 @contextlib.contextmanager
 def served(target: Path, log: Path, *extra: str, name: str | None = None,
-           timeout: float = 120.0) -> Iterator[th.InferenceServerClient]:
-    """Run ``affeq-rt serve target`` on free loopback ports until the context ends."""
-    port, grpc_port = free_port(HOST), free_port(HOST)
+           timeout: float = 120.0, port: int | None = None, grpc_port: int | None = None,
+           stop: int = signal.SIGTERM) -> Iterator[th.InferenceServerClient]:
+    """Run ``affeq-rt serve target`` on free loopback ports (REST on ``port``, gRPC on
+    ``grpc_port`` if given) until the context ends, then stop it with signal ``stop``."""
+    port, grpc_port = port or free_port(HOST), grpc_port or free_port(HOST)
     cmd = [sys.executable, "-m", "affeq_rt.cli.main", "serve", str(target), "--port", str(port),
            "--grpc-port", str(grpc_port), "--host", HOST, *extra]
     with open(log, "w") as logf:
@@ -56,7 +58,7 @@ def served(target: Path, log: Path, *extra: str, name: str | None = None,
     finally:
         client.close()
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -218,3 +220,189 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
     with served(tmp_path / "repo", tmp_path / "server.log", name=name, timeout=300) as client:
         got = infer(client, name, x)
     np.testing.assert_array_equal(got["logits"], direct(out, x)["logits"])
+
+
+# ------------------------------------------------------------ a hostile local client (issue 10)
+
+def http(port: int, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """One request to 127.0.0.1:port (10 s timeout): (status, body text)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def one_line_error(text: str) -> str:
+    """The ``error`` of a JSON error body, asserted to be one line without a traceback."""
+    import json
+
+    err = json.loads(text)["error"]
+    assert "\n" not in err, err
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_repository_api_is_locked_and_ready_is_real(parts, tmp_path: Path) -> None:
+    """Issue 10 item 1: the served file's folder is not the repository; load/unload refused."""
+    import json
+
+    from test_hybrid import held_out_inputs
+
+    public = tmp_path / "public"  # stands for /tmp: a folder others can write into
+    out = parts.build(public / "h.onnx")
+    marker = tmp_path / "pwned"
+    evil = public / "evil"
+    evil.mkdir()
+    (evil / "evil_runtime.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom mlserver import MLModel\n"
+        "class Evil(MLModel):\n    async def load(self):\n        return True\n")
+    (evil / "model-settings.json").write_text(json.dumps(
+        {"name": "evil", "implementation": "evil_runtime.Evil"}))
+    name = "tiny_a_to_tiny_b"
+    x, _ = held_out_inputs(parts.spec_a)
+    port, grpc_port = free_port(HOST), free_port(HOST)
+    with served(out, tmp_path / "server.log", name=name, port=port,
+                grpc_port=grpc_port) as client:
+        status, text = http(port, "POST", "/v2/repository/models/evil/load")
+        assert status == 403, text
+        assert "loading models is disabled" in one_line_error(text)
+        assert not marker.exists()
+        status, text = http(port, "POST", f"/v2/repository/models/{name}/unload")
+        assert status == 403, text
+        assert "unloading models is disabled" in one_line_error(text)
+        status, text = http(port, "POST", "/v2/repository/index", b"{}",
+                            {"Content-Type": "application/json"})
+        assert status == 200, text
+        assert [m["name"] for m in json.loads(text)] == [name], text
+        # the gRPC repository service goes through the same handlers (MLServer's own stubs:
+        # tritonclient.grpc's protos clash with MLServer's in one process)
+        import grpc
+        from mlserver.grpc import dataplane_pb2 as pb
+        from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+
+        with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError, match="loading models is disabled"):
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="evil"),
+                                         timeout=10)
+            with pytest.raises(grpc.RpcError, match="unloading models is disabled"):
+                stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name),
+                                           timeout=10)
+        assert http(port, "GET", "/v2/health/ready")[0] == 200
+        np.testing.assert_array_equal(infer(client, name, x)["logits"],
+                                      direct(out, x)["logits"])
+    assert not marker.exists()
+
+
+def test_readiness_needs_every_served_model() -> None:
+    """MLServer answers ready with no model loaded; ours answers not ready until all are."""
+    import asyncio
+
+    from mlserver.handlers import DataPlane
+    from mlserver.registry import MultiModelRegistry
+    from mlserver.settings import Settings
+
+    from affeq_rt.deploy.oip_runtime import ExpectedDataPlane
+
+    base = DataPlane(settings=Settings(metrics_endpoint=None), model_registry=MultiModelRegistry())
+    assert asyncio.run(base.ready())  # the defect: an empty server is "ready"
+    assert not asyncio.run(ExpectedDataPlane(base, ["tiny"]).ready())
+
+
+def test_private_repository_holds_only_the_named_models(parts, tmp_path: Path) -> None:
+    from affeq_rt.deploy.serve import find_models, private_repository
+
+    out = parts.build(tmp_path / "h.onnx")
+    (tmp_path / "other").mkdir()
+    root, linked = private_repository(find_models(out))
+    try:
+        assert root.stat().st_mode & 0o777 == 0o700
+        assert not root.is_relative_to(tmp_path)
+        assert [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))] == [
+            "tiny_a_to_tiny_b", "tiny_a_to_tiny_b/1", "tiny_a_to_tiny_b/1/model.onnx"]
+        assert linked[0].path.resolve() == out.resolve()
+    finally:
+        import shutil
+
+        shutil.rmtree(root)
+
+
+def oip_body(shape: list[int], data: object, datatype: str = "FP32") -> bytes:
+    import json
+
+    return json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": datatype,
+                                   "data": data}]}).encode()
+
+
+MALFORMED = [  # (case, body, headers, status, message fragment)
+    ("not json", b"{this is not json", {}, 400, "malformed request"),
+    ("json but not a request", b'{"hello": 1}', {}, 400, "malformed request"),
+    ("wrong shape", oip_body([1, 3, 32, 32], [0.0] * 10), {}, 400, "does not match its shape"),
+    ("strings as FP32", oip_body([1, 3, 32, 32], ["a"] * 3072), {}, 400, "does not match"),
+    ("wrong datatype", oip_body([1, 3, 32, 32], [0] * 3072, "INT64"), {}, 400, "is INT64"),
+    ("wrong image size", oip_body([1, 3, 8, 8], [0.0] * 192), {}, 400, "inference failed"),
+    ("batch over the cap", oip_body([65, 3, 32, 32], [0.0]), {}, 413, "at most 64"),
+    ("gzip body", b"\x1f\x8b", {"Content-Encoding": "gzip"}, 415, "send the body uncompressed"),
+]
+
+
+def test_malformed_and_oversized_requests_are_one_line_4xx(parts, tmp_path: Path) -> None:
+    """Issue 10 items 5 and 8: 400/413/415 with one line; the server answers right afterwards."""
+    from test_hybrid import held_out_inputs
+
+    from affeq_rt.deploy.oip_runtime import MAX_BODY_BYTES
+
+    out = parts.build(tmp_path / "h.onnx")
+    name = "tiny_a_to_tiny_b"
+    x, _ = held_out_inputs(parts.spec_a)
+    path = f"/v2/models/{name}/infer"
+    port = free_port(HOST)
+    with served(out, tmp_path / "server.log", name=name, port=port) as client:
+        for case, body, headers, want, fragment in MALFORMED:
+            status, text = http(port, "POST", path, body,
+                                {"Content-Type": "application/json", **headers})
+            assert status == want, (case, status, text)
+            assert fragment in one_line_error(text), (case, text)
+        # a body announced over the cap is refused before it is read
+        import socket as _socket
+
+        with _socket.create_connection((HOST, port), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
+                      f"\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n{{".encode())
+            reply = ""
+            for _ in range(20):  # headers and body may come in separate packets
+                chunk = s.recv(65536).decode("latin-1")
+                reply += chunk
+                if not chunk or "over this server's limit" in reply:
+                    break
+        assert reply.startswith("HTTP/1.1 413"), reply[:200]
+        assert "over this server's limit" in reply
+        np.testing.assert_array_equal(infer(client, name, x)["logits"],
+                                      direct(out, x)["logits"])
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_ctrl_c_stops_the_server_cleanly(parts, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C): a graceful stop without a traceback (MLServer handed uvicorn a second
+    SIGINT, which forced the exit and logged a CancelledError traceback); the private
+    repository folder is removed."""
+    import glob
+    import tempfile
+
+    out = parts.build(tmp_path / "h.onnx")
+    pattern = os.path.join(tempfile.gettempdir(), "affeq-rt-serve-*")
+    before = set(glob.glob(pattern))
+    log = tmp_path / "server.log"
+    with served(out, log, name="tiny_a_to_tiny_b", stop=signal.SIGINT):
+        mine = set(glob.glob(pattern)) - before
+        assert len(mine) == 1, mine  # the private repository of this server
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert "Application shutdown complete" in text
+    assert not any(os.path.exists(p) for p in mine)

@@ -8,6 +8,7 @@ as an uninterrupted one. Unreadable files are skipped and reported, never fatal.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ class Batch:
     tensors: dict[Preprocessing, np.ndarray]
     ok: np.ndarray  # bool [stop-start]
     skipped: list[tuple[int, str, str]]  # (sample index, path, reason)
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group; only the main process acts on
+    it (a worker dying of it mid-task lost its batch and left the main process waiting)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare(args: tuple[int, list[str], list[Preprocessing]]) -> tuple[int, dict, list, list]:
@@ -71,6 +78,8 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
 
     ``workers`` > 0 uses that many spawned processes with a bounded queue (``prefetch`` batches in
     flight, default 2·workers) so memory stays flat on 1.28M images; 0 decodes in this process.
+    Workers ignore SIGINT; when the consumer stops (Ctrl-C, an error, ``close()``) the pool is
+    terminated at once, without waiting for the batches in flight.
     """
     if batch_size <= 0:
         raise AffeqError(f"batch size must be positive, got {batch_size}", "pass --batch-size ≥ 1")
@@ -90,7 +99,15 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
         return
     ctx = mp.get_context("spawn")  # never fork a process holding onnxruntime/torch threads
     depth = prefetch or 2 * workers
-    with ctx.Pool(workers) as pool:
+    # SIGINT blocked while the pool starts: the spawned workers inherit the mask, so a Ctrl-C
+    # during their start-up (before the initializer runs) cannot kill them either; a Ctrl-C that
+    # arrives meanwhile is delivered to this process as soon as the mask is restored
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
         pending: deque = deque()
         for t in tasks:
             pending.append(pool.apply_async(_prepare, (t,)))
@@ -98,3 +115,7 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
                 yield to_batch(pending.popleft().get())
         while pending:
             yield to_batch(pending.popleft().get())
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()  # a no-op after close/join; otherwise stops the workers now

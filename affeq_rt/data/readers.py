@@ -91,18 +91,33 @@ def imagenet_wnids() -> tuple[str, ...]:
     return wnids if len(wnids) == 1000 else ()
 
 
-def wnid_labels(wnids: Sequence[str]) -> tuple[dict[str, int], str]:
-    """Map wnids to the class index ImageNet models predict.
+def wnid_labels(wnids: Sequence[str], *, require_imagenet: bool = False,
+                where: str = "the class names") -> tuple[dict[str, int], str]:
+    """Map wnids to the class index ImageNet models predict — all or error.
 
     If every wnid is an ImageNet-1k class, its index in the sorted 1000-class list (so a folder of
-    ten ImageNet classes still gets the labels a 1000-class model predicts); otherwise the index in
-    the sorted list of the given names (plain ImageFolder semantics). Returns (mapping, scheme).
+    ten ImageNet classes still gets the labels a 1000-class model predicts); if none is, the index
+    in the sorted list of the given names (plain ImageFolder semantics). A mix — some ImageNet-1k
+    wnids, some not — is an AffeqError naming the others (one stray name must not switch every
+    label to folder-name order), and so is any name outside ImageNet-1k when
+    ``require_imagenet`` (label files that hold wnids). Returns (mapping, scheme).
     """
     names = sorted(set(wnids))
     ref = imagenet_wnids()
-    if ref and all(w in ref for w in names):
+    if require_imagenet and not ref:
+        raise AffeqError(f"{where} are ImageNet wnids, and the ImageNet-1k wnid list (timm's) is "
+                         "not installed", "pip install timm")
+    known = set(ref).intersection(names)
+    if ref and len(known) == len(names):
         index = {w: i for i, w in enumerate(ref)}
         return {w: index[w] for w in names}, "imagenet1k-sorted-wnid"
+    if require_imagenet or known:
+        bad = [w for w in names if w not in known]
+        raise AffeqError(
+            f"{len(bad)} of {len(names)} classes in {where} are not ImageNet-1k wnids "
+            f"({', '.join(map(repr, bad[:5]))}{', …' if len(bad) > 5 else ''}) while "
+            f"{len(known)} are", "remove or rename those classes (labels are all ImageNet-1k "
+            "wnids or all plain class names, never a mix)")
     return {w: i for i, w in enumerate(names)}, "sorted-folder-names"
 
 
@@ -126,26 +141,59 @@ def _require_dir(path: Path) -> None:
         raise AffeqError(f"{path} is not a folder", "pass a folder of images or a list file")
 
 
+def _is_within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_folders(root: Path) -> tuple[list[str], list[str]]:
+    """The class folders of ``root`` (sorted names) and the symlinked ones skipped because they
+    revisit a folder: a link to ``root``, to a folder above it, to a folder inside the tree, or
+    to the same target as another class folder (e.g. ``loop -> .``). Links elsewhere are
+    classes."""
+    real_root = os.path.realpath(root)
+    classes: list[str] = []
+    revisits: list[str] = []
+    targets: set[str] = set()
+    for p in sorted(root.iterdir(), key=lambda q: q.name):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink():
+            target = os.path.realpath(p)
+            if (_is_within(target, real_root) or _is_within(real_root, target)
+                    or target in targets):
+                revisits.append(p.name)
+                continue
+            targets.add(target)
+        classes.append(p.name)
+    return classes, revisits
+
+
 def read_image_folder(root: str | os.PathLike) -> DataSource:
     """ImageNet train/val in one folder per class (wnids), or any ImageFolder-style tree.
 
-    Images may sit at any depth below their class folder. Class folders without images are
-    ignored (as torchvision does not: it errors — we report them in ``extra``).
+    Images may sit at any depth below their class folder (symlinked sub-folders are not
+    followed). Class folders without images are ignored (as torchvision does not: it errors — we
+    report them in ``extra``); symlinked class folders that revisit a folder of the tree (or one
+    above it) are skipped and reported in ``extra["skipped_symlinks"]``.
     """
     root = Path(root)
     _require_dir(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes, revisits = _class_folders(root)
     per_class = {c: _images_in(root / c, recursive=True) for c in classes}
     used = [c for c in classes if per_class[c]]
     if not used:
         raise AffeqError(f"no images found in the class folders of {root}",
                          "pass a folder holding one sub-folder of images per class")
-    mapping, scheme = wnid_labels(used)
+    mapping, scheme = wnid_labels(used, where=f"the class folders of {root}")
     samples = [Sample(str(p), mapping[c]) for c in used for p in per_class[c]]
     empty = [c for c in classes if not per_class[c]]
     kind = "imagenet-folders" if all(_WNID.match(c) for c in used) else "image-folder"
-    return DataSource(samples, kind, str(root.resolve()),
-                      {"classes": len(used), "label_scheme": scheme, "empty_class_folders": empty})
+    extra: dict[str, Any] = {"classes": len(used), "label_scheme": scheme,
+                             "empty_class_folders": empty}
+    if revisits:
+        extra["skipped_symlinks"] = revisits
+    return DataSource(samples, kind, str(root.resolve()), extra)
 
 
 def read_unlabelled(root: str | os.PathLike) -> DataSource:
@@ -203,10 +251,14 @@ def read_kaggle_val(folder: str | os.PathLike, csv_path: str | os.PathLike) -> D
     folder, csv_path = Path(folder), Path(csv_path)
     _require_dir(folder)
     truth: dict[str, str] = {}
+    line_of: dict[str, int] = {}
     try:
         with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                truth[row["ImageId"].strip()] = row["PredictionString"].split()[0]
+            reader = csv.DictReader(f)
+            for row in reader:
+                image_id = row["ImageId"].strip()
+                truth[image_id] = row["PredictionString"].split()[0]
+                line_of[image_id] = reader.line_num
     except (KeyError, IndexError, csv.Error) as e:
         raise AffeqError(f"{csv_path} is not a Kaggle LOC_val_solution.csv ({e})",
                          "pass the file with columns ImageId,PredictionString") from None
@@ -217,7 +269,15 @@ def read_kaggle_val(folder: str | os.PathLike, csv_path: str | os.PathLike) -> D
     if unknown:
         raise AffeqError(f"{len(unknown)} image(s) in {folder} have no row in {csv_path.name} "
                          f"(first: {unknown[0]})", "pass the label file that matches these images")
-    mapping, scheme = wnid_labels([truth[p.stem] for p in imgs])
+    ref = set(imagenet_wnids())
+    bad = [p.stem for p in imgs if ref and truth[p.stem] not in ref]
+    if bad:
+        rows = ", ".join(f"line {line_of[i]} ({i}: {truth[i]!r})" for i in bad[:3])
+        raise AffeqError(f"{len(bad)} row(s) of {csv_path} name a class that is not an "
+                         f"ImageNet-1k wnid: {rows}{', …' if len(bad) > 3 else ''}",
+                         "fix those rows or remove their images (labels are all or nothing)")
+    mapping, scheme = wnid_labels([truth[p.stem] for p in imgs], require_imagenet=True,
+                                  where=csv_path.name)
     samples = [Sample(str(p), mapping[truth[p.stem]]) for p in imgs]
     return DataSource(samples, "imagenet-val-kaggle", str(folder.resolve()),
                       {"labels_file": str(csv_path.resolve()), "label_scheme": scheme})
@@ -296,7 +356,8 @@ def read_devkit_val(folder: str | os.PathLike, gt_path: str | os.PathLike,
         raise AffeqError(f"{len(unmatched)} image(s) in {folder} have no line in {gt_path.name} "
                          f"({len(ids)} lines; first: {unmatched[0]})",
                          "pass the ground-truth file that matches these images")
-    mapping, scheme = wnid_labels(list(id2wnid.values()))
+    mapping, scheme = wnid_labels(list(id2wnid.values()), require_imagenet=True,
+                                  where=meta_path.name)
     samples = [Sample(str(p), mapping[id2wnid[ids[idx[p] - 1]]]) for p in imgs]
     return DataSource(samples, "imagenet-val-devkit", str(folder.resolve()),
                       {"labels_file": str(gt_path.resolve()), "meta": str(meta_path.resolve()),

@@ -7,12 +7,25 @@ time: MLServer (the ``serve`` extra) is imported only when a server really start
 from __future__ import annotations
 
 import asyncio
+import signal
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import numpy as np
-from mlserver import MLModel
+from fastapi.exceptions import RequestValidationError
+from mlserver import MLModel, MLServer
 from mlserver.codecs import NumpyCodec
 from mlserver.errors import MLServerError
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.handlers import DataPlane, ModelRepositoryHandlers
+from mlserver.types import (
+    InferenceRequest,
+    InferenceResponse,
+    RepositoryIndexRequest,
+    RepositoryIndexResponse,
+    State,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from affeq_rt.onnx.runtime import create_session
 
@@ -23,6 +36,22 @@ ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double
 OIP_TO_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8,
                 "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
 
+#: Largest request body the REST server reads (bytes) and largest batch one request may carry.
+#: Both are limits chosen, not measured optima: JSON numbers take ~10–20 bytes each and MLServer
+#: holds them as Python objects while decoding, so 64 MiB bounds one request to a few GB at most
+#: (issue 10: one batch-256 JSON request took the server to 6.5 GB) and still carries a batch
+#: of 16 float32 224×224 images (16·3·224²·~15 B ≈ 36 MB).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BATCH = 64
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _TooLarge(Exception):
+    """Raised inside ``receive`` when a body grows past the limit."""
 
 
 class OnnxRuntimeServing(MLModel):
@@ -51,8 +80,17 @@ class OnnxRuntimeServing(MLModel):
             if inp.datatype != want:
                 raise MLServerError(f"input {inp.name!r} is {inp.datatype}, the model takes "
                                     f"{want}", status_code=400)
-            feeds[inp.name] = np.ascontiguousarray(NumpyCodec.decode_input(inp),
-                                                   OIP_TO_NUMPY[want])
+            if inp.shape and inp.shape[0] > MAX_BATCH:
+                raise MLServerError(f"input {inp.name!r} has a batch of {inp.shape[0]}; this "
+                                    f"server takes at most {MAX_BATCH} per request; split the "
+                                    f"batch", status_code=413)
+            try:
+                arr = np.ascontiguousarray(NumpyCodec.decode_input(inp), OIP_TO_NUMPY[want])
+            except (ValueError, TypeError, OverflowError) as e:
+                raise MLServerError(f"input {inp.name!r} does not match its shape {inp.shape} "
+                                    f"and datatype {want} ({_one_line(e)})",
+                                    status_code=400) from None
+            feeds[inp.name] = arr
         missing = set(self._inputs) - set(feeds)
         if missing:
             raise MLServerError(f"missing input(s) {sorted(missing)}", status_code=400)
@@ -64,9 +102,174 @@ class OnnxRuntimeServing(MLModel):
         try:
             results = await asyncio.to_thread(self._sess.session.run, names, feeds)
         except Exception as e:  # onnxruntime's InvalidArgument / Fail on bad shapes
-            raise MLServerError(f"inference failed: {e}", status_code=400) from None
+            raise MLServerError(f"inference failed: {_one_line(e)}", status_code=400) from None
         return InferenceResponse(
             model_name=self.name, model_version=self.version, id=payload.id,
             outputs=[NumpyCodec.encode_output(n, np.asarray(r))
                      for n, r in zip(names, results, strict=True)],
         )
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line (onnxruntime's messages span several)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class LockedRepositoryHandlers(ModelRepositoryHandlers):
+    """The repository API of a server that serves a fixed set of models: the index lists them,
+    load and unload are refused (REST and gRPC go through these handlers)."""
+
+    def __init__(self, base: ModelRepositoryHandlers, names: list[str]) -> None:
+        super().__init__(repository=base._repository, model_registry=base._model_registry)
+        self._names = list(names)
+
+    async def index(self, payload: RepositoryIndexRequest) -> RepositoryIndexResponse:
+        """The served models and their state, read from the registry (nothing else is listed)."""
+        items = []
+        for name in self._names:
+            try:
+                models = await self._model_registry.get_models(name)
+            except MLServerError:
+                models = []
+            for model in models:
+                item = await self._to_item(model.settings)
+                if not payload.ready or item.state == State.READY:
+                    items.append(item)
+        return RepositoryIndexResponse(root=items)
+
+    async def load(self, name: str) -> bool:
+        """Refused: the server serves only the models named on its command line."""
+        raise MLServerError(f"loading models is disabled on this server (asked for {name!r}); "
+                            "restart affeq-rt serve with the model on its command line",
+                            status_code=403)
+
+    async def unload(self, name: str) -> bool:
+        """Refused: the served models stay loaded until the server stops."""
+        raise MLServerError(f"unloading models is disabled on this server (asked for {name!r}); "
+                            "stop the server to stop serving", status_code=403)
+
+
+class ExpectedDataPlane(DataPlane):
+    """MLServer's data plane with readiness = every expected model loaded and ready
+    (MLServer's own answers ready when no model is loaded at all)."""
+
+    def __init__(self, base: DataPlane, names: list[str]) -> None:
+        # take over ``base`` as it is: a second DataPlane would register its Prometheus
+        # metrics twice
+        self.__dict__.update(base.__dict__)
+        self._names = list(names)
+
+    async def ready(self) -> bool:
+        """True only when each served model is in the registry and ready."""
+        for name in self._names:
+            try:
+                if not await super().model_ready(name):
+                    return False
+            except MLServerError:  # not found (yet, or any more)
+                return False
+        return True
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes (by Content-Length, or counted as it
+    arrives), 415 for compressed bodies (MLServer inflates gzip without a bound)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the headers, then count the body while the app reads it."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        enc = headers.get("content-encoding", "identity").strip().lower()
+        if enc not in ("", "identity"):
+            await _reply(send, 415, f"Content-Encoding {enc!r} is not accepted; send the body "
+                                    "uncompressed")
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await _reply(send, 413, self._message(int(length)))
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> MutableMapping[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        async def tracked_send(msg: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, tracked_send)
+        except _TooLarge:
+            if not started:
+                await _reply(send, 413, self._message(seen))
+
+    def _message(self, size: int) -> str:
+        return (f"request body of {size} bytes is over this server's limit of {self.limit} "
+                f"bytes; send fewer images per request (at most {MAX_BATCH})")
+
+
+async def _reply(send: Send, status: int, error: str) -> None:
+    """Send a whole JSON error response ``{"error": ...}`` (MLServer's error form)."""
+    resp = JSONResponse({"error": error}, status_code=status)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(resp.body)).encode())]})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+async def _bad_request(_request: Request, exc: Exception) -> JSONResponse:
+    """A request FastAPI could not parse (not JSON) or validate (not an inference request):
+    400 with one line, no traceback (FastAPI's default is a 422 with a list of details)."""
+    errs = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errs[0] if errs else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    what = _one_line(first.get("msg", "invalid request"))
+    msg = f"malformed request: {what}" + (f" at {where}" if where else "")
+    return JSONResponse({"error": msg + "; send an Open Inference Protocol v2 JSON request"},
+                        status_code=400)
+
+
+async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+    """Anything else: 500 with one line (the server log keeps the details)."""
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {_one_line(exc)}"},
+                        status_code=500)
+
+
+class LockedMLServer(MLServer):
+    """MLServer serving a fixed set of models: repository load/unload refused, readiness over the
+    expected models, bounded request bodies, malformed requests answered 400 in one line."""
+
+    def __init__(self, settings: Any, names: list[str]) -> None:
+        self._served_names = list(names)
+        super().__init__(settings)
+
+    def _create_servers(self) -> None:
+        self._model_repository_handlers = LockedRepositoryHandlers(
+            self._model_repository_handlers, self._served_names)
+        self._data_plane = ExpectedDataPlane(self._data_plane, self._served_names)
+        super()._create_servers()
+        app = self._rest_server._app
+        app.add_exception_handler(RequestValidationError, _bad_request)  # bad JSON too
+        app.add_exception_handler(Exception, _internal)
+        app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    async def stop(self, sig: int | None = None) -> None:
+        """Stop gracefully on Ctrl-C as on SIGTERM: MLServer passes the signal on to uvicorn,
+        where a SIGINT after the one uvicorn caught itself means "force exit" (its lifespan task
+        is then cancelled and a traceback logged)."""
+        await super().stop(signal.SIGTERM if sig == signal.SIGINT else sig)
