@@ -112,6 +112,11 @@ def private_repository(models: list[ServedModel]) -> tuple[Path, list[ServedMode
         d = root / m.name / m.version
         d.mkdir(parents=True, mode=0o700)
         (d / "model.onnx").symlink_to(m.path.resolve())
+        # a >2 GiB hybrid keeps its tensors in `<file>.data` beside it, found relative to the
+        # model's folder: link that too, under the name the graph records
+        data = m.path.resolve().with_name(m.path.resolve().name + ".data")
+        if data.is_file():
+            (d / data.name).symlink_to(data)
         linked.append(ServedModel(m.name, m.version, d / "model.onnx"))
     return root, linked
 
