@@ -333,6 +333,24 @@ def test_private_repository_holds_only_the_named_models(parts, tmp_path: Path) -
         shutil.rmtree(root)
 
 
+def test_private_repository_links_external_data(parts, tmp_path: Path) -> None:
+    """A >2 GiB hybrid's tensors live in `<file>.data`, found relative to the model's folder:
+    the private repository must link it under the name the graph records."""
+    import shutil
+
+    from affeq_rt.deploy.serve import find_models, private_repository
+
+    out = parts.build(tmp_path / "h.onnx")
+    (tmp_path / "h.onnx.data").write_bytes(b"tensors")
+    root, linked = private_repository(find_models(out))
+    try:
+        data = linked[0].path.parent / "h.onnx.data"
+        assert data.is_symlink()
+        assert data.read_bytes() == b"tensors"
+    finally:
+        shutil.rmtree(root)
+
+
 def oip_body(shape: list[int], data: object, datatype: str = "FP32") -> bytes:
     import json
 
