@@ -68,8 +68,9 @@ def resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> list[str]:
 
 
 def collect() -> tuple[dict[str, set[str]], list[str]]:
-    """Import graph of affeq_rt (function-local imports included: a cycle through a lazy import
-    is still a cycle in the design), and the function-local imports of our own modules."""
+    """Import graph of affeq_rt (function-local and TYPE_CHECKING imports included: a cycle
+    through them is still a cycle in the design), and the function-local imports of our own
+    modules."""
     graph: dict[str, set[str]] = {}
     lazy: list[str] = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -88,19 +89,13 @@ def collect() -> tuple[dict[str, set[str]], list[str]]:
                 [t for t in targets if t == "affeq_rt"]
             if not ours:
                 continue
-            if _type_checking_only(tree, node):
-                continue
+            # an import under `if TYPE_CHECKING:` is still a dependency of the design: it counts
+            # for cycles and layers, and is not a lazy import
             if id(node) not in top_level and not _in_module_block(tree, node):
                 lazy.extend(f"{mod} -> {t}" for t in ours if t not in LAZY_OK)
             deps.update(ours)
         graph[mod] = deps
     return graph, lazy
-
-
-def _type_checking_only(tree: ast.Module, node: ast.AST) -> bool:
-    """True for an import under a module-level ``if TYPE_CHECKING:``."""
-    return any(isinstance(top, ast.If) and "TYPE_CHECKING" in ast.unparse(top.test)
-               and any(n is node for n in ast.walk(top)) for top in tree.body)
 
 
 def _in_module_block(tree: ast.Module, node: ast.AST) -> bool:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import html
 
-from affeq_rt.vis.ablate import AblationTable, ablation_html_table
-from affeq_rt.vis.cam import CamResult
+from affeq_rt.vis.ablate import ablation_html_table
 from affeq_rt.vis.figures import ablation_png, cam_png, cam_section, img_tag
+from affeq_rt.vis.results import AblationTable, CamResult
 
 SEES = "What the hybrid sees"
 ROBUSTNESS = "Robustness"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,54 +29,7 @@ from affeq_rt.progress import Progress, or_silent
 from affeq_rt.vis.common import as_mapset, hybrid_head, pair_map, resolve_export
 from affeq_rt.vis.corrupt import SALT_PEPPER_AMOUNTS, Corruption, default_corruptions
 from affeq_rt.vis.figures import ablation_png, img_tag, page
-
-
-@dataclass
-class AblationTable:
-    """Rows = networks then hybrids (``A→B``); columns = corruptions (``clean`` first).
-    ``score`` [R, C] %: top-1 (``measure`` = "top-1") or agreement with the row's own clean
-    prediction ("agreement"); ``confidence`` [R, C]: mean top softmax probability; ``pred``
-    [R, C, n] int32 the predicted classes of the ``n`` readable images."""
-
-    rows: list[str]
-    corruptions: list[str]
-    families_: list[str]
-    measure: str
-    score: np.ndarray
-    confidence: np.ndarray
-    pred: np.ndarray
-    n: int
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def families(self) -> dict[str, list[int]]:
-        """Corruption columns by family (clean excluded), in column order."""
-        out: dict[str, list[int]] = {}
-        for c, f in enumerate(self.families_):
-            if f != "clean":
-                out.setdefault(f, []).append(c)
-        return out
-
-    def cell(self, row: str, corruption: str) -> float:
-        """``score`` of one row and corruption."""
-        return float(self.score[self.rows.index(row), self.corruptions.index(corruption)])
-
-    def markdown(self) -> str:
-        """The table: one row per network/hybrid, score (confidence) per corruption."""
-        head = f"| {self.measure} % (mean confidence) | " + " | ".join(self.corruptions) + " |"
-        lines = [head, "|---" * (len(self.corruptions) + 1) + "|"]
-        for r, name in enumerate(self.rows):
-            lines.append(f"| {name} | " + " | ".join(
-                f"{self.score[r, c]:.1f} ({self.confidence[r, c]:.2f})"
-                for c in range(len(self.corruptions))) + " |")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (no predictions)."""
-        return {"measure": self.measure, "n": self.n, "rows": self.rows,
-                "corruptions": self.corruptions, "families": self.families_,
-                "score": self.score.tolist(), "confidence": self.confidence.tolist(),
-                "skipped": self.skipped}
+from affeq_rt.vis.results import AblationTable
 
 
 @dataclass

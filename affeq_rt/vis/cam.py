@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from affeq_rt.vis.common import (
     resolve_export,
 )
 from affeq_rt.vis.figures import write_cam_outputs
+from affeq_rt.vis.results import CamImage, CamResult
 
 CORR_GRID = 56  # maps are compared on a 56×56 grid over the part of the image both crops see
 
@@ -82,52 +83,6 @@ def open_cam_network(target: str | os.PathLike, provider: str = "auto",
     network whose classifier does not follow global average pooling."""
     exp = resolve_export(target, export_root, random_weights)
     return CamNetwork(exp, open_spatial(exp, provider), exp.classifier_head())
-
-
-@dataclass
-class CamImage:
-    """One image's maps. ``roles`` ⊂ (src, dst, hybrid); per role: ``maps`` [k, h, w] raw CAM
-    values for ``classes``, ``probs`` [k] of those classes, ``top1`` its own best class,
-    ``peaks`` the (x, y) of each map's maximum in ORIGINAL image pixels."""
-
-    path: str
-    size: tuple[int, int]
-    classes: list[int]
-    names: list[str]
-    maps: dict[str, np.ndarray]
-    probs: dict[str, list[float]]
-    top1: dict[str, int]
-    peaks: dict[str, list[tuple[float, float]]]
-    correlation: dict[str, float]
-    crops: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (maps omitted)."""
-        return {"path": self.path, "size": list(self.size), "classes": self.classes,
-                "names": self.names, "probs": self.probs, "top1": self.top1,
-                "peaks": {r: [list(p) for p in v] for r, v in self.peaks.items()},
-                "correlation": self.correlation}
-
-
-@dataclass
-class CamResult:
-    """What :func:`cam` computed: role → network label, one :class:`CamImage` per image, files."""
-
-    labels: dict[str, str]
-    images: list[CamImage]
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        """Lines for the CLI: per image the top class per role and the correlations."""
-        lines = []
-        for im in self.images:
-            best = ", ".join(f"{self.labels[r]}: {im.names[0]} {im.probs[r][0]:.2f}"
-                             for r in im.maps)
-            corr = "  ".join(f"r(hybrid, {self.labels[r]}) = {v:+.3f}"
-                             for r, v in im.correlation.items())
-            lines.append(f"{Path(im.path).name}: {best}" + (f"\n  {corr}" if corr else ""))
-        lines += [f"wrote {p}" for p in self.files.values()]
-        return "\n".join(lines)
 
 
 def _peaks(maps: np.ndarray, size: tuple[int, int], spec: Any) -> list[tuple[float, float]]:

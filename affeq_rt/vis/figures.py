@@ -8,17 +8,13 @@ import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from affeq_rt.io.fsio import ensure_writable_dir, write_bytes_atomic
 from affeq_rt.vis.common import resample
-
-if TYPE_CHECKING:  # pragma: no cover
-    from affeq_rt.vis.ablate import AblationTable
-    from affeq_rt.vis.cam import CamImage, CamResult
-    from affeq_rt.vis.layers import LayerViews
+from affeq_rt.vis.results import AblationTable, CamImage, CamResult, LayerViews
 
 CSS = ("body{font-family:system-ui,Helvetica,Arial,sans-serif;margin:2em;max-width:1300px;"
        "color:#222}img{max-width:100%}table{border-collapse:collapse;margin:1em 0}"

@@ -8,9 +8,7 @@ import difflib
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,36 +19,7 @@ from affeq_rt.onnx.spatial import _onnx, default_stages, float_tensors, open_wit
 from affeq_rt.progress import Progress, or_silent
 from affeq_rt.vis.common import resolve_export
 from affeq_rt.vis.figures import img_tag, layers_png, page
-
-
-@dataclass
-class LayerView:
-    """One layer: tensor ``name``, ``shape`` (C, h, w), channel ``mean`` [h, w], the strongest
-    ``channels`` (by mean activation) and their ``maps`` [k, h, w]."""
-
-    name: str
-    shape: tuple[int, int, int]
-    mean: np.ndarray
-    channels: list[int]
-    maps: np.ndarray
-
-
-@dataclass
-class LayerViews:
-    """A network's layer views of one image (``crop``: the network's uint8 input crop)."""
-
-    network: str
-    image: str
-    crop: np.ndarray
-    layers: list[LayerView]
-    available: int
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (arrays omitted)."""
-        return {"network": self.network, "image": self.image, "available_4d_tensors":
-                self.available, "layers": [{"name": v.name, "shape": list(v.shape),
-                                            "channels": v.channels} for v in self.layers]}
+from affeq_rt.vis.results import LayerView, LayerViews
 
 
 def layers(network: str | os.PathLike, image: str | os.PathLike, *,
