@@ -18,10 +18,10 @@ from affeq_rt.cli.options import (
     Quiet,
     RandomWeights,
     Workers,
-    opt_str,
+    image_options,
 )
 from affeq_rt.cli.progress import Display
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import extract
 
 
 def run(
@@ -49,9 +49,8 @@ def run(
 
     Rerun the same command after an interruption to finish the store.
     """
-    images = ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
-                          random_weights=random_weights, export_root=export_root,
-                          labels=opt_str(labels), meta=opt_str(meta))
+    images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
+                           meta)
     with Display(quiet) as display:
         res = extract(models, data, out, dtype=dtype, images=images, max_images=max_images,
                       commit_every=commit_every, progress=display)

@@ -19,12 +19,11 @@ from affeq_rt.cli.options import (
     Quiet,
     RandomWeights,
     Workers,
-    opt_str,
+    image_options,
 )
 from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import open_store
-from affeq_rt.method.extract import ImageOptions
 from affeq_rt.method.fit import FitOptions, fit
 
 
@@ -70,9 +69,8 @@ def run(
     options = FitOptions(holdout=holdout, seed=seed, max_images=max_images, device=device,
                          checkpoint_every=checkpoint_every, adam_iterations=iterations,
                          adam_lr=lr)
-    images = ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
-                          random_weights=random_weights, export_root=export_root,
-                          labels=opt_str(labels), meta=opt_str(meta))
+    images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
+                           meta)
     with Display(quiet) as display:
         res = fit(source, models, method, out=out, options=options, images=images,
                   progress=display)

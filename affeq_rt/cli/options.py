@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from affeq_rt.method.extract import ImageOptions
+
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
                     "(default $AFFEQ_RT_HOME/exports).")
 
@@ -61,3 +63,12 @@ def model_list(models: str | None) -> list[str] | None:
 def opt_str(path: Path | None) -> str | None:
     """A path option as the ``str | None`` the library's older signatures take."""
     return None if path is None else str(path)
+
+
+def image_options(batch_size: int, workers: int, provider: str, random_weights: bool,
+                  export_root: Path | None, labels: Path | None,
+                  meta: Path | None) -> ImageOptions:
+    """The shared image-reading options (``extract``, ``fit --data``) as the library's type."""
+    return ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
+                        random_weights=random_weights, export_root=export_root,
+                        labels=opt_str(labels), meta=opt_str(meta))
