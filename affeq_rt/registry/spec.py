@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,20 @@ from affeq_rt.registry.resolve import library_names, other_labels_default, resol
 LIBRARIES = ("timm", "torchvision", "affeq")
 WEIGHT_KINDS = ("hub", "package", "file", "none")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+
+
+@contextmanager
+def json_fields(source: str, fmt: str) -> Iterator[None]:
+    """Turn a missing or malformed field of a JSON form read inside the block into one
+    AffeqError naming ``source`` and pointing at ``fmt`` in docs/ARCHITECTURE.md."""
+    try:
+        yield
+    except KeyError as e:
+        raise AffeqError(f"{source} lacks the field {e.args[0]!r}",
+                         f"see {fmt} in docs/ARCHITECTURE.md") from None
+    except (TypeError, ValueError) as e:
+        raise AffeqError(f"{source} has a malformed field ({e})",
+                         f"see {fmt} in docs/ARCHITECTURE.md") from None
 
 
 @dataclass(frozen=True)
@@ -64,15 +79,9 @@ class Preprocessing:
     def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessing") -> Preprocessing:
         """From a JSON form with ``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
         ``std`` (a registry spec, a hybrid's metadata); AffeqError names a bad field."""
-        try:
+        with json_fields(source, "the formats"):
             p = cls(int(d["input_size"]), float(d["crop_pct"]), str(d["interpolation"]),
                     tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
-        except KeyError as e:
-            raise AffeqError(f"{source} lacks the field {e.args[0]!r}",
-                             "see the formats in docs/ARCHITECTURE.md") from None
-        except (TypeError, ValueError) as e:
-            raise AffeqError(f"{source} has a malformed field ({e})",
-                             "see the formats in docs/ARCHITECTURE.md") from None
         p.validate(source)
         return p
 
@@ -124,7 +133,7 @@ class BackboneSpec:
     def from_dict(cls, d: Mapping[str, Any], source: str = "spec") -> BackboneSpec:
         """Build and validate a spec from its JSON form; AffeqError names the bad field."""
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        try:
+        with json_fields(source, "the registry format"):
             w = d.get("weights") or {"kind": "none"}
             weights = WeightsSource(**w)
             spec = cls(
@@ -140,12 +149,6 @@ class BackboneSpec:
                 tags=tuple(str(t) for t in d.get("tags", ())), note=str(d.get("note", "")),
                 extra={k: v for k, v in d.items() if k not in known},
             )
-        except KeyError as e:
-            raise AffeqError(f"{source} lacks the field {e.args[0]!r}",
-                             "see the registry format in docs/ARCHITECTURE.md") from None
-        except (TypeError, ValueError) as e:
-            raise AffeqError(f"{source} has a malformed field ({e})",
-                             "see the registry format in docs/ARCHITECTURE.md") from None
         spec.validate(source)
         return spec
 
