@@ -16,9 +16,16 @@ using affeq::DType;
 
 namespace {
 
+// Whether a's dtype is T in native byte order. Compares by value (NumPy's EquivTypes), not by
+// identity: an equal dtype instance (e.g. one unpickled from another process) is accepted.
+template <typename T>
+bool native_dtype(const py::array& a) {
+  return py::array_t<T>::check_(a);
+}
+
 // dtype tag of a float32/float16 array, or a ValueError naming what was given.
 DType dtype_of(const py::array& a, const char* what) {
-  if (a.dtype().is(py::dtype::of<float>())) return DType::F32;
+  if (native_dtype<float>(a)) return DType::F32;
   if (a.dtype().kind() == 'f' && a.itemsize() == 2) return DType::F16;
   throw py::value_error(std::string(what) + " must be float32 or float16, got " +
                         std::string(py::str(a.dtype())));
@@ -32,7 +39,7 @@ void require_c_contiguous(const py::array& a, const char* what) {
 // asked; a ValueError naming the argument otherwise. Never copies: outputs must be the caller's memory.
 const double* f64_buffer(const py::array& a, const char* what, int ndim, int64_t dim0, int64_t dim1,
                          bool writable) {
-  if (!a.dtype().is(py::dtype::of<double>()))
+  if (!native_dtype<double>(a))
     throw py::value_error(std::string(what) + " must be float64, got " + std::string(py::str(a.dtype())));
   require_c_contiguous(a, what);
   if (a.ndim() != ndim) throw py::value_error(std::string(what) + " must be " + std::to_string(ndim) + "-D");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -344,3 +346,20 @@ def test_cpu_kernel_rejections_are_internal_errors() -> None:
         be.ingest(np.zeros((8, 4)), 9, np.zeros((2, 4), np.float32), 0, z, z.copy())
     with pytest.raises(InternalError, match="features must have shape"):
         be.ingest(np.zeros((8, 4)), 0, np.zeros((2, 5), np.float32), 0, z, z.copy())
+
+
+def test_cpu_binding_compares_dtypes_by_value_and_refuses_other_byte_orders() -> None:
+    """An equal float64 dtype that is a distinct object (arrays unpickled in another process,
+    e.g. a Ray worker's) is accepted; big-endian float64 and float32 are refused (ValueError)."""
+    from affeq_rt import _core
+
+    d = 3
+    unpickled = pickle.loads(pickle.dumps(np.zeros(d)))
+    assert unpickled.dtype is not np.dtype(np.float64)  # the case the check must accept
+    x = np.ones((2, d), np.float32)
+    stop, skipped = _core.gram_ingest(np.zeros((4, d)), 0, x, 0, unpickled,
+                                      pickle.loads(pickle.dumps(np.zeros(d))))
+    assert (stop, skipped) == (2, 0)
+    for bad in (np.zeros(d, ">f8"), np.zeros(d, np.float32)):
+        with pytest.raises(ValueError, match="ref must be float64"):
+            _core.gram_ingest(np.zeros((4, d)), 0, x, 0, bad, np.zeros(d))

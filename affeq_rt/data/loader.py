@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +39,35 @@ def _ignore_sigint() -> None:
     """Worker initializer: Ctrl-C reaches the whole process group; only the main process acts on
     it (a worker dying of it mid-task lost its batch and left the main process waiting)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_pool(ctx: Any, workers: int) -> Any:
+    """A spawn pool whose workers never see Ctrl-C, not even while they start up.
+
+    A Ctrl-C reaches the whole process group. A blocked mask is not enough (the spawned
+    interpreter got SIGINT while it re-imported the CLI and printed a KeyboardInterrupt
+    traceback), but an *ignored* SIGINT survives exec and Python then installs no handler of its
+    own: so SIGINT is ignored here for the few milliseconds the pool takes to start. A Ctrl-C
+    already pending is delivered first (the pool is not started); one that arrives during the start
+    itself is lost (press it again). Outside the main thread (signal dispositions are the main
+    thread's) the workers rely on :func:`_ignore_sigint` alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return ctx.Pool(workers, initializer=_ignore_sigint)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pool = None
+    try:
+        if signal.SIGINT not in signal.sigpending():
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                pool = ctx.Pool(workers, initializer=_ignore_sigint)
+            finally:
+                signal.signal(signal.SIGINT, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C is delivered here
+    if pool is None:
+        raise KeyboardInterrupt
+    return pool
 
 
 def _prepare(args: tuple[int, list[str], list[Preprocessing]]) -> tuple[int, dict, list, list]:
@@ -99,14 +130,7 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
         return
     ctx = mp.get_context("spawn")  # never fork a process holding onnxruntime/torch threads
     depth = prefetch or 2 * workers
-    # SIGINT blocked while the pool starts: the spawned workers inherit the mask, so a Ctrl-C
-    # during their start-up (before the initializer runs) cannot kill them either; a Ctrl-C that
-    # arrives meanwhile is delivered to this process as soon as the mask is restored
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        pool = ctx.Pool(workers, initializer=_ignore_sigint)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    pool = _start_pool(ctx, workers)
     try:
         pending: deque = deque()
         for t in tasks:

@@ -1,8 +1,10 @@
-"""Ctrl-C during ``extract`` and ``fit``: stops within seconds, one line, exit 130, and the rerun
-resumes to a byte-identical result.
+"""Ctrl-C during ``extract`` and ``fit``: stops within 2 s with one line and exit 130, and the
+rerun resumes to a byte-identical result (kill -9: ``test_extract.py`` and ``test_fit.py``).
 
 The signal goes to the whole process group, as a terminal's Ctrl-C does: the decode workers get
-it too (issue 10 item 3: they died of it and the main process waited for them forever).
+it too (issue 10 item 3: they died of it and the main process waited for them forever). Each
+command is interrupted at several points (counted in samples committed so far); the
+uninterrupted reference runs once per module.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "data"))
 import photos  # noqa: E402
 
 MODELS = photos.E2E_MODELS
 env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
 
-#: Ctrl-C must end the run within this many seconds (issue 10: "within a second or two"; the
-#: margin covers a 2-core CI machine busy with the other test process).
-STOP_WITHIN_S = 5.0
+#: Ctrl-C must end the run within this many seconds (issue 10: "within a second or two").
+#: Measured 0.5–0.7 s on a 2-core machine shared with five other test processes: the main
+#: process stops at the next batch boundary and the workers ignore SIGINT.
+STOP_WITHIN_S = 2.0
 
 
 def _cli(env: dict, out: Path, workers: int = 2) -> list[str]:
@@ -40,10 +45,10 @@ def _fit_cli(env: dict, out: Path, workers: int = 2) -> list[str]:
             "--checkpoint-every", "2", "--method", "ridge", "--quiet"]
 
 
-def _sigint_when(proc: subprocess.Popen, progress: Path, at_least: int,
+def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int,
                  timeout: float = 120.0) -> float:
-    """SIGINT ``proc``'s process group once ``progress`` counts ``at_least`` samples; return
-    the seconds the process took to exit after the signal."""
+    """Send ``sig`` to ``proc``'s process group once ``progress`` counts ``at_least`` samples;
+    return the seconds the process took to exit after the signal."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
@@ -52,38 +57,60 @@ def _sigint_when(proc: subprocess.Popen, progress: Path, at_least: int,
             v = -1
         if v >= at_least:
             sent = time.monotonic()
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise AssertionError("extract still running 60 s after Ctrl-C") from None
+                raise AssertionError("still running 60 s after the signal") from None
             return time.monotonic() - sent
         if proc.poll() is not None:
-            raise AssertionError(f"finished before Ctrl-C: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"finished before the signal: {proc.stderr.read()[-2000:]}")
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("no progress to interrupt at")
 
 
-def test_ctrl_c_mid_extract_stops_then_resumes_identically(env, tmp_path: Path) -> None:
-    ref = tmp_path / "ref"
-    r = subprocess.run(_cli(env, ref, workers=0), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen(_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    took = _sigint_when(proc, out / "progress.json", 4)
+def _interrupt(cmd: list[str], progress: Path, at_least: int, sig: int) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group and send ``sig`` at ``at_least`` samples: (exit
+    code, stderr); Ctrl-C is asserted to stop it within ``STOP_WITHIN_S`` with one line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    took = _signal_when(proc, progress, at_least, sig)
     err = proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
-    assert proc.returncode == 130, err[-2000:]
-    print(f"stopped {took:.2f} s after Ctrl-C")
-    assert took < STOP_WITHIN_S, took
-    assert "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.strip()] == [
-        "interrupted; rerun the same command to resume"], err
+    if sig == signal.SIGINT:
+        print(f"stopped {took:.2f} s after Ctrl-C at {at_least} samples")
+        assert proc.returncode == 130, err[-2000:]
+        assert took < STOP_WITHIN_S, took
+        assert "Traceback" not in err, err
+        assert [ln for ln in err.splitlines() if ln.strip()] == [
+            "interrupted; rerun the same command to resume"], err
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def ref_store(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted extraction (decoded in this process)."""
+    ref = tmp_path_factory.mktemp("ref") / "store"
+    r = subprocess.run(_cli(env, ref, workers=0), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ref
+
+
+@pytest.fixture(scope="module")
+def ref_maps(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted fit (decoded in this process)."""
+    ref = tmp_path_factory.mktemp("ref") / "maps.safetensors"
+    r = subprocess.run(_fit_cli(env, ref, workers=0), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ref
+
+
+def _resume_extract(env: dict, out: Path, ref: Path) -> None:
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     r = subprocess.run(_cli(env, out), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -93,25 +120,29 @@ def test_ctrl_c_mid_extract_stops_then_resumes_identically(env, tmp_path: Path) 
     assert not (out / "progress.json").exists()
 
 
-def test_ctrl_c_mid_fit_stops_then_resumes_identically(env, tmp_path: Path) -> None:
-    ref = tmp_path / "ref.safetensors"
-    r = subprocess.run(_fit_cli(env, ref, workers=0), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "interrupted.safetensors"
-    proc = subprocess.Popen(_fit_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    took = _sigint_when(proc, Path(f"{out}.partial") / "fit.json", 4)
-    err = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    print(f"stopped {took:.2f} s after Ctrl-C")
-    assert proc.returncode == 130, err[-2000:]
-    assert took < STOP_WITHIN_S, took
-    assert [ln for ln in err.splitlines() if ln.strip()] == [
-        "interrupted; rerun the same command to resume"], err
+def _resume_fit(env: dict, out: Path, ref: Path) -> None:
     assert not out.exists()
     r = subprocess.run(_fit_cli(env, out), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout
     assert out.read_bytes() == ref.read_bytes()
     assert not Path(f"{out}.partial").exists()
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("at", [4, pytest.param(0, marks=SLOW), pytest.param(14, marks=SLOW)])
+def test_ctrl_c_mid_extract_stops_then_resumes_identically(env, ref_store: Path, at: int,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    _interrupt(_cli(env, out), out / "progress.json", at, signal.SIGINT)
+    _resume_extract(env, out, ref_store)
+
+
+@pytest.mark.parametrize("at", [4, pytest.param(12, marks=SLOW)])
+def test_ctrl_c_mid_fit_stops_then_resumes_identically(env, ref_maps: Path, at: int,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "interrupted.safetensors"
+    _interrupt(_fit_cli(env, out), Path(f"{out}.partial") / "fit.json", at, signal.SIGINT)
+    _resume_fit(env, out, ref_maps)
