@@ -56,3 +56,30 @@ def test_written_files_get_umask_mode_not_0600(tmp_path) -> None:
         assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(tmp_path) -> None:
+    """A killed run's ``.affeq-tmp.*`` leftovers go with the next write into the same folder;
+    a live run's, another host's and unrelated hidden files stay."""
+    import subprocess
+    import sys
+
+    from affeq_rt.io.fsio import TMP_PREFIX, _host, clean_stale, write_bytes_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)  # exited: no such process now (a reused pid would only keep a file)
+    stale = tmp_path / f"{TMP_PREFIX}{_host()}.{pid}.abcd.export.tmp"
+    stale.mkdir()
+    (stale / "features.onnx").write_bytes(b"x" * 100)
+    live = tmp_path / f"{TMP_PREFIX}{_host()}.{os.getpid()}.abcd.other.tmp"
+    foreign = tmp_path / f"{TMP_PREFIX}otherhost.{pid}.abcd.x.tmp"
+    mine = tmp_path / ".keep"
+    for p in (live, foreign, mine):
+        p.write_text("x")
+    write_bytes_atomic(tmp_path / "out.txt", b"new")
+    assert not stale.exists()
+    assert live.exists()
+    assert foreign.exists()
+    assert mine.exists()
+    assert clean_stale(tmp_path) == []

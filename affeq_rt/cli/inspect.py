@@ -19,13 +19,17 @@ def run(
     all_labels: Annotated[bool, typer.Option(
         "--all-labels", help="Print every class name (default: the first five).")] = False,
 ) -> None:
-    """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels."""
-    info = read_metadata(model)
+    """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels.
+
+    Always recomputes the hybrid's recorded checksums first: a corrupt or modified file is one
+    error line saying to rebuild it."""
+    info = read_metadata(model, verify=True)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     meta, graph = dict(info["metadata"]), info["graph"]
     typer.echo(f"model       {info['path']}")
+    typer.echo(f"integrity   {info['integrity']}")
     typer.echo(f"producer    {graph['producer']}  (opset {graph['opset']}, "
                f"IR {graph['ir_version']})")
     for kind in ("inputs", "outputs"):
@@ -36,6 +40,7 @@ def run(
         return
     labels = meta.pop("labels", [])
     stats = meta.pop("fit_stats", {})
+    meta.pop("checksum", None)  # shown as the integrity line
     for key, value in meta.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)

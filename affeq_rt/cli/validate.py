@@ -10,6 +10,7 @@ import typer
 
 from affeq_rt.cli.options import Device, Json, ModelsSubset, model_list
 from affeq_rt.io.fsio import write_json_atomic
+from affeq_rt.io.store import FeatureStore
 from affeq_rt.method.evaluate import validate
 
 
@@ -28,8 +29,10 @@ def run(
 ) -> None:
     """Report each network's own top-1/top-5 (thesis Table 5.1) beside the top-1 its registry spec
     expects; flags a gap larger than the tolerance (wrong preprocessing or label order shows up
-    here first) and exits 1 if any network is flagged."""
-    rows = validate(features, device=device, tolerance=tolerance, models=model_list(models))
+    here first) and exits 1 if any network is flagged. The store's checksums are always
+    recomputed first (a corrupt or modified store is one error line)."""
+    store = FeatureStore.open(features, verify=True)  # every checksum, before any number
+    rows = validate(store, device=device, tolerance=tolerance, models=model_list(models))
     docs = [r.to_dict() for r in rows]
     if out is not None:
         write_json_atomic(out, docs)

@@ -2,10 +2,16 @@
 
 This is the hybrid's file edge: specs and preprocessing are stored as JSON here and read back
 into :class:`~affeq_rt.registry.spec.Preprocessing` by :func:`hybrid_preprocessing`.
+
+Integrity (issue 10): :func:`stamp_checksum` records ``affeq_rt.checksum`` — the SHA-256 of the
+serialised graph (every node and weight; the metadata is outside it) and the size and SHA-256 of
+an external data file. :func:`read_metadata` always checks that the file parses and the data file
+has its size; with ``verify`` (or ``$AFFEQ_RT_VERIFY=1``) it recomputes the hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -15,13 +21,15 @@ from typing import TYPE_CHECKING, Any
 from affeq_rt.data.labels import imagenet_names
 from affeq_rt.deploy.compose import INPUT_NAME, default_opset, dims, real_inputs
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import jsonable
+from affeq_rt.io.fsio import jsonable, sha256_file, verify_requested
 from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
 META_PREFIX = "affeq_rt."
+CHECKSUM_KEY = "checksum"
+REBUILD = "rebuild it with affeq-rt build-hybrid (the file is corrupt or was modified)"
 
 
 def default_model_name(src: str, dst: str, fp16: bool = False) -> str:
@@ -74,8 +82,81 @@ def set_metadata(model: onnx.ModelProto, info: Mapping[str, Any]) -> None:
         model.metadata_props.add(key=META_PREFIX + k, value=value)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``affeq_rt.*`` metadata of a hybrid (JSON values decoded) plus its inputs and outputs."""
+def graph_sha256(model: onnx.ModelProto) -> str:
+    """SHA-256 of the serialised graph: nodes, initializers (or their external-data references),
+    inputs and outputs — everything but the model-level metadata that records it."""
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+
+
+def _data_file(model: onnx.ModelProto, path: Path) -> Path | None:
+    """The one external data file a hybrid's initializers point to (None: weights inline)."""
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                return path.parent / e.value
+    return None
+
+
+def stamp_checksum(path: str | os.PathLike) -> dict[str, Any]:
+    """Record ``affeq_rt.checksum`` in the ONNX file at ``path`` (rewritten in place; call it on
+    the temporary file before it is renamed in). Returns the record."""
+    import onnx
+
+    p = Path(path)
+    model = onnx.load(str(p), load_external_data=False)
+    data = _data_file(model, p)
+    rec = {"algorithm": "sha256", "graph": graph_sha256(model),
+           "data_file": data.name if data is not None else None,
+           "data_bytes": data.stat().st_size if data is not None else None,
+           "data_sha256": sha256_file(data) if data is not None else None}
+    set_metadata(model, {**_decoded(model), CHECKSUM_KEY: rec})
+    with open(p, "wb") as f:
+        f.write(model.SerializeToString())
+    return rec
+
+
+def _decoded(model: onnx.ModelProto) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if not prop.key.startswith(META_PREFIX):
+            continue
+        try:
+            meta[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            meta[prop.key[len(META_PREFIX):]] = prop.value
+    return meta
+
+
+def check_integrity(model: onnx.ModelProto, meta: Mapping[str, Any], path: Path,
+                    full: bool) -> str:
+    """Compare a loaded hybrid with its ``checksum`` record: the external data file's presence
+    and size always, the hashes when ``full``. Returns ``"verified"``, ``"size checked"`` or
+    ``"no checksum recorded"``; AffeqError naming the file otherwise."""
+    rec = meta.get(CHECKSUM_KEY)
+    if not isinstance(rec, Mapping):
+        return "no checksum recorded"
+    data = path.parent / str(rec["data_file"]) if rec.get("data_file") else None
+    if data is not None:
+        if not data.is_file():
+            raise AffeqError(f"hybrid {path} lacks its external data file {data}", REBUILD)
+        if data.stat().st_size != int(rec.get("data_bytes") or -1):
+            raise AffeqError(f"hybrid data file {data} has {data.stat().st_size} bytes, the "
+                             f"model records {rec.get('data_bytes')}", REBUILD)
+    if not full:
+        return "size checked"
+    if graph_sha256(model) != rec.get("graph"):
+        raise AffeqError(f"hybrid {path} fails its checksum", REBUILD)
+    if data is not None and sha256_file(data) != rec.get("data_sha256"):
+        raise AffeqError(f"hybrid data file {data} fails its checksum", REBUILD)
+    return "verified"
+
+
+def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict[str, Any]:
+    """The ``affeq_rt.*`` metadata of a hybrid (JSON values decoded) plus its inputs and outputs.
+
+    Integrity: the file must parse and its external data must have the recorded size; with
+    ``verify`` (default ``$AFFEQ_RT_VERIFY``) the recorded SHA-256 hashes are recomputed too.
+    ``integrity`` in the result says which check ran."""
     import onnx
 
     p = Path(path)
@@ -85,15 +166,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError / google.protobuf errors
         raise AffeqError(f"{p} is not a readable ONNX model ({e.__class__.__name__})",
-                         "pass a .onnx file written by affeq-rt build-hybrid") from None
-    meta: dict[str, Any] = {}
-    for prop in model.metadata_props:
-        if not prop.key.startswith(META_PREFIX):
-            continue
-        try:
-            meta[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
-        except json.JSONDecodeError:
-            meta[prop.key[len(META_PREFIX):]] = prop.value
+                         "pass a .onnx file written by affeq-rt build-hybrid (a hybrid that was "
+                         "one is corrupt: rebuild it)") from None
+    meta = _decoded(model)
+    integrity = check_integrity(model, meta, p, verify_requested(verify))
     g = model.graph
     onnx_types = {v: k for k, v in onnx.TensorProto.DataType.items()}
     io = {
@@ -104,4 +180,4 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "opset": default_opset(model), "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
     }
-    return {"path": str(p), "metadata": meta, "graph": io}
+    return {"path": str(p), "metadata": meta, "graph": io, "integrity": integrity}

@@ -22,7 +22,6 @@ from affeq_rt.io.fsio import (
     atomic_dir,
     atomic_path,
     ensure_writable_dir,
-    umask_mode,
     write_bytes_atomic,
 )
 
@@ -229,8 +228,10 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
                            engine_cache: str | None = None, version: int = 1) -> Path:
     """Write ``<repo>/<name>/{config.pbtxt, labels.txt, <version>/model.onnx}``; return the folder.
 
-    The folder is assembled beside its final place and renamed in, so a failure leaves nothing
-    half-written; an existing folder is replaced only with ``force``.
+    The folder is assembled beside its final place and renamed in (``fsio.atomic_dir``: files get
+    the umask mode, a full disk is one error line, a killed run's temporary folder is removed by
+    the next write into ``repo``), so a failure leaves nothing half-written; an existing folder is
+    replaced only with ``force``.
     """
     target = check_repo_target(repo, name, force)
     ensure_writable_dir(repo)
@@ -239,12 +240,13 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
     k = {t.dims[0] for t in outs if len(t.dims) == 1}
     has_labels = bool(labels) and len(k) == 1 and len(labels) == next(iter(k))
     text = make_config(name, ins, outs, max_batch_size, has_labels, tensorrt, fp16, engine_cache)
-    with atomic_dir(target) as tmp:
+    data = src.parent / f"{src.name}.data"
+    need = src.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    with atomic_dir(target, need=need) as tmp:
         vdir = tmp / str(version)
         vdir.mkdir()
         with atomic_path(vdir / MODEL_FILE) as t:
             shutil.copyfile(src, t)
-        data = src.parent / f"{src.name}.data"
         if data.is_file():  # external data of a > 2 GB model keeps its file name
             with atomic_path(vdir / data.name) as t:
                 shutil.copyfile(data, t)
@@ -252,8 +254,6 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
             write_bytes_atomic(tmp / LABELS_FILE, ("\n".join(labels) + "\n").encode())
         write_bytes_atomic(tmp / CONFIG_FILE, text.encode())
         validate_config(text, vdir / MODEL_FILE, tmp, source=str(target / CONFIG_FILE))
-        for p in tmp.rglob("*"):
-            umask_mode(p)
     return target
 
 

@@ -15,9 +15,10 @@ def save_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarray) -> 
     """Write a head (``weight`` [K, d], ``bias`` [K], float32) as safetensors, atomically."""
     from safetensors.numpy import save_file
 
-    with atomic_path(path) as tmp:
-        save_file({"weight": np.ascontiguousarray(weight, np.float32),
-                   "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}, str(tmp))
+    tensors = {"weight": np.ascontiguousarray(weight, np.float32),
+               "bias": np.ascontiguousarray(bias, np.float32).reshape(-1)}
+    with atomic_path(path, need=sum(t.nbytes for t in tensors.values())) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

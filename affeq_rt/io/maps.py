@@ -121,7 +121,7 @@ def save_maps(path: str | os.PathLike, maps: MapSet, meta: Mapping[str, Any] | N
     extra = {k: v for k, v in {**maps.meta, **(meta or {})}.items() if k not in _DERIVED}
     doc = {"format": FORMAT, **extra, "models": models, "pairs": pairs}
     p = Path(path)
-    with atomic_path(p) as tmp:
+    with atomic_path(p, need=sum(t.nbytes for t in tensors.values())) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc, default=jsonable)})
     return p
 

@@ -5,11 +5,18 @@ Layout (see ARCHITECTURE.md): ``manifest.json``, ``images.txt``, ``labels.npy``,
 (the committed sample index). Rows are written in sample order into preallocated ``.npy`` files;
 progress is committed (atomically) only after the rows are flushed, so a run killed at any
 point resumes from the last commit and produces the same bytes as an uninterrupted run.
+
+Storage safety (issue 10): a writer holds ``.affeq-rt.lock`` in the store (one run per store;
+``lock=False`` for row writers in other processes of the same run); the arrays are preallocated
+for real (``posix_fallocate``) after a free-space check, so a full disk is a one-line error, not a
+SIGBUS; a bad setting never enters the resumable state. Opening checks sizes and headers against
+the manifest; ``verify=True`` (or ``AFFEQ_RT_VERIFY=1``) also recomputes every checksum.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +27,15 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import (
+    LOCK_FILE,
+    FolderLock,
     atomic_path,
+    check_free_space,
     ensure_writable_dir,
+    preallocate,
     read_json,
     sha256_file,
+    verify_requested,
     versions,
     write_bytes_atomic,
     write_json_atomic,
@@ -32,6 +44,23 @@ from affeq_rt.io.heads import Head, save_head
 
 FORMAT = 1
 DTYPES = ("float16", "float32")
+REEXTRACT = "delete the store and run affeq-rt extract again"
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a ``.npy`` header; AffeqError if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _fortran, dtype = read(f)
+            return tuple(int(s) for s in shape), np.dtype(dtype), f.tell()
+    except FileNotFoundError:
+        raise AffeqError(f"feature store file {path} is missing", REEXTRACT) from None
+    except (ValueError, OSError) as e:
+        raise AffeqError(f"feature store file {path} has a corrupt header ({e})",
+                         REEXTRACT) from None
 
 
 def _safe_name(model: str) -> str:
@@ -142,8 +171,10 @@ class FeatureStore:
         self._labels: np.ndarray | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> FeatureStore:
-        """Open a store; AffeqError if it is missing, unfinished or not a store."""
+    def open(cls, path: str | os.PathLike, verify: bool | None = None) -> FeatureStore:
+        """Open a store; AffeqError if it is missing, unfinished, not a store, or its files do not
+        match the manifest (sizes, ``.npy`` headers: always; SHA-256: with ``verify``, default
+        ``$AFFEQ_RT_VERIFY``)."""
         p = Path(path)
         if not p.is_dir():
             raise AffeqError(f"feature store {p} does not exist", "run affeq-rt extract first")
@@ -152,13 +183,17 @@ class FeatureStore:
             raise AffeqError(f"{p} is not a feature store (no manifest.json)",
                              "pass a folder written by affeq-rt extract")
         man = read_json(mf, "store manifest")
-        if man.get("format") != FORMAT or "models" not in man:
+        if not isinstance(man, dict) or man.get("format") != FORMAT or "models" not in man:
             raise AffeqError(f"{p} has an unknown store format", "re-run affeq-rt extract")
         if not man.get("complete"):
             raise AffeqError(f"feature store {p} is unfinished "
                              f"({man.get('progress', {}).get('rows', '?')} rows so far)",
                              "rerun the same affeq-rt extract command to finish it")
-        return cls(p, man)
+        store = cls(p, man)
+        store.check()
+        if verify_requested(verify):
+            store.verify()
+        return store
 
     @property
     def models(self) -> list[str]:
@@ -216,21 +251,58 @@ class FeatureStore:
         """Feature width of ``model``."""
         return int(self.manifest["feature_dims"][self._check(model)])
 
+    def check(self) -> None:
+        """The cheap checks every open does: each listed file exists with its recorded size,
+        ``features.npy`` headers say [n, d] in the store's dtype and the file holds exactly those
+        bytes, ``labels.npy`` holds n labels. AffeqError naming the first bad file."""
+        man = self.manifest
+        sizes = man.get("sizes") or {}
+        for rel in man.get("checksums") or {}:
+            f = self.path / rel
+            if not f.is_file():
+                raise AffeqError(f"feature store file {f} is missing", REEXTRACT)
+            if rel in sizes and f.stat().st_size != int(sizes[rel]):
+                raise AffeqError(f"feature store file {f} has {f.stat().st_size} bytes, the "
+                                 f"manifest says {sizes[rel]} (truncated or modified)", REEXTRACT)
+        dims = man.get("feature_dims") or {}
+        for m in self.models:
+            f = self.path / m / "features.npy"
+            shape, dtype, offset = npy_layout(f)
+            want = (self.n, int(dims.get(m, shape[-1] if shape else -1)))
+            if shape != want or dtype != np.dtype(self.dtype):
+                raise AffeqError(f"feature store file {f} holds {dtype} {list(shape)}, the "
+                                 f"manifest says {self.dtype} {list(want)}", REEXTRACT)
+            size = offset + self.n * want[1] * dtype.itemsize
+            if f.stat().st_size != size:
+                raise AffeqError(f"feature store file {f} has {f.stat().st_size} bytes, its "
+                                 f"header needs {size} (truncated or modified)", REEXTRACT)
+        lab = self.path / "labels.npy"
+        if lab.exists():
+            shape, _, _ = npy_layout(lab)
+            if shape != (self.n,):
+                raise AffeqError(f"feature store file {lab} holds {list(shape)} labels, the "
+                                 f"manifest says {self.n}", REEXTRACT)
+
     def verify(self) -> None:
-        """Recompute every checksum in the manifest; AffeqError on the first mismatch."""
+        """Cheap checks, then recompute every checksum in the manifest; AffeqError naming the
+        first file that differs."""
+        self.check()
         for rel, digest in self.manifest.get("checksums", {}).items():
             if sha256_file(self.path / rel) != digest:
-                raise AffeqError(f"{self.path}/{rel} fails its checksum (corrupt or modified)",
-                                 "re-run affeq-rt extract into a new folder")
+                raise AffeqError(f"feature store file {self.path / rel} fails its checksum "
+                                 "(corrupt or modified)", REEXTRACT)
 
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 
-def open_store(store: StoreLike | str | os.PathLike) -> StoreLike:
-    """The store object as given, or ``FeatureStore.open`` of a folder path."""
-    return FeatureStore.open(store) if isinstance(store, (str, os.PathLike)) else store
+def open_store(store: StoreLike | str | os.PathLike, verify: bool | None = None) -> StoreLike:
+    """The store object as given, or ``FeatureStore.open`` of a folder path (``verify``: also
+    recompute its checksums; None: ``$AFFEQ_RT_VERIFY``)."""
+    if isinstance(store, (str, os.PathLike)):
+        return FeatureStore.open(store, verify=verify)
+    return store
 
 
 def _rewrite_npy_rows(path: Path, rows: int) -> None:
@@ -280,13 +352,25 @@ class StoreConfig:
 
 
 class StoreWriter:
-    """Create or resume a store; write batches of rows in order; commit; finalise."""
+    """Create or resume a store; write batches of rows in order; commit; finalise.
+
+    The writer takes the store's lock (``.affeq-rt.lock``, :class:`~affeq_rt.io.fsio.FolderLock`)
+    for its lifetime — a second run on the same store is refused naming the holder — and
+    releases it in :meth:`finalise` or :meth:`close`. ``lock=False`` opens the store for row writes
+    without the lock: for workers in other processes (e.g. Ray tasks) of the run whose driver
+    holds it; such a writer only calls :meth:`write` (and ``flush``), never commit/finalise, and
+    the driver commits a batch only after every worker has flushed its rows.
+    """
 
     def __init__(self, path: str | os.PathLike, cfg: StoreConfig,
-                 heads: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+                 heads: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                 lock: bool = True) -> None:
         """``heads[m]``: the export's head file rows ``(W [K, d], b [K])``, copied verbatim."""
         if cfg.dtype not in DTYPES:
             raise AffeqError(f"unknown dtype {cfg.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if int(cfg.batch_size) < 1:
+            raise AffeqError(f"batch size must be positive, got {cfg.batch_size}",
+                             "pass --batch-size ≥ 1")
         for m in cfg.models:
             _safe_name(m)
         self.path = Path(path)
@@ -298,13 +382,45 @@ class StoreWriter:
         self.samples_done = 0
         self.rows = 0
         self.skipped: list[dict[str, Any]] = []
-        self._open(heads)
+        self._lock: FolderLock | None = None
+        self._created = False
+        try:
+            self._open(heads, lock)
+        except BaseException:
+            self.close()
+            if self._created:
+                self.discard()
+            raise
+
+    def close(self) -> None:
+        """Unmap the arrays and release the lock (the store stays resumable)."""
+        self._arrays.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def discard(self) -> None:
+        """Remove this store's files (a store no rerun can use: nothing was readable, or it
+        could not even be created) and the folder if that leaves it empty."""
+        self.close()
+        for rel in ("progress.json", "images.txt", "labels.npy", LOCK_FILE, "manifest.json"):
+            (self.path / rel).unlink(missing_ok=True)
+        for m in self.cfg.models:
+            shutil.rmtree(self.path / m, ignore_errors=True)
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     # -- setup
-    def _open(self, heads: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _open(self, heads: Mapping[str, tuple[np.ndarray, np.ndarray]], lock: bool) -> None:
         mf = self.path / "manifest.json"
         if self.path.exists() and not self.path.is_dir():
             raise AffeqError(f"--out {self.path} is a file", "pass a folder for the store")
+        fresh = not mf.is_file()
+        if fresh and self.path.is_dir() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            raise AffeqError(f"--out {self.path} exists and is not a feature store",
+                             "choose an empty or new folder")
+        if lock:
+            self._lock = FolderLock(self.path, "feature store").acquire()
         if mf.is_file():
             man = read_json(mf, "store manifest")
             theirs = man.get("identity") or {}
@@ -315,11 +431,11 @@ class StoreWriter:
                         else ", ".join(diff))
                 raise AffeqError(f"{self.path} already holds a different feature store ({what} "
                                  "differ)", "choose another --out folder or delete that one")
-            self.cfg.batch_size = int(man.get("batch_size", self.cfg.batch_size))
             if man.get("complete"):
                 self.already_complete = True
                 self.rows = int(man["n"])
                 self.samples_done = self.n_samples
+                self.close()
                 return
             prog = read_json(self.path / "progress.json", "store progress") \
                 if (self.path / "progress.json").is_file() else {"samples": 0, "rows": 0,
@@ -327,12 +443,23 @@ class StoreWriter:
             self.samples_done, self.rows = int(prog["samples"]), int(prog["rows"])
             self.skipped = list(prog["skipped"])
             self.resumed = self.samples_done > 0
+            kept = int(man.get("batch_size") or 0)
+            if self.resumed and kept >= 1:
+                self.cfg.batch_size = kept  # committed rows follow that batch grid
+            elif self.resumed:
+                raise AffeqError(f"store {self.path} records no valid batch size "
+                                 f"({man.get('batch_size')!r}) yet has committed rows",
+                                 f"cannot resume it; {REEXTRACT}")
+            elif kept != self.cfg.batch_size:  # nothing committed: this run's settings hold
+                write_json_atomic(mf, self._manifest(complete=False))
             self._prepare_models(heads)
             return
-        if self.path.is_dir() and any(self.path.iterdir()):
-            raise AffeqError(f"--out {self.path} exists and is not a feature store",
-                             "choose an empty or new folder")
+        self._created = not self.path.exists() or not any(
+            p.name != LOCK_FILE for p in self.path.iterdir())
         ensure_writable_dir(self.path)
+        need = sum(self.n_samples * self.cfg.dims[m] * np.dtype(self.cfg.dtype).itemsize
+                   for m in self.cfg.models)
+        check_free_space(self.path, need, f"a {self.n_samples}-image feature store")
         write_json_atomic(mf, self._manifest(complete=False))  # first: marks the folder as ours
         self._prepare_models(heads)
 
@@ -353,6 +480,11 @@ class StoreWriter:
                                                     shape=(self.n_samples, self.cfg.dims[m]))
                     arr.flush()
                     del arr
+                    with open(tmp, "r+b") as fh:  # real blocks: ENOSPC now, never a SIGBUS later
+                        preallocate(fh, os.path.getsize(tmp), f)
+            else:
+                with open(f, "r+b") as fh:  # stores begun before preallocation, or copied sparse
+                    preallocate(fh, os.path.getsize(f), f)
             self._arrays[m] = np.load(f, mmap_mode="r+")
 
     def _manifest(self, complete: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -403,7 +535,9 @@ class StoreWriter:
         files = ["images.txt", "labels.npy"] + [f"{m}/{f}" for m in self.cfg.models
                                                 for f in ("features.npy", "head.safetensors")]
         checksums = {f: sha256_file(self.path / f) for f in files}
+        sizes = {f: (self.path / f).stat().st_size for f in files}
         write_json_atomic(self.path / "manifest.json",
-                          {**self._manifest(True, extra), "checksums": checksums})
+                          {**self._manifest(True, extra), "checksums": checksums, "sizes": sizes})
         (self.path / "progress.json").unlink(missing_ok=True)
         self.already_complete = True
+        self.close()

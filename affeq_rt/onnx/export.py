@@ -20,6 +20,7 @@ from affeq_rt.data.preprocess import preprocess, sample_photo
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import (
     atomic_dir,
+    check_free_space,
     ensure_writable_dir,
     sha256_file,
     versions,
@@ -134,6 +135,11 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
     ensure_writable_dir(out.parent)
     model = model.eval()
     features, head = split_model(model)
+    # What the folder will hold: the weights once in features.onnx + classifier.onnx, the head
+    # again in head.safetensors (float32); checked before anything is run or exported.
+    need = 4 * (sum(int(p.numel()) for p in model.parameters())
+                + sum(int(p.numel()) for p in head.parameters()))
+    check_free_space(out.parent, need, f"the export {out}")
     x, names = inputs if inputs is not None else check_inputs(spec)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     with torch.no_grad():  # the framework's own logits are the reference for every check
@@ -144,7 +150,7 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
         split_logits = head(feats_t)
         split_rel = split_error(ref_t, split_logits)  # the family's split rule holds?
     feats = feats_t[:2]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, need=need) as tmp:
         say("exporting features.onnx")
         _onnx_export(features, xt[:2], tmp / "features.onnx", "image", "features", opset)
         say("exporting classifier.onnx")

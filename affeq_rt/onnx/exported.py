@@ -32,7 +32,7 @@ class ExportedBackbone:
             raise AffeqError(f"{self.path} is not an export folder (no manifest.json)",
                              "run affeq-rt export NAME first")
         self.manifest: dict[str, Any] = read_json(self.path / "manifest.json", "export manifest")
-        if not isinstance(self.manifest, dict) or "spec" not in self.manifest:
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("spec"), dict):
             raise AffeqError(f"export manifest {self.path / 'manifest.json'} lacks a spec",
                              "re-export it")
         self.spec: BackboneSpec = BackboneSpec.from_dict(self.manifest["spec"],
