@@ -1,8 +1,9 @@
 """Serving: a real OIP v2 server (MLServer) on 127.0.0.1, queried with Triton's own HTTP client.
 
 Each test starts ``affeq-rt serve`` in a subprocess on a free loopback port, waits until the model
-is ready, sends a bounded number of requests with ``tritonclient.http`` and compares the answers
-with running the same ONNX file directly through onnxruntime.
+is ready, sends a bounded number of requests with ``tritonclient.http`` (JSON tensors and the
+binary tensor extension, Triton's clients' default) and compares the answers with running the
+same ONNX file directly through onnxruntime.
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def served(target: Path, log: Path, *extra: str, name: str | None = None,
                 proc.wait()
 
 
-def infer(client: th.InferenceServerClient, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
-    """One inference through the OIP v2 REST endpoint (JSON tensors: MLServer has no binary
-    extension)."""
+def infer(client: th.InferenceServerClient, name: str, x: np.ndarray,
+          binary: tuple[bool, bool] = (False, False)) -> dict[str, np.ndarray]:
+    """One inference through the OIP v2 REST endpoint; ``binary``: (inputs, outputs) as binary
+    tensors (Triton's binary extension) rather than JSON."""
     dtype = "UINT8" if x.dtype == np.uint8 else "FP32"
     inp = th.InferInput("image", list(x.shape), dtype)
-    inp.set_data_from_numpy(x, binary_data=False)
-    outs = [th.InferRequestedOutput(n, binary_data=False) for n in ("logits", "probabilities")]
+    inp.set_data_from_numpy(x, binary_data=binary[0])
+    outs = [th.InferRequestedOutput(n, binary_data=binary[1])
+            for n in ("logits", "probabilities")]
     res = client.infer(name, [inp], outputs=outs)
     return {n: res.as_numpy(n) for n in ("logits", "probabilities")}
 
@@ -100,10 +103,19 @@ def test_repository_served_equals_onnxruntime(parts, tmp_path: Path) -> None:
         assert meta["platform"] == "onnxruntime_onnx"
         assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
         for batch in (x[:1], x):
-            got, want = infer(client, "tiny", batch), direct(out, batch)
-            for k in want:  # the same file through the same onnxruntime: bit-identical
-                assert got[k].dtype == np.float32
-                np.testing.assert_array_equal(got[k], want[k])
+            want = direct(out, batch)
+            for binary in ((False, False), (True, True), (True, False), (False, True)):
+                got = infer(client, "tiny", batch, binary)
+                for k in want:  # the same file through the same onnxruntime: bit-identical
+                    assert got[k].dtype == np.float32
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=str(binary))
+        # Triton's client as it is used by default: binary inputs, no outputs named (all come
+        # back binary)
+        inp = th.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        res = client.infer("tiny", [inp])
+        assert res.get_response()["outputs"][0]["parameters"]["binary_data_size"] == 4 * 4 * 7
+        np.testing.assert_array_equal(res.as_numpy("logits"), direct(out, x)["logits"])
         bad = th.InferInput("pixels", [1, 3, 32, 32], "FP32")
         bad.set_data_from_numpy(x[:1], binary_data=False)
         with pytest.raises(th.InferenceServerException, match="unknown input 'pixels'"):
@@ -117,8 +129,10 @@ def test_single_file_with_uint8_preprocessing(parts, tmp_path: Path) -> None:
     _, u8 = held_out_inputs(parts.spec_a)
     with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b") as client:
         got = infer(client, "tiny_a_to_tiny_b", u8)
+        got_binary = infer(client, "tiny_a_to_tiny_b", u8, (True, True))  # UINT8 bytes
     want = direct(out, u8)
     np.testing.assert_array_equal(got["logits"], want["logits"])
+    np.testing.assert_array_equal(got_binary["logits"], want["logits"])
     assert (got["probabilities"].argmax(1) == want["logits"].argmax(1)).all()
 
 
@@ -223,82 +237,8 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
 
 
 # ------------------------------------------------------------ a hostile local client (issue 10)
-
-def http(port: int, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, str]:
-    """One request to 127.0.0.1:port (10 s timeout): (status, body text)."""
-    import http.client
-
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
-
-
-def one_line_error(text: str) -> str:
-    """The ``error`` of a JSON error body, asserted to be one line without a traceback."""
-    import json
-
-    err = json.loads(text)["error"]
-    assert "\n" not in err, err
-    assert "Traceback" not in err, err
-    return err
-
-
-def test_repository_api_is_locked_and_ready_is_real(parts, tmp_path: Path) -> None:
-    """Issue 10 item 1: the served file's folder is not the repository; load/unload refused."""
-    import json
-
-    from test_hybrid import held_out_inputs
-
-    public = tmp_path / "public"  # stands for /tmp: a folder others can write into
-    out = parts.build(public / "h.onnx")
-    marker = tmp_path / "pwned"
-    evil = public / "evil"
-    evil.mkdir()
-    (evil / "evil_runtime.py").write_text(
-        f"open({str(marker)!r}, 'w').write('x')\nfrom mlserver import MLModel\n"
-        "class Evil(MLModel):\n    async def load(self):\n        return True\n")
-    (evil / "model-settings.json").write_text(json.dumps(
-        {"name": "evil", "implementation": "evil_runtime.Evil"}))
-    name = "tiny_a_to_tiny_b"
-    x, _ = held_out_inputs(parts.spec_a)
-    port, grpc_port = free_port(HOST), free_port(HOST)
-    with served(out, tmp_path / "server.log", name=name, port=port,
-                grpc_port=grpc_port) as client:
-        status, text = http(port, "POST", "/v2/repository/models/evil/load")
-        assert status == 403, text
-        assert "loading models is disabled" in one_line_error(text)
-        assert not marker.exists()
-        status, text = http(port, "POST", f"/v2/repository/models/{name}/unload")
-        assert status == 403, text
-        assert "unloading models is disabled" in one_line_error(text)
-        status, text = http(port, "POST", "/v2/repository/index", b"{}",
-                            {"Content-Type": "application/json"})
-        assert status == 200, text
-        assert [m["name"] for m in json.loads(text)] == [name], text
-        # the gRPC repository service goes through the same handlers (MLServer's own stubs:
-        # tritonclient.grpc's protos clash with MLServer's in one process)
-        import grpc
-        from mlserver.grpc import dataplane_pb2 as pb
-        from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
-
-        with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
-            stub = GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.RpcError, match="loading models is disabled"):
-                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="evil"),
-                                         timeout=10)
-            with pytest.raises(grpc.RpcError, match="unloading models is disabled"):
-                stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name),
-                                           timeout=10)
-        assert http(port, "GET", "/v2/health/ready")[0] == 200
-        np.testing.assert_array_equal(infer(client, name, x)["logits"],
-                                      direct(out, x)["logits"])
-    assert not marker.exists()
-
+# The repository API, malformed and oversized requests (JSON and binary) and a bounded load are
+# tests/reliability/test_serve_hostile.py (one server for all of them).
 
 def test_readiness_needs_every_served_model() -> None:
     """MLServer answers ready with no model loaded; ours answers not ready until all are."""
@@ -349,61 +289,6 @@ def test_private_repository_links_external_data(parts, tmp_path: Path) -> None:
         assert data.read_bytes() == b"tensors"
     finally:
         shutil.rmtree(root)
-
-
-def oip_body(shape: list[int], data: object, datatype: str = "FP32") -> bytes:
-    import json
-
-    return json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": datatype,
-                                   "data": data}]}).encode()
-
-
-MALFORMED = [  # (case, body, headers, status, message fragment)
-    ("not json", b"{this is not json", {}, 400, "malformed request"),
-    ("json but not a request", b'{"hello": 1}', {}, 400, "malformed request"),
-    ("wrong shape", oip_body([1, 3, 32, 32], [0.0] * 10), {}, 400, "does not match its shape"),
-    ("strings as FP32", oip_body([1, 3, 32, 32], ["a"] * 3072), {}, 400, "does not match"),
-    ("wrong datatype", oip_body([1, 3, 32, 32], [0] * 3072, "INT64"), {}, 400, "is INT64"),
-    ("wrong image size", oip_body([1, 3, 8, 8], [0.0] * 192), {}, 400, "inference failed"),
-    ("batch over the cap", oip_body([65, 3, 32, 32], [0.0]), {}, 413, "at most 64"),
-    ("gzip body", b"\x1f\x8b", {"Content-Encoding": "gzip"}, 415, "send the body uncompressed"),
-]
-
-
-def test_malformed_and_oversized_requests_are_one_line_4xx(parts, tmp_path: Path) -> None:
-    """Issue 10 items 5 and 8: 400/413/415 with one line; the server answers right afterwards."""
-    from test_hybrid import held_out_inputs
-
-    from affeq_rt.deploy.oip_runtime import MAX_BODY_BYTES
-
-    out = parts.build(tmp_path / "h.onnx")
-    name = "tiny_a_to_tiny_b"
-    x, _ = held_out_inputs(parts.spec_a)
-    path = f"/v2/models/{name}/infer"
-    port = free_port(HOST)
-    with served(out, tmp_path / "server.log", name=name, port=port) as client:
-        for case, body, headers, want, fragment in MALFORMED:
-            status, text = http(port, "POST", path, body,
-                                {"Content-Type": "application/json", **headers})
-            assert status == want, (case, status, text)
-            assert fragment in one_line_error(text), (case, text)
-        # a body announced over the cap is refused before it is read
-        import socket as _socket
-
-        with _socket.create_connection((HOST, port), timeout=10) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
-                      f"\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n{{".encode())
-            reply = ""
-            for _ in range(20):  # headers and body may come in separate packets
-                chunk = s.recv(65536).decode("latin-1")
-                reply += chunk
-                if not chunk or "over this server's limit" in reply:
-                    break
-        assert reply.startswith("HTTP/1.1 413"), reply[:200]
-        assert "over this server's limit" in reply
-        np.testing.assert_array_equal(infer(client, name, x)["logits"],
-                                      direct(out, x)["logits"])
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 def test_ctrl_c_stops_the_server_cleanly(parts, tmp_path: Path) -> None:

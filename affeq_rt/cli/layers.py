@@ -21,7 +21,7 @@ def run(
         "--layer", "-l", help="ONNX tensor name of a layer to show (repeatable; default: one "
         "per stage). layers.json lists every 4-D tensor.", show_default=False)] = None,
     channels: Annotated[int, typer.Option("--channels", "-c", help="Strongest channels shown "
-                                          "per layer.")] = 6,
+                                          "per layer (0: the channel mean only).")] = 6,
     provider: Provider = "auto",
     export_root: ExportRoot = None,
     random_weights: RandomWeights = False,

@@ -33,6 +33,7 @@ from affeq_rt.cli import (
     models,
     predict,
     serve,
+    similarity,
     validate,
 )
 from affeq_rt.errors import AffeqError
@@ -69,6 +70,7 @@ COMMANDS: list[tuple[ModuleType, str]] = [
     (cam, "cam"),
     (ablate, "ablate"),
     (layers, "layers"),
+    (similarity, "similarity"),
 ]
 
 
@@ -123,6 +125,14 @@ def _is_usage_error(e: BaseException) -> bool:
     return callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int)
 
 
+def _usage_line(e: BaseException) -> str:
+    """A click usage error as one line: its message and where the command's help is."""
+    msg = " ".join(str(getattr(e, "format_message", lambda: str(e))()).split())
+    ctx = getattr(e, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "affeq-rt"
+    return f"{msg.rstrip('.')}; see {where} --help"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring for the mapping)."""
     try:
@@ -136,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
     except Exception as e:
-        if _is_usage_error(e):  # usage errors: click's own message
-            e.show()  # type: ignore[attr-defined]
+        if _is_usage_error(e):  # usage errors: click's message, on one line
+            typer.secho(f"error: {_usage_line(e)}", fg=typer.colors.RED, err=True)
             return int(e.exit_code)  # type: ignore[attr-defined]
         # InternalError and anything unexpected: a bug, never dressed as a user error
         traceback.print_exc()

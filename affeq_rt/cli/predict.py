@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Fp16, Provider, Quiet
+from affeq_rt.cli.options import ExportRoot, Fp16, Provider, Quiet, Verify
 from affeq_rt.cli.progress import Display
+from affeq_rt.deploy.metadata import read_metadata
 from affeq_rt.deploy.predict import predict
+from affeq_rt.errors import AffeqError
 
 
 def run(
@@ -20,12 +23,17 @@ def run(
     provider: Provider = "auto",
     fp16: Fp16 = False,
     export_root: ExportRoot = None,
+    verify: Verify = False,
     quiet: Quiet = False,
 ) -> None:
     """Print the top ImageNet classes (index, probability, name) of each image and which
     onnxruntime provider ran. MODEL is a registry name (exported into the export root on first
     use), an export folder (both use the backbone's own preprocessing) or a hybrid .onnx file
     (uses the preprocessing recorded in its metadata)."""
+    if verify and Path(name).is_file():  # a hybrid: its recorded hashes (exports: always)
+        read_metadata(name, verify=True)
+    if top < 1:
+        raise AffeqError(f"--top {top} is not a number of classes", "pass --top 1 or more")
     with Display(quiet) as display:
         pred = predict(name, images, top=top, provider=provider, export_root=export_root,
                        fp16=fp16, progress=display)

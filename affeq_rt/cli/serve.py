@@ -26,8 +26,9 @@ def run(
 ) -> None:
     """Serve a hybrid or a Triton repository over OIP v2 (MLServer) on 127.0.0.1.
 
-    REST and gRPC speak the protocol Triton speaks; query with tritonclient.http using
-    binary_data=False. Ctrl-C stops.
+    REST and gRPC speak the protocol Triton speaks; query with tritonclient.http (JSON or binary
+    tensors). Only the named models are served: repository load/unload are refused. Ctrl-C
+    stops.
     """
     serve(target, port=port, host=host, grpc_port=grpc_port, provider=provider, name=name,
           announce=typer.echo)

@@ -1,12 +1,23 @@
-"""The MLServer runtime behind ``affeq-rt serve``: one ONNX model through onnxruntime.
+"""The MLServer runtime behind ``affeq-rt serve``: one ONNX model through onnxruntime, and the
+REST server's guards and its binary tensor extension.
 
 Kept apart from :mod:`affeq_rt.deploy.serve` because it subclasses MLServer's ``MLModel`` at import
 time: MLServer (the ``serve`` extra) is imported only when a server really starts.
+
+MLServer speaks only the JSON form of the Open Inference Protocol over REST; Triton's clients
+send binary tensors by default (``tritonclient.http``'s ``binary_data=True``: a JSON header of
+``Inference-Header-Content-Length`` bytes, then each tensor's raw little-endian bytes, sized by
+its ``binary_data_size`` parameter). :class:`BinaryTensors` implements that extension in front of
+MLServer's data plane, for requests and for the outputs a request asks back in binary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import math
+import re
 import signal
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -15,6 +26,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from mlserver import MLModel, MLServer
 from mlserver.codecs import NumpyCodec
+from mlserver.codecs.json import encode_to_json_bytes
 from mlserver.errors import MLServerError
 from mlserver.handlers import DataPlane, ModelRepositoryHandlers
 from mlserver.types import (
@@ -24,6 +36,7 @@ from mlserver.types import (
     RepositoryIndexResponse,
     State,
 )
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -223,6 +236,185 @@ class BodyLimit:
                 f"bytes; send fewer images per request (at most {MAX_BATCH})")
 
 
+#: REST inference paths (``/v2/models/NAME[/versions/V]/infer``), as MLServer routes them.
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class _BadBinary(Exception):
+    """A binary-extension request that cannot be decoded: (status, one-line message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _param(params: Any, key: str) -> Any:
+    """``params[key]`` of an OIP ``Parameters`` object (extra fields), else None."""
+    return (getattr(params, "model_extra", None) or {}).get(key) if params is not None else None
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tail) of a request body; the tail is empty without the header."""
+    if header_length is None:
+        return body, b""
+    text = header_length.strip()
+    if not text.isdigit() or not 0 < int(text) <= len(body):
+        raise _BadBinary(400, f"Inference-Header-Content-Length {header_length!r} is not the "
+                              f"length of a JSON header inside the {len(body)}-byte body; send "
+                              "the JSON header's length in bytes")
+    return body[:int(text)], body[int(text):]
+
+
+def parse_header(head: bytes) -> InferenceRequest:
+    """The JSON header as an ``InferenceRequest`` (a binary input has no ``data`` field there:
+    it gets an empty one until :func:`attach_binary` fills it)."""
+    try:
+        obj = json.loads(head)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise _BadBinary(400, _malformed([{"msg": f"the JSON header is not JSON "
+                                                  f"({e.__class__.__name__})"}])) from None
+    inputs = obj.get("inputs") if isinstance(obj, dict) else None
+    for inp in inputs if isinstance(inputs, list) else []:
+        if isinstance(inp, dict) and isinstance(inp.get("parameters"), dict) \
+                and "binary_data_size" in inp["parameters"]:
+            inp.setdefault("data", [])
+    try:
+        return InferenceRequest.model_validate(obj)
+    except ValidationError as e:
+        raise _BadBinary(400, _malformed(list(e.errors()))) from None
+
+
+def attach_binary(payload: InferenceRequest, tail: bytes) -> None:
+    """Replace each input's ``binary_data_size`` parameter by its tensor, cut from ``tail`` in
+    input order; every size is checked against the shape and datatype, and every byte used."""
+    offset = 0
+    for inp in payload.inputs:
+        size = _param(inp.parameters, "binary_data_size")
+        if size is None:
+            continue
+        what = f"input {inp.name!r}"
+        if inp.datatype not in OIP_TO_NUMPY:
+            raise _BadBinary(400, f"{what} is {inp.datatype}, which this server does not take "
+                                  f"as binary data; use one of {sorted(OIP_TO_NUMPY)}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _BadBinary(400, f"{what} has binary_data_size {size!r}; it must be a byte "
+                                  "count")
+        if any(d < 0 for d in inp.shape):
+            raise _BadBinary(400, f"{what} has a negative dimension in its shape {inp.shape}")
+        if inp.data is not None and len(getattr(inp.data, "root", inp.data) or []) > 0:
+            raise _BadBinary(400, f"{what} has both JSON data and binary_data_size; send one")
+        if inp.shape and inp.shape[0] > MAX_BATCH:
+            raise _BadBinary(413, f"{what} has a batch of {inp.shape[0]}; this server takes at "
+                                  f"most {MAX_BATCH} per request; split the batch")
+        dtype = np.dtype(OIP_TO_NUMPY[inp.datatype]).newbyteorder("<")
+        count = math.prod(inp.shape)  # exact: a numpy product could wrap around
+        if count * dtype.itemsize != size:
+            raise _BadBinary(400, f"{what} has {size} bytes of binary data; shape {inp.shape} "
+                                  f"of {inp.datatype} takes {count * dtype.itemsize}")
+        if offset + size > len(tail):
+            raise _BadBinary(400, f"{what} needs bytes {offset}..{offset + size} of the binary "
+                                  f"data, but the request has only {len(tail)}; the body is "
+                                  "truncated")
+        inp.data = np.frombuffer(tail, dtype, count, offset).reshape(inp.shape)  # type: ignore
+        inp.parameters.model_extra.pop("binary_data_size")  # type: ignore[union-attr]
+        offset += size
+    if offset != len(tail):
+        raise _BadBinary(400, f"the request carries {len(tail) - offset} bytes of binary data "
+                              "that no input's binary_data_size accounts for")
+
+
+def binary_outputs(payload: InferenceRequest, names: list[str]) -> set[str]:
+    """The outputs to answer in binary: each requested output's ``binary_data`` parameter, else
+    the request's ``binary_data_output``."""
+    default = _param(payload.parameters, "binary_data_output") is True
+    asked = {o.name: _param(o.parameters, "binary_data") for o in payload.outputs or []}
+    return {n for n in names if (asked.get(n) if asked.get(n) is not None else default) is True}
+
+
+def encode_response(response: InferenceResponse, binary: set[str]) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None): the outputs in ``binary`` as raw little-endian bytes
+    after the JSON header (``binary_data_size`` each), the others as JSON data."""
+    head = response.model_dump(exclude_unset=True, exclude_none=True)
+    blobs = []
+    for out in head.get("outputs", []):
+        if out["name"] not in binary:
+            continue
+        dtype = np.dtype(OIP_TO_NUMPY[out["datatype"]]).newbyteorder("<")
+        data = out.pop("data")
+        blob = np.asarray([np.nan if v is None else v for v in data], dtype).tobytes()
+        out.setdefault("parameters", {})["binary_data_size"] = len(blob)
+        blobs.append(blob)
+    header = encode_to_json_bytes(head)
+    return (header + b"".join(blobs), len(header)) if blobs else (header, None)
+
+
+class BinaryTensors:
+    """ASGI middleware: the binary tensor extension of the Open Inference Protocol on REST
+    inference requests. A request with an ``Inference-Header-Content-Length`` header, or one
+    that asks for binary outputs, is decoded here (sizes checked: 400 in one line otherwise),
+    run through MLServer's data plane and answered in the requested form; any other request
+    goes on to MLServer unchanged."""
+
+    def __init__(self, app: ASGIApp, data_plane: DataPlane) -> None:
+        self.app, self.data_plane = app, data_plane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read an inference request's body; answer it here if it uses the extension."""
+        match = INFER_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        header_length = headers.get(HEADER_LENGTH)
+        if header_length is None and b"binary_data" not in body:
+            replayed = False
+
+            async def replay() -> MutableMapping[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+            return
+        status, content, extra = await self._infer(body, header_length, match["name"],
+                                                   match["version"])
+        out_headers = [(b"content-length", str(len(content)).encode()), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _infer(self, body: bytes, header_length: str | None, name: str,
+                     version: str | None) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, body, headers) of one binary-extension inference."""
+        as_json = [(b"content-type", b"application/json")]
+        try:
+            head, tail = split_binary(body, header_length)
+            payload = parse_header(head)
+            attach_binary(payload, tail)
+            response = await self.data_plane.infer(payload, name, version)
+            names = [o.name for o in response.outputs]
+            content, length = encode_response(response, binary_outputs(payload, names))
+        except _BadBinary as e:
+            return e.status, encode_to_json_bytes({"error": str(e)}), as_json
+        except MLServerError as e:
+            return e.status_code, encode_to_json_bytes({"error": _one_line(e)}), as_json
+        if length is None:
+            return 200, content, as_json
+        return 200, content, [(b"content-type", b"application/octet-stream"),
+                              (HEADER_LENGTH.encode(), str(length).encode())]
+
+
 async def _reply(send: Send, status: int, error: str) -> None:
     """Send a whole JSON error response ``{"error": ...}`` (MLServer's error form)."""
     resp = JSONResponse({"error": error}, status_code=status)
@@ -232,16 +424,21 @@ async def _reply(send: Send, status: int, error: str) -> None:
     await send({"type": "http.response.body", "body": resp.body})
 
 
+def _malformed(errors: list[Any]) -> str:
+    """One line for a request pydantic could not parse or validate (its first error)."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    what = _one_line(first.get("msg", "invalid request"))
+    return (f"malformed request: {what}" + (f" at {where}" if where else "")
+            + "; send an Open Inference Protocol v2 JSON request (binary tensors after a JSON "
+              "header of Inference-Header-Content-Length bytes)")
+
+
 async def _bad_request(_request: Request, exc: Exception) -> JSONResponse:
     """A request FastAPI could not parse (not JSON) or validate (not an inference request):
     400 with one line, no traceback (FastAPI's default is a 422 with a list of details)."""
-    errs = exc.errors() if isinstance(exc, RequestValidationError) else []
-    first = errs[0] if errs else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    what = _one_line(first.get("msg", "invalid request"))
-    msg = f"malformed request: {what}" + (f" at {where}" if where else "")
-    return JSONResponse({"error": msg + "; send an Open Inference Protocol v2 JSON request"},
-                        status_code=400)
+    errs = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    return JSONResponse({"error": _malformed(errs)}, status_code=400)
 
 
 async def _internal(_request: Request, exc: Exception) -> JSONResponse:
@@ -250,13 +447,28 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
+class ClientErrorsOneLine(logging.Filter):
+    """Log a refused client request (an ``MLServerError`` under 500, which MLServer's gRPC
+    layer logs with ``logger.exception``) as its one-line message, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop the traceback of client errors; keep every record."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MLServerError) and exc.status_code < 500:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class LockedMLServer(MLServer):
     """MLServer serving a fixed set of models: repository load/unload refused, readiness over the
-    expected models, bounded request bodies, malformed requests answered 400 in one line."""
+    expected models, bounded request bodies, malformed requests answered 400 in one line, and
+    the binary tensor extension Triton's clients use by default."""
 
     def __init__(self, settings: Any, names: list[str]) -> None:
         self._served_names = list(names)
         super().__init__(settings)
+        for name in ("mlserver", "mlserver.grpc", "mlserver.rest"):
+            logging.getLogger(name).addFilter(ClientErrorsOneLine())
 
     def _create_servers(self) -> None:
         self._model_repository_handlers = LockedRepositoryHandlers(
@@ -266,7 +478,8 @@ class LockedMLServer(MLServer):
         app = self._rest_server._app
         app.add_exception_handler(RequestValidationError, _bad_request)  # bad JSON too
         app.add_exception_handler(Exception, _internal)
-        app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+        app.add_middleware(BinaryTensors, data_plane=self._data_plane)
+        app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost: bounds what is read
 
     async def stop(self, sig: int | None = None) -> None:
         """Stop gracefully on Ctrl-C as on SIGTERM: MLServer passes the signal on to uvicorn,

@@ -4,14 +4,15 @@
 127.0.0.1 unless ``host`` says otherwise) with ``oip_runtime.OnnxRuntimeServing``, a small runtime
 that runs each model through ``runtime.create_session``. ``MODEL_OR_REPO`` is one ``.onnx`` file or
 a Triton model repository written by ``build-hybrid --server-repo`` (its configs are validated with
-Triton's schema first). Clients: ``tritonclient.http.InferenceServerClient("127.0.0.1:8000")``,
-with ``binary_data=False`` on inputs and outputs (MLServer speaks the JSON form of the protocol).
+Triton's schema first). Clients: ``tritonclient.http.InferenceServerClient("127.0.0.1:8000")`` as
+it comes: JSON tensors and the protocol's binary tensor extension (Triton's clients' default;
+``oip_runtime.BinaryTensors``) both work.
 
 What the server exposes: only the models named on the command line, linked from a private folder
 (mode 0700, removed on exit) that is MLServer's model repository root; the repository API's load
 and unload are refused (403), readiness (``/v2/health/ready``) is true only while every served
 model is loaded and ready; request bodies are capped (413) and malformed requests answered 400 in
-one line (``oip_runtime.LockedMLServer``).
+one line (``oip_runtime.LockedMLServer``). docs/RELIABILITY.md lists these promises and their tests.
 """
 
 from __future__ import annotations

@@ -254,6 +254,10 @@ def list_specs(tag: str | None = None) -> list[BackboneSpec]:
     """Every registered backbone (sorted by name), optionally only those carrying ``tag``."""
     specs = _load_all(str(models_dir()))
     out = sorted(specs.values(), key=lambda s: s.name)
+    if tag is not None and not any(tag in s.tags for s in out):
+        tags = sorted({t for s in out for t in s.tags})
+        raise AffeqError(f"no registered model has the tag {tag!r}",
+                         f"use one of {', '.join(tags)} or leave --tag out")
     return [s for s in out if tag is None or tag in s.tags]
 
 

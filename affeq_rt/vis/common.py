@@ -25,7 +25,9 @@ def resolve_export(target: str | os.PathLike, export_root: str | os.PathLike | N
     use into ``export_root``)."""
     p = Path(target)
     if p.is_dir():
-        return ExportedBackbone(p)
+        exp = ExportedBackbone(p)
+        exp.verify()  # a damaged file is one line here, not a traceback from onnx later
+        return exp
     return ExportedBackbone(ensure_exported(str(target), root=export_root,
                                             random_weights=random_weights))
 

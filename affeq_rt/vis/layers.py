@@ -31,6 +31,9 @@ def layers(network: str | os.PathLike, image: str | os.PathLike, *,
     ``layers.png``, ``layers.html`` and ``layers.json``. ``names``: ONNX tensor names of
     ``features.onnx`` (default: one per stage); an unknown name raises AffeqError with the
     closest ones."""
+    if channels < 0:
+        raise AffeqError(f"--channels must be ≥ 0, got {channels}",
+                         "pass the number of strongest channels to show (0: the mean only)")
     img = load_image(image)
     prog = or_silent(progress)
     prog.step(f"opening {network}")
@@ -58,7 +61,7 @@ def layers(network: str | os.PathLike, image: str | os.PathLike, *,
     for n in chosen:
         a = arrays[n].astype(np.float64)  # [C, h, w]
         strength = a.mean(axis=(1, 2))
-        top = [int(c) for c in np.argsort(-strength, kind="stable")[:max(0, channels)]]
+        top = [int(c) for c in np.argsort(-strength, kind="stable")[:channels]]
         views.append(LayerView(n, shapes[n], a.mean(axis=0), top, a[top]))
     res = LayerViews(exp.name, str(image), crop(img, exp.spec), views, len(tensors))
     if out is not None:
