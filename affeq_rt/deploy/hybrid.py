@@ -19,6 +19,7 @@ Input layouts:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,12 +35,14 @@ from affeq_rt.deploy.metadata import (
     default_model_name,
     label_names,
     preprocessing_record,
+    read_metadata,
     set_metadata,
+    stamp_checksum,
 )
 from affeq_rt.deploy.triton import check_repo_target, write_model_repository
 from affeq_rt.deploy.verify import first_images, reference_logits, verification_inputs, verify
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import atomic_path
+from affeq_rt.io.fsio import atomic_path, check_free_space
 from affeq_rt.io.maps import AffineMap, MapSet, fold_head, load_maps
 from affeq_rt.method.extract import ImageOptions
 from affeq_rt.method.fit import FitOptions, fit
@@ -112,15 +115,47 @@ def _fit_map(src: str, dst: str, fit_on: str | os.PathLike, method: str,
     return MapSet(maps.values(), {"fit_on": str(folder)}, f"(fitted on {folder})")
 
 
-def _check_out(out_path: Path, force: bool) -> None:
+def _check_out(out_path: Path, force: bool, repo_pending: bool = False) -> None:
     if out_path.suffix != ".onnx":
         raise AffeqError(f"output {out_path} does not end in .onnx", "name the output *.onnx")
-    if out_path.exists() and not force:
+    if out_path.exists() and not force and not repo_pending:
         raise AffeqError(f"output {out_path} already exists", "pass --force to replace it")
 
 
+def map_sha256(amap: AffineMap) -> str:
+    """SHA-256 of the map's float32 weight and bias (what a hybrid was built from)."""
+    h = hashlib.sha256(np.ascontiguousarray(amap.weight, np.float32).tobytes())
+    h.update(np.ascontiguousarray(amap.bias, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _repo_pending(out_path: Path, options: HybridOptions, name: str) -> bool:
+    """A run killed between writing the hybrid and its Triton repository left the hybrid alone:
+    the same command (no ``--force``) then completes the repository from it."""
+    return (not options.force and options.server_repo is not None and out_path.is_file()
+            and not (Path(options.server_repo) / name).exists())
+
+
+def _complete_repo(out_path: Path, amap: AffineMap, options: HybridOptions, name: str,
+                   progress: Progress | None) -> Path:
+    """Write the missing repository from the existing hybrid if it is this build (same parts,
+    map, precision and input; checksum verified); else refuse as for any existing output."""
+    meta = read_metadata(out_path, verify=True)["metadata"]
+    pre = meta.get("preprocessing") if isinstance(meta.get("preprocessing"), dict) else {}
+    same = (meta.get("source"), meta.get("target"), meta.get("map_sha256"), meta.get("fp16"),
+            pre.get("in_graph")) == (amap.src, amap.dst, map_sha256(amap), options.fp16,
+                                     options.with_preprocessing)
+    if not same:
+        raise AffeqError(f"output {out_path} already exists", "pass --force to replace it")
+    or_silent(progress).step(f"{out_path} is complete; writing its missing Triton repository")
+    write_model_repository(options.server_repo, name, out_path, labels=meta.get("labels"),
+                           force=False, max_batch_size=options.max_batch_size,
+                           tensorrt=options.tensorrt, fp16=options.fp16)
+    return out_path
+
+
 def build_hybrid(src: str, dst: str, *, maps: MapSet | str | os.PathLike | None = None,
-                 fit_on: str | os.PathLike | None = None, method: str = "ols",
+                 fit_on: str | os.PathLike | None = None, method: str = "auto",
                  holdout: float = 0.1, out: str | os.PathLike | None = None,
                  options: HybridOptions = HybridOptions(),
                  export_root: str | os.PathLike | None = None, random_weights: bool = False,
@@ -140,7 +175,8 @@ def build_hybrid(src: str, dst: str, *, maps: MapSet | str | os.PathLike | None 
     src, dst = s_spec.name, d_spec.name
     name = options.model_name or default_model_name(src, dst, options.fp16)
     out_path = Path(out) if out is not None else Path(f"{name}.onnx")
-    _check_out(out_path, options.force)
+    pending = _repo_pending(out_path, options, name)
+    _check_out(out_path, options.force, pending)
     if options.server_repo is not None:
         check_repo_target(options.server_repo, name, options.force)
 
@@ -152,6 +188,8 @@ def build_hybrid(src: str, dst: str, *, maps: MapSet | str | os.PathLike | None 
     else:
         maps_in = maps
     amap = _resolve_map(maps_in, src, dst, s_spec.feature_dim, d_spec.feature_dim)
+    if pending:
+        return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
 
     say(f"exporting {src} and {dst}")
     a_exp = ExportedBackbone(ensure_exported(src, root=export_root, random_weights=random_weights))
@@ -194,17 +232,24 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
 
     say = or_silent(progress).step
     out_path = Path(out)
-    _check_out(out_path, options.force)
     a_spec, b_spec = parts.source, parts.target
     src, dst = a_spec.name, b_spec.name
     name = options.model_name or default_model_name(src, dst, options.fp16)
+    pending = _repo_pending(out_path, options, name)
+    _check_out(out_path, options.force, pending)
     if options.server_repo is not None:
         check_repo_target(options.server_repo, name, options.force)
+    if pending:
+        return _complete_repo(out_path, amap, options, name, progress)
     w_b, c_b = (np.asarray(a) for a in parts.head)
     if w_b.ndim != 2 or w_b.shape[1] != amap.weight.shape[0] or c_b.shape != (w_b.shape[0],):
         raise AffeqError(f"{dst}'s head is {w_b.shape}, the map {amap.key} gives "
                          f"{amap.weight.shape[0]} features", f"re-export {dst} or refit the map")
     w_fold, b_fold = fold_head(amap, w_b, c_b)
+    # The file holds A's graph and the folded head (float32: an upper bound for --fp16); checked
+    # before composing (the Triton repository checks its own copy).
+    need = parts.features_path.stat().st_size + w_fold.size * 4
+    check_free_space(out_path.parent, need, f"the hybrid {out_path}")
 
     say("composing the graph")
     try:
@@ -218,6 +263,7 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
     if options.fp16:
         model = half_model(model)
     meta = _metadata(parts, amap, w_fold.shape[0], options, accuracy, extra_meta)
+    meta["map_sha256"] = map_sha256(amap)
 
     say("verifying against the separate parts")
     x, x_u8, names = verification_inputs(a_spec, paths=verify_images)
@@ -225,7 +271,7 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
                            parts.classifier_path)
     feed = x_u8 if options.with_preprocessing else x
     data_name = f"{out_path.name}.data" if too_big_for_memory(model) else None
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, need=need) as tmp:
         try:
             set_metadata(model, meta)
             save_model(model, tmp, data_name)
@@ -240,6 +286,7 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
             meta["verification"] = ver.to_dict()
             set_metadata(model, meta)
             save_model(model, tmp, data_name)
+            stamp_checksum(tmp)  # readers check it (sizes always, hashes with --verify)
         except BaseException:
             if data_name is not None:
                 (out_path.parent / data_name).unlink(missing_ok=True)

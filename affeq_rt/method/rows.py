@@ -4,6 +4,13 @@ One protocol (:class:`RowSource`), three implementations: in-memory arrays (:cla
 a feature store or anything with its reading protocol (:class:`StoreSource`), and an image folder
 (:class:`ImageSource`: networks opened through ``method.extract``'s building blocks, each image
 decoded once). :func:`row_source` picks one for what the caller passed.
+
+Groups (issue 11): several rows can come from one source image (crops and flips of one photo).
+Held-out statistics and cross-validation must keep a group's rows together, or they score a map on
+views of photos it was fitted on. A sample's group is read from its file name: ``NAME__VIEW.ext``
+(two underscores) belongs to group ``NAME`` in its folder (:func:`group_key`); any other file is its
+own group. In-memory arrays take ``groups=`` explicitly. ``groups()`` returns int ids [n], equal ids
+= one group, or None (every sample its own group).
 """
 
 from __future__ import annotations
@@ -32,6 +39,27 @@ from affeq_rt.method.extract import (
 )
 
 CHUNK = 4096  # samples per chunk of array and store sources
+GROUP_SEP = "__"  # NAME__VIEW.ext: the views of one source image share the group NAME
+
+
+def group_key(path: str) -> str:
+    """The group of an image file: ``dir/NAME`` for ``dir/NAME__VIEW.ext``, else the path itself."""
+    p = Path(path)
+    name = p.stem.split(GROUP_SEP, 1)[0]
+    return str(p.parent / name) if GROUP_SEP in p.stem and name else str(path)
+
+
+def group_ids(keys: Sequence[Any]) -> np.ndarray | None:
+    """int64 ids [n] in order of first appearance (equal keys = equal ids); None when every key is
+    distinct (each sample its own group)."""
+    seen: dict[Any, int] = {}
+    ids = np.fromiter((seen.setdefault(k, len(seen)) for k in keys), np.int64, len(keys))
+    return None if len(seen) == len(keys) else ids
+
+
+def path_groups(paths: Sequence[str]) -> np.ndarray | None:
+    """:func:`group_ids` of the :func:`group_key` of each path."""
+    return group_ids([group_key(p) for p in paths])
 
 
 @dataclass
@@ -91,6 +119,22 @@ class RowSource(Protocol):
         """What a checkpoint must match to resume; None: this source is not checkpointed."""
         ...
 
+    # Optional (read with :func:`source_groups` / :func:`source_labels`; absent = None):
+    # ``groups() -> int64 [n] | None`` and ``labels() -> int64 [n] | None`` (−1 unknown).
+
+
+def source_groups(rows: Any) -> np.ndarray | None:
+    """A row source's group ids [n] (None: every sample its own group)."""
+    fn = getattr(rows, "groups", None)
+    return fn() if callable(fn) else None
+
+
+def source_labels(rows: Any) -> np.ndarray | None:
+    """A row source's labels [n] (None when unknown)."""
+    fn = getattr(rows, "labels", None)
+    lab = fn() if callable(fn) else None
+    return None if lab is None or bool((np.asarray(lab) < 0).all()) else np.asarray(lab, np.int64)
+
 
 def parse_names(models: str | Sequence[str] | None) -> list[str] | None:
     """``"a,b"`` or a list → names (blanks dropped); None or empty → None (all models)."""
@@ -110,7 +154,8 @@ class ArraySource:
 
     def __init__(self, arrays: Mapping[str, Any], models: str | Sequence[str] | None = None,
                  max_images: int | None = None,
-                 heads: Mapping[str, Head] | None = None) -> None:
+                 heads: Mapping[str, Head] | None = None, groups: Sequence[Any] | None = None,
+                 labels: np.ndarray | None = None) -> None:
         names = parse_names(models) or list(arrays)
         missing = [m for m in names if m not in arrays]
         if missing:
@@ -125,6 +170,20 @@ class ArraySource:
         self._n = min(n, max_images or n)
         self._arrays = {m: arrays[m] for m in names}
         self._heads = dict(heads) if heads is not None else None
+        for what, v in (("groups", groups), ("labels", labels)):
+            if v is not None and len(v) < n:
+                raise AffeqError(f"{what} has {len(v)} entries for {n} rows",
+                                 f"pass one {what[:-1]} per row")
+        self._groups = group_ids(list(groups)[:self._n]) if groups is not None else None
+        self._labels = np.asarray(labels, np.int64)[:self._n] if labels is not None else None
+
+    def groups(self) -> np.ndarray | None:
+        """The groups given (ids), or None: every row its own group."""
+        return self._groups
+
+    def labels(self) -> np.ndarray | None:
+        """The labels given (−1 = unknown), or None."""
+        return self._labels
 
     @property
     def names(self) -> list[str]:
@@ -198,6 +257,16 @@ class StoreSource:
         for a in range(start, self._n, CHUNK):
             b = min(a + CHUNK, self._n)
             yield Chunk(a, b, _joint(parts, a, b))
+
+    def groups(self) -> np.ndarray | None:
+        """Groups from the stored image paths (:func:`group_key`); None for in-memory stores."""
+        images = getattr(self.store, "images", None)
+        return path_groups(images[:self._n]) if isinstance(images, list) else None
+
+    def labels(self) -> np.ndarray | None:
+        """The store's labels (None when all unknown)."""
+        lab = self.store.labels
+        return None if lab is None else np.asarray(lab, np.int64)[:self._n]
 
     def heads(self) -> dict[str, Head]:
         """The store's heads (background rows stripped)."""
@@ -273,6 +342,15 @@ class ImageSource:
             x = np.ascontiguousarray(np.concatenate([feats[m] for m in self._names], axis=1))
             yield Chunk(batch.start, batch.stop, x, batch.ok,
                         [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
+
+    def groups(self) -> np.ndarray | None:
+        """Groups from the image paths (:func:`group_key`)."""
+        return path_groups([smp.path for smp in self.data.samples])
+
+    def labels(self) -> np.ndarray | None:
+        """The images' labels (None when all unknown)."""
+        lab = np.array([smp.label for smp in self.data.samples], np.int64)
+        return None if (lab < 0).all() else lab
 
     def heads(self) -> dict[str, Head]:
         """Each network's classifier (background rows stripped)."""

@@ -1,4 +1,5 @@
-"""Map solvers: OLS and ridge from Gram statistics, logit pseudo-inverse from heads, Adam, naive.
+"""Map solvers: OLS and ridge from Gram statistics, logit pseudo-inverse from heads, Adam, naive,
+and the few-data estimators that shrink toward the logit-pinv map (prior-ridge, prior-pca).
 
 Gram-based solvers read any *moments* object with ``n``, ``mean() -> [D]`` and
 ``scatter(rows=slice, cols=slice) -> [r, c]`` (centred Σ(x−μ)(x−μ)ᵀ, float64) — that is
@@ -18,7 +19,8 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError
 
-METHODS = ("ols", "ridge", "logit-pinv", "adam", "naive")
+METHODS = ("auto", "ols", "ridge", "prior-ridge", "prior-pca", "logit-pinv", "adam", "naive")
+PRIOR_METHODS = ("prior-ridge", "prior-pca")
 # Eigenvalues of S_AA at or below rcond·λ_max count as null (numpy's convention: relative to the
 # largest). The default follows the precision of the moments: the compiled Gram forms every product
 # in float64 (``GramAccumulator.eps``), and eigh on float64 already blurs eigenvalues by
@@ -238,6 +240,94 @@ def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarr
     err = float(np.abs(recon - wa).max() / max(np.abs(wa).max(), 1e-30))
     return w, b, {"classes": k, "rank_dst_head": rank, "logits_exact": rank == k,
                   "logit_rel_error": err}
+
+
+# ---------------------------------------------------------------------------------------------
+# few-data estimators: a spectral correction to a prior map M₀ (the logit-pinv map)
+#
+# With centred source rows X = U S Vᵀ (S_AA = V Λ Vᵀ, Λ = S²) and centred target rows Y, every
+# estimator here is a filter f on the eigen-directions of the source applied to the residual
+# R = Y − X M₀ᵀ − 1b₀ᵀ (mean r̄ = μ_B − M₀μ_A − b₀), written around the source mean:
+#   ŷ(x) = M₀x + b₀ + s·r̄ + ΔM (x − μ_A),   ΔM = (S_BA − M₀ S_AA) V diag(f) Vᵀ,
+# i.e. M = M₀ + ΔM and b = b₀ + s·r̄ − ΔM μ_A.
+#   prior-ridge: f = 1/(Λ + λ), s = n/(n + λ): the exact minimiser of
+#       ‖(X − 1μ_Aᵀ) Mᵀ + 1cᵀ − Y‖² + λ‖M − M₀‖² + λ‖c − c₀‖²,  c₀ = M₀μ_A + b₀,
+#     the intercept being shrunk like one more feature (constant 1): at λ → ∞ the map is the
+#     prior exactly, b₀ included, and the path is continuous;
+#   prior-pca:   f = 1/Λ on the k strongest directions, 0 elsewhere, s = 1 (OLS of the residual
+#     on the k leading principal components, intercept included); k = 0 is the prior itself;
+#   ridge toward zero is the same with M₀ = 0, b₀ = 0 and s = 1 (b = μ_B − M μ_A).
+
+
+@dataclass
+class RowSpectrum:
+    """Thin eigendecomposition of one source's centred rows, from their SVD (n²d flops, which is
+    what the few-data case affords: n ≲ d): S_AA = V diag(lam) Vᵀ on the kept directions."""
+
+    mean: np.ndarray  # μ_A [d]
+    vecs: np.ndarray  # V [d, r], columns by decreasing eigenvalue
+    lam: np.ndarray  # [r] eigenvalues of S_AA (squared singular values), decreasing
+    scores: np.ndarray  # X V = U S [n, r] (the rows' coordinates)
+    dim: int  # d
+    total: float  # tr(S_AA): the λ grid's scale
+
+    @property
+    def rank(self) -> int:
+        """Kept directions."""
+        return int(self.lam.size)
+
+
+def row_spectrum(xa: np.ndarray, rcond: float | None = None) -> RowSpectrum:
+    """SVD of the centred rows ``xa`` [n, d] (float64); singular directions with
+    λ ≤ rcond·λ_max (default :func:`default_rcond`) are dropped (centring alone kills one)."""
+    x = np.asarray(xa, np.float64)
+    if x.shape[0] < 2:
+        raise AffeqError(f"a map needs at least 2 training images, got {x.shape[0]}",
+                         "use more images or a smaller --holdout")
+    mu = x.mean(0)
+    u, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
+    lam = sv * sv
+    rc = default_rcond(x.shape[1]) if rcond is None else rcond
+    keep = lam > rc * (lam[0] if lam.size else 0.0) if lam.size and lam[0] > 0 else \
+        np.zeros(lam.shape, bool)
+    return RowSpectrum(mu, vt[keep].T, lam[keep], u[:, keep] * sv[keep], x.shape[1],
+                       float(lam.sum()))
+
+
+def ridge_filter(lam: np.ndarray, lmb: float) -> np.ndarray:
+    """f = 1/(Λ + λ) (λ ≥ 0; the kept eigenvalues are > 0)."""
+    return 1.0 / (lam + lmb)
+
+
+def pca_filter(lam: np.ndarray, k: int) -> np.ndarray:
+    """f = 1/Λ on the ``k`` strongest directions, 0 on the rest."""
+    f = np.zeros_like(lam)
+    f[:k] = 1.0 / lam[:k]
+    return f
+
+
+def residual_projection(spec: RowSpectrum, yb: np.ndarray, prior_w: np.ndarray | None
+                        ) -> np.ndarray:
+    """P_r = (S_BA − M₀ S_AA) V [d_B, r] from the rows (Yᶜᵀ U S − M₀ V Λ); M₀ = None is zero."""
+    y = np.asarray(yb, np.float64)
+    p = (y - y.mean(0)).T @ spec.scores
+    if prior_w is not None:
+        p -= (prior_w @ spec.vecs) * spec.lam
+    return p
+
+
+def spectral_map(spec: RowSpectrum, yb: np.ndarray, prior_w: np.ndarray | None, f: np.ndarray,
+                 prior_b: np.ndarray | None = None, shrink: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """M = M₀ + P_r diag(f) Vᵀ and b = b₀ + s·r̄ − ΔM μ_A (float64; ``shrink`` = s, the share
+    of the residual mean r̄ = μ_B − M₀μ_A − b₀ taken; no prior: M₀ = 0, b₀ = 0)."""
+    p = residual_projection(spec, yb, prior_w)
+    dw = (p * f) @ spec.vecs.T
+    mu_b = np.asarray(yb, np.float64).mean(0)
+    w0 = np.zeros_like(dw) if prior_w is None else prior_w
+    b0 = np.zeros_like(mu_b) if prior_b is None else np.asarray(prior_b, np.float64)
+    rbar = mu_b - w0 @ spec.mean - b0
+    return w0 + dw, b0 + shrink * rbar - dw @ spec.mean
 
 
 def naive(d_src: int, d_dst: int) -> tuple[np.ndarray, np.ndarray, dict]:
