@@ -14,9 +14,13 @@ import pytest
 
 from affeq_rt.io.maps import AffineMap, MapSet
 from affeq_rt.io.store import ArrayStore
+from affeq_rt.method.curve import Curve
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.method.results import EvalTable
+from affeq_rt.method.similarity import similarity
 from affeq_rt.report import markdown_table, text_table, write_report
+from affeq_rt.report.html import html_table
+from affeq_rt.report.scale import cell_scale, rgb
 from affeq_rt.report.tables import csv_text, loss_gain_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -166,3 +170,80 @@ def test_loss_gain_markdown_in_paper_table_1_layout() -> None:
                     pred=np.zeros((2, 2, 0), np.int32), correct=None)
     assert loss_gain_markdown(unl) == ""
     assert "Loss and gain" not in markdown_table(unl)
+
+
+# ---- issue 11 item 7: colours that tell the truth; similarity and curve sections
+
+
+def _cells(page: str) -> list[tuple[str, str]]:
+    """(background colour, cell text) of every cell of the page's N×N table."""
+    nxn = page[page.index("<table class='nxn"):]
+    nxn = nxn[: nxn.index("</table>")]
+    return [(bg, re.sub("<[^>]+>", " ", body)) for bg, body in
+            re.findall(r"<td style='background:(#[0-9a-f]{6});[^']*'[^>]*>(.*?)</td>", nxn)]
+
+
+def _lum(hexc: str) -> float:
+    r, g, b = (int(hexc[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def test_html_and_heatmap_share_one_scale_and_small_changes_stay_pale() -> None:
+    """Source A 599 images, 500 right; A→B loses 5 images (−1.0 %), B→A 60 (−14 %). The small
+    change must be pale (before: the HTML scale saturated at ~1 % and showed it deep red), the
+    large one dark, and the heatmap's colormap must give the HTML's colours."""
+    n = 599
+    top1 = np.array([[500, 495], [367, 427]]) / n * 100.0
+    nan = np.full((2, 2), np.nan)
+    table = EvalTable(models=["A", "B"], n=n, labelled=True, top1=top1, top5=nan, agree=nan,
+                      agree_unmapped=nan, pred=np.zeros((2, 2, 0), np.int32), correct=None)
+    cells = _cells(html_table(table))
+    small, large = cells[1], cells[2]
+    assert _lum(small[0]) > 0.9  # pale
+    assert _lum(large[0]) < 0.4  # dark red
+    assert int(large[0][1:3], 16) > int(large[0][5:7], 16)  # red, not blue
+    assert "495/599" in small[1]
+    assert "−5 images" in small[1]
+    assert "[" in small[1]  # the binomial interval
+    sc = cell_scale(table)
+    cmap = sc.cmap()
+    for v in (-14.0, -1.0, 0.0, 3.0):
+        want = rgb(v / sc.limit)
+        got = cmap((v / sc.limit + 1) / 2)[:3]
+        # a 256-entry lookup table: positions quantised by 1/255, colours by ≤ 1/255·slope
+        np.testing.assert_allclose(got, want, atol=0.02)
+
+
+def test_agreement_is_coloured_against_the_unmapped_baseline() -> None:
+    """14 % agreement where the networks agree unmapped on 88 %: red, not green; 30 % where they
+    agree unmapped on 20 %: blue (better than the baseline), although 30 % is low."""
+    nan = np.full((2, 2), np.nan)
+    agree = np.array([[100.0, 14.0], [30.0, 100.0]])
+    unm = np.array([[100.0, 88.0], [20.0, 100.0]])
+    table = EvalTable(models=["A", "B"], n=50, labelled=False, top1=nan, top5=nan, agree=agree,
+                      agree_unmapped=unm, pred=np.zeros((2, 2, 0), np.int32), correct=None)
+    cells = _cells(html_table(table))
+    bad, good = cells[1][0], cells[2][0]
+    assert int(bad[1:3], 16) > int(bad[5:7], 16)  # red
+    assert _lum(bad) < 0.4
+    assert int(good[5:7], 16) > int(good[1:3], 16)  # +10 points: blue
+    assert "7/50" in cells[1][1]
+
+
+def test_report_shows_similarity_and_curve(tmp_path: Path) -> None:
+    store, maps = _store()
+    table = evaluate(store, maps, device="cpu", overlap_pairs=[])
+    sim = similarity(store, device="cpu")
+    k = len(table.models)
+    pts = [{"images": m, "score": table.top1.tolist(), "r2": np.eye(k).tolist()}
+           for m in (100, 200)]
+    curve = Curve(list(table.models), "top-1", table.n, pts)
+    paths = write_report(table, tmp_path, similarity=sim, curve=curve)
+    page = paths["html"].read_text()
+    assert "Similarity of the networks" in page
+    assert "Data efficiency" in page
+    assert "Spearman" in page
+    doc = json.loads(paths["json"].read_text())
+    assert doc["similarity"]["cka"][0][1] == pytest.approx(sim.cka[0, 1])
+    assert doc["similarity_vs_loss"]["pairs"] == k * (k - 1)
+    assert [p["images"] for p in doc["curve"]["points"]] == [100, 200]

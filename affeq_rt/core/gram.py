@@ -193,6 +193,21 @@ class GramAccumulator:
         """An independent accumulator with the same state and backend."""
         return self._on(self.device)
 
+    def snapshot(self) -> GramAccumulator:
+        """An independent, flushed accumulator holding every row added so far, taken WITHOUT
+        flushing this one: its block buffer, and so every later sum, stays exactly as if no
+        snapshot had been taken (``copy()`` flushes first, which moves block boundaries)."""
+        out = GramAccumulator(self.dim, device=self.device, block_rows=self.block_rows)
+        out._S = self._S.copy()
+        out._mean = self._mean.copy()
+        out._n, out._skipped, out._nbuf = self._n, self._skipped, self._nbuf
+        out._buf[: self._nbuf] = self._buf[: self._nbuf]
+        out._colsum[...] = self._colsum
+        out._ref[...] = self._ref
+        out._shifted = self._shifted
+        out.flush()
+        return out
+
     def _on(self, device: str) -> GramAccumulator:
         """A new accumulator on ``device`` holding this state."""
         out = GramAccumulator(self.dim, device=device, block_rows=self.block_rows)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from affeq_rt.method.results import REGIONS, EvalTable, Overlap
+from affeq_rt.report.scale import cell_scale, text_colour
 
 REGION_LABELS = {
     "A": "only A", "B": "only B", "H": "only hybrid", "AB": "A and B, not hybrid",
@@ -28,25 +29,21 @@ def _plt():
 
 
 def heatmap_png(table: EvalTable) -> bytes:
-    """N×N heatmap: cells shaded by % change from the source (red = penalty, blue = gain), or by
-    agreement when unlabelled; each cell shows the number under the shade."""
+    """N×N heatmap on the HTML table's colour scale (``report.scale``): cells coloured by % change
+    from the source (labelled) or by agreement minus the unmapped agreement (unlabelled), red =
+    worse, blue = better; each cell shows its number and the change under it."""
     plt = _plt()
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import Normalize
 
     nn = len(table.models)
     size = max(4.5, 0.85 * nn + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    if table.labelled:
-        val = np.nan_to_num(table.change_top1, nan=0.0)
-        # symmetric, at least ±5 %: a −0.3 % cell stays pale, as in the thesis's shading
-        lim = max(5.0, float(np.abs(val).max()))
-        norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
-        im = ax.imshow(val, cmap="RdBu", norm=norm)
-        cbar_label = "% change of top-1 from the source's own accuracy"
-    else:
-        val = table.agree
-        im = ax.imshow(val, cmap="Greens", vmin=0.0, vmax=100.0)
-        cbar_label = "% agreement with the target's own prediction"
+    sc = cell_scale(table)
+    val = np.nan_to_num(sc.values, nan=0.0)
+    im = ax.imshow(val, cmap=sc.cmap(), norm=Normalize(vmin=-sc.limit, vmax=sc.limit))
+    grey = np.zeros((nn, nn, 4))
+    grey[np.eye(nn, dtype=bool)] = (*sc.colour(0, 0), 1.0)  # the baselines themselves
+    ax.imshow(grey)
     for i in range(nn):
         for j in range(nn):
             if table.labelled:
@@ -57,10 +54,9 @@ def heatmap_png(table: EvalTable) -> bytes:
                 txt = f"{table.agree[i, j]:.0f}%"
                 if i != j:
                     txt += f"\n[{table.agree_unmapped[i, j]:.0f}%]"
-            rgba = im.cmap(im.norm(val[i, j]))
-            lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
             ax.text(j, i, txt, ha="center", va="center", fontsize=8 if nn <= 8 else 6.5,
-                    color="white" if lum < 0.5 else "black")
+                    color=text_colour(sc.colour(i, j)))
+    cbar_label = sc.label
     ax.set_xticks(range(nn), table.models, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(nn), table.models, fontsize=8)
     ax.set_xlabel("target (classifier)")

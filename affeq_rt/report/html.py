@@ -12,46 +12,55 @@ import numpy as np
 from affeq_rt.io.fsio import versions
 from affeq_rt.method.results import REGIONS, EvalTable, Overlap
 from affeq_rt.report.figures import REGION_LABELS
+from affeq_rt.report.scale import cell_scale, count_of, hex_of, text_colour, wilson
 from affeq_rt.report.tables import _pct
 
 
-def _shade(v: float, lo: float, hi: float) -> str:
-    """White→red for negative changes, white→blue for positive: an RGB hex for an HTML cell."""
-    if not np.isfinite(v) or v == 0:
-        return "#ffffff"
-    t = min(1.0, abs(v) / (abs(lo) if v < 0 else abs(hi)) if (lo if v < 0 else hi) else 0.0)
-    t = 0.85 * t
-    rgb = (1.0, 1.0 - t, 1.0 - t) if v < 0 else (1.0 - t, 1.0 - 0.6 * t, 1.0)
-    return "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgb)
+def _interval(k: int | None, n: int) -> str:
+    """``k/n · [lo–hi]`` (Wilson 95 %) for a cell, or "" when the count is unknown."""
+    if k is None or n <= 0:
+        return ""
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} · [{lo:.1f}–{hi:.1f}]"
 
 
 def html_table(table: EvalTable) -> str:
-    """The N×N table as an HTML table with shaded cells (self-contained styles)."""
+    """The N×N table as an HTML table, each cell coloured by its change against the right baseline
+    on the heatmap's scale (``report.scale``), with image counts and a 95 % binomial interval."""
     e = html.escape
-    out = ["<table class='nxn'><tr><th>source \\ target</th>" +
+    nn, n = len(table.models), table.n
+    sc = cell_scale(table)
+    cls = "nxn many" if nn > 6 else "nxn"
+    out = [f"<div class='wide'><table class='{cls}'><tr><th>source \\ target</th>" +
            "".join(f"<th>{e(m)}</th>" for m in table.models) + "</tr>"]
-    if table.labelled:
-        ch = table.change_top1
-        lo, hi = min(-1.0, float(np.nanmin(ch))), max(1.0, float(np.nanmax(ch)))
     for i, src in enumerate(table.models):
         cells = []
         for j, dst in enumerate(table.models):
             tip = e(f"{src}→{dst}: {table.method(src, dst)}")
+            c = sc.colour(i, j)
             if table.labelled:
-                bg = _shade(float(ch[i, j]), lo, hi) if i != j else "#eeeeee"
-                sub = "" if i == j else f"<div class='sub'>{_pct(ch[i, j], True)}</div>"
+                k, own = count_of(table.top1[i, j], n), count_of(table.top1[i, i], n)
+                sub = "" if i == j or k is None or own is None else (
+                    f"<div class='sub'>{_pct(sc.values[i, j], True)} "
+                    f"({k - own:+d} images)</div>".replace("-", "−"))
                 body = f"<div class='big'>{_pct(table.top1[i, j])}</div>{sub}"
             else:
-                g = float(table.agree[i, j]) / 100.0
-                bg = "#eeeeee" if i == j else \
-                    "#" + "".join(f"{int(round(255 * c)):02x}"
-                                  for c in (1 - 0.6 * g, 1 - 0.25 * g, 1 - 0.6 * g))
-                sub = "" if i == j else \
-                    f"<div class='sub'>unmapped {_pct(table.agree_unmapped[i, j], digits=1)}</div>"
+                k, base = count_of(table.agree[i, j], n), count_of(table.agree_unmapped[i, j], n)
+                sub = "" if i == j or k is None or base is None else (
+                    f"<div class='sub'>unmapped {_pct(table.agree_unmapped[i, j], digits=1)}"
+                    f" ({_pct(sc.values[i, j], True, 1).rstrip('%')} pts, "
+                    f"{k - base:+d} images)</div>".replace("-", "−"))
                 body = f"<div class='big'>{_pct(table.agree[i, j], digits=1)}</div>{sub}"
-            cells.append(f"<td style='background:{bg}' title='{tip}'>{body}</td>")
+            ci = _interval(k, n)
+            body += f"<div class='ci'>{e(ci)}</div>" if ci else ""
+            cells.append(f"<td style='background:{hex_of(c)};color:{text_colour(c)}' "
+                         f"title='{tip}'>{body}</td>")
         out.append(f"<tr><th>{e(src)}</th>" + "".join(cells) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
+    out.append(f"<p class='note'>Colour: {e(sc.label)}, on one symmetric scale of "
+               f"±{sc.limit:.1f} (the heatmap's): red = worse, blue = better, grey = the "
+               "baseline itself. Small print: images right (or agreeing) of all, with the "
+               "Wilson 95 % interval of the percentage.</p>")
     return "\n".join(out)
 
 
@@ -63,7 +72,10 @@ table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:4px 7px;text-align:right}
 th{background:#f6f6f6}
 table.nxn td{min-width:5.5em;text-align:center}
-.big{font-size:1.05em;font-weight:600} .sub{font-size:0.8em;color:#444}
+table.nxn.many{font-size:0.72em} table.nxn.many td{min-width:4.2em;padding:3px 4px}
+.wide{overflow-x:auto;max-width:100%} .grids{display:flex;flex-wrap:wrap;gap:1em}
+.big{font-size:1.05em;font-weight:600} .sub{font-size:0.8em;opacity:0.85}
+.ci{font-size:0.72em;opacity:0.8;white-space:nowrap}
 img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:0.9em}
 code{background:#f3f3f3;padding:1px 4px}
 """
@@ -95,12 +107,13 @@ def html_report(table: EvalTable, overlaps: Sequence[Overlap], heatmap: bytes | 
     if table.labelled:
         parts.append("<p class='note'>Rows: feature extractor (source); columns: classifier "
                      "(target). Large: top-1 of C<sub>target</sub>(M F<sub>source</sub>); small: "
-                     "% change from the source's own top-1 (the diagonal). Red = penalty, "
-                     "blue = gain.</p>")
+                     "% change from the source's own top-1 (the diagonal) and the change in "
+                     "images. Red = penalty, blue = gain.</p>")
     else:
         parts.append("<p class='note'>No labels. Large: % of images where "
                      "C<sub>target</sub>(M F<sub>source</sub>) predicts what the target predicts "
-                     "from its own features; small: how often the two networks agree unmapped."
+                     "from its own features; small: how often the two networks agree unmapped, the "
+                     "baseline each cell is coloured against."
                      "</p>")
     parts.append(html_table(table))
     parts.append(img(heatmap, "heatmap"))
