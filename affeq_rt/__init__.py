@@ -21,6 +21,7 @@ from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
 from affeq_rt.deploy.metadata import read_metadata as inspect
 from affeq_rt.deploy.predict import predict
 from affeq_rt.deploy.serve import serve
+from affeq_rt.dist import RayExecutor
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, load_maps, save_maps
@@ -29,6 +30,7 @@ from affeq_rt.method.evaluate import evaluate, validate
 from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, FitResult, fit
 from affeq_rt.method.results import EvalTable
+from affeq_rt.method.similarity import similarity
 from affeq_rt.onnx.export import export_backbone as export
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
@@ -55,6 +57,7 @@ __all__ = [
     "InternalError",
     "MapSet",
     "Progress",
+    "RayExecutor",
     "__version__",
     "ablate",
     "backends",
@@ -75,6 +78,7 @@ __all__ = [
     "resolve_device",
     "save_maps",
     "serve",
+    "similarity",
     "validate",
     "write_report",
 ]

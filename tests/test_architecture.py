@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("affeq_rt.model",),
     ("affeq_rt.onnx",),
     ("affeq_rt.method",),
+    ("affeq_rt.dist",),
     ("affeq_rt.vis",),
     ("affeq_rt.report",),
     ("affeq_rt.deploy",),

@@ -215,7 +215,7 @@ def _images(env, workers: int) -> ImageOptions:
 @pytest.mark.slow  # ~30-60 s on 2 shared cores: three 1024-1280-dim eigendecompositions + export
 def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
     out = tmp_path / "maps.safetensors"
-    res = fit(env["photos"], MODELS, out=out, options=FitOptions(holdout=0.0),
+    res = fit(env["photos"], MODELS, "ols", out=out, options=FitOptions(holdout=0.0),
               images=_images(env, 0))
     n = len(env["good"])
     assert res.images == n
@@ -253,13 +253,14 @@ def _fit_cli(env, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "affeq_rt.cli.main", "fit", "--models", ",".join(MODELS),
             "--data", str(env["photos"]), "--out", str(out), "--random-weights",
             "--export-root", env["exports"], "--batch-size", "2", "--workers", "1",
-            "--checkpoint-every", "4", "--holdout", "0.25", *extra]
+            "--checkpoint-every", "4", "--holdout", "0.25", "--method", "ols", *extra]
 
 
 @pytest.mark.slow  # ~60-80 s: three CLI processes (torch import) plus two full fits
 def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
     ref = tmp_path / "ref.safetensors"
-    fit(env["photos"], MODELS, out=ref, options=FitOptions(holdout=0.25, checkpoint_every=4),
+    fit(env["photos"], MODELS, "ols", out=ref,
+        options=FitOptions(holdout=0.25, checkpoint_every=4),
         images=_images(env, 1))
     out = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(_fit_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -292,3 +293,17 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
     ms = load_maps(out)
     assert all(m.stats["holdout_images"] > 0 and m.stats["r2_holdout"] is not None
                for m in ms.values())
+
+
+@pytest.mark.parametrize("method", ["adam", "prior-ridge", "prior-pca"])
+def test_executor_with_a_method_that_reads_rows_here_is_refused(method: str) -> None:
+    """An executor spreads the Gram pass only; methods that read rows in this process refuse it
+    rather than ignore it silently (before any work: the executor is never called)."""
+    class Unused:
+        def accumulate(self, *_: object, **__: object) -> None:
+            raise AssertionError("the executor must not be called")
+
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    with pytest.raises(AffeqError, match="--executor"):
+        fit({"a": x, "b": x[:, :3].copy()}, method=method,
+            options=FitOptions(executor=Unused()))

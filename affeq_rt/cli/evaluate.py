@@ -7,13 +7,24 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import Device, ModelsSubset, Quiet, model_list
+from affeq_rt.cli.options import (
+    Device,
+    ExecutorName,
+    GpusPerWorker,
+    ModelsSubset,
+    Quiet,
+    RayAddress,
+    RayWorkers,
+    Verify,
+    executor_option,
+    model_list,
+)
 from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import open_store
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.report.tables import text_table
-from affeq_rt.report.write import write_report
+from affeq_rt.report.write import fit_extras, write_report
 
 
 def _pairs(specs: list[str]) -> list[tuple[str, str]] | None:
@@ -42,18 +53,27 @@ def run(
     device: Device = "auto",
     title: Annotated[str | None, typer.Option(
         "--title", show_default=False, help="Report title.")] = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    ray_workers: RayWorkers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    verify: Verify = False,
+    similarity: Annotated[Path | None, typer.Option(
+        "--similarity", show_default=False, help="similarity.json (affeq-rt similarity) to show "
+        "beside the table, correlated with the hybrids' loss.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Score every hybrid C_B(M F_A) and each network unmapped on a feature store: top-1/top-5, %
     change from the source's own accuracy (thesis Table 5.2), the paper's Loss_{A,B}, overlap of
     correct images; agreement only when the store has no labels. Writes a report folder."""
     pairs = _pairs(pair or [])
-    store = open_store(features)
+    ex = executor_option(executor, address, ray_workers, gpus_per_worker, None)
+    store = open_store(features, verify=verify)
     with Display(quiet) as display:
         table = evaluate(store, maps, device=device, models=model_list(models),
-                         overlap_pairs=pairs, progress=display)
+                         overlap_pairs=pairs, progress=display, executor=ex)
         display.step("writing the report")
-        write_report(table, out, title=title)
+        write_report(table, out, title=title, **fit_extras(maps, similarity))
     typer.echo(text_table(table))
     for k, v in table.summary().items():
         typer.echo(f"{k.replace('_', ' ')}: {v:.2f}%")

@@ -9,7 +9,9 @@ import typer
 
 from affeq_rt.cli.options import (
     BatchSize,
+    ExecutorName,
     ExportRoot,
+    GpusPerWorker,
     Labels,
     MaxImages,
     Meta,
@@ -17,7 +19,11 @@ from affeq_rt.cli.options import (
     Provider,
     Quiet,
     RandomWeights,
+    RayAddress,
+    RayWorkers,
+    ShardSize,
     Workers,
+    executor_option,
     image_options,
 )
 from affeq_rt.cli.progress import Display
@@ -43,6 +49,11 @@ def run(
     export_root: ExportRoot = None,
     commit_every: Annotated[float, typer.Option(
         "--commit-every", help="Seconds between progress commits.")] = 5.0,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    ray_workers: RayWorkers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    shard_size: ShardSize = None,
     quiet: Quiet = False,
 ) -> None:
     """Extract features of every model for every image (decoded once) into a resumable store.
@@ -51,7 +62,8 @@ def run(
     """
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta)
+    ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     with Display(quiet) as display:
         res = extract(models, data, out, dtype=dtype, images=images, max_images=max_images,
-                      commit_every=commit_every, progress=display)
+                      commit_every=commit_every, progress=display, executor=ex)
     typer.echo(res.summary())

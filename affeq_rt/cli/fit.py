@@ -10,7 +10,9 @@ import typer
 from affeq_rt.cli.options import (
     BatchSize,
     Device,
+    ExecutorName,
     ExportRoot,
+    GpusPerWorker,
     Labels,
     MaxImages,
     Meta,
@@ -18,13 +20,20 @@ from affeq_rt.cli.options import (
     Provider,
     Quiet,
     RandomWeights,
+    RayAddress,
+    RayWorkers,
+    ShardSize,
+    Verify,
     Workers,
+    executor_option,
     image_options,
 )
 from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import open_store
 from affeq_rt.method.fit import FitOptions, fit
+from affeq_rt.report.curve import curve_text, write_curve
+from affeq_rt.report.similarity import similarity_text, write_similarity
 
 
 def run(
@@ -38,7 +47,10 @@ def run(
         "--features", "-f", show_default=False,
         help="An existing feature store instead of images.")] = None,
     method: Annotated[str, typer.Option(
-        "--method", help="ols | ridge | logit-pinv | adam | naive.")] = "ols",
+        "--method", help="auto (by data size: ols, or prior-ridge when there are fewer than 2 "
+        "training images per feature dimension; the summary says which and why) | ols | ridge | "
+        "prior-ridge | prior-pca (shrunk toward logit-pinv, strength by grouped "
+        "cross-validation) | logit-pinv | adam | naive.")] = "auto",
     max_images: MaxImages = None,
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Fraction held out for R² (and ridge's λ).")] = 0.1,
@@ -58,6 +70,22 @@ def run(
         "--iterations", help="Adam steps (method adam).")] = 200,
     lr: Annotated[float, typer.Option(
         "--lr", help="Adam initial learning rate (method adam).")] = 0.1,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    ray_workers: RayWorkers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    shard_size: ShardSize = None,
+    verify: Verify = False,
+    curve: Annotated[str, typer.Option(
+        "--curve", help="Data-efficiency curve: training-image counts at which the one pass "
+        "snapshots the Gram and scores every map (e.g. 1000,2000,4000), auto (doubling from "
+        "1000) or off. Needs a feature store; writes MAPS.curve.json/.csv/.png.")] = "auto",
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="No data-efficiency curve.")]
+    = False,
+    similarity: Annotated[bool, typer.Option(
+        "--similarity", help="Also CKA, debiased CKA, CCA, SVCCA, R² and Procrustes of every "
+        "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
+        "evaluate --maps MAPS shows.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Fit a map for every ordered pair A≠B from one pass over the data; resumable (rerun the
@@ -65,13 +93,29 @@ def run(
     if (data is None) == (features is None):
         raise AffeqError("give exactly one of --data and --features",
                          "fit on images (--data DIR) or on a feature store (--features STORE)")
-    source = open_store(features) if features is not None else data
+    source = open_store(features, verify=verify) if features is not None else data
     options = FitOptions(holdout=holdout, seed=seed, max_images=max_images, device=device,
                          checkpoint_every=checkpoint_every, adam_iterations=iterations,
-                         adam_lr=lr)
+                         adam_lr=lr,
+                         executor=executor_option(executor, address, ray_workers,
+                                                  gpus_per_worker, shard_size),
+                         curve="off" if no_curve else curve, similarity=similarity)
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta)
     with Display(quiet) as display:
         res = fit(source, models, method, out=out, options=options, images=images,
                   progress=display)
+        if res.curve is not None:
+            display.step("writing the data-efficiency curve")
+            curve_files = write_curve(res.curve, out)
+        if res.similarity is not None:
+            sim_files = write_similarity(res.similarity, out, beside_maps=True)
     typer.echo(res.summary())
+    if res.curve is not None:
+        typer.echo(curve_text(res.curve))
+        typer.echo(f"curve: {curve_files['csv']}, {curve_files['json'].name}, "
+                   f"{curve_files['png'].name}")
+    if res.similarity is not None:
+        typer.echo(similarity_text(res.similarity))
+        typer.echo(f"similarity: {sim_files['json']}, {sim_files['markdown'].name}, "
+                   f"{sim_files['csv'].name}")

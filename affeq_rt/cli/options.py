@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from affeq_rt.dist.executor import RayExecutor, executor_for
 from affeq_rt.method.extract import ImageOptions
 
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
@@ -51,6 +52,24 @@ Quiet = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress display (it is off anyway when stderr is not a "
     "terminal).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Verify = Annotated[bool, typer.Option(
+    "--verify", help="Recompute the SHA-256 checksums of the store or hybrid read (sizes and "
+    "headers are always checked).")]
+ExecutorName = Annotated[str, typer.Option(
+    "--executor", help="Where the work runs: local (this process) or ray (a Ray cluster, "
+    "docs/SCALING.md; pip install 'affeq-rt[ray]').")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--address", show_default=False, help="With --executor ray: auto (the running cluster) or "
+    "HOST:PORT; default: start a local one.")]
+RayWorkers = Annotated[int, typer.Option(
+    "--ray-workers", help="With --executor ray: worker actors, each keeping its own sessions "
+    "(--workers stays the decoding processes, per actor).")]
+GpusPerWorker = Annotated[float, typer.Option(
+    "--gpus-per-worker", help="With --executor ray: GPUs per worker actor (0.5 packs two on "
+    "a GPU).")]
+ShardSize = Annotated[int | None, typer.Option(
+    "--shard-size", show_default=False, help="With --executor ray: images per shard, the unit "
+    "of scheduling and commit (default 1024 for extract, 16384 for fit).")]
 
 
 def model_list(models: str | None) -> list[str] | None:
@@ -72,3 +91,10 @@ def image_options(batch_size: int, workers: int, provider: str, random_weights: 
     return ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
                         random_weights=random_weights, export_root=export_root,
                         labels=opt_str(labels), meta=opt_str(meta))
+
+
+def executor_option(executor: str, address: str | None, ray_workers: int,
+                    gpus_per_worker: float, shard_size: int | None) -> RayExecutor | None:
+    """The executor the ``--executor`` options name (None: local)."""
+    return executor_for(executor, address=address, workers=ray_workers,
+                        gpus_per_worker=gpus_per_worker, shard_size=shard_size)

@@ -25,6 +25,7 @@ from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import MapSet, fold_head, load_maps
 from affeq_rt.io.store import StoreLike, open_store
+from affeq_rt.method.executor import Executor
 from affeq_rt.method.overlap import default_overlap_pairs, overlap
 from affeq_rt.method.results import EvalTable, ValidationRow
 from affeq_rt.progress import Progress, or_silent
@@ -122,6 +123,30 @@ def _run_heads(x: np.ndarray, w: np.ndarray, b: np.ndarray, labels: np.ndarray,
     return evaluate_heads(x, w, b, labels, device=device)
 
 
+def source_pass(st: StoreLike, src: str, chosen: Sequence[str], heads: Mapping[str, Head],
+                maps: MapSet, labels: np.ndarray, device: str) -> tuple[HeadsResult, float, float]:
+    """One source's compiled pass with every target's folded head: (result, fold s, pass s)."""
+    n = int(st.n)
+    x = st.features(src)
+    if x.ndim != 2 or x.shape[0] != n:
+        raise AffeqError(f"features of {src} have shape {x.shape}, expected ({n}, d)",
+                         "the store is corrupt; re-extract it")
+    if x.shape[1] != heads[src].dim:
+        raise AffeqError(f"{src}: features have {x.shape[1]} dims but its head expects "
+                         f"{heads[src].dim}", "re-extract the store")
+    t1 = time.perf_counter()
+    w_all, b_all = _stacked_heads(src, chosen, heads, maps, x.shape[1])
+    t2 = time.perf_counter()
+    res = _run_heads(x, w_all, b_all, labels, device)
+    return res, t2 - t1, time.perf_counter() - t2
+
+
+def pass_labels(st: StoreLike) -> np.ndarray:
+    """The labels a pass scores against: the store's (checked), or −1 (never a hit) when none."""
+    labels = _labels(st)
+    return labels if labels is not None else np.full(int(st.n), -1, dtype=np.int64)
+
+
 def _labels(st: StoreLike) -> np.ndarray | None:
     """The store's labels, checked: None (agreement only) or all known."""
     labels, n = st.labels, int(st.n)
@@ -140,13 +165,14 @@ def _labels(st: StoreLike) -> np.ndarray | None:
 def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathLike, *,
              device: str = "auto", models: Sequence[str] | None = None,
              overlap_pairs: Iterable[tuple[str, str]] | None = None,
-             progress: Progress | None = None) -> EvalTable:
+             progress: Progress | None = None, executor: Executor | None = None) -> EvalTable:
     """The N×N table of a store under a set of maps, with the overlaps of ``overlap_pairs``
     (default: the two most accurate networks both ways; none without labels). Writes nothing.
 
     One compiled pass per source network with all targets' folded heads stacked. Without labels
     the table holds agreement only (how often the hybrid predicts what the target predicts).
-    ``progress`` counts sources.
+    ``progress`` counts sources. ``executor`` (None: this process) runs the per-source passes
+    elsewhere, e.g. ``affeq_rt.dist.RayExecutor``; the table is the same.
     """
     t0 = time.perf_counter()
     st = open_store(store)
@@ -170,26 +196,22 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     timings = {"fold_s": 0.0, "pass_s": 0.0}
     bar = or_silent(progress)
     bar.start("evaluate", total=nn, unit="source")
-    for i, src in enumerate(chosen):
-        x = st.features(src)
-        if x.ndim != 2 or x.shape[0] != n:
-            raise AffeqError(f"features of {src} have shape {x.shape}, expected ({n}, d)",
-                             "the store is corrupt; re-extract it")
-        if x.shape[1] != heads[src].dim:
-            raise AffeqError(f"{src}: features have {x.shape[1]} dims but its head expects "
-                             f"{heads[src].dim}", "re-extract the store")
-        t1 = time.perf_counter()
-        w_all, b_all = _stacked_heads(src, chosen, heads, ms, x.shape[1])
-        t2 = time.perf_counter()
-        res = _run_heads(x, w_all, b_all, run_labels, dev)
-        timings["fold_s"] += t2 - t1
-        timings["pass_s"] += time.perf_counter() - t2
+    if executor is None:
+        results = []
+        for src in chosen:
+            res, fold_s, pass_s = source_pass(st, src, chosen, heads, ms, run_labels, dev)
+            timings["fold_s"] += fold_s
+            timings["pass_s"] += pass_s
+            results.append(res)
+            bar.advance(1)
+    else:  # sources spread over the executor's workers; the same pass per source
+        results = executor.evaluate_sources(st, ms, chosen, dev, bar)
+    for i, res in enumerate(results):
         pred[i] = res.pred
         if labelled:
             top1[i] = 100.0 * np.asarray(res.top1, dtype=np.float64) / n
             top5[i] = 100.0 * np.asarray(res.top5, dtype=np.float64) / n
             correct[i] = res.correct
-        bar.advance(1)
     bar.done()
     own = pred[np.arange(nn), np.arange(nn)]             # [N, n]: each network's own prediction
     agree = 100.0 * (pred == own[None, :, :]).mean(axis=2) if n else np.full((nn, nn), np.nan)
@@ -216,6 +238,9 @@ def validate(store: StoreLike | str | os.PathLike, device: str = "auto", toleran
     A row is flagged (``ok`` False) when the gap exceeds ``tolerance`` points or three binomial
     standard errors of the measured accuracy, whichever is larger (small stores are noisy).
     """
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise AffeqError(f"--tolerance must be a number of top-1 points ≥ 0, got {tolerance}",
+                         "pass e.g. --tolerance 1")
     st = open_store(store)
     labels = st.labels
     if labels is None:

@@ -23,7 +23,9 @@ from affeq_rt.data.readers import DataSource, discover
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import sha256_file
 from affeq_rt.io.heads import Head, load_head
+from affeq_rt.io.store import DTYPES as STORE_DTYPES
 from affeq_rt.io.store import StoreConfig, StoreWriter
+from affeq_rt.method.executor import Executor
 from affeq_rt.onnx.export import ensure_exported
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
@@ -113,6 +115,8 @@ def run_network(net: Network, x: np.ndarray, batch_size: int) -> np.ndarray:
 def feature_batches(nets: Sequence[Network], samples: Sequence[Any], batch_size: int,
                     workers: int, start: int = 0) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
     """Yield (batch, {model: float32 features of its readable images}) from sample ``start``."""
+    if start >= len(samples):  # a resumed run whose samples were all consumed: nothing left
+        return
     specs = [n.spec for n in nets]
     for batch in iter_batches(samples, specs, batch_size=batch_size, workers=workers, start=start):
         feats = {n.name: run_network(n, batch.tensors[n.key], batch_size) for n in nets}
@@ -156,26 +160,61 @@ def load_data(data: str | os.PathLike | DataSource, labels: str | None = None,
     return src.head(max_images)
 
 
+def check_image_options(opt: ImageOptions, dtype: str | None = None,
+                        max_images: int | None = None) -> None:
+    """AffeqError for a setting no run can use, before any export, decoding or file is made."""
+    if int(opt.batch_size) < 1:
+        raise AffeqError(f"batch size must be positive, got {opt.batch_size}",
+                         "pass --batch-size ≥ 1")
+    if int(opt.workers) < 0:
+        raise AffeqError(f"--workers must be 0 or more, got {opt.workers}",
+                         "pass --workers 0 to decode in this process")
+    if max_images is not None and int(max_images) < 1:
+        raise AffeqError(f"--max-images must be positive, got {max_images}",
+                         "pass --max-images ≥ 1 or leave it out")
+    if dtype is not None and dtype not in STORE_DTYPES:
+        raise AffeqError(f"unknown dtype {dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
+
+
+def check_labels(src: DataSource, classes: int) -> None:
+    """AffeqError naming the samples whose label is not one of ``classes`` (all or nothing: a
+    store never holds a label some network cannot predict). -1 means unlabelled."""
+    bad = [s for s in src.samples if s.label < -1 or s.label >= classes]
+    if bad:
+        raise AffeqError(f"{len(bad)} label(s) are outside the networks' classes 0..{classes - 1} "
+                         f"(first: {bad[0].path} labelled {bad[0].label})",
+                         "fix the label file: labels are class indices of the networks' heads")
+
+
 def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
             out: str | os.PathLike, *, dtype: str = "float16", images: ImageOptions | None = None,
             max_images: int | None = None, commit_every: float = 5.0,
-            progress: Progress | None = None) -> ExtractResult:
+            progress: Progress | None = None, executor: Executor | None = None) -> ExtractResult:
     """Run every model over the images and write (or finish) a feature store at ``out``.
 
     Rows are committed at most every ``commit_every`` seconds (and at the end), always at a batch
     boundary of the sample grid, so a rerun after any interruption redoes the same batches and
     writes the same bytes. ``progress`` counts images (resumed ones included in ``done``).
+    ``executor`` (None: this process) runs the networks elsewhere, e.g. on a Ray cluster
+    (``affeq_rt.dist.RayExecutor``); it commits shard by shard through the same writer, so the
+    store is byte-identical.
     """
     opt = images or ImageOptions()
+    check_image_options(opt, dtype, max_images)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise AffeqError(f"--out {out} is a file, not a feature store folder",
+                         "choose a new folder for --out")
     names = parse_models(models)
     src = load_data(data, opt.labels, opt.meta, max_images)
+    check_labels(src, min(get_spec(n).num_classes - get_spec(n).label_offset for n in names))
     nets = open_networks(names, provider=opt.provider, export_root=opt.export_root,
                          random_weights=opt.random_weights)
+    heads = {n.name: load_head(n.head_path) for n in nets}
     cfg = StoreConfig(models=names, dims={n.name: n.dim for n in nets},
                       specs={n.name: spec_dict(n.spec) for n in nets},
                       exports={n.name: n.onnx_sha256 for n in nets}, data=src.describe(),
                       dtype=dtype, batch_size=opt.batch_size)
-    writer = StoreWriter(out, cfg, {n.name: load_head(n.head_path) for n in nets})
+    writer = StoreWriter(out, cfg, heads)
     if writer.already_complete:
         return ExtractResult(Path(out), names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
     bs = writer.cfg.batch_size  # a resumed store keeps its batch grid
@@ -186,7 +225,11 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     last_commit = t0
     bar = or_silent(progress)
     bar.start("extract", total=len(src), done=start)
-    for batch, feats in feature_batches(nets, src.samples, bs, opt.workers, start=start):
+    if executor is not None:
+        executor.extract_into(writer, src.samples, opt, bar)
+        rows = writer.rows
+    for batch, feats in (() if executor is not None else
+                         feature_batches(nets, src.samples, bs, opt.workers, start=start)):
         for name, f in feats.items():
             writer.write(name, rows, f)
         rows += int(batch.ok.sum())
@@ -203,6 +246,7 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
         writer.commit(len(src), rows, pending_skips)
     if rows == 0:
         first = writer.skipped[0] if writer.skipped else {"path": "?", "reason": "?"}
+        writer.discard()  # no rows: no state worth resuming; the corrected command starts over
         raise AffeqError(f"none of the {len(src)} images could be read (e.g. {first['path']}: "
                          f"{first['reason']})", "check --data")
     writer.finalise(src.samples, {"run": {"seconds": seconds, "images_per_s": rate,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import ensure_writable_dir, read_json, versions, write_json_atomic
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
-from affeq_rt.method import solvers
-from affeq_rt.method.extract import ImageOptions
-from affeq_rt.method.rows import CHUNK, RowSource, row_source
+from affeq_rt.method import select, solvers
+from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
+from affeq_rt.method.executor import Executor
+from affeq_rt.method.extract import ImageOptions, check_image_options
+from affeq_rt.method.rows import CHUNK, RowSource, row_source, source_groups, source_labels
+from affeq_rt.method.similarity import RowNorms, SimilarityTable, similarity_from_moments
 from affeq_rt.progress import Progress, or_silent
 
 GRAM_METHODS = ("ols", "ridge")
@@ -42,13 +45,26 @@ def normalise_method(method: str) -> str:
     return m
 
 
-def holdout_mask(n: int, fraction: float, seed: int = 0) -> np.ndarray:
-    """Deterministic held-out selection: bool [n], about ``fraction`` of the samples."""
+def holdout_mask(n: int, fraction: float, seed: int = 0, groups: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Deterministic held-out selection: bool [n], about ``fraction`` of the groups, whole.
+
+    One uniform draw per group (ids 0…G−1, ``rows.group_ids``; None: each sample its own group, the
+    draws then being exactly the per-sample draws of earlier versions) and a group is held out
+    when its draw is below ``fraction``. When that leaves no group out but there are ≥ 2, the
+    group with the smallest draw is held out, so a small fit still gets an honest figure.
+    """
     if not 0.0 <= fraction < 1.0:
         raise AffeqError(f"--holdout must be in [0, 1), got {fraction}", "pass e.g. --holdout 0.1")
     if fraction == 0.0:
         return np.zeros(n, bool)
-    return np.random.default_rng(seed).random(n) < fraction
+    g = np.arange(n) if groups is None else np.asarray(groups, np.int64)[:n]
+    count = int(g.max()) + 1 if n else 0
+    draws = np.random.default_rng(seed).random(count)
+    out = draws < fraction
+    if count >= 2 and not out.any():
+        out[int(np.argmin(draws))] = True
+    return out[g]
 
 
 def _slices(names: Sequence[str], dims: Mapping[str, int]) -> dict[str, slice]:
@@ -68,6 +84,7 @@ class Accumulated:
     slices: dict[str, slice]
     samples: int
     extra: dict[str, Any] = field(default_factory=dict)
+    norms: RowNorms | None = None  # row statistics of every row (debiased CKA), when asked
 
 
 def _feed(acc_t: GramAccumulator, acc_h: GramAccumulator, x: np.ndarray, mask: np.ndarray) -> None:
@@ -126,7 +143,9 @@ class _Checkpoint:
 
 def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str = "auto",
                checkpoint: _Checkpoint | None = None, checkpoint_every: int = 20000,
-               progress: Progress | None = None) -> Accumulated:
+               progress: Progress | None = None, *, snapshots: Sequence[int] = (),
+               on_snapshot: Callable[[GramAccumulator], dict[str, Any]] | None = None,
+               row_norms: bool = False) -> Accumulated:
     """Stream ``rows.chunks(start)`` into the two accumulators (held-out samples:
     :func:`holdout_mask` over sample indices; unreadable samples have no row).
 
@@ -134,11 +153,21 @@ def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str
     and at the end. The positions are fixed by the data, not the clock, because saving flushes
     the accumulator's block buffer: a resumed run then sums exactly the same blocks as an
     uninterrupted one and produces the same bits.
+
+    ``snapshots`` (training-row counts, NaN rows included) call ``on_snapshot`` with
+    ``GramAccumulator.snapshot()`` of the training accumulator once it has taken exactly that
+    many rows (a chunk is split there; splitting an update changes no sum). The snapshot is a
+    copy, so the accumulator's blocks are untouched and the maps are the same bits with or
+    without snapshots; each result is kept in ``extra["curve"]`` (checkpointed, so a resumed
+    run keeps the points taken before the interruption).
+
+    ``row_norms``: also keep ``method.similarity.RowNorms`` of every row (training and held-out,
+    as the merged Gram), checkpointed in ``extra["row_norms"]`` (``Accumulated.norms``).
     """
     names, dims, n = rows.names, rows.dims(), rows.n
     sl = _slices(names, dims)
     dim = sum(int(dims[m]) for m in names)
-    mask = holdout_mask(n, holdout, seed)
+    mask = holdout_mask(n, holdout, seed, source_groups(rows))
     extra: dict[str, Any] = {"skipped": []}
     if checkpoint is not None and checkpoint.state is not None:
         acc_t, acc_h, start, extra = checkpoint.load(device)
@@ -149,19 +178,41 @@ def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str
     bar.start("fit", total=n, done=start)
     every = max(int(checkpoint_every), 1)
     done = start
+    norms = None
+    if row_norms:
+        state = extra.get("row_norms")
+        norms = RowNorms(sl, dim) if state is None else RowNorms.from_state(sl, dim, state)
+    fed = int(extra.get("train_fed", 0))  # training rows fed so far (snapshot positions)
+    pending = sorted(p for p in snapshots if p > fed) if on_snapshot is not None else []
+    curve = extra.setdefault("curve", []) if pending else extra.get("curve", [])
     for c in rows.chunks(start):
         a, b = c.start, c.stop
         m = mask[a:b]
         if c.ok is not None:  # image batches: unreadable samples have no row
             m = m[c.ok]
             extra["skipped"] += c.skipped
-        _feed(acc_t, acc_h, c.x, m)
+        x = c.x
+        if norms is not None:
+            norms.update(x)
+        while pending and on_snapshot is not None:
+            train_idx = np.flatnonzero(~m)
+            if fed + train_idx.size < pending[0]:
+                break
+            cut = int(train_idx[pending[0] - fed - 1]) + 1  # rows up to the point's last one
+            _feed(acc_t, acc_h, x[:cut], m[:cut])
+            x, m, fed = x[cut:], m[cut:], pending.pop(0)
+            curve.append(on_snapshot(acc_t.snapshot()))
+        _feed(acc_t, acc_h, x, m)
+        fed += int((~m).sum())
+        extra["train_fed"] = fed
         done = b
         bar.advance(b - a)
         if checkpoint is not None and (b // every > a // every or b == n):
+            if norms is not None:
+                extra["row_norms"] = norms.to_state()
             checkpoint.save(acc_t, acc_h, b, extra)
     bar.done()
-    return Accumulated(acc_t, acc_h, sl, max(done, start), extra)
+    return Accumulated(acc_t, acc_h, sl, max(done, start), extra, norms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +267,125 @@ def naive_pairs(names: Sequence[str], dims: Mapping[str, int]) -> list[AffineMap
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# few data: rows in memory, estimators shrunk toward logit-pinv (method.select), quality gate
+
+QUALITY_ROWS = 5000  # held-out rows scored for agreement/top-1 (R² from the Gram uses all)
+
+
+def collect_rows(rows: RowSource, progress: Progress | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Every joint row in memory: (x float32 [m, Σd], sample index [m], skipped samples)."""
+    dims = rows.dims()
+    select.rows_fit_in_memory(rows.n, [dims[m] for m in rows.names])
+    xs, idx, skipped = [], [], []
+    bar = or_silent(progress)
+    bar.start("fit", total=rows.n, done=0)
+    for c in rows.chunks(0):
+        i = np.arange(c.start, c.stop)
+        if c.ok is not None:
+            i = i[c.ok]
+            skipped += c.skipped
+        xs.append(np.asarray(c.x, np.float32))
+        idx.append(i)
+        bar.advance(c.stop - c.start)
+    bar.done()
+    width = sum(int(dims[m]) for m in rows.names)
+    return (np.concatenate(xs) if xs else np.zeros((0, width), np.float32),
+            np.concatenate(idx) if idx else np.zeros(0, np.int64), skipped)
+
+
+def _priors(names: Sequence[str], heads: Mapping[str, Head]) -> dict[tuple[str, str], Any]:
+    """The logit-pinv map of every ordered pair (:class:`select.Prior`), one SVD per target."""
+    pinvs = {t: solvers.head_pinv(heads[t].weight) for t in names}
+    return {(a, t): select.Prior.of(heads[a], heads[t], pinvs[t])
+            for a in names for t in names if a != t}
+
+
+def prior_pairs(x: np.ndarray, idx: np.ndarray, slices: Mapping[str, slice],
+                names: Sequence[str], heads: Mapping[str, Head], method: str, mask: np.ndarray,
+                groups: np.ndarray | None, labels: np.ndarray | None, seed: int
+                ) -> list[AffineMap]:
+    """prior-ridge / prior-pca for every ordered pair from in-memory rows: CV on the training
+    groups, refit on them, then the grouped held-out figures (:func:`select.map_quality`)."""
+    hold = mask[idx]
+    g = None if groups is None else groups[idx]
+    lab = None if labels is None else labels[idx]
+    cv_lab = lab[~hold] if lab is not None and bool((lab[~hold] >= 0).all()) else None
+    out = []
+    for (a, t), prior in _priors(names, heads).items():
+        xa, xb = x[:, slices[a]], x[:, slices[t]]
+        w, b, st = select.prior_fit(xa[~hold], xb[~hold], None if g is None else g[~hold],
+                                    prior, method, cv_lab, seed)
+        st.update(select.map_quality(w, b, xa[hold], xb[hold], prior,
+                                     None if lab is None else lab[hold]))
+        out.append(AffineMap(a, t, w.astype(np.float32), b.astype(np.float32), method, st))
+    return out
+
+
+class _HeldOutTap:
+    """A streamed (image) row source that keeps the first :data:`QUALITY_ROWS` held-out rows it
+    yields, so the quality gate can score maps fitted from images (everything else delegates)."""
+
+    def __init__(self, rows: RowSource, mask: np.ndarray) -> None:
+        self._rows, self._mask = rows, mask
+        self.kept: list[np.ndarray] = []
+        self.index: list[np.ndarray] = []
+        self.count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rows, name)
+
+    def chunks(self, start: int) -> Any:
+        """The source's chunks, unchanged; held-out rows copied aside on the way."""
+        for c in self._rows.chunks(start):
+            i = np.arange(c.start, c.stop)
+            if c.ok is not None:
+                i = i[c.ok]
+            m = self._mask[i]
+            if m.any() and self.count < QUALITY_ROWS:
+                take = np.flatnonzero(m)[:QUALITY_ROWS - self.count]
+                self.kept.append(np.array(c.x[take], np.float32))
+                self.index.append(i[take])
+                self.count += take.size
+            yield c
+
+    def score(self, maps: Sequence[AffineMap], heads: Mapping[str, Head] | None,
+              labels: np.ndarray | None) -> None:
+        """:func:`add_quality` on the kept rows."""
+        if not self.kept:
+            return
+        x = np.concatenate(self.kept)
+        sl = _slices(self._rows.names, self._rows.dims())
+        idx = np.concatenate(self.index)
+        add_quality(maps, {m: x[:, sl[m]] for m in self._rows.names}, heads,
+                    np.ones(x.shape[0], bool), None if labels is None else labels[idx])
+
+
+def add_quality(maps: Sequence[AffineMap], arrays: Mapping[str, Any] | None,
+                heads: Mapping[str, Head] | None, mask: np.ndarray,
+                labels: np.ndarray | None) -> None:
+    """Held-out agreement/top-1 beside the logit-pinv map's, for maps fitted on addressable rows
+    (the first :data:`QUALITY_ROWS` held-out rows); R² stays the one the fit computed."""
+    if arrays is None or heads is None:
+        return
+    rows = np.flatnonzero(mask)[:QUALITY_ROWS]
+    names = sorted({m.src for m in maps} | {m.dst for m in maps})
+    pinvs = {t: solvers.head_pinv(heads[t].weight) for t in names}
+    base = {(m.src, m.dst): select.Baseline.of(heads[m.src], heads[m.dst], pinvs[m.dst])
+            for m in maps if heads[m.src].num_classes == heads[m.dst].num_classes}
+    for m in maps:
+        if (m.src, m.dst) not in base:  # other label sets: agreement means nothing
+            continue
+        q = select.map_quality(m.weight.astype(np.float64), m.bias.astype(np.float64),
+                               np.asarray(arrays[m.src][rows]), np.asarray(arrays[m.dst][rows]),
+                               base[m.src, m.dst], None if labels is None else labels[rows])
+        q.pop("holdout_images")
+        if "r2_holdout" in m.stats:
+            q.pop("r2_holdout", None)
+        m.stats.update(q)
+
+
 def _array_r2(w: np.ndarray, b: np.ndarray, xa: Any, xb: Any, rows: np.ndarray) -> float | None:
     """R² of a map on the given rows of two arrays (chunked, float64)."""
     if rows.size == 0:
@@ -235,10 +405,11 @@ def _array_r2(w: np.ndarray, b: np.ndarray, xa: Any, xb: Any, rows: np.ndarray) 
 
 
 def adam_pairs(names: Sequence[str], arrays: Mapping[str, Any], holdout: float, seed: int,
-               iterations: int, lr: float = 0.1, batch_size: int = 2048) -> list[AffineMap]:
+               iterations: int, lr: float = 0.1, batch_size: int = 2048,
+               groups: np.ndarray | None = None) -> list[AffineMap]:
     """The paper's Adam fit for every ordered pair, streamed from (memory-mapped) arrays."""
     n = int(arrays[names[0]].shape[0])
-    mask = holdout_mask(n, holdout, seed)
+    mask = holdout_mask(n, holdout, seed, groups)
     train_rows, hold_rows = np.flatnonzero(~mask), np.flatnonzero(mask)
     out = []
     for a in names:
@@ -271,6 +442,10 @@ class FitOptions:
     checkpoint_every: int = 20000  # images between checkpoints (image sources with ``out``)
     adam_iterations: int = 200
     adam_lr: float = 0.1
+    executor: Executor | None = None  # where the Gram pass runs (None: here; dist.RayExecutor)
+    curve: str | tuple[int, ...] = "auto"  # data-efficiency curve sizes: auto | off | (1000, …)
+    curve_rows: int = MAX_ROWS  # held-out rows each curve point is scored on
+    similarity: bool = False  # CKA/CCA/R²/Procrustes of every pair from this fit's Gram state
 
 
 @dataclass
@@ -284,6 +459,8 @@ class FitResult:
     resumed_from: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     images_per_s: float = 0.0  # this run's samples (resumed ones excluded) per second
+    curve: Curve | None = None  # data-efficiency curve (method.curve), None when not taken
+    similarity: SimilarityTable | None = None  # method.similarity over the fit's images, if asked
 
     def summary(self) -> str:
         """Human summary: one line per pair."""
@@ -293,16 +470,56 @@ class FitResult:
             lines.append(f"resumed from image {self.resumed_from}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s)")
+        choice = self.maps.meta.get("method_choice")
+        if choice:
+            lines.append(f"method auto -> {choice['method']}: {choice['why']}")
+        by = self.maps.meta.get("held_out_by")
+        if by == "group":
+            lines.append("held out by source image: the views of one photo are all in or all out")
         for m in self.maps.values():
-            r2 = m.stats.get("r2_holdout")
-            lines.append(f"  {m.key:40s} {m.method:10s} "
-                         f"R²(held-out) {'-' if r2 is None else f'{r2:.4f}'}"
-                         + (f"  rank {m.stats['rank']}/{m.stats['source_dim']}"
-                            if m.stats.get("rank_deficient") else ""))
+            lines.append("  " + select.quality_line(m.key, m.method, m.stats))
+        for m in self.maps.values():
+            lines += [f"  warning: {m.key}: {w}" for w in m.stats.get("warnings", [])]
         return "\n".join(lines)
 
 
-def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "ols", *,
+def _refuse_early(models: str | Sequence[str] | None, images: ImageOptions | None,
+                  opt: FitOptions) -> None:
+    """Settings no fit can use, refused before any export, pass or checkpoint (issue 10)."""
+    if images is not None:
+        check_image_options(images, None, opt.max_images)
+    elif opt.max_images is not None and int(opt.max_images) < 1:
+        raise AffeqError(f"--max-images must be positive, got {opt.max_images}",
+                         "pass --max-images ≥ 1 or leave it out")
+    names = models.split(",") if isinstance(models, str) else list(models or [])
+    if models is not None and len({str(m).strip() for m in names if str(m).strip()}) < 2:
+        # names as given (store/array names need not be registry names); aliases of one network
+        # are caught after resolution below
+        raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
+
+
+def _curve_recorder(opt: FitOptions, rows: RowSource, mask: np.ndarray,
+                    heads: Mapping[str, Head] | None, labels: np.ndarray | None,
+                    n_train: int) -> CurveRecorder | None:
+    """The data-efficiency curve's recorder (``method.curve``), or None when it is off: asked
+    off, too few training rows for its first point, or rows that are not addressable (images;
+    an explicit ``curve`` then is an error) or a distributed executor."""
+    explicit = not (isinstance(opt.curve, str) and opt.curve.strip().lower() in ("auto", "off"))
+    sizes = curve_sizes(opt.curve, n_train)
+    arrays = rows.arrays()
+    if arrays is None or opt.executor is not None:
+        if explicit and sizes:
+            raise AffeqError("the data-efficiency curve scores held-out rows, which an image "
+                             "folder (or a distributed pass) does not keep",
+                             "extract a feature store and fit --features STORE, or --no-curve")
+        return None
+    if not sizes or not mask.any():
+        return None
+    return CurveRecorder(sizes, _slices(rows.names, rows.dims()), arrays, heads, labels, mask,
+                         opt.device, opt.curve_rows)
+
+
+def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "auto", *,
         out: str | os.PathLike | None = None, options: FitOptions | None = None,
         images: ImageOptions | None = None, progress: Progress | None = None) -> FitResult:
     """Fit every ordered pair A≠B of ``models`` (default: all of the source's) from ``source``.
@@ -317,6 +534,7 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "o
     method = normalise_method(method)
     opt = options or FitOptions()
     holdout_mask(0, opt.holdout)  # AffeqError for a bad fraction, before any work
+    _refuse_early(models, images, opt)
     t0 = time.perf_counter()
     rows = row_source(source, models, images, opt.max_images)
     names = rows.names
@@ -324,48 +542,115 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "o
         raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
     streamed = rows.arrays() is None  # images: counted as read; arrays/stores: rows given
     resumed, skipped, rate, ckpt = 0, [], 0.0, None
+    curve = sim = None
+    groups, labels = source_groups(rows), source_labels(rows)
+    mask = holdout_mask(rows.n, opt.holdout, opt.seed, groups)
+    heads = rows.heads()
+    choice, tap = None, None
+    if method == "auto":  # by data size (method.select.choose_method), said in the summary
+        same = heads is not None and len({h.num_classes for h in heads.values()}) == 1
+        method, why = select.choose_method(int((~mask).sum()), rows.dims(), same)
+        if opt.executor is not None and method not in GRAM_METHODS:
+            why += f"; {method} holds its few rows in memory and runs here, not on the executor"
+        choice = {"method": method, "why": why}
+    elif opt.executor is not None and method in ("adam", *solvers.PRIOR_METHODS):
+        raise AffeqError(f"--executor spreads the Gram pass of ols/ridge; {method} reads its rows "
+                         "in this process",
+                         f"drop --executor for {method}, or fit --method ols|ridge on the cluster")
     if method == "adam":
         arrays = rows.arrays()
         if arrays is None:
             raise AffeqError("adam streams features from a feature store",
                              "run affeq-rt extract first, then fit --features STORE")
-        maps = adam_pairs(names, arrays, opt.holdout, opt.seed, opt.adam_iterations, opt.adam_lr)
+        maps = adam_pairs(names, arrays, opt.holdout, opt.seed, opt.adam_iterations, opt.adam_lr,
+                          groups=groups)
         images = rows.n
     elif method in ("naive", "logit-pinv"):
         if method == "naive":
             maps = naive_pairs(names, rows.dims())
         else:
-            heads = rows.heads()
             if heads is None:
                 raise AffeqError("logit-pinv needs the classifier heads",
                                  "fit from a feature store or images, not bare arrays")
             maps = heads_pairs(names, heads)
         images = 0 if streamed else rows.n
+    elif method in solvers.PRIOR_METHODS:
+        if heads is None:
+            raise AffeqError(f"{method} shrinks toward the logit-pinv map, which needs the "
+                             "classifier heads",
+                             "fit from a feature store or images, not bare arrays (or use ridge)")
+        x, idx, skipped = collect_rows(rows, progress)
+        if x.shape[0] == 0 and streamed:
+            raise AffeqError(f"none of the {rows.n} images could be read",
+                             "check --data (see the skipped files)")
+        maps = prior_pairs(x, idx, _slices(names, rows.dims()), names, heads, method, mask,
+                           groups, labels, opt.seed)
+        images = int(x.shape[0]) if streamed else rows.n
     else:
+        # keep held-out rows for the gate; not with checkpoints (``out``): a resumed run would
+        # score fewer rows than an uninterrupted one, and their files must be the same bytes
+        if streamed and heads is not None and opt.executor is None and out is None:
+            rows = tap = _HeldOutTap(rows, mask)
+        n_train = int((~mask).sum())
+        if n_train < 2:  # known before the pass: refuse now, leave no <out>.partial/
+            raise AffeqError(f"a map needs at least 2 training images, got {n_train} of "
+                             f"{rows.n} (holdout {opt.holdout:g})",
+                             "use more images (--max-images) or a smaller --holdout")
         ident = rows.identity() if out is not None else None
         if ident is not None:
             ckpt = _Checkpoint(Path(str(out) + ".partial"),
                                {**ident, "holdout": opt.holdout, "seed": opt.seed})
             resumed = int(ckpt.state["samples"]) if ckpt.state is not None else 0
+        recorder = _curve_recorder(opt, rows, mask, heads, labels, n_train)
+        snap: dict[str, Any] = {} if recorder is None else {"snapshots": recorder.sizes,
+                                                            "on_snapshot": recorder.score}
+        snap["row_norms"] = opt.similarity
         t1 = time.perf_counter()
-        acc = accumulate(rows, opt.holdout, opt.seed, opt.device, ckpt, opt.checkpoint_every,
-                         progress)
+        if opt.executor is None:
+            acc = accumulate(rows, opt.holdout, opt.seed, opt.device, ckpt, opt.checkpoint_every,
+                             progress, **snap)
+        else:  # shards on the executor's workers, partial Grams merged in shard order
+            acc = opt.executor.accumulate(rows, opt.holdout, opt.seed, opt.device,
+                                          ckpt.folder if ckpt is not None else None, progress)
         dt = time.perf_counter() - t1
         rate = (acc.samples - resumed) / dt if dt > 0 else 0.0
         skipped = acc.extra.get("skipped", [])
         read = int(acc.train.n) + int(acc.holdout.n)
-        if read == 0 and streamed:
-            raise AffeqError(f"none of the {rows.n} images could be read",
-                             "check --data (see the skipped files)")
-        maps = solve_pairs(acc, names, method)
+        try:
+            if read == 0 and streamed:
+                raise AffeqError(f"none of the {rows.n} images could be read",
+                                 "check --data (see the skipped files)")
+            maps = solve_pairs(acc, names, method)
+            if recorder is not None and opt.executor is None:
+                curve = recorder.finish(acc.train, acc.extra.get("curve", []))
+            if opt.similarity:  # every image of the pass: training and held-out Grams merged
+                both = acc.train + acc.holdout if int(acc.holdout.n) else acc.train
+                sim = similarity_from_moments(both, acc.slices, getattr(acc, "norms", None),
+                                              source=rows.describe())
+        except AffeqError:  # a finished pass that cannot be solved: no checkpoint to resume
+            if ckpt is not None:
+                ckpt.remove()
+            raise
         images = read if streamed else rows.n
+    if tap is not None:
+        tap.score(maps, heads, labels)
+    elif method not in solvers.PRIOR_METHODS:
+        add_quality(maps, rows.arrays(), heads, mask, labels)
+    for m in maps:  # the quality gate (FitResult.summary and build-hybrid print these)
+        m.stats["warnings"] = select.quality_warnings(m.stats, m.method)
+        if choice is not None:
+            m.stats["method_choice"] = choice["why"]
     meta = {"method": method, "source": rows.describe(), "holdout_fraction": opt.holdout,
             "seed": opt.seed, "max_images": opt.max_images, "specs": rows.specs(),
-            "versions": versions(), "skipped": skipped}
+            "versions": versions(), "skipped": skipped,
+            "held_out_by": "group" if groups is not None else "image"}
+    if choice is not None:
+        meta["method_choice"] = choice
     mapset = MapSet(maps, meta, str(out) if out is not None else "")
     if out is not None:
         save_maps(out, mapset)
         if ckpt is not None:
             ckpt.remove()
     return FitResult(Path(out) if out is not None else None, mapset, images,
-                     time.perf_counter() - t0, resumed, skipped, rate)
+                     time.perf_counter() - t0, resumed, skipped, rate, curve=curve,
+                     similarity=sim)
