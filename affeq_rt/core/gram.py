@@ -214,7 +214,21 @@ class GramAccumulator:
         out._set_state(self.n, self.skipped, self.mean(), self._packed_upper())
         return out
 
-    # ---- state as host arrays (persistence, cross-backend copies)
+    # ---- state as host arrays (persistence, cross-backend copies, other processes)
+    def state(self) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """The exact state as host arrays (n, skipped, mean, packed upper scatter), O(d²): what
+        a worker process sends back (e.g. through Ray) and :meth:`from_state` rebuilds."""
+        return int(self.n), int(self.skipped), self.mean(), self._packed_upper()
+
+    @classmethod
+    def from_state(cls, dim: int, state: tuple[int, int, np.ndarray, np.ndarray],
+                   device: str = "auto") -> GramAccumulator:
+        """The accumulator :meth:`state` described (the same float64 values)."""
+        n, skipped, mean, packed = state
+        out = cls(int(dim), device=device)
+        out._set_state(int(n), int(skipped), mean, packed)
+        return out
+
     def _packed_upper(self) -> np.ndarray:
         """Upper triangle of the scatter packed row by row, float64 [d(d+1)/2]."""
         self.flush()

@@ -40,12 +40,11 @@ from affeq_rt.dist.worker import (
     shard_name,
     staged,
     state_files,
-    unpack_state,
 )
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import ensure_writable_dir, read_json, write_json_atomic
 from affeq_rt.method.extract import ImageOptions
-from affeq_rt.method.fit import Accumulated, _slices, holdout_mask
+from affeq_rt.method.fit import Accumulated, model_slices, holdout_mask
 from affeq_rt.method.rows import source_groups
 from affeq_rt.progress import Progress, or_silent
 
@@ -338,8 +337,8 @@ class RayExecutor:
                 a, b = order.popleft()
                 rec = results.pop((a, b))
                 if state is None:
-                    part_t = unpack_state(dim, rec["train"], device)
-                    part_h = unpack_state(dim, rec["holdout"], device)
+                    part_t = GramAccumulator.from_state(dim, rec["train"], device)
+                    part_h = GramAccumulator.from_state(dim, rec["holdout"], device)
                 else:
                     f_t, f_h, f_rec = state_files(state, shard_name(a, b))
                     part_t = GramAccumulator.load(f_t, device=device)
@@ -374,7 +373,7 @@ class RayExecutor:
         if order:
             raise InternalError(f"{len(order)} Gram shards were never merged")
         bar.done()
-        return Accumulated(acc_t, acc_h, _slices(names, dims), n, {"skipped": skipped})
+        return Accumulated(acc_t, acc_h, model_slices(names, dims), n, {"skipped": skipped})
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate_sources(self, store: Any, maps: Any, chosen: Sequence[str], device: str,

@@ -25,7 +25,7 @@ from affeq_rt.io.maps import MapSet, load_maps
 from affeq_rt.io.store import FeatureStore
 from affeq_rt.method.evaluate import pass_labels, source_pass
 from affeq_rt.method.extract import ImageOptions, Network, feature_batches, open_networks
-from affeq_rt.method.fit import _feed
+from affeq_rt.method.fit import feed_rows
 
 SHARD_DONE = "shard.json"  # written last: a shard folder without it is unfinished
 
@@ -44,20 +44,6 @@ def staged(folder: Path, start: int, stop: int) -> dict[str, Any] | None:
 def state_files(folder: Path, stem: str) -> tuple[Path, Path, Path]:
     """(train state, held-out state, record) of one saved Gram shard or prefix."""
     return folder / f"{stem}.train.gram", folder / f"{stem}.holdout.gram", folder / f"{stem}.json"
-
-
-def pack_state(acc: GramAccumulator) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """A Gram state as host arrays (n, skipped, mean, packed upper scatter): exact, O(d²)."""
-    return int(acc.n), int(acc.skipped), acc.mean(), acc._packed_upper()
-
-
-def unpack_state(dim: int, state: tuple[int, int, np.ndarray, np.ndarray],
-                 device: str) -> GramAccumulator:
-    """The accumulator :func:`pack_state` described (the same float64 values)."""
-    n, skipped, mean, packed = state
-    acc = GramAccumulator(dim, device=device)
-    acc._set_state(n, skipped, mean, packed)
-    return acc
 
 
 class Worker:
@@ -137,11 +123,11 @@ class Worker:
         skipped: list[dict[str, Any]] = []
         for batch, feats in self._batches(start, stop, batch_size):
             x = np.ascontiguousarray(np.concatenate([feats[m] for m in self.names], axis=1))
-            _feed(acc_t, acc_h, x, mask[batch.start - start:batch.stop - start][batch.ok])
+            feed_rows(acc_t, acc_h, x, mask[batch.start - start:batch.stop - start][batch.ok])
             skipped += [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped]
         rec: dict[str, Any] = {"start": start, "stop": stop, "skipped": skipped}
         if folder is None:
-            return {**rec, "train": pack_state(acc_t), "holdout": pack_state(acc_h)}
+            return {**rec, "train": acc_t.state(), "holdout": acc_h.state()}
         f_t, f_h, f_rec = state_files(Path(folder), shard_name(start, stop))
         acc_t.save(f_t)
         acc_h.save(f_h)

@@ -67,7 +67,8 @@ def holdout_mask(n: int, fraction: float, seed: int = 0, groups: np.ndarray | No
     return out[g]
 
 
-def _slices(names: Sequence[str], dims: Mapping[str, int]) -> dict[str, slice]:
+def model_slices(names: Sequence[str], dims: Mapping[str, int]) -> dict[str, slice]:
+    """Where each model's features sit in the joint row [F_1 … F_k]."""
     out, o = {}, 0
     for n in names:
         out[n] = slice(o, o + int(dims[n]))
@@ -87,8 +88,10 @@ class Accumulated:
     norms: RowNorms | None = None  # row statistics of every row (debiased CKA), when asked
 
 
-def _feed(acc_t: GramAccumulator, acc_h: GramAccumulator, x: np.ndarray, mask: np.ndarray) -> None:
-    """Training rows to ``acc_t``, held-out rows to ``acc_h`` (row order kept)."""
+def feed_rows(acc_t: GramAccumulator, acc_h: GramAccumulator, x: np.ndarray,
+              mask: np.ndarray) -> None:
+    """Training rows to ``acc_t``, held-out rows to ``acc_h`` (row order kept; ``mask`` marks
+    the held-out ones). The one way rows enter a fit's accumulators, here or on a worker."""
     if mask.any():
         if (~mask).any():
             acc_t.update(np.ascontiguousarray(x[~mask]))
@@ -165,7 +168,7 @@ def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str
     as the merged Gram), checkpointed in ``extra["row_norms"]`` (``Accumulated.norms``).
     """
     names, dims, n = rows.names, rows.dims(), rows.n
-    sl = _slices(names, dims)
+    sl = model_slices(names, dims)
     dim = sum(int(dims[m]) for m in names)
     mask = holdout_mask(n, holdout, seed, source_groups(rows))
     extra: dict[str, Any] = {"skipped": []}
@@ -199,10 +202,10 @@ def accumulate(rows: RowSource, holdout: float = 0.1, seed: int = 0, device: str
             if fed + train_idx.size < pending[0]:
                 break
             cut = int(train_idx[pending[0] - fed - 1]) + 1  # rows up to the point's last one
-            _feed(acc_t, acc_h, x[:cut], m[:cut])
+            feed_rows(acc_t, acc_h, x[:cut], m[:cut])
             x, m, fed = x[cut:], m[cut:], pending.pop(0)
             curve.append(on_snapshot(acc_t.snapshot()))
-        _feed(acc_t, acc_h, x, m)
+        feed_rows(acc_t, acc_h, x, m)
         fed += int((~m).sum())
         extra["train_fed"] = fed
         done = b
@@ -356,7 +359,7 @@ class _HeldOutTap:
         if not self.kept:
             return
         x = np.concatenate(self.kept)
-        sl = _slices(self._rows.names, self._rows.dims())
+        sl = model_slices(self._rows.names, self._rows.dims())
         idx = np.concatenate(self.index)
         add_quality(maps, {m: x[:, sl[m]] for m in self._rows.names}, heads,
                     np.ones(x.shape[0], bool), None if labels is None else labels[idx])
@@ -515,7 +518,7 @@ def _curve_recorder(opt: FitOptions, rows: RowSource, mask: np.ndarray,
         return None
     if not sizes or not mask.any():
         return None
-    return CurveRecorder(sizes, _slices(rows.names, rows.dims()), arrays, heads, labels, mask,
+    return CurveRecorder(sizes, model_slices(rows.names, rows.dims()), arrays, heads, labels, mask,
                          opt.device, opt.curve_rows)
 
 
@@ -583,7 +586,7 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
         if x.shape[0] == 0 and streamed:
             raise AffeqError(f"none of the {rows.n} images could be read",
                              "check --data (see the skipped files)")
-        maps = prior_pairs(x, idx, _slices(names, rows.dims()), names, heads, method, mask,
+        maps = prior_pairs(x, idx, model_slices(names, rows.dims()), names, heads, method, mask,
                            groups, labels, opt.seed)
         images = int(x.shape[0]) if streamed else rows.n
     else:
