@@ -411,6 +411,19 @@ class StoreWriter:
             self.path.rmdir()
 
     # -- setup
+    def _committed_samples(self) -> int:
+        """Samples an earlier run committed to this (unfinished) store."""
+        pf = self.path / "progress.json"
+        return int(read_json(pf, "store progress").get("samples", 0)) if pf.is_file() else 0
+
+    def _clear(self, models: Any) -> None:
+        """Remove an unfinished store that holds no committed rows (the lock stays held)."""
+        for rel in ("progress.json", "images.txt", "labels.npy", "manifest.json"):
+            (self.path / rel).unlink(missing_ok=True)
+        for m in models if isinstance(models, list) else []:
+            if isinstance(m, str) and m and "/" not in m and m not in (".", ".."):
+                shutil.rmtree(self.path / m, ignore_errors=True)
+
     def _open(self, heads: Mapping[str, tuple[np.ndarray, np.ndarray]], lock: bool) -> None:
         mf = self.path / "manifest.json"
         if self.path.exists() and not self.path.is_dir():
@@ -423,6 +436,11 @@ class StoreWriter:
             self._lock = FolderLock(self.path, "feature store").acquire()
         if mf.is_file():
             man = read_json(mf, "store manifest")
+            if not man.get("complete") and not self._committed_samples():
+                # nothing committed: no work to keep, so no setting of the run that began it
+                # (models, dtype, batch size, data) binds this one; start afresh
+                self._clear(man.get("models"))
+        if mf.is_file():
             theirs = man.get("identity") or {}
             mine = self.cfg.identity()
             if theirs != mine:
@@ -442,16 +460,13 @@ class StoreWriter:
                                                                  "skipped": []}
             self.samples_done, self.rows = int(prog["samples"]), int(prog["rows"])
             self.skipped = list(prog["skipped"])
-            self.resumed = self.samples_done > 0
+            self.resumed = True  # (a store with nothing committed was cleared above)
             kept = int(man.get("batch_size") or 0)
-            if self.resumed and kept >= 1:
-                self.cfg.batch_size = kept  # committed rows follow that batch grid
-            elif self.resumed:
+            if kept < 1:
                 raise AffeqError(f"store {self.path} records no valid batch size "
                                  f"({man.get('batch_size')!r}) yet has committed rows",
                                  f"cannot resume it; {REEXTRACT}")
-            elif kept != self.cfg.batch_size:  # nothing committed: this run's settings hold
-                write_json_atomic(mf, self._manifest(complete=False))
+            self.cfg.batch_size = kept  # committed rows follow that batch grid
             self._prepare_models(heads)
             return
         self._created = not self.path.exists() or not any(

@@ -410,3 +410,16 @@ def test_every_output_has_the_umask_mode(env, tmp_path: Path, capsys) -> None:
             assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
     finally:
         os.umask(old)
+
+
+def test_a_store_with_nothing_committed_binds_no_setting(env, tmp_path: Path, capsys) -> None:
+    """Before: a first run that failed before its first commit (here: random-weight features
+    too small for float16) left a store whose dtype the corrected command could not change
+    ("already holds a different feature store (dtype differ)")."""
+    out = tmp_path / "s"
+    code, err = _run(capsys, *_extract(env, out, None, "--dtype", "float16"))
+    assert code == 1
+    assert "too small for float16" in _one_line(err)
+    assert _run(capsys, *_extract(env, out, None, "--dtype", "float32"))[0] == 0
+    st = FeatureStore.open(out)
+    assert (st.n, st.manifest["dtype"]) == (len(env["good"]), "float32")
