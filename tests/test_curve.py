@@ -248,6 +248,8 @@ def test_cli_fit_writes_the_curve_and_evaluate_shows_it(tmp_path: Path) -> None:
     assert "Data efficiency" in page
     assert "Similarity of the networks" in page
     other = tmp_path / "plain.safetensors"
-    assert main(["fit", "--features", str(tmp_path / "store"), "--models", models, "--method",
+    # without --models: every network of the store
+    assert main(["fit", "--features", str(tmp_path / "store"), "--method",
                  "ols", "--out", str(other), "--device", "cpu", "-q", "--no-curve"]) == 0
     assert not any(p.exists() for p in curve_paths(other).values())
+    assert len(load_maps(other)) == 6  # 3 networks: every ordered pair

@@ -16,7 +16,6 @@ from affeq_rt.cli.options import (
     Labels,
     MaxImages,
     Meta,
-    Models,
     Provider,
     Quiet,
     RandomWeights,
@@ -37,7 +36,6 @@ from affeq_rt.report.similarity import similarity_text, write_similarity
 
 
 def run(
-    models: Models,
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="Maps file to write (.safetensors).")],
     data: Annotated[str | None, typer.Option(
@@ -86,6 +84,10 @@ def run(
         "--similarity", help="Also CKA, debiased CKA, CCA, SVCCA, R² and Procrustes of every "
         "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
         "evaluate --maps MAPS shows.")] = False,
+    models: Annotated[str | None, typer.Option(
+        "--models", "-m", show_default=False,
+        help="Comma-separated network names or aliases (A,B,…); with --features, default: "
+        "every network of the store.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fit a map for every ordered pair A≠B from one pass over the data; resumable (rerun the
@@ -93,6 +95,9 @@ def run(
     if (data is None) == (features is None):
         raise AffeqError("give exactly one of --data and --features",
                          "fit on images (--data DIR) or on a feature store (--features STORE)")
+    if data is not None and not models:
+        raise AffeqError("fit --data needs the networks to run on the images",
+                         "pass --models A,B[,…] (see affeq-rt models)")
     source = open_store(features, verify=verify) if features is not None else data
     options = FitOptions(holdout=holdout, seed=seed, max_images=max_images, device=device,
                          checkpoint_every=checkpoint_every, adam_iterations=iterations,

@@ -294,11 +294,16 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
+def _r2(x: float | None) -> str:
+    """R² with four decimals; a map far off in feature space (R² ≪ 0) in three digits."""
+    return "-" if x is None else f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
 def quality_line(key: str, method: str, st: dict[str, Any]) -> str:
     """One map's grouped held-out quality beside the logit-pinv map's (the fit quality gate)."""
     r2 = st.get("r2_holdout")
     line = (f"{key:40s} {method:11s} held-out ({st.get('holdout_images') or 0} images): "
-            f"R² {'-' if r2 is None else f'{r2:.4f}'}")
+            f"R² {_r2(r2)}")
     if st.get("agree_holdout") is not None:
         line += (f", agreement {_pct(st['agree_holdout'])} "
                  f"(logit-pinv {_pct(st.get('agree_holdout_logit_pinv'))})")
