@@ -44,7 +44,13 @@ from affeq_rt.dist.worker import (
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import ensure_writable_dir, read_json, write_json_atomic
 from affeq_rt.method.extract import ImageOptions
-from affeq_rt.method.fit import Accumulated, model_slices, holdout_mask
+from affeq_rt.method.fit import (
+    Accumulated,
+    fit_identity,
+    holdout_mask,
+    model_slices,
+    refuse_other_fit,
+)
 from affeq_rt.method.rows import source_groups
 from affeq_rt.progress import Progress, or_silent
 
@@ -296,7 +302,7 @@ class RayExecutor:
         images: ImageOptions = rows.options
         bs = int(images.batch_size)
         mask = holdout_mask(n, holdout, seed, source_groups(rows))
-        ident = {**rows.identity(), "holdout": holdout, "seed": seed}
+        ident = fit_identity(rows, holdout, seed)
         state = Path(folder) / "ray" if folder is not None else None
         shard = on_grid(self.shard_size or FIT_SHARD, bs)
         acc_t, acc_h = GramAccumulator(dim, device=device), GramAccumulator(dim, device=device)
@@ -306,10 +312,7 @@ class RayExecutor:
             gf = state / "grid.json"
             if gf.is_file():
                 g = read_json(gf, "Ray fit checkpoint")
-                if g.get("identity") != ident:
-                    raise AffeqError(f"checkpoint {state} belongs to a different fit (models, "
-                                     "data, holdout or batch size differ)",
-                                     "delete that folder or choose another --out")
+                refuse_other_fit(state, g.get("identity"), ident)
                 shard = int(g["shard_size"])
             else:
                 write_json_atomic(gf, {"identity": ident, "shard_size": shard})

@@ -411,10 +411,11 @@ class StoreWriter:
             self.path.rmdir()
 
     # -- setup
-    def _committed_samples(self) -> int:
-        """Samples an earlier run committed to this (unfinished) store."""
+    def _progress(self) -> dict[str, Any]:
+        """What earlier runs committed to this (unfinished) store: samples, rows, skipped."""
         pf = self.path / "progress.json"
-        return int(read_json(pf, "store progress").get("samples", 0)) if pf.is_file() else 0
+        return read_json(pf, "store progress") if pf.is_file() else {"samples": 0, "rows": 0,
+                                                                    "skipped": []}
 
     def _clear(self, models: Any) -> None:
         """Remove an unfinished store that holds no committed rows (the lock stays held)."""
@@ -436,7 +437,8 @@ class StoreWriter:
             self._lock = FolderLock(self.path, "feature store").acquire()
         if mf.is_file():
             man = read_json(mf, "store manifest")
-            if not man.get("complete") and not self._committed_samples():
+            prog = None if man.get("complete") else self._progress()
+            if prog is not None and not int(prog.get("samples", 0)):
                 # nothing committed: no work to keep, so no setting of the run that began it
                 # (models, dtype, batch size, data) binds this one; start afresh
                 self._clear(man.get("models"))
@@ -455,9 +457,6 @@ class StoreWriter:
                 self.samples_done = self.n_samples
                 self.close()
                 return
-            prog = read_json(self.path / "progress.json", "store progress") \
-                if (self.path / "progress.json").is_file() else {"samples": 0, "rows": 0,
-                                                                 "skipped": []}
             self.samples_done, self.rows = int(prog["samples"]), int(prog["rows"])
             self.skipped = list(prog["skipped"])
             self.resumed = True  # (a store with nothing committed was cleared above)

@@ -206,7 +206,7 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
                          "choose a new folder for --out")
     names = parse_models(models)
     src = load_data(data, opt.labels, opt.meta, max_images)
-    check_labels(src, min(get_spec(n).num_classes - get_spec(n).label_offset for n in names))
+    check_labels(src, min(s.num_classes - s.label_offset for s in map(get_spec, names)))
     nets = open_networks(names, provider=opt.provider, export_root=opt.export_root,
                          random_weights=opt.random_weights)
     heads = {n.name: load_head(n.head_path) for n in nets}

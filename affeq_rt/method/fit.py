@@ -100,6 +100,20 @@ def feed_rows(acc_t: GramAccumulator, acc_h: GramAccumulator, x: np.ndarray,
         acc_t.update(x)
 
 
+def fit_identity(rows: RowSource, holdout: float, seed: int) -> dict[str, Any] | None:
+    """What a resumable fit's checkpoint must match (None: the source is not checkpointed)."""
+    ident = rows.identity()
+    return None if ident is None else {**ident, "holdout": holdout, "seed": seed}
+
+
+def refuse_other_fit(folder: Path, found: Any, identity: Mapping[str, Any]) -> None:
+    """AffeqError when the checkpoint in ``folder`` (identity ``found``) is another fit's."""
+    if found != identity:
+        raise AffeqError(f"checkpoint {folder} belongs to a different fit (models, data, "
+                         "holdout or batch size differ)",
+                         "delete that folder or choose another --out")
+
+
 class _Checkpoint:
     """``<out>.partial/``: numbered accumulator states, then ``fit.json`` (atomic commit)."""
 
@@ -111,10 +125,7 @@ class _Checkpoint:
         mf = folder / "fit.json"
         if mf.is_file():
             st = read_json(mf, "fit checkpoint")
-            if st.get("identity") != identity:
-                raise AffeqError(f"checkpoint {folder} belongs to a different fit (models, data, "
-                                 "holdout or batch size differ)",
-                                 "delete that folder or choose another --out")
+            refuse_other_fit(folder, st.get("identity"), identity)
             self.state = st
             self.seq = int(st["seq"])
 
@@ -599,10 +610,9 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
             raise AffeqError(f"a map needs at least 2 training images, got {n_train} of "
                              f"{rows.n} (holdout {opt.holdout:g})",
                              "use more images (--max-images) or a smaller --holdout")
-        ident = rows.identity() if out is not None else None
+        ident = fit_identity(rows, opt.holdout, opt.seed) if out is not None else None
         if ident is not None:
-            ckpt = _Checkpoint(Path(str(out) + ".partial"),
-                               {**ident, "holdout": opt.holdout, "seed": opt.seed})
+            ckpt = _Checkpoint(Path(str(out) + ".partial"), ident)
             resumed = int(ckpt.state["samples"]) if ckpt.state is not None else 0
         recorder = _curve_recorder(opt, rows, mask, heads, labels, n_train)
         snap: dict[str, Any] = {} if recorder is None else {"snapshots": recorder.sizes,
