@@ -505,6 +505,7 @@ def _refuse_early(models: str | Sequence[str] | None, images: ImageOptions | Non
     elif opt.max_images is not None and int(opt.max_images) < 1:
         raise AffeqError(f"--max-images must be positive, got {opt.max_images}",
                          "pass --max-images ≥ 1 or leave it out")
+    curve_sizes(opt.curve, 0)  # AffeqError for sizes that are not image counts, whatever the method
     names = models.split(",") if isinstance(models, str) else list(models or [])
     if models is not None and len({str(m).strip() for m in names if str(m).strip()}) < 2:
         # names as given (store/array names need not be registry names); aliases of one network
