@@ -188,7 +188,9 @@ def test_decode_once_loader(tmp_path, workers):
     ok = np.concatenate([b.ok for b in batches])
     assert ok.sum() == len(good)
     skipped = [s for b in batches for s in b.skipped]
-    assert sorted(Path(p).name for _, p, _ in skipped) == ["zz_corrupt.jpg", "zz_truncated.jpg"]
+    # mid-list, across two batches: sorted, the corrupt file is sample 1, the truncated one 3
+    assert [(i, Path(p).name) for i, p, _ in skipped] == [(1, photos.CORRUPT),
+                                                          (3, photos.TRUNCATED)]
     assert all("not a readable image" in r for _, _, r in skipped)
     rows_a = np.concatenate([b.tensors[next(iter(b.tensors))] for b in batches])
     assert rows_a.shape == (len(good), 3, 64, 64)

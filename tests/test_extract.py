@@ -49,8 +49,9 @@ def test_extract_three_networks_on_photos(env, ref_store):
     n_good = len(env["good"])
     assert st.n == n_good == ref_store.n
     assert st.models == MODELS
-    assert sorted(Path(s["path"]).name for s in st.manifest["skipped"]) == \
-        ["zz_corrupt.jpg", "zz_truncated.jpg"]
+    # the unreadable files sit mid-list (samples 2 and 7), so every kill below crosses one
+    assert [(s["index"], Path(s["path"]).name) for s in st.manifest["skipped"]] == \
+        [(2, photos.CORRUPT), (7, photos.TRUNCATED)]
     assert st.images == [str(p) for p in env["good"]]
     assert st.labels is None  # a plain folder: unlabelled
     st.verify()
@@ -59,7 +60,7 @@ def test_extract_three_networks_on_photos(env, ref_store):
         f = st.features(net.name)
         assert f.dtype == np.float32
         assert f.shape == (n_good, net.dim)
-        for i in (0, 7, n_good - 1):  # grayscale, CMYK, RGBA and palette files are among them
+        for i in (0, 2, 6, n_good - 1):  # the first, those right after each skipped file, the last
             x = preprocess(load_image(st.images[i]), net.spec)[None]
             want = run_network(net, x, 1)[0]
             # same graph, batch of 2 vs 1: ORT may pick other kernels/blockings (float32 noise)
@@ -113,6 +114,10 @@ def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
                             text=True, env={**os.environ})
     done = _kill_when(proc, out / "progress.json", "samples", 4)
     assert proc.returncode == -signal.SIGKILL
+    # past the corrupt sample 2: the committed rows trail the samples, so a resume that
+    # restarted at the row count would shift every later row
+    prog = json.loads((out / "progress.json").read_text())
+    assert prog["rows"] < prog["samples"] == done
     man = json.loads((out / "manifest.json").read_text())
     assert not man["complete"]
     assert done < 23
@@ -123,6 +128,8 @@ def test_kill9_mid_extract_then_resume_is_identical(env, ref_store):
                             text=True, env={**os.environ})
     later = _kill_when(proc, out / "progress.json", "samples", done + 6)
     assert done < later < 23
+    prog = json.loads((out / "progress.json").read_text())
+    assert prog["rows"] == later - 2  # both unreadable files (samples 2 and 7) crossed
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     r = subprocess.run(_cli(env, out), capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0, r.stderr[-2000:]

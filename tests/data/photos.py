@@ -2,6 +2,11 @@
 
 Written as JPEG and PNG, including a grayscale JPEG, an RGBA PNG, a CMYK JPEG, a palette PNG,
 and (optionally) a corrupt and a truncated file. Deterministic: same bytes on every call.
+
+The unreadable files sort into the middle of the list (``broken.jpg`` third, ``clipped.jpg``
+eighth of 23), never last: a kill, Ctrl-C, shard or resume at 4 samples or more has crossed a
+skipped image, so the sample count differs from the row count there (issue 23: named ``zz_*``,
+they sorted last and a resume that restarted at the row count passed every test).
 """
 
 from __future__ import annotations
@@ -41,8 +46,13 @@ def photo_images() -> list[tuple[str, Image.Image]]:
     return out
 
 
+#: The unreadable files ``write_photos`` adds (mid-list in sorted order, see the module doc).
+CORRUPT, TRUNCATED = "broken.jpg", "clipped.jpg"
+
+
 def write_photos(folder: Path, count: int | None = None, corrupt: bool = True) -> list[Path]:
-    """Write ``count`` photos (all by default) into ``folder``, plus a corrupt and a truncated file.
+    """Write ``count`` photos (all by default) into ``folder``, plus a corrupt and a truncated file
+    (:data:`CORRUPT`, :data:`TRUNCATED`) that sort between the photos.
 
     Returns the readable files written, sorted.
     """
@@ -56,9 +66,9 @@ def write_photos(folder: Path, count: int | None = None, corrupt: bool = True) -
             im.save(p)
         written.append(p)
     if corrupt:
-        (folder / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
+        (folder / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
         full = (folder / written[0].name).read_bytes()
-        (folder / "zz_truncated.jpg").write_bytes(full[: len(full) // 3])
+        (folder / TRUNCATED).write_bytes(full[: len(full) // 3])
     return sorted(written)
 
 
@@ -82,13 +92,24 @@ def small_registry(folder: Path, models: list[str] = E2E_MODELS, size: int = E2E
     return folder
 
 
+def export_cache(request, tmp_path_factory) -> Path:
+    """The folder random-weight exports are cached in: pytest's cache (kept between runs) when
+    its plugin is on, else one folder per session (``pytest -p no:cacheprovider``)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("affeq-e2e-exports"))
+    folder = tmp_path_factory.getbasetemp() / "affeq-e2e-exports"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def _e2e_env(request, tmp_path_factory):
     """Small-input registry, a persistent export cache (pytest cache) and a folder of photos."""
     import os
 
     base = tmp_path_factory.mktemp("e2e")
     reg = small_registry(base / "models")
-    exports = request.config.cache.mkdir("affeq-e2e-exports")
+    exports = export_cache(request, tmp_path_factory)
     old = os.environ.get("AFFEQ_RT_MODELS")
     os.environ["AFFEQ_RT_MODELS"] = str(reg)
     good = write_photos(base / "photos", corrupt=True)
