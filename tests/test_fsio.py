@@ -7,7 +7,14 @@ import os
 import pytest
 
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from affeq_rt.io.fsio import (
+    atomic_path,
+    check_path,
+    ensure_writable_dir,
+    output_lock,
+    read_json,
+    write_json_atomic,
+)
 
 
 def test_atomic_write_replaces_and_cleans_up(tmp_path) -> None:
@@ -83,3 +90,55 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path) -> None:
     assert foreign.exists()
     assert mine.exists()
     assert clean_stale(tmp_path) == []
+
+
+# ------------------------------------------------------------ one writer per output (issue 23)
+
+HOLD = """
+import sys, time
+from affeq_rt.io.fsio import output_lock
+lock = output_lock(sys.argv[1], "maps file").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path) -> None:
+    """Two runs writing one file: the second is refused naming the first (before, both
+    exited 0 and one result was lost); a holder killed with SIGKILL loses the lock to the next
+    run; a released lock leaves nothing beside the output."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "maps.safetensors"
+    first = output_lock(out, "maps file").acquire()
+    with pytest.raises(AffeqError, match=r"maps file .*maps.safetensors is being written by "
+                                         r"another affeq-rt run \(pid \d+"):
+        output_lock(out, "maps file").acquire()
+    output_lock(tmp_path / "other.safetensors").acquire().release()  # other outputs: free
+    first.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AffeqError, match=f"pid {holder.pid} "):
+            output_lock(out).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(out):  # the dead holder's lock file is taken over, then removed
+        assert (tmp_path / f".{out.name}.affeq-rt.lock").is_file()
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "d/" + "b" * 256 + "/x.onnx"])
+def test_a_path_too_long_is_one_line(tmp_path, name: str) -> None:
+    with pytest.raises(AffeqError, match="allows 255") as e, atomic_path(tmp_path / name):
+        pass
+    assert "\n" not in str(e.value)
+    assert len(str(e.value)) < 300
+    with pytest.raises(AffeqError, match="choose a shorter"):
+        check_path(tmp_path / ("c/" * 2100))
+    assert not any(tmp_path.iterdir())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -132,3 +136,77 @@ def test_shrink_is_idempotent(tmp_path):
     b = np.load(p)
     assert b.shape == (998, 7)
     assert b[-1, -1] == np.float16(998 * 7 - 1)
+
+
+# ------------------------------------------------------------ issue 23: names and manifests
+
+ODD_NAMES = ["plain.jpg", "new\nline.jpg", "line\u2028sep.jpg", "back\\nslash.jpg",
+             os.fsdecode(b"latin1-\xe9.jpg"), "cr\r.jpg", "tab\t.jpg", "trail\\"]
+
+
+def test_images_txt_holds_any_file_name(tmp_path):
+    """A newline or U+2028 in a name shifted images.txt against the rows (issue 23); every
+    name, non-UTF-8 bytes included, comes back exactly, one per row."""
+    samples = [Sample(f"/img/{name}", i) for i, name in enumerate(ODD_NAMES)]
+    _run(tmp_path / "s", samples, _feats(len(samples)), bad={2})
+    st = FeatureStore.open(tmp_path / "s", verify=True)
+    want = [s.path for i, s in enumerate(samples) if i != 2]
+    assert st.images == want
+    assert len(st.images) == st.n == len(samples) - 1
+
+
+def _edited(tmp_path, edit) -> Path:
+    """A complete store whose manifest ``edit`` changed."""
+    path = tmp_path / "s"
+    samples = [Sample(f"/img/{i}.jpg", i % 3) for i in range(6)]
+    _run(path, samples, _feats(6), bad=set())
+    man = json.loads((path / "manifest.json").read_text())
+    edit(man)
+    (path / "manifest.json").write_text(json.dumps(man))
+    return path
+
+
+def _outside(man: dict) -> None:
+    """Rename network "a" to "../outside" everywhere, and plant features there."""
+    man["models"][0] = "../outside"
+    for key in ("feature_dims", "specs"):
+        man[key]["../outside"] = man[key].pop("a")
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (_outside, "network name '../outside' is not a folder of the store"),
+    (lambda m: m["models"].__setitem__(0, "/etc"), "network name '/etc'"),
+    (lambda m: m["checksums"].update({"/etc/passwd": "0" * 64}), "'/etc/passwd', a path outside"),
+    (lambda m: m["checksums"].update({"../x": "0" * 64}), "'../x', a path outside"),
+    (lambda m: m.update(n="many"), "'n' is 'many'"),
+    (lambda m: m.update(models="a,b"), "'models' is not a list"),
+    (lambda m: m["feature_dims"].update(a="5"), "'feature_dims' of a is '5'"),
+    (lambda m: m["specs"]["b"].update(label_offset="one"), "label_offset of b"),
+    (lambda m: m.update(dtype="int8"), "'dtype' is 'int8'"),
+    (lambda m: m.pop("specs"), "'specs' is not an object"),
+])
+def test_edited_manifest_is_one_error_and_nothing_outside_is_read(tmp_path, edit, says):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.save(outside / "features.npy", np.zeros((6, 5), np.float16))
+    path = _edited(tmp_path, edit)
+    with pytest.raises(AffeqError, match="edited or corrupt manifest.json") as e:
+        FeatureStore.open(path, verify=True)
+    assert says in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_store_begun_with_relative_data_resumes_with_its_absolute_path(tmp_path, monkeypatch):
+    """The data fingerprint is over absolute paths: ``--data photos`` and ``--data
+    /abs/photos`` are the same data (a resume used to be refused as a different store)."""
+    from affeq_rt.data.readers import discover
+
+    (tmp_path / "photos").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "photos" / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = discover("photos"), discover(tmp_path / "photos")
+    assert [s.path for s in rel.samples] != [s.path for s in absolute.samples]
+    assert rel.fingerprint() == absolute.fingerprint()
+    (tmp_path / "photos" / "c.png").write_bytes(b"x")
+    assert discover("photos").fingerprint() != rel.fingerprint()

@@ -49,10 +49,13 @@ class DataSource:
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        """SHA-256 over every (path, label): two runs on the same data agree, others do not."""
+        """SHA-256 over every (absolute path, label): two runs on the same data agree, whether
+        ``--data`` was given relative or absolute, others do not. File names may hold any bytes
+        (a newline, non-UTF-8): the path's bytes are hashed, its length first."""
         h = hashlib.sha256()
         for s in self.samples:
-            h.update(f"{s.path}\t{s.label}\n".encode())
+            raw = os.fsencode(os.path.abspath(s.path))
+            h.update(b"%d:%s\t%d\n" % (len(raw), raw, s.label))
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -253,13 +256,19 @@ def read_kaggle_val(folder: str | os.PathLike, csv_path: str | os.PathLike) -> D
     truth: dict[str, str] = {}
     line_of: dict[str, int] = {}
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 image_id = row["ImageId"].strip()
-                truth[image_id] = row["PredictionString"].split()[0]
-                line_of[image_id] = reader.line_num
-    except (KeyError, IndexError, csv.Error) as e:
+                wnid = row["PredictionString"].split()[0]
+                if image_id in truth and truth[image_id] != wnid:  # all or error: no silent pick
+                    raise AffeqError(
+                        f"{csv_path} labels {image_id} twice with different classes (line "
+                        f"{line_of[image_id]}: {truth[image_id]!r}, line {reader.line_num}: "
+                        f"{wnid!r})", "keep one row per image")
+                truth[image_id] = wnid
+                line_of.setdefault(image_id, reader.line_num)
+    except (KeyError, IndexError, AttributeError, csv.Error) as e:
         raise AffeqError(f"{csv_path} is not a Kaggle LOC_val_solution.csv ({e})",
                          "pass the file with columns ImageId,PredictionString") from None
     imgs = _images_in(folder)

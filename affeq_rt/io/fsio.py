@@ -6,7 +6,8 @@ process is gone; a full disk (ENOSPC/EDQUOT) becomes one ``AffeqError`` line say
 space is needed (:func:`space_error`), checked up front where the size is known
 (:func:`check_free_space`) and reserved for real where files are preallocated
 (:func:`preallocate`); every file gets the mode a plain ``open`` would give it (0666 & ~umask);
-:class:`FolderLock` keeps two runs from writing one output.
+:class:`FolderLock` and :func:`output_lock` keep two runs from writing one output;
+:func:`check_path` refuses a path too long for the file system before any ``os`` call trips.
 """
 
 from __future__ import annotations
@@ -52,9 +53,30 @@ def verify_requested(verify: bool | None) -> bool:
     return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def check_path(path: str | os.PathLike, what: str = "output path") -> Path:
+    """AffeqError when ``path`` (or a name in it) is longer than the file system allows: the
+    ``os`` calls would fail with ENAMETOOLONG, and ``Path.exists`` raises it (a traceback)."""
+    p = Path(path)
+    raw = os.fsencode(p)
+    try:
+        name_max = os.pathconf(_existing(p.parent), "PC_NAME_MAX")
+        path_max = os.pathconf(_existing(p.parent), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    text = str(p) if len(str(p)) <= 120 else f"{str(p)[:60]}…{str(p)[-40:]}"
+    long = [n for n in raw.split(b"/") if len(n) > name_max]
+    if long:
+        raise AffeqError(f"{what} {text} has a name of {len(long[0])} bytes; this file system "
+                         f"allows {name_max}", "choose a shorter name")
+    if len(os.fsencode(os.path.abspath(p))) >= path_max:
+        raise AffeqError(f"{what} {text} is {len(raw)} bytes long; this file system allows "
+                         f"{path_max - 1}", "choose a shorter path")
+    return p
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and check we can write there, or raise AffeqError."""
-    p = Path(path)
+    p = check_path(path, "output folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -100,8 +122,9 @@ def free_bytes(folder: str | os.PathLike) -> int:
 def _existing(path: Path) -> Path:
     """``path`` or its nearest existing ancestor (statvfs needs one)."""
     for p in (path, *path.parents):
-        if p.exists():
-            return p
+        with contextlib.suppress(OSError):  # a name too long: look further up
+            if p.exists():
+                return p
     return Path("/")
 
 
@@ -244,7 +267,7 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[Pa
     On any exception the temporary file is removed and ``path`` is left untouched; a full disk
     becomes :func:`space_error`. ``need`` (bytes, when known) is checked before the caller works.
     """
-    dest = Path(path)
+    dest = check_path(path)
     ensure_writable_dir(dest.parent)
     clean_stale(dest.parent)
     if need:
@@ -274,7 +297,7 @@ def atomic_dir(path: str | os.PathLike, need: int | None = None) -> Iterator[Pat
     disk becomes :func:`space_error`). An existing ``path`` is moved aside first and deleted only
     after the new one is in place. Every file in it gets the umask mode.
     """
-    dest = Path(path)
+    dest = check_path(path)
     ensure_writable_dir(dest.parent)
     clean_stale(dest.parent)
     if need:
@@ -309,7 +332,7 @@ def staged_files(folder: str | os.PathLike, need: int | None = None) -> Iterator
     ``folder`` (created if needed; other files there are kept), so a failure (a full disk
     included) leaves no partial set of new files where the user looks. ``need`` (bytes, an
     estimate of the whole set) is checked before the caller writes anything."""
-    dest = Path(folder)
+    dest = check_path(folder)
     ensure_writable_dir(dest.parent)
     clean_stale(dest.parent)
     if need:
@@ -375,33 +398,45 @@ class FolderLock:
     The holder (pid, host, command, start time) is written into the lock file so a refused run
     can say who writes the folder. The kernel drops the lock when the holding process ends (even
     by kill -9), so a lock whose holder died is taken over without any clean-up step.
+
+    ``lock_file`` puts the lock elsewhere (:func:`output_lock`: beside one output file);
+    ``remove`` deletes it on release, race-free: the lock is taken only on a file that is still
+    the one at ``lock_file`` after the ``flock`` (a run that finds it unlinked meanwhile retries),
+    and it is unlinked while still held.
     """
 
-    def __init__(self, folder: str | os.PathLike, what: str = "folder") -> None:
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", *,
+                 lock_file: str | os.PathLike | None = None, remove: bool = False) -> None:
         self.folder = Path(folder)
         self.what = what
+        self._path = Path(lock_file) if lock_file is not None else self.folder / LOCK_FILE
+        self.remove = remove
         self._fd: int | None = None
 
     @property
     def path(self) -> Path:
         """The lock file."""
-        return self.folder / LOCK_FILE
+        return self._path
 
     def acquire(self) -> FolderLock:
         """Take the lock or raise AffeqError naming the run that holds it."""
         if self._fd is not None:
             return self
-        ensure_writable_dir(self.folder)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise AffeqError(f"{self.what} {self.folder} is being written by another affeq-rt run"
-                             f" ({holder})",
-                             "wait for it to finish or stop it, then rerun; never write one "
-                             "output from two runs at once") from None
+        ensure_writable_dir(self.path.parent)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise AffeqError(f"{self.what} {self.folder} is being written by another "
+                                 f"affeq-rt run ({holder})",
+                                 "wait for it to finish or stop it, then rerun; never write one "
+                                 "output from two runs at once") from None
+            if not self.remove or _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder we waited on removed it: lock the new one
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "command": " ".join(sys.argv)[:500],
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -416,14 +451,18 @@ class FolderLock:
             info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
             info = {}
-        if not info:
+        if not isinstance(info, dict) or not info:
             return "holder unknown"
         return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
                 f"{info.get('command')}")
 
     def release(self) -> None:
-        """Drop the lock (the file stays: deleting it would race with a waiting run)."""
+        """Drop the lock (the folder lock's file stays: deleting it would race with a waiting
+        run; an :func:`output_lock`'s file is unlinked while still held, which does not)."""
         if self._fd is not None:
+            if self.remove and _same_file(self._fd, self.path):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -439,6 +478,32 @@ class FolderLock:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether open file ``fd`` is still the file at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def output_lock(path: str | os.PathLike, what: str = "output") -> FolderLock:
+    """The writer lock of one output file (or folder) ``path``, not yet taken: an exclusive
+    ``flock`` on ``.<name>.affeq-rt.lock`` beside it, naming its holder, removed on release.
+
+    Hold it for the whole run that writes ``path`` (its checkpoints included), so a second run
+    writing the same output is refused at once instead of both exiting 0 with one result lost::
+
+        with output_lock(out, "maps file"):
+            ...  # checkpoint, solve, save_maps(out, ...)
+    """
+    dest = Path(path)
+    check_path(dest)
+    lock_file = dest.parent / f".{dest.name[:200]}{LOCK_FILE}"
+    return FolderLock(dest, what, lock_file=lock_file, remove=True)
 
 
 def versions() -> dict[str, str]:

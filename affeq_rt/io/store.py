@@ -63,10 +63,96 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
                          REEXTRACT) from None
 
 
+def _is_safe_name(model: object) -> bool:
+    """Whether ``model`` can name a folder inside the store (and only inside it)."""
+    return (isinstance(model, str) and bool(model) and not model.startswith(".")
+            and not any(c in model for c in "/\\\0"))
+
+
 def _safe_name(model: str) -> str:
-    if not model or "/" in model or model in (".", "..") or model.startswith("."):
+    if not _is_safe_name(model):
         raise AffeqError(f"model name {model!r} cannot be a store folder", "use a registry name")
     return model
+
+
+def _is_inside(rel: object) -> bool:
+    """Whether manifest path ``rel`` names a file inside the store: relative, no ``..``."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+#: ``images.txt`` encodings: "lines" (before issue 23: a path per line, split by
+#: ``str.splitlines``) and "escaped" (a path's bytes per ``\n``-ended line, with ``\\``, ``\n``
+#: and ``\r`` escaped: any file name, newlines, U+2028 and non-UTF-8 bytes included).
+IMAGES_ENCODING = "escaped"
+_UNESCAPE = {b"\\\\": b"\\", b"\\n": b"\n", b"\\r": b"\r"}
+
+
+def encode_image_paths(paths: Sequence[str]) -> bytes:
+    """``images.txt`` bytes for ``paths`` (one escaped line each; see :data:`IMAGES_ENCODING`)."""
+    out = []
+    for p in paths:
+        b = os.fsencode(p).replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        out.append(b + b"\n")
+    return b"".join(out)
+
+
+def decode_image_paths(data: bytes) -> list[str]:
+    """The paths :func:`encode_image_paths` wrote (inverse, exactly)."""
+    import re
+
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [os.fsdecode(re.sub(rb"\\[\\nr]", lambda m: _UNESCAPE[m.group(0)], ln))
+            for ln in lines]
+
+
+def _manifest_problem(man: Any) -> str | None:
+    """What is wrong with a complete store's manifest (None: usable). Checked on every open, so
+    an edited manifest is one error line, and no name in it reaches outside the store."""
+    models = man.get("models")
+    if not isinstance(models, list) or not models:
+        return "'models' is not a list of network names"
+    bad = [m for m in models if not _is_safe_name(m)]
+    if bad:
+        return f"network name {bad[0]!r} is not a folder of the store"
+    if len(set(models)) != len(models):
+        return "'models' names a network twice"
+    n = man.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return f"'n' is {n!r}, not a row count"
+    if man.get("dtype") not in DTYPES:
+        return f"'dtype' is {man.get('dtype')!r}, not one of {', '.join(DTYPES)}"
+    dims, specs = man.get("feature_dims"), man.get("specs")
+    if not isinstance(dims, dict) or not isinstance(specs, dict):
+        return "'feature_dims' or 'specs' is not an object"
+    for m in models:
+        d = dims.get(m)
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            return f"'feature_dims' of {m} is {d!r}"
+        spec = specs.get(m)
+        if not isinstance(spec, dict):
+            return f"'specs' has no object for {m}"
+        off = spec.get("label_offset", 0)
+        if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 0):
+            return f"the label_offset of {m} is {off!r}"
+    for key in ("checksums", "sizes"):
+        table = man.get(key, {})
+        if not isinstance(table, dict):
+            return f"'{key}' is not an object"
+        outside = [rel for rel in table if not _is_inside(rel)]
+        if outside:
+            return f"'{key}' names {outside[0]!r}, a path outside the store"
+    if not all(isinstance(v, str) for v in man.get("checksums", {}).values()):
+        return "'checksums' holds a value that is not a hex digest"
+    if not all(isinstance(v, int) and not isinstance(v, bool)
+               for v in man.get("sizes", {}).values()):
+        return "'sizes' holds a value that is not a byte count"
+    if man.get("images_encoding", "lines") not in ("lines", IMAGES_ENCODING):
+        return f"'images_encoding' is {man.get('images_encoding')!r}"
+    return None
 
 
 F16_MAX = 65504.0
@@ -186,9 +272,12 @@ class FeatureStore:
         if not isinstance(man, dict) or man.get("format") != FORMAT or "models" not in man:
             raise AffeqError(f"{p} has an unknown store format", "re-run affeq-rt extract")
         if not man.get("complete"):
-            raise AffeqError(f"feature store {p} is unfinished "
-                             f"({man.get('progress', {}).get('rows', '?')} rows so far)",
-                             "rerun the same affeq-rt extract command to finish it")
+            raise AffeqError(f"feature store {p} is unfinished", "rerun the same affeq-rt "
+                             "extract command to finish it")
+        problem = _manifest_problem(man)
+        if problem is not None:
+            raise AffeqError(f"feature store {p} has an edited or corrupt manifest.json "
+                             f"({problem})", REEXTRACT)
         store = cls(p, man)
         store.check()
         if verify_requested(verify):
@@ -212,8 +301,20 @@ class FeatureStore:
 
     @property
     def images(self) -> list[str]:
-        """Image paths, one per row."""
-        return (self.path / "images.txt").read_text().splitlines()
+        """Image paths, one per row (any file name: see :data:`IMAGES_ENCODING`)."""
+        f = self.path / "images.txt"
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise AffeqError(f"feature store file {f} is missing", REEXTRACT) from None
+        if self.manifest.get("images_encoding") == IMAGES_ENCODING:
+            paths = decode_image_paths(data)
+        else:  # stores written before the escaped encoding
+            paths = data.decode("utf-8", "surrogateescape").splitlines()
+        if len(paths) != self.n:
+            raise AffeqError(f"feature store file {f} lists {len(paths)} images, the manifest "
+                             f"says {self.n}", REEXTRACT)
+        return paths
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -543,7 +644,7 @@ class StoreWriter:
                                 f"{self.rows} rows")
         for m in self.cfg.models:
             _rewrite_npy_rows(self.path / m / "features.npy", self.rows)
-        write_bytes_atomic(self.path / "images.txt", "".join(f"{s.path}\n" for s in good).encode())
+        write_bytes_atomic(self.path / "images.txt", encode_image_paths([s.path for s in good]))
         with atomic_path(self.path / "labels.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray([s.label for s in good], np.int64))
         files = ["images.txt", "labels.npy"] + [f"{m}/{f}" for m in self.cfg.models
@@ -551,7 +652,8 @@ class StoreWriter:
         checksums = {f: sha256_file(self.path / f) for f in files}
         sizes = {f: (self.path / f).stat().st_size for f in files}
         write_json_atomic(self.path / "manifest.json",
-                          {**self._manifest(True, extra), "checksums": checksums, "sizes": sizes})
+                          {**self._manifest(True, extra), "images_encoding": IMAGES_ENCODING,
+                           "checksums": checksums, "sizes": sizes})
         (self.path / "progress.json").unlink(missing_ok=True)
         self.already_complete = True
         self.close()
