@@ -29,6 +29,8 @@ from mlserver.codecs import NumpyCodec
 from mlserver.codecs.json import encode_to_json_bytes
 from mlserver.errors import MLServerError
 from mlserver.handlers import DataPlane, ModelRepositoryHandlers
+from mlserver.repository import ModelRepository
+from mlserver.settings import ModelSettings
 from mlserver.types import (
     InferenceRequest,
     InferenceResponse,
@@ -78,6 +80,9 @@ class OnnxRuntimeServing(MLModel):
         self._sess = create_session(params.uri, provider=provider)
         self._inputs = {i.name: ORT_TO_OIP.get(i.type, "FP32")
                         for i in self._sess.session.get_inputs()}
+        # each input's dims after the batch (None: dynamic), checked before any data is decoded
+        self._dims = {i.name: [d if isinstance(d, int) else None for d in i.shape[1:]]
+                      for i in self._sess.session.get_inputs()}
         self._outputs = self._sess.output_names
         self.ready = True
         return True
@@ -90,19 +95,22 @@ class OnnxRuntimeServing(MLModel):
             if want is None:
                 raise MLServerError(f"unknown input {inp.name!r}; this model takes "
                                     f"{sorted(self._inputs)}", status_code=400)
+            if inp.name in feeds:
+                raise MLServerError(f"input {inp.name!r} is given twice; send each input once",
+                                    status_code=400)
             if inp.datatype != want:
                 raise MLServerError(f"input {inp.name!r} is {inp.datatype}, the model takes "
                                     f"{want}", status_code=400)
-            if inp.shape and inp.shape[0] > MAX_BATCH:
-                raise MLServerError(f"input {inp.name!r} has a batch of {inp.shape[0]}; this "
-                                    f"server takes at most {MAX_BATCH} per request; split the "
-                                    f"batch", status_code=413)
+            self._check_shape(inp.name, list(inp.shape))
             try:
                 arr = np.ascontiguousarray(NumpyCodec.decode_input(inp), OIP_TO_NUMPY[want])
             except (ValueError, TypeError, OverflowError) as e:
                 raise MLServerError(f"input {inp.name!r} does not match its shape {inp.shape} "
                                     f"and datatype {want} ({_one_line(e)})",
                                     status_code=400) from None
+            if list(arr.shape) != list(inp.shape):  # the codec reshapes; nothing may be inferred
+                raise MLServerError(f"input {inp.name!r} decodes to shape {list(arr.shape)}, "
+                                    f"not the {inp.shape} it states", status_code=400)
             feeds[inp.name] = arr
         missing = set(self._inputs) - set(feeds)
         if missing:
@@ -123,10 +131,47 @@ class OnnxRuntimeServing(MLModel):
         )
 
 
+    def _check_shape(self, name: str, shape: list[int]) -> None:
+        """The stated shape, before any data is decoded: the model's rank and fixed dims, no
+        negative (inferred) dimension, and a batch of at most ``MAX_BATCH`` — the only bound on
+        what a request may make the server allocate, so it must hold whatever the shape says."""
+        dims = self._dims[name]
+        expected = [-1, *(d if d is not None else -1 for d in dims)]
+        if any(d < 0 for d in shape):
+            raise MLServerError(f"input {name!r} has a negative dimension in its shape {shape}; "
+                                f"state every dimension (the model takes {expected})",
+                                status_code=400)
+        if len(shape) != len(dims) + 1 or any(want is not None and got != want for got, want
+                                               in zip(shape[1:], dims, strict=True)):
+            raise MLServerError(f"input {name!r} has shape {shape}, the model takes "
+                                f"{expected}", status_code=400)
+        if shape[0] > MAX_BATCH:
+            raise MLServerError(f"input {name!r} has a batch of {shape[0]}; this server takes "
+                                f"at most {MAX_BATCH} per request; split the batch",
+                                status_code=413)
+
+
 def _one_line(e: BaseException) -> str:
     """An exception as one short line (onnxruntime's messages span several)."""
     text = " ".join(str(e).split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+class NoRepository(ModelRepository):
+    """MLServer's model repository for a server of fixed models: it holds nothing and reads no
+    folder (the models come from the command line). With it no private folder of links is
+    needed, so a ``kill -9`` of the server leaves nothing behind."""
+
+    def __init__(self, root: str = "", **_: Any) -> None:
+        self._root = root  # never read
+
+    async def list(self) -> list[ModelSettings]:
+        """Nothing: models are never discovered on disk."""
+        return []
+
+    async def find(self, name: str) -> list[ModelSettings]:  # noqa: ARG002 - the interface
+        """Nothing: models are never discovered on disk."""
+        return []
 
 
 class LockedRepositoryHandlers(ModelRepositoryHandlers):
@@ -198,8 +243,13 @@ class BodyLimit:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        enc = headers.get("content-encoding", "identity").strip().lower()
-        if enc not in ("", "identity"):
+        # every Content-Encoding header and every coding in each (a list may repeat the header,
+        # and MLServer inflates if any says gzip): anything but identity is refused
+        codings = [c.strip().lower() for k, v in scope.get("headers", [])
+                   if k.decode("latin-1").lower() == "content-encoding"
+                   for c in v.decode("latin-1").split(",")]
+        enc = ", ".join(c for c in codings if c not in ("", "identity"))
+        if enc:
             await _reply(send, 415, f"Content-Encoding {enc!r} is not accepted; send the body "
                                     "uncompressed")
             return
@@ -459,6 +509,57 @@ class ClientErrorsOneLine(logging.Filter):
         return True
 
 
+def check_raw_inputs(request: Any) -> None:
+    """A gRPC ``ModelInferRequest``'s raw tensors, checked before MLServer unpacks them (its
+    converter raised ``struct.error``, answered INTERNAL with a traceback, on a short tensor):
+    one raw entry per input without typed contents, each exactly its shape's bytes, no negative
+    dimension, a batch of at most ``MAX_BATCH``. MLServerError (400) otherwise."""
+    raw = list(request.raw_input_contents)
+    if not raw:
+        return
+    pending = [i for i in request.inputs
+               if not (i.HasField("contents") and i.contents.ListFields())]
+    if len(pending) != len(raw):
+        raise MLServerError(f"the request has {len(raw)} raw_input_contents for {len(pending)} "
+                            "input(s) without contents; send one per input", status_code=400)
+    for inp, blob in zip(pending, raw, strict=True):
+        what = f"input {inp.name!r}"
+        shape = list(inp.shape)
+        if inp.datatype not in OIP_TO_NUMPY:
+            raise MLServerError(f"{what} is {inp.datatype}, which this server does not take as "
+                                f"raw data; use one of {sorted(OIP_TO_NUMPY)}", status_code=400)
+        if any(d < 0 for d in shape):
+            raise MLServerError(f"{what} has a negative dimension in its shape {shape}",
+                                status_code=400)
+        if shape and shape[0] > MAX_BATCH:
+            raise MLServerError(f"{what} has a batch of {shape[0]}; this server takes at most "
+                                f"{MAX_BATCH} per request; split the batch", status_code=413)
+        need = math.prod(shape) * np.dtype(OIP_TO_NUMPY[inp.datatype]).itemsize
+        if len(blob) != need:
+            raise MLServerError(f"{what} has {len(blob)} bytes of raw data; shape {shape} of "
+                                f"{inp.datatype} takes {need}", status_code=400)
+
+
+def _check_grpc_inputs(grpc_server: Any) -> None:
+    """Make ``grpc_server`` (MLServer's ``GRPCServer``, not started yet) check raw tensors with
+    :func:`check_raw_inputs` before its inference servicer converts a request."""
+    create = grpc_server._create_server
+
+    def create_checked() -> Any:
+        server = create()
+        servicer = grpc_server._inference_servicer
+        convert = servicer._InsertHeaders
+
+        def checked(request: Any, context: Any) -> InferenceRequest:
+            check_raw_inputs(request)
+            return convert(request, context)
+
+        servicer._InsertHeaders = checked
+        return server
+
+    grpc_server._create_server = create_checked
+
+
 class LockedMLServer(MLServer):
     """MLServer serving a fixed set of models: repository load/unload refused, readiness over the
     expected models, bounded request bodies, malformed requests answered 400 in one line, and
@@ -475,6 +576,7 @@ class LockedMLServer(MLServer):
             self._model_repository_handlers, self._served_names)
         self._data_plane = ExpectedDataPlane(self._data_plane, self._served_names)
         super()._create_servers()
+        _check_grpc_inputs(self._grpc_server)
         app = self._rest_server._app
         app.add_exception_handler(RequestValidationError, _bad_request)  # bad JSON too
         app.add_exception_handler(Exception, _internal)

@@ -8,11 +8,13 @@ Triton's schema first). Clients: ``tritonclient.http.InferenceServerClient("127.
 it comes: JSON tensors and the protocol's binary tensor extension (Triton's clients' default;
 ``oip_runtime.BinaryTensors``) both work.
 
-What the server exposes: only the models named on the command line, linked from a private folder
-(mode 0700, removed on exit) that is MLServer's model repository root; the repository API's load
-and unload are refused (403), readiness (``/v2/health/ready``) is true only while every served
-model is loaded and ready; request bodies are capped (413) and malformed requests answered 400 in
-one line (``oip_runtime.LockedMLServer``). docs/RELIABILITY.md lists these promises and their tests.
+What the server exposes: only the models named on the command line. MLServer's model repository
+is ``oip_runtime.NoRepository`` (it holds nothing and reads no folder), so nothing can be planted
+for it and nothing is written to disk that a ``kill -9`` could leave behind; the repository API's
+load and unload are refused (403), readiness (``/v2/health/ready``) is true only while every
+served model is loaded and ready; request bodies are capped (413) and malformed requests answered
+400 in one line (``oip_runtime.LockedMLServer``). docs/RELIABILITY.md lists these promises and
+their tests.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,44 +102,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def private_repository(models: list[ServedModel]) -> tuple[Path, list[ServedModel]]:
-    """A new folder (mode 0700) holding ``<name>/<version>/model.onnx`` links to the served files:
-    MLServer's repository root, where nobody else can plant a model or a Python file. Returns the
-    folder and the models with their paths inside it; the caller removes the folder."""
-    root = Path(tempfile.mkdtemp(prefix="affeq-rt-serve-"))  # mkdtemp creates it 0700
-    os.chmod(root, 0o700)
-    linked = []
-    for m in models:
-        d = root / m.name / m.version
-        d.mkdir(parents=True, mode=0o700)
-        (d / "model.onnx").symlink_to(m.path.resolve())
-        # a >2 GiB hybrid keeps its tensors in `<file>.data` beside it, found relative to the
-        # model's folder: link that too, under the name the graph records
-        data = m.path.resolve().with_name(m.path.resolve().name + ".data")
-        if data.is_file():
-            (d / data.name).symlink_to(data)
-        linked.append(ServedModel(m.name, m.version, d / "model.onnx"))
-    return root, linked
-
-
 def settings_for(models: list[ServedModel], host: str, port: int, grpc_port: int,
-                 provider: str, repository_root: str | os.PathLike) -> tuple[Any, list[Any]]:
-    """MLServer ``Settings`` (no metrics server, no worker pool, ``repository_root`` as the
-    model repository) and one ``ModelSettings`` each."""
+                 provider: str) -> tuple[Any, list[Any]]:
+    """MLServer ``Settings`` (no metrics server, no worker pool, a model repository that holds
+    nothing: ``oip_runtime.NoRepository``) and one ``ModelSettings`` each, whose ``uri`` is the
+    served file itself (a >2 GiB hybrid's ``.data`` file is found beside it)."""
     from mlserver.settings import ModelParameters, ModelSettings, Settings
 
-    from affeq_rt.deploy.oip_runtime import OnnxRuntimeServing
+    from affeq_rt.deploy.oip_runtime import NoRepository, OnnxRuntimeServing
 
     settings = Settings(host=host, http_port=port, grpc_port=grpc_port, metrics_endpoint=None,
                         parallel_workers=0, load_models_at_startup=False,
-                        model_repository_root=str(repository_root))
+                        model_repository_implementation=NoRepository)
     ms = []
     for m in models:
         ins, outs = _metadata_tensors(m.path)
         ms.append(ModelSettings(
             name=m.name, implementation=OnnxRuntimeServing, platform="onnxruntime_onnx",
             versions=[m.version], inputs=ins, outputs=outs,
-            parameters=ModelParameters(uri=str(m.path), version=m.version,
+            parameters=ModelParameters(uri=str(m.path.resolve()), version=m.version,
                                        extra={"provider": provider}),
         ))
     return settings, ms
@@ -155,24 +136,23 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
     if port == 0:
         port = free_port(host)
     grpc_port = port + 1 if grpc_port is None else grpc_port
+    if grpc_port == port:
+        raise AffeqError(f"--grpc-port {grpc_port} is the same as --port: REST and gRPC need a "
+                         "port each", "pass another --grpc-port (default: --port + 1)")
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
     for m in models:  # a model that cannot load is an error here, not a log line in the server
         create_session(m.path, provider=provider)
-    root, linked = private_repository(models)
-    try:
-        settings, model_settings = settings_for(linked, host, port, grpc_port, provider, root)
-        for m in models:
-            announce(f"serving {m.name} (v{m.version}, {m.path}) at "
-                     f"http://{host}:{port}/v2/models/{m.name}  (gRPC {host}:{grpc_port})")
+    settings, model_settings = settings_for(models, host, port, grpc_port, provider)
+    for m in models:
+        announce(f"serving {m.name} (v{m.version}, {m.path}) at "
+                 f"http://{host}:{port}/v2/models/{m.name}  (gRPC {host}:{grpc_port})")
 
-        async def main() -> None:
-            from affeq_rt.deploy.oip_runtime import LockedMLServer
+    async def main() -> None:
+        from affeq_rt.deploy.oip_runtime import LockedMLServer
 
-            server = LockedMLServer(settings, [m.name for m in models])
-            await server.start(model_settings)
+        server = LockedMLServer(settings, [m.name for m in models])
+        await server.start(model_settings)
 
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main())
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

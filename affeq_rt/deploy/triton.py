@@ -71,7 +71,12 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
     dynamic batch, every other one fixed."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # OSError, or onnx's DecodeError on a file that is not ONNX
+        raise AffeqError(f"{path} is not a readable ONNX model ({e.__class__.__name__})",
+                         "rebuild it with affeq-rt build-hybrid (a copy was cut short or "
+                         "replaced)") from None
     names = {v: k for k, v in onnx.TensorProto.DataType.items()}
     inits = {t.name for t in model.graph.initializer}
 
@@ -284,7 +289,12 @@ def read_repository(repo: str | os.PathLike) -> list[RepoModel]:
         model = versions[-1] / MODEL_FILE
         if not model.is_file():
             raise AffeqError(f"{model} is missing", "rebuild with affeq-rt build-hybrid")
-        cfg = validate_config(cfg_path.read_text(), model, d, source=str(cfg_path))
+        try:
+            text = cfg_path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AffeqError(f"{cfg_path} cannot be read ({e.__class__.__name__})",
+                             "regenerate it with affeq-rt build-hybrid --server-repo") from None
+        cfg = validate_config(text, model, d, source=str(cfg_path))
         if cfg.name and cfg.name != d.name:
             raise AffeqError(f"{cfg_path} names the model {cfg.name!r}, its folder is {d.name!r}",
                              "make them agree")

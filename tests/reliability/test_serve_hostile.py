@@ -17,6 +17,7 @@ import http.client
 import json
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,19 @@ LOAD_REQUESTS, LOAD_THREADS, LOAD_WITHIN_S = 200, 8, 120.0
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request to 127.0.0.1:port (10 s timeout): (status, headers, body)."""
+            headers: dict[str, str] | Sequence[tuple[str, str]] | None = None
+            ) -> tuple[int, dict[str, str], bytes]:
+    """One request to 127.0.0.1:port (10 s timeout): (status, headers, body). ``headers`` may
+    be pairs, so that a header can be sent twice."""
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.putrequest(method, path)
+        for k, v in pairs:
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -147,13 +156,24 @@ REQUEST_CASES = [
     _json("wrong shape", oip_body([1, 3, 32, 32], [0.0] * 10), 400, "does not match its shape"),
     _json("strings as FP32", oip_body([1, 3, 32, 32], ["a"] * 3072), 400, "does not match"),
     _json("wrong datatype", oip_body([1, 3, 32, 32], [0] * 3072, "INT64"), 400, "is INT64"),
-    _json("wrong image size", oip_body([1, 3, 8, 8], [0.0] * 192), 400, "inference failed"),
+    _json("wrong image size", oip_body([1, 3, 8, 8], [0.0] * 192), 400,
+          "has shape [1, 3, 8, 8], the model takes [-1, 3, 32, 32]"),
+    # issue 23: a shape of -1 let the data say the batch (200 images passed the 64 cap)
+    _json("inferred batch dimension", oip_body([-1, 3, 32, 32], [0.0] * 3072 * 65), 400,
+          "negative dimension"),
+    _json("input given twice", json.dumps({"inputs": [json.loads(oip_body(
+        [1, 3, 32, 32], [0.0] * 3072))["inputs"][0]] * 2}).encode(), 400, "given twice"),
     _json("unknown input", oip_body([1, 3, 32, 32], [0.0] * 3072).replace(b'"image"',
                                                                           b'"pixels"'),
           400, "unknown input 'pixels'"),
     _json("batch over the cap", oip_body([65, 3, 32, 32], [0.0]), 413, "at most 64"),
     _json("gzip body", b"\x1f\x8b", 415, "send the body uncompressed",
           (("Content-Encoding", "gzip"),)),
+    # issue 23: the last of two Content-Encoding headers was read; MLServer inflates any gzip
+    _json("gzip, then identity", b"\x1f\x8b", 415, "send the body uncompressed",
+          (("Content-Encoding", "gzip"), ("Content-Encoding", "identity"))),
+    _json("identity, gzip in one header", b"\x1f\x8b", 415, "send the body uncompressed",
+          (("Content-Encoding", "identity, gzip"),)),
     _bin("size does not match the shape", 400, "has 12284 bytes of binary data",
          tail=F32[:-4]),
     _bin("truncated body", 400, "the body is truncated", size=len(F32), tail=F32[:-100]),
@@ -209,7 +229,7 @@ def test_hostile_client(hybrid: tuple[Path, np.ndarray], tmp_path: Path) -> None
         # ---- the repository API: nothing loads, nothing unloads, the index lists one model
         for case in REQUEST_CASES:
             status, _, body = request(port, case.method, case.path.format(name=NAME),
-                                      case.body, dict(case.headers))
+                                      case.body, case.headers)
             assert status == case.status, (case.name, status, body[:300])
             assert case.message in one_line_error(body), (case.name, body[:300])
         status, _, body = request(port, "POST", "/v2/repository/index", b"{}",
@@ -217,6 +237,7 @@ def test_hostile_client(hybrid: tuple[Path, np.ndarray], tmp_path: Path) -> None
         assert status == 200, body
         assert [m["name"] for m in json.loads(body)] == [NAME]
         _grpc_repository_refused(grpc_port)
+        _grpc_short_tensor_refused(grpc_port)
         # ---- a body announced over the cap is refused before it is read (JSON and binary)
         for extra in ("", "\r\nInference-Header-Content-Length: 10"):
             reply = _announce(port, MAX_BODY_BYTES + 1, extra)
@@ -290,3 +311,27 @@ def _grpc_repository_refused(grpc_port: int) -> None:
         with pytest.raises(grpc.RpcError, match="unloading models is disabled"):
             stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=NAME),
                                        timeout=10)
+
+
+def _grpc_short_tensor_refused(grpc_port: int) -> None:
+    """Raw gRPC tensors of the wrong size, or more raw entries than inputs: INVALID_ARGUMENT in
+    one line (MLServer's converter raised struct.error: INTERNAL, a traceback in the log)."""
+    import grpc
+    from mlserver.grpc import dataplane_pb2 as pb
+    from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+
+    def infer(*raw: bytes) -> None:
+        t = pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32",
+                                                  shape=[1, 3, 32, 32])
+        stub.ModelInfer(pb.ModelInferRequest(model_name=NAME, inputs=[t],
+                                             raw_input_contents=list(raw)), timeout=10)
+
+    with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for raw, message in (((F32[:400],), "has 400 bytes of raw data"),
+                             ((F32, F32), "2 raw_input_contents for 1 input")):
+            with pytest.raises(grpc.RpcError) as err:
+                infer(*raw)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert message in err.value.details(), err.value.details()
+        infer(F32)  # the right size still answers
