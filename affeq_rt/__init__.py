@@ -16,12 +16,12 @@ Long calls take ``progress=`` (any :class:`Progress`; None is silent). User erro
 from __future__ import annotations
 
 from affeq_rt._version import __version__
+from affeq_rt.cluster import RayExecutor
 from affeq_rt.core import GramAccumulator, backends, evaluate_heads, resolve_device
 from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
 from affeq_rt.deploy.metadata import read_metadata as inspect
 from affeq_rt.deploy.predict import predict
 from affeq_rt.deploy.serve import serve
-from affeq_rt.dist import RayExecutor
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, load_maps, save_maps

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.dist.executor import RayExecutor, executor_for
+from affeq_rt.cluster.ray import RayExecutor, executor_for
 from affeq_rt.method.extract import ImageOptions
 
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
@@ -70,6 +70,17 @@ GpusPerWorker = Annotated[float, typer.Option(
 ShardSize = Annotated[int | None, typer.Option(
     "--shard-size", show_default=False, help="With --executor ray: images per shard, the unit "
     "of scheduling and commit (default 1024 for extract, 16384 for fit).")]
+
+#: Seeds reach NumPy and torch generators: a negative one was a traceback (issue 23).
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}
+FitSeed = Annotated[int, typer.Option(
+    "--seed", **SEED_RANGE, help="Seed of the held-out split and Adam batches.")]
+NoiseSeed = Annotated[int, typer.Option(
+    "--seed", **SEED_RANGE, help="Seed of the salt-and-pepper noise.")]
+DemoSeed = Annotated[int, typer.Option(
+    "--seed", **SEED_RANGE, help="Seed of the digits split, training and views.")]
+Iterations = Annotated[int, typer.Option(
+    "--iterations", min=1, help="Adam steps (method adam).")]
 
 
 def model_list(models: str | None) -> list[str] | None:

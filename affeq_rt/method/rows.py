@@ -2,7 +2,7 @@
 
 One protocol (:class:`RowSource`), three implementations: in-memory arrays (:class:`ArraySource`),
 a feature store or anything with its reading protocol (:class:`StoreSource`), and an image folder
-(:class:`ImageSource`: networks opened through ``method.extract``'s building blocks, each image
+(:class:`ImageSource`: networks opened through ``method.images``' building blocks, each image
 decoded once). :func:`row_source` picks one for what the caller passed.
 
 Groups (issue 11): several rows can come from one source image (crops and flips of one photo).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,10 +24,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from affeq_rt.data.readers import DataSource
+from affeq_rt.engine.reducer import Chunk
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.store import FeatureStore, StoreLike
-from affeq_rt.method.extract import (
+from affeq_rt.method.images import (
     ImageOptions,
     Network,
     feature_batches,
@@ -62,21 +62,6 @@ def path_groups(paths: Sequence[str]) -> np.ndarray | None:
     return group_ids([group_key(p) for p in paths])
 
 
-@dataclass
-class Chunk:
-    """Joint rows of samples ``start``…``stop``: ``x`` float32 [rows, Σd], C-contiguous.
-
-    ``ok`` marks the samples that have a row (None: all of them); ``skipped`` lists the others as
-    ``{index, path, reason}``.
-    """
-
-    start: int
-    stop: int
-    x: np.ndarray
-    ok: np.ndarray | None = None
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-
-
 @runtime_checkable
 class RowSource(Protocol):
     """What ``fit`` reads: model names, widths, sample count, joint rows, heads, metadata."""
@@ -95,8 +80,13 @@ class RowSource(Protocol):
         """Feature width per model."""
         ...
 
-    def chunks(self, start: int) -> Iterator[Chunk]:
-        """Joint rows from sample ``start`` on, in order."""
+    @property
+    def grain(self) -> int:
+        """Samples per chunk (shards of a pass are multiples of it)."""
+        ...
+
+    def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
+        """Rows of samples ``start``…``stop`` (None: to the end), in order."""
         ...
 
     def heads(self) -> dict[str, Head] | None:
@@ -136,6 +126,15 @@ def source_labels(rows: Any) -> np.ndarray | None:
     return None if lab is None or bool((np.asarray(lab) < 0).all()) else np.asarray(lab, np.int64)
 
 
+def model_slices(names: Sequence[str], dims: Mapping[str, int]) -> dict[str, slice]:
+    """Where each model's features sit in the joint row [F_1 … F_k]."""
+    out, o = {}, 0
+    for n in names:
+        out[n] = slice(o, o + int(dims[n]))
+        o += int(dims[n])
+    return out
+
+
 def parse_names(models: str | Sequence[str] | None) -> list[str] | None:
     """``"a,b"`` or a list → names (blanks dropped); None or empty → None (all models)."""
     if models is None:
@@ -144,9 +143,11 @@ def parse_names(models: str | Sequence[str] | None) -> list[str] | None:
     return [m for m in names if m] or None
 
 
-def _joint(parts: Sequence[Any], a: int, b: int) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate([np.asarray(p[a:b], np.float32) for p in parts],
-                                               axis=1))
+def _array_chunks(arrays: Mapping[str, Any], start: int, stop: int) -> Iterator[Chunk]:
+    """Chunks of :data:`CHUNK` samples of row-aligned arrays (views; joint rows on first use)."""
+    for a in range(start, stop, CHUNK):
+        b = min(a + CHUNK, stop)
+        yield Chunk(a, b, {m: x[a:b] for m, x in arrays.items()})
 
 
 class ArraySource:
@@ -199,12 +200,11 @@ class ArraySource:
         """Feature width per model."""
         return {m: int(a.shape[1]) for m, a in self._arrays.items()}
 
-    def chunks(self, start: int) -> Iterator[Chunk]:
-        """Joint rows in chunks of :data:`CHUNK`."""
-        parts = [self._arrays[m] for m in self._names]
-        for a in range(start, self._n, CHUNK):
-            b = min(a + CHUNK, self._n)
-            yield Chunk(a, b, _joint(parts, a, b))
+    grain = CHUNK
+
+    def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
+        """Rows in chunks of :data:`CHUNK`."""
+        yield from _array_chunks(self._arrays, start, self._n if stop is None else stop)
 
     def heads(self) -> dict[str, Head] | None:
         """The heads given, if any."""
@@ -251,12 +251,25 @@ class StoreSource:
         """Feature width per model."""
         return dict(self._dims)
 
-    def chunks(self, start: int) -> Iterator[Chunk]:
-        """Joint rows in chunks of :data:`CHUNK` (read from the memory-mapped arrays)."""
-        parts = [self.store.features(m) for m in self._names]
-        for a in range(start, self._n, CHUNK):
-            b = min(a + CHUNK, self._n)
-            yield Chunk(a, b, _joint(parts, a, b))
+    grain = CHUNK
+
+    def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
+        """Rows in chunks of :data:`CHUNK` (read from the memory-mapped arrays)."""
+        parts = {m: self.store.features(m) for m in self._names}
+        yield from _array_chunks(parts, start, self._n if stop is None else stop)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a cluster worker: a store on disk travels as its path (reopened there)."""
+        path = getattr(self.store, "path", None)
+        st = dict(self.__dict__)
+        if path is not None:
+            st["store"] = str(path)
+        return st
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        if isinstance(st["store"], str):
+            st = {**st, "store": FeatureStore.open(st["store"])}
+        self.__dict__.update(st)
 
     def groups(self) -> np.ndarray | None:
         """Groups from the stored image paths (:func:`group_key`); None for in-memory stores."""
@@ -318,8 +331,16 @@ class ImageSource:
     def networks(self) -> list[Network]:
         """The opened backbones (exported on first use)."""
         o = self.options
-        return open_networks(self._names, provider=o.provider, export_root=o.export_root,
+        nets = open_networks(self._names, provider=o.provider, export_root=o.export_root,
                              random_weights=o.random_weights)
+        for net in nets:  # on a cluster worker: the driver's exports, or one line
+            want = getattr(self, "_exports", {}).get(net.name)
+            if want is not None and net.onnx_sha256 != want:
+                raise AffeqError(
+                    f"worker on {os.uname().nodename} has another export of {net.name} "
+                    f"({net.export_dir}) than the driver", "use one shared --export-root, or "
+                    "copy the driver's export folder to every node")
+        return nets
 
     @cached_property
     def _description(self) -> dict[str, Any]:
@@ -334,14 +355,31 @@ class ImageSource:
         """Feature width per model."""
         return {net.name: net.dim for net in self.networks}
 
-    def chunks(self, start: int) -> Iterator[Chunk]:
+    @property
+    def grain(self) -> int:
+        """The batch size: one chunk per batch."""
+        return int(self.options.batch_size)
+
+    def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
         """One chunk per batch of the decode-once loader; unreadable images have no row."""
         nets, o = self.networks, self.options
-        for batch, feats in feature_batches(nets, self.data.samples, o.batch_size, o.workers,
-                                            start):
-            x = np.ascontiguousarray(np.concatenate([feats[m] for m in self._names], axis=1))
-            yield Chunk(batch.start, batch.stop, x, batch.ok,
+        samples = self.data.samples if stop is None else self.data.samples[:stop]
+        for batch, feats in feature_batches(nets, samples, o.batch_size, o.workers, start):
+            yield Chunk(batch.start, batch.stop, {m: feats[m] for m in self._names}, batch.ok,
                         [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a cluster worker: the samples and options, not the open sessions; the
+        worker opens its own networks and refuses exports other than these."""
+        return {"names": self._names, "data": self.data, "options": self.options,
+                "max_images": self._max_images,
+                "exports": {net.name: net.onnx_sha256 for net in self.networks}}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self._names, self.options = st["names"], st["options"]
+        self._data = self.__dict__["data"] = st["data"]
+        self._max_images = st["max_images"]
+        self._exports = st["exports"]
 
     def groups(self) -> np.ndarray | None:
         """Groups from the image paths (:func:`group_key`)."""

@@ -126,8 +126,7 @@ class Prior:
            pinv_dst: tuple[np.ndarray, int] | None = None) -> Prior:
         """M₀ = W_B⁺ W_A, b₀ = W_B⁺ (b_A − b_B) (``solvers.logit_pinv``; ``pinv_dst`` reuses B's
         pseudo-inverse)."""
-        w, b, _ = solvers.logit_pinv((head_a.weight, head_a.bias), (head_b.weight, head_b.bias),
-                                     pinv_dst=pinv_dst)
+        w, b, _ = solvers.logit_pinv(head_a, head_b, pinv_dst=pinv_dst)
         return cls(w, b, head_b)
 
     def logits(self, x: np.ndarray) -> np.ndarray:

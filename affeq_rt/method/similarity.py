@@ -32,12 +32,14 @@ from typing import Any
 import numpy as np
 
 from affeq_rt.core.gram import GramAccumulator
+from affeq_rt.engine import Executor, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import read_json
+from affeq_rt.method.reducers import GramReducer, RowNorms
 from affeq_rt.method.results import EvalTable
-from affeq_rt.method.rows import RowSource, row_source
+from affeq_rt.method.rows import RowSource, model_slices, row_source
 from affeq_rt.method.solvers import Moments, SourceEig, source_eig
-from affeq_rt.progress import Progress, or_silent
+from affeq_rt.progress import Progress
 
 #: The N×N measures, in display order, with a one-line meaning each.
 MEASURES: dict[str, str] = {
@@ -49,84 +51,6 @@ MEASURES: dict[str, str] = {
     "procrustes": "orthogonal Procrustes distance d² of normalised features (0 = same)",
 }
 SVCCA_VARIANCE = 0.99
-
-
-class RowNorms:
-    """Streaming fourth-moment statistics of joint rows for debiased CKA.
-
-    For per-model squared norms r_m(i) = ‖x_i[P_m] − c[P_m]‖² of rows shifted by a fixed reference
-    c (the first rows' mean, so the sums stay small), keeps n, T = Σ r rᵀ (k×k) and
-    U = Σ r (x − c)ᵀ (k×D), float64. With the Gram's mean and scatter they give
-    Σ_i ‖x̃_i[P_a]‖² ‖x̃_i[P_b]‖² for centred rows x̃ exactly (:meth:`centred_products`). Rows with NaN
-    or Inf are skipped, as the Gram accumulator skips them.
-    """
-
-    def __init__(self, slices: Mapping[str, slice], dim: int) -> None:
-        self.names = list(slices)
-        self.slices = dict(slices)
-        self.dim = int(dim)
-        self.n = 0
-        k = len(self.names)
-        self.ref: np.ndarray | None = None
-        self.t = np.zeros((k, k))
-        self.u = np.zeros((k, self.dim))
-
-    def update(self, x: np.ndarray) -> None:
-        """Add rows ``[m, D]`` (float32/float64)."""
-        x = np.asarray(x, np.float64)
-        x = x[np.isfinite(x).all(axis=1)]
-        if not x.shape[0]:
-            return
-        if self.ref is None:
-            self.ref = x.mean(axis=0)
-        y = x - self.ref
-        r = np.stack([np.einsum("ij,ij->i", y[:, s], y[:, s]) for s in self.slices.values()],
-                     axis=1)  # [m, k]
-        self.t += r.T @ r
-        self.u += r.T @ y
-        self.n += int(x.shape[0])
-
-    def to_state(self) -> dict[str, Any]:
-        """JSON-ready state (floats round-trip exactly through JSON), for checkpoints."""
-        return {"n": self.n, "ref": None if self.ref is None else self.ref.tolist(),
-                "t": self.t.tolist(), "u": self.u.tolist()}
-
-    @classmethod
-    def from_state(cls, slices: Mapping[str, slice], dim: int,
-                   state: Mapping[str, Any]) -> RowNorms:
-        """Inverse of :meth:`to_state`."""
-        out = cls(slices, dim)
-        out.n = int(state["n"])
-        out.ref = None if state["ref"] is None else np.array(state["ref"], np.float64)
-        out.t = np.array(state["t"], np.float64).reshape(out.t.shape)
-        out.u = np.array(state["u"], np.float64).reshape(out.u.shape)
-        return out
-
-    def centred_products(self, moments: Moments) -> np.ndarray:
-        """C[a, b] = Σ_i ‖x̃_i[P_a]‖² ‖x̃_i[P_b]‖² over centred rows (k×k), from these sums and the
-        Gram's mean and scatter over the same rows.
-
-        With δ = μ − c, s_a(i) = (x_i − c)[P_a]·δ_a, e_a = ‖δ_a‖², R_a = Σ_i r_a(i):
-        ‖x̃_i[P_a]‖² = r_a − 2 s_a + e_a, and Σ_i s_a = n e_a, so
-        C = T − 2(V + Vᵀ) + R eᵀ + e Rᵀ + 4 Q + n e eᵀ with V[a,b] = U[a, P_b]·δ_b and
-        Q[a,b] = δ_aᵀ S_ab δ_b.
-        """
-        if int(moments.n) != self.n:
-            raise AffeqError(f"row statistics cover {self.n} rows but the Gram {int(moments.n)}",
-                             "accumulate both over the same rows")
-        k = len(self.names)
-        if self.n == 0 or self.ref is None:
-            return np.zeros((k, k))
-        delta = moments.mean() - self.ref
-        sl = list(self.slices.values())
-        e = np.array([float(delta[s] @ delta[s]) for s in sl])
-        # R_a = Σ_i r_a(i), the trace of the shifted second moment: tr S_aa + n e_a
-        rsum = np.array([float(np.trace(moments.scatter(s, s))) for s in sl]) + self.n * e
-        v = np.array([[float(self.u[i, s] @ delta[s]) for s in sl] for i in range(k)])
-        q = np.array([[float(delta[a] @ moments.scatter(a, b) @ delta[b]) for b in sl]
-                      for a in sl])
-        return (self.t - 2.0 * (v + v.T) + np.outer(rsum, e) + np.outer(e, rsum) + 4.0 * q
-                + self.n * np.outer(e, e))
 
 
 @dataclass
@@ -288,29 +212,19 @@ def _debiased_cka(c4: np.ndarray, xty: np.ndarray, tr: np.ndarray, n: int) -> np
     return np.where(np.outer(d, d) > 0, out, np.nan)
 
 
-def accumulate_joint(rows: RowSource, device: str = "auto",
-                     progress: Progress | None = None) -> tuple[GramAccumulator, RowNorms]:
+def accumulate_joint(rows: RowSource, device: str = "auto", progress: Progress | None = None,
+                     executor: Executor | None = None) -> tuple[GramAccumulator, RowNorms]:
     """One pass over every row of ``rows``: the joint Gram and the row statistics."""
-    dims = rows.dims()
-    slices, o = {}, 0
-    for m in rows.names:
-        slices[m] = slice(o, o + int(dims[m]))
-        o += int(dims[m])
-    acc = GramAccumulator(o, device=device)
-    norms = RowNorms(slices, o)
-    bar = or_silent(progress)
-    bar.start("similarity", total=rows.n)
-    for c in rows.chunks(0):
-        acc.update(c.x)
-        norms.update(c.x)
-        bar.advance(c.stop - c.start)
-    bar.done()
-    return acc, norms
+    g = GramReducer(model_slices(rows.names, rows.dims()), np.zeros(rows.n, bool), device,
+                    row_norms=True)
+    run_pass(rows, {"gram": g}, executor=executor, progress=progress, task="similarity")
+    return g.train, g.norms
 
 
 def similarity(source: Any, models: str | Sequence[str] | None = None, *,
                max_images: int | None = None, device: str = "auto",
-               progress: Progress | None = None) -> SimilarityTable:
+               progress: Progress | None = None,
+               executor: Executor | None = None) -> SimilarityTable:
     """Every similarity measure between every pair of ``models`` over ALL rows of ``source``
     (a feature store or its folder, ``{model: [n, d]}`` arrays, or any RowSource): one pass, exact.
     """
@@ -320,9 +234,8 @@ def similarity(source: Any, models: str | Sequence[str] | None = None, *,
     if rows.arrays() is None:
         raise AffeqError("similarity reads feature rows, not images",
                          "run affeq-rt extract first, then similarity --features STORE")
-    acc, norms = accumulate_joint(rows, device, progress)
-    slices = norms.slices
-    return similarity_from_moments(acc, slices, norms, source=rows.describe())
+    acc, norms = accumulate_joint(rows, device, progress, executor)
+    return similarity_from_moments(acc, norms.slices, norms, source=rows.describe())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from affeq_rt.errors import AffeqError
+from affeq_rt.io.heads import Head
 
-METHODS = ("auto", "ols", "ridge", "prior-ridge", "prior-pca", "logit-pinv", "adam", "naive")
+
 PRIOR_METHODS = ("prior-ridge", "prior-pca")
 # Eigenvalues of S_AA at or below rcond·λ_max count as null (numpy's convention: relative to the
 # largest). The default follows the precision of the moments: the compiled Gram forms every product
@@ -216,19 +217,19 @@ def head_pinv(w: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, int]:
     return (vt[keep].T / sv[keep]) @ u[:, keep].T, int(keep.sum())
 
 
-def logit_pinv(head_src: tuple[np.ndarray, np.ndarray], head_dst: tuple[np.ndarray, np.ndarray],
-               rcond: float = 1e-12, pinv_dst: tuple[np.ndarray, int] | None = None
+def logit_pinv(head_src: Head, head_dst: Head, rcond: float = 1e-12,
+               pinv_dst: tuple[np.ndarray, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Through the logits (thesis §5.5): M = W_B⁺ W_A, bias W_B⁺ (b_A − b_B).
 
-    Heads are (weight [K, d], bias [K]) over the same K classes in the same order (a TF-slim
-    background row is stripped once, where heads are loaded: :class:`affeq_rt.io.heads.Head`).
+    The heads score the same K classes in the same order (a TF-slim background row is stripped
+    once, where heads are loaded: :class:`affeq_rt.io.heads.Head`).
     The map reproduces A's logits through B's head exactly when W_B has full row rank
     (K ≤ d_B); ``logits_exact`` says so. ``pinv_dst`` (from :func:`head_pinv` on B's weight)
     reuses B's SVD across sources.
     """
-    wa, ba = (np.asarray(x, np.float64) for x in head_src)
-    wb, bb = (np.asarray(x, np.float64) for x in head_dst)
+    wa, ba = (np.asarray(x, np.float64) for x in (head_src.weight, head_src.bias))
+    wb, bb = (np.asarray(x, np.float64) for x in (head_dst.weight, head_dst.bias))
     if wa.shape[0] != wb.shape[0]:
         raise AffeqError(f"the heads score different numbers of classes ({wa.shape[0]} and "
                          f"{wb.shape[0]})", "map between networks with the same label set")
