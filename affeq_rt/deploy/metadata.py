@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,7 +69,33 @@ def hybrid_preprocessing(meta: Mapping[str, Any], path: str | os.PathLike) -> \
         raise AffeqError(f"{path} records no preprocessing (not a hybrid, or an older one)",
                          "rebuild it with affeq-rt build-hybrid")
     pre = Preprocessing.from_dict(rec, source=f"{path} preprocessing metadata")
+    if not all(math.isfinite(v) for v in (*pre.mean, *pre.std)):  # NaN passed validate()
+        raise AffeqError(f"{path} preprocessing metadata: mean {list(pre.mean)} / std "
+                         f"{list(pre.std)} are not all finite numbers", REBUILD)
     return pre, bool(rec.get("in_graph", False))
+
+
+def check_input_record(meta: Mapping[str, Any], inputs: list[dict[str, Any]],
+                       path: str | os.PathLike) -> None:
+    """AffeqError if the ``preprocessing`` record lies about the graph's input: its name, layout
+    (NCHW float or NHWC uint8) and size must be the graph's (``inputs`` as read_metadata lists
+    them). Nothing to check without a record."""
+    rec = meta.get("preprocessing")
+    if not isinstance(rec, Mapping) or "input_size" not in rec:
+        return
+    try:
+        s = int(rec["input_size"])
+    except (TypeError, ValueError):
+        raise AffeqError(f"{path} preprocessing metadata: input_size {rec['input_size']!r} is "
+                         "not a number", REBUILD) from None
+    in_graph = bool(rec.get("in_graph", False))
+    name = rec.get("input", INPUT_NAME)
+    want = (["N", s, s, 3], "UINT8") if in_graph else (["N", 3, s, s], None)
+    got = next((i for i in inputs if i["name"] == name), None)
+    if got is None or got["shape"][1:] != want[0][1:] or (want[1] and got["type"] != want[1]):
+        graph = ", ".join(f"{i['name']} {i['type']} {i['shape']}" for i in inputs)
+        raise AffeqError(f"{path} preprocessing metadata says input {name!r} is "
+                         f"{want[1] or 'float'} {want[0]}, the graph takes {graph}", REBUILD)
 
 
 def set_metadata(model: onnx.ModelProto, info: Mapping[str, Any]) -> None:
@@ -180,4 +207,5 @@ def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict[s
         "opset": default_opset(model), "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
     }
+    check_input_record(meta, io["inputs"], p)
     return {"path": str(p), "metadata": meta, "graph": io, "integrity": integrity}
