@@ -9,11 +9,17 @@ scikit-image's photos as JPEG files.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+# The suite runs offline through the standard variable (Hugging Face's, which affeq-rt honours for
+# every hub): set before any test imports huggingface_hub, inherited by every CLI subprocess. A
+# test of the download path sets it back itself (tests/test_weights.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def require_package(module: str, pip_name: str | None = None) -> None:

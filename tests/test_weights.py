@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,33 +132,113 @@ def test_safetensors_and_nested_checkpoints(tmp_path: Path) -> None:
     assert set(load_state_dict(nested)) == set(sd)
 
 
-def test_hub_weights_are_not_downloaded_by_default(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("AFFEQ_RT_DOWNLOAD", raising=False)
-    assert hub_file("timm/pnasnet5large.tf_in1k") is None
-    assert hub_file("torchvision/GoogLeNet_Weights.IMAGENET1K_V1") is None
+def test_offline_refuses_in_one_line_naming_file_and_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1 (the standard variable; the suite sets it in conftest): nothing is
+    fetched, and the refusal names the missing file, the cache looked in and the way out."""
+    import affeq_rt.model.weights as w
     from affeq_rt.model.build import build_model
 
-    with pytest.raises(AffeqError, match="AFFEQ_RT_DOWNLOAD=1.*--weights FILE.*--random-weights"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(w, "hub_download", lambda hub: pytest.fail(f"downloaded {hub}"))
+    assert hub_file("timm/pnasnet5large.tf_in1k") is None
+    assert hub_file("torchvision/GoogLeNet_Weights.IMAGENET1K_V1") is None
+    with pytest.raises(AffeqError) as err:
         build_model(get_spec("pnasnet"))
+    msg = str(err.value)
+    assert f"model.safetensors of timm/pnasnet5large.tf_in1k are not in the cache " \
+           f"{tmp_path / 'hf'}" in msg
+    for fix in ("HF_HUB_OFFLINE", "--weights FILE", "--random-weights"):
+        assert fix in msg
+    assert "\n" not in msg
 
 
-def test_opt_in_download_goes_to_the_hub_and_fails_cleanly_offline(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("value", ["", "0", "false"])
+def test_online_is_the_default_and_a_cache_hit_downloads_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     import affeq_rt.model.weights as w
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network from tests
-    monkeypatch.setenv("AFFEQ_RT_DOWNLOAD", "1")
-    # The real huggingface_hub call is made (offline mode makes it fail at once) and its
-    # failure becomes one AffeqError line.
-    with pytest.raises(AffeqError, match="could not download timm/pnasnet5large.tf_in1k"):
-        w.hub_file("timm/pnasnet5large.tf_in1k")
-    # With a cache hit nothing is downloaded.
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert not w.offline()
     called: list[str] = []
+    monkeypatch.setattr(w, "hub_download", lambda hub: called.append(hub) or tmp_path / "new")
+    assert w.hub_file("timm/pnasnet5large.tf_in1k") == tmp_path / "new"  # missing: fetched
     monkeypatch.setattr(w, "_cached_hub_file", lambda _hub: tmp_path / "cached.safetensors")
-    monkeypatch.setattr(w, "hub_download", lambda hub: called.append(hub))
     assert w.hub_file("timm/pnasnet5large.tf_in1k") == tmp_path / "cached.safetensors"
-    assert called == []
+    assert called == ["timm/pnasnet5large.tf_in1k"]
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", *args], text=True,
+                          capture_output=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize(("flag", "variable"), [((), "1"), (("--offline",), "0")])
+def test_export_offline_is_one_line(tmp_path: Path, flag: tuple[str, ...], variable: str) -> None:
+    """issue 24's must-show: ``HF_HUB_OFFLINE=1 affeq-rt export pnasnet`` with nothing cached
+    (and ``--offline`` without the variable)."""
+    res = _cli("export", "pnasnet", "--export-root", str(tmp_path / "exports"), *flag,
+               env={"HF_HUB_OFFLINE": variable, "HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert res.returncode == 1, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert f"model.safetensors of timm/pnasnet5large.tf_in1k are not in the cache " \
+           f"{tmp_path / 'hf'}" in lines[0]
+
+
+@pytest.mark.slow  # huggingface_hub retries 5 times with back-off: about 23 s
+def test_export_online_tries_the_hub_and_fails_in_one_line(tmp_path: Path) -> None:
+    """Without the variable the export downloads on first use: here the hub is a closed local
+    port (HF_ENDPOINT), so every try is refused, and the failure is one line naming the file,
+    the cache and the cause (the retries' warnings are not shown)."""
+    from affeq_rt.deploy.serve import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    res = _cli("export", "pnasnet", "--export-root", str(tmp_path / "exports"),
+               env={"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"),
+                    "HF_ENDPOINT": endpoint})
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert f"downloading weights on first use into {tmp_path / 'hf'}" in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    assert "could not download timm/pnasnet5large.tf_in1k (model.safetensors) into " \
+           f"{tmp_path / 'hf'}: ConnectionRefusedError" in errors[0]
+    assert "Retrying" not in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "exports" / "pnasnet5large").exists()
+
+
+def test_torchvision_weights_download_into_torch_hub(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real HTTP transfer (a local server stands for download.pytorch.org) lands in torch
+    hub's ``checkpoints`` folder under the URL's file name, and loads; the second call is a
+    cache hit."""
+    import functools
+    import http.server
+    import threading
+
+    import torch
+
+    import affeq_rt.model.weights as w
+
+    served = tmp_path / "site"
+    served.mkdir()
+    torch.save({"weight": torch.arange(6.0).reshape(2, 3)}, served / "tiny-0123abcd.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-0123abcd.pth"
+    cache = tmp_path / "torch" / "checkpoints"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(w, "hub_location",
+                        lambda hub: w.HubWeights(hub, "tiny-0123abcd.pth", cache, url=url))
+    try:
+        got = w.hub_file("torchvision/Tiny_Weights.X")
+        assert got == cache / "tiny-0123abcd.pth"
+        assert torch.equal(load_state_dict(got)["weight"], torch.arange(6.0).reshape(2, 3))
+        server.shutdown()  # the second call must not need the network
+        assert w.hub_file("torchvision/Tiny_Weights.X") == got
+    finally:
+        server.server_close()

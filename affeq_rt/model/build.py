@@ -1,7 +1,8 @@
 """Build a registry backbone in torch: the architecture (timm/torchvision) plus its weights source.
 
 Weights come from the spec (an installed package, a local file, the local hub cache), from a
-``--weights FILE``, or are random (seeded); nothing is downloaded unless ``AFFEQ_RT_DOWNLOAD=1``.
+``--weights FILE``, or are random (seeded). Hub weights missing from the cache are downloaded on
+first use, unless ``HF_HUB_OFFLINE=1`` (or ``--offline``) keeps the run offline.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import sha256_file
-from affeq_rt.model.weights import adapt, hub_file, load_state_dict, load_strict, package_file
+from affeq_rt.model.weights import (
+    OFFLINE_ENV,
+    adapt,
+    hub_file,
+    hub_location,
+    load_state_dict,
+    load_strict,
+    package_file,
+)
 from affeq_rt.registry.spec import BackboneSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,11 +43,13 @@ def _default_source(spec: BackboneSpec) -> tuple[Path, str]:
         return p, f"file:{p}"
     if w.kind == "hub":
         p = hub_file(str(w.hub))
-        if p is None:
-            raise AffeqError(f"no local weights for {spec.name}: {w.hub} is not in the local "
-                             "hub cache (downloads are off)",
-                             "set AFFEQ_RT_DOWNLOAD=1 to fetch it, or pass --weights FILE "
-                             "(a state dict for this architecture) or --random-weights")
+        if p is None:  # only when offline: otherwise hub_file downloads or raises
+            loc = hub_location(str(w.hub))
+            raise AffeqError(f"{spec.name}'s weights {loc.file} of {w.hub} are not in the cache "
+                             f"{loc.cache} and downloads are off ({OFFLINE_ENV}=1 or --offline)",
+                             f"unset {OFFLINE_ENV} (drop --offline) to download them, or pass "
+                             "--weights FILE (a state dict for this architecture) or "
+                             "--random-weights")
         return p, f"hub:{w.hub}"
     raise AffeqError(f"{spec.name} has no registered weights",
                      "pass --weights FILE or --random-weights")

@@ -1,15 +1,21 @@
-"""Safe checkpoint loading, and key adapters fitting foreign checkpoints strictly into models.
+"""Safe checkpoint loading, key adapters fitting foreign checkpoints strictly into models, and hub
+weights fetched on first use.
 
 Nothing is unpickled beyond tensors: ``torch.load(weights_only=True)`` or safetensors. A
-checkpoint whose keys or shapes do not fit the model raises AffeqError naming them.
+checkpoint whose keys or shapes do not fit the model raises AffeqError naming them. Hub weights
+(timm's Hugging Face repos, torchvision's URLs) are downloaded into the libraries' own caches
+when missing, as timm and torchvision do; ``HF_HUB_OFFLINE=1`` (or ``--offline``) turns that off.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,70 +168,140 @@ def package_file(package: str, rel: str) -> Path:
     raise AffeqError(f"package {package} lacks its weights file {rel}", "reinstall the package")
 
 
-def download_allowed() -> bool:
-    """Hub downloads are opt-in: ``AFFEQ_RT_DOWNLOAD=1`` (default off: runs stay offline)."""
-    return os.environ.get("AFFEQ_RT_DOWNLOAD", "").strip().lower() in ("1", "true", "yes")
+#: The standard switch (Hugging Face's; timm and affeq-rt honour it for every hub): "1", "on",
+#: "yes" or "true" keeps every run offline. ``--offline`` sets it for the process.
+OFFLINE_ENV = "HF_HUB_OFFLINE"
+_announced: set[str] = set()
 
 
-def hub_download(hub: str) -> Path:
-    """Fetch a hub weight tag into its usual cache (only when ``download_allowed()``)."""
+def offline() -> bool:
+    """True when downloads are off: ``HF_HUB_OFFLINE`` set as huggingface_hub reads it."""
+    return os.environ.get(OFFLINE_ENV, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def set_offline() -> None:
+    """``--offline``: no download in this process or the workers it starts."""
+    os.environ[OFFLINE_ENV] = "1"
+
+
+def hf_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub, else ``$XDG_CACHE_HOME``/huggingface/hub, as huggingface_hub resolves it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Where a hub weight tag lives: the file, the cache folder it goes into, and its URL (for
+    torchvision; timm's come from the Hugging Face repo ``repo``)."""
+
+    hub: str
+    file: str
+    cache: Path
+    url: str | None = None
+    repo: str | None = None
+
+
+def hub_location(hub: str) -> HubWeights:
+    """The file and cache of ``timm/<arch>.<tag>`` (Hugging Face) or
+    ``torchvision/<Enum>.<member>`` (torch hub's ``checkpoints``); AffeqError if unknown."""
     lib, _, ident = hub.partition("/")
-    try:
-        if lib == "timm":
-            from huggingface_hub import hf_hub_download
+    if lib == "timm" and ident:
+        return HubWeights(hub, "model.safetensors", hf_cache(), repo=hub)
+    if lib == "torchvision" and ident:
+        import torch
+        import torchvision.models as tvm
 
-            return Path(hf_hub_download(hub, "model.safetensors"))
-        if lib == "torchvision":
-            import torch
-            import torchvision.models as tvm
-
-            enum_name, _, member = ident.partition(".")
-            url = getattr(getattr(tvm, enum_name), member).url
-            torch.hub.load_state_dict_from_url(url, progress=True, weights_only=True)
-            got = hub_file(hub, download=False)
-            if got is not None:
-                return got
-    except Exception as e:  # network, auth, or unknown tag: one line, no traceback
-        raise AffeqError(f"could not download {hub}: {e.__class__.__name__}: {e}",
-                         "check the network, or pass --weights FILE") from None
+        enum_name, _, member = ident.partition(".")
+        enum = getattr(tvm, enum_name, None)
+        if enum is not None and hasattr(enum, member):
+            url = str(getattr(enum, member).url)
+            return HubWeights(hub, url.rsplit("/", 1)[-1],
+                              Path(torch.hub.get_dir()) / "checkpoints", url=url)
     raise AffeqError(f"unknown hub weights tag {hub}", "fix the spec's weights.hub")
 
 
+def _announce(loc: HubWeights) -> None:
+    """Say once per cache folder where downloads go (the libraries draw the byte progress)."""
+    if str(loc.cache) not in _announced:
+        _announced.add(str(loc.cache))
+        print(f"affeq-rt: downloading weights on first use into {loc.cache} "
+              f"({OFFLINE_ENV}=1 or --offline keeps runs offline)", file=sys.stderr, flush=True)
+    print(f"affeq-rt: downloading {loc.hub} ({loc.file})", file=sys.stderr, flush=True)
+
+
+def hub_download(hub: str) -> Path:
+    """Fetch a hub weight tag into its usual cache, with the library's progress bar; a network,
+    auth or missing-file failure is one AffeqError line."""
+    loc = hub_location(hub)
+    _announce(loc)
+    hf_log = logging.getLogger("huggingface_hub")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its retries (5, with back-off) log a warning each
+    try:
+        if loc.repo is not None:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(loc.repo, loc.file, cache_dir=str(loc.cache)))
+        import torch
+
+        loc.cache.mkdir(parents=True, exist_ok=True)
+        dst = loc.cache / loc.file
+        torch.hub.download_url_to_file(str(loc.url), str(dst), progress=True)  # via a temp file
+        return dst
+    except Exception as e:  # network, auth, disk: one line, no traceback
+        raise AffeqError(f"could not download {hub} ({loc.file}) into {loc.cache}: "
+                         f"{_root_cause(e)}",
+                         "check the network (or a proxy), or pass --weights FILE / "
+                         "--random-weights") from None
+    finally:
+        hf_log.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first cause of a chained exception, as one short line (huggingface_hub wraps a DNS or
+    connection failure in a long "cannot find the requested files" message)."""
+    seen = [e]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    root = seen[-1]
+    text = " ".join(str(root).split())
+    return f"{root.__class__.__name__}: {text[:300]}"
+
+
 def hub_file(hub: str, download: bool | None = None) -> Path | None:
-    """Local file for a hub weight tag: the cache, else a download when allowed, else None.
+    """Local file for a hub weight tag: the cache, else a download (unless ``offline()``, or
+    ``download=False``), else None.
 
     ``timm/<arch>.<tag>``: the Hugging Face cache (``model.safetensors`` or ``pytorch_model.bin``).
-    ``torchvision/<Enum>.<member>``: torch hub's ``checkpoints`` folder. Downloads happen only
-    with ``AFFEQ_RT_DOWNLOAD=1`` (``download=None``) or ``download=True``.
+    ``torchvision/<Enum>.<member>``: torch hub's ``checkpoints`` folder.
     """
     found = _cached_hub_file(hub)
-    if found is None and (download_allowed() if download is None else download):
+    if found is None and (not offline() if download is None else download):
         return hub_download(hub)
     return found
 
 
 def _cached_hub_file(hub: str) -> Path | None:
     """The locally cached file for a hub weight tag, or None."""
-    lib, _, ident = hub.partition("/")
-    if lib == "torchvision":
-        import torch
-        import torchvision.models as tvm
-
-        enum_name, _, member = ident.partition(".")
-        enum = getattr(tvm, enum_name, None)
-        if enum is None or not hasattr(enum, member):
-            return None
-        url = getattr(enum, member).url
-        p = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-        return p if p.is_file() else None
-    if lib == "timm":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-            return None
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            got = try_to_load_from_cache(hub, fname)
-            if isinstance(got, str) and Path(got).is_file():
-                return Path(got)
+    try:
+        loc = hub_location(hub)
+    except AffeqError:
         return None
+    if loc.repo is None:
+        p = loc.cache / loc.file
+        return p if p.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        got = try_to_load_from_cache(loc.repo, fname, cache_dir=str(loc.cache))
+        if isinstance(got, str) and Path(got).is_file():
+            return Path(got)
     return None

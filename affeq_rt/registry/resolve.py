@@ -159,8 +159,10 @@ def _timm_offline(hub_id: str | None) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return False
+    from affeq_rt.model.weights import hf_cache
+
     for fname in ("model.safetensors", "pytorch_model.bin"):
-        got = try_to_load_from_cache(hub_id, fname)
+        got = try_to_load_from_cache(hub_id, fname, cache_dir=str(hf_cache()))
         if isinstance(got, str) and os.path.isfile(got):
             return True
     return False
