@@ -1,126 +1,49 @@
 """Decode-once feature extraction: each image decoded once, fed to every network, rows to a store.
 
-:func:`open_networks` resolves names, exports (or reuses) each backbone and opens its
-``features.onnx``; :func:`feature_batches` streams (batch, features-per-model) from the decode-once
-loader; :func:`extract` writes a resumable :class:`~affeq_rt.io.store.FeatureStore`. The image
-options (:class:`ImageOptions`) are shared with ``fit``'s image source.
+:func:`extract` writes a resumable :class:`~affeq_rt.io.store.FeatureStore` with one pass of the
+engine (``engine.run_pass``) over the images (``method.rows.ImageSource``), feeding one reducer,
+:class:`StoreWriterReducer`, that writes the rows through the store's ``StoreWriter``. The store is
+its own checkpoint: a rerun resumes at its committed sample. The building blocks (networks,
+batches, :class:`ImageOptions`) live in ``method.images`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from affeq_rt.data.loader import Batch, iter_batches
-from affeq_rt.data.preprocess import preprocess_key
-from affeq_rt.data.readers import DataSource, discover
-from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import sha256_file
-from affeq_rt.io.heads import Head, load_head
+from affeq_rt.data.readers import DataSource
+from affeq_rt.engine import Chunk, Executor, LocalExecutor, run_pass
+from affeq_rt.engine.reducer import State
+from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.io.heads import load_head
 from affeq_rt.io.store import DTYPES as STORE_DTYPES
 from affeq_rt.io.store import StoreConfig, StoreWriter
-from affeq_rt.method.executor import Executor
-from affeq_rt.onnx.export import ensure_exported
-from affeq_rt.onnx.exported import ExportedBackbone
-from affeq_rt.onnx.runtime import create_session
-from affeq_rt.progress import Progress, or_silent
+from affeq_rt.method.images import (
+    ImageOptions,
+    Network,
+    feature_batches,
+    load_data,
+    open_networks,
+    parse_models,
+    run_network,
+    spec_dict,
+)
+from affeq_rt.method.rows import ImageSource
+from affeq_rt.progress import Progress
 from affeq_rt.registry.spec import get_spec
 
+__all__ = ["EXTRACT_SHARD", "ExtractResult", "ImageOptions", "Network", "StoreWriterReducer",
+           "check_image_options", "check_labels", "extract", "feature_batches", "load_data",
+           "open_networks", "parse_models", "run_network", "spec_dict"]
 
-@dataclass(frozen=True)
-class ImageOptions:
-    """How images are read and run through the networks (``extract`` and ``fit`` on images)."""
-
-    batch_size: int = 32
-    workers: int = 2  # decoding processes (0: decode in this process)
-    provider: str = "auto"  # onnxruntime provider: auto|tensorrt|cuda|cpu
-    random_weights: bool = False  # export with random weights (tests, benchmarks)
-    export_root: str | os.PathLike | None = None  # export cache folder (default: the user's)
-    labels: str | None = None  # label file of a flat folder
-    meta: str | None = None  # devkit meta.mat
-
-
-@dataclass
-class Network:
-    """One opened backbone: canonical name, spec, export folder, ORT session, feature width, its
-    classifier (background rows stripped) and the export's head file (copied into stores)."""
-
-    name: str
-    spec: Any
-    export_dir: Path
-    session: Any
-    dim: int
-    head: Head
-    head_path: Path
-    onnx_sha256: str
-
-    @property
-    def key(self) -> tuple:
-        """Preprocessing key: networks with equal keys share one input tensor."""
-        return preprocess_key(self.spec)
-
-
-def parse_models(models: str | Sequence[str]) -> list[str]:
-    """``"a,b,c"`` or a list → canonical registry names, duplicates removed, order kept."""
-    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
-    out: list[str] = []
-    for n in names:
-        if not n:
-            continue
-        c = get_spec(n).name
-        if c not in out:
-            out.append(c)
-    if not out:
-        raise AffeqError("no models given", "pass --models A,B,… (see affeq-rt models)")
-    return out
-
-
-def open_networks(models: Sequence[str], provider: str = "auto",
-                  export_root: str | os.PathLike | None = None,
-                  random_weights: bool = False) -> list[Network]:
-    """Export (or reuse the export of) each model and open its features graph."""
-    nets = []
-    for name in models:
-        path = Path(ensure_exported(name, root=export_root, random_weights=random_weights))
-        exp = ExportedBackbone(path)
-        head = exp.classifier_head()
-        sess = create_session(exp.features_path, provider=provider)
-        nets.append(Network(name, exp.spec, path, sess, head.dim, head, Path(exp.head_path),
-                            sha256_file(exp.features_path)))
-    return nets
-
-
-def spec_dict(spec: Any) -> dict[str, Any]:
-    """A spec as plain JSON (BackboneSpec or dict)."""
-    return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
-
-
-def run_network(net: Network, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Features of one network on one preprocessed batch, float32 [r, d]."""
-    if x.shape[0] == 0:
-        return np.zeros((0, net.dim), np.float32)
-    out = np.asarray(net.session.run(x, batch_size=batch_size), np.float32)
-    if out.ndim != 2 or out.shape != (x.shape[0], net.dim):
-        raise AffeqError(f"{net.name}'s features graph returned shape {out.shape}, expected "
-                         f"({x.shape[0]}, {net.dim})", "re-export the model (affeq-rt export)")
-    return out
-
-
-def feature_batches(nets: Sequence[Network], samples: Sequence[Any], batch_size: int,
-                    workers: int, start: int = 0) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """Yield (batch, {model: float32 features of its readable images}) from sample ``start``."""
-    if start >= len(samples):  # a resumed run whose samples were all consumed: nothing left
-        return
-    specs = [n.spec for n in nets]
-    for batch in iter_batches(samples, specs, batch_size=batch_size, workers=workers, start=start):
-        feats = {n.name: run_network(n, batch.tensors[n.key], batch_size) for n in nets}
-        yield batch, feats
+EXTRACT_SHARD = 1024  # images per shard on a cluster executor (rounded up to the batch grid)
 
 
 @dataclass
@@ -153,11 +76,83 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def load_data(data: str | os.PathLike | DataSource, labels: str | None = None,
-              meta: str | None = None, max_images: int | None = None) -> DataSource:
-    """Resolve ``data`` (path or DataSource) with :func:`data.discover`; cut to ``max_images``."""
-    src = data if isinstance(data, DataSource) else discover(data, labels=labels, meta=meta)
-    return src.head(max_images)
+
+class StoreWriterReducer:
+    """The rows of a feature store, in sample order, as a reducer of the pass engine.
+
+    In place (``writer`` given) each chunk's readable rows go through ``writer.write`` at the
+    next free row; :attr:`rows` counts them (from the writer's committed rows on) and
+    :meth:`take_skipped` hands over the unreadable samples not yet committed. :meth:`fresh` is a
+    collector for a worker's shard: the rows in memory (float32, as the networks returned them;
+    converted to the store's dtype, and checked, only when written) and its skipped samples.
+    Merging one writes its rows through the writer, so the store's bytes do not depend on how the
+    rows arrived. ``dims``: each model's feature width, in the store's model order.
+    """
+
+    def __init__(self, dims: Mapping[str, int], writer: StoreWriter | None = None) -> None:
+        self.dims = {m: int(d) for m, d in dims.items()}
+        self.writer = writer
+        self.rows = int(writer.rows) if writer is not None else 0
+        self.skipped: list[dict[str, Any]] = []
+        self.parts: dict[str, list[np.ndarray]] = {m: [] for m in self.dims}
+
+    def fresh(self) -> StoreWriterReducer:
+        """An empty collector of the same models."""
+        return StoreWriterReducer(self.dims)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A collector pickles as itself; the writer (open arrays, the store's lock) never
+        leaves this process."""
+        if self.writer is not None:
+            raise InternalError("only a collector StoreWriterReducer travels to a worker")
+        return dict(self.__dict__)
+
+    def _add(self, columns: Mapping[str, np.ndarray], skipped: Sequence[dict[str, Any]]) -> None:
+        counts = {int(np.shape(columns[m])[0]) for m in self.dims}
+        if len(counts) != 1:
+            raise InternalError(f"rows of one chunk differ in count between models: {counts}")
+        for m in self.dims:
+            if self.writer is not None:
+                self.writer.write(m, self.rows, columns[m])
+            else:
+                self.parts[m].append(np.array(columns[m], np.float32))
+        self.rows += counts.pop()
+        self.skipped += skipped
+
+    def update(self, chunk: Chunk) -> None:
+        """Write (or keep) the chunk's readable rows; note its unreadable samples."""
+        self._add(chunk.columns, chunk.skipped)
+
+    def merge(self, other: StoreWriterReducer) -> None:
+        """Write (or keep) the rows of the following shard's collector."""
+        self._add(other.columns(), other.skipped)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """A collector's rows per model, float32 ``[rows, d]``."""
+        if self.writer is not None:
+            raise InternalError("the rows of a store being written are in the store")
+        return {m: (np.concatenate(p) if p else np.zeros((0, self.dims[m]), np.float32))
+                for m, p in self.parts.items()}
+
+    def take_skipped(self) -> list[dict[str, Any]]:
+        """The unreadable samples noted since the last call (what the next commit records)."""
+        out, self.skipped = self.skipped, []
+        return out
+
+    def state(self) -> State:
+        """A collector's rows (``features.<model>``), row count and skipped samples. (The store
+        being written is its own checkpoint: it has no state.)"""
+        return {"rows": self.rows, "skipped": list(self.skipped),
+                **{f"features.{m}": x for m, x in self.columns().items()}}
+
+    def load(self, st: State) -> None:
+        """Restore :meth:`state` into a fresh collector."""
+        self.rows, self.skipped = int(st["rows"]), list(st["skipped"])
+        for m, d in self.dims.items():
+            x = np.asarray(st[f"features.{m}"], np.float32)
+            if x.shape != (self.rows, d):
+                raise InternalError(f"a state of {self.rows} rows holds {m} rows {x.shape}")
+            self.parts[m] = [x]
 
 
 def check_image_options(opt: ImageOptions, dtype: str | None = None,
@@ -186,29 +181,30 @@ def check_labels(src: DataSource, classes: int) -> None:
                          "fix the label file: labels are class indices of the networks' heads")
 
 
+
 def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
             out: str | os.PathLike, *, dtype: str = "float16", images: ImageOptions | None = None,
             max_images: int | None = None, commit_every: float = 5.0,
             progress: Progress | None = None, executor: Executor | None = None) -> ExtractResult:
     """Run every model over the images and write (or finish) a feature store at ``out``.
 
-    Rows are committed at most every ``commit_every`` seconds (and at the end), always at a batch
+    Rows are committed at most every ``commit_every`` seconds (and at the end), always at a shard
     boundary of the sample grid, so a rerun after any interruption redoes the same batches and
     writes the same bytes. ``progress`` counts images (resumed ones included in ``done``).
-    ``executor`` (None: this process) runs the networks elsewhere, e.g. on a Ray cluster
-    (``affeq_rt.dist.RayExecutor``); it commits shard by shard through the same writer, so the
-    store is byte-identical.
+    ``executor`` (None: ``LocalExecutor``, one shard per batch) runs the networks elsewhere, e.g.
+    on a Ray cluster (``affeq_rt.cluster.RayExecutor``, shards of its ``shard_size`` or
+    :data:`EXTRACT_SHARD` images); its shards are written through the same writer in shard order,
+    so the store is byte-identical.
     """
     opt = images or ImageOptions()
     check_image_options(opt, dtype, max_images)
     if Path(out).exists() and not Path(out).is_dir():
         raise AffeqError(f"--out {out} is a file, not a feature store folder",
                          "choose a new folder for --out")
-    names = parse_models(models)
-    src = load_data(data, opt.labels, opt.meta, max_images)
+    rows = ImageSource(data, models, opt, max_images)
+    names, src = rows.names, rows.data
     check_labels(src, min(s.num_classes - s.label_offset for s in map(get_spec, names)))
-    nets = open_networks(names, provider=opt.provider, export_root=opt.export_root,
-                         random_weights=opt.random_weights)
+    nets = rows.networks
     heads = {n.name: load_head(n.head_path) for n in nets}
     cfg = StoreConfig(models=names, dims={n.name: n.dim for n in nets},
                       specs={n.name: spec_dict(n.spec) for n in nets},
@@ -218,33 +214,27 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     if writer.already_complete:
         return ExtractResult(Path(out), names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
     bs = writer.cfg.batch_size  # a resumed store keeps its batch grid
+    rows.options = replace(opt, batch_size=bs)
     start = writer.samples_done
-    rows = writer.rows
-    pending_skips: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    last_commit = t0
-    bar = or_silent(progress)
-    bar.start("extract", total=len(src), done=start)
-    if executor is not None:
-        executor.extract_into(writer, src.samples, opt, bar)
-        rows = writer.rows
-    for batch, feats in (() if executor is not None else
-                         feature_batches(nets, src.samples, bs, opt.workers, start=start)):
-        for name, f in feats.items():
-            writer.write(name, rows, f)
-        rows += int(batch.ok.sum())
-        pending_skips += [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped]
-        bar.advance(batch.stop - batch.start)
+    store = StoreWriterReducer({m: cfg.dims[m] for m in names}, writer)
+    ex = executor if executor is not None else LocalExecutor()
+    t0 = last_commit = time.perf_counter()
+
+    def commit(stop: int) -> None:
+        nonlocal last_commit
         now = time.perf_counter()
-        if now - last_commit >= commit_every or batch.stop == len(src):
-            writer.commit(batch.stop, rows, pending_skips)
-            pending_skips, last_commit = [], now
-    bar.done()
+        if now - last_commit >= commit_every or stop == len(src):
+            writer.commit(stop, store.rows, store.take_skipped())
+            last_commit = now
+
+    run_pass(rows, {"store": store}, executor=ex, on_commit=commit, progress=progress,
+             shard=ex.shard_size or (bs if isinstance(ex, LocalExecutor) else EXTRACT_SHARD),
+             task="extract", start=start)
     seconds = time.perf_counter() - t0
     rate = (len(src) - start) / seconds if seconds > 0 else 0.0  # this run's images only
     if writer.samples_done != len(src):  # empty tail (start == len) or nothing to do
-        writer.commit(len(src), rows, pending_skips)
-    if rows == 0:
+        writer.commit(len(src), store.rows, store.take_skipped())
+    if writer.rows == 0:
         first = writer.skipped[0] if writer.skipped else {"path": "?", "reason": "?"}
         writer.discard()  # no rows: no state worth resuming; the corrected command starts over
         raise AffeqError(f"none of the {len(src)} images could be read (e.g. {first['path']}: "
