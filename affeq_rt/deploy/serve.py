@@ -24,6 +24,7 @@ import contextlib
 import importlib.util
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from affeq_rt.deploy.metadata import default_model_name, read_metadata
 from affeq_rt.deploy.triton import check_name, onnx_io, read_repository
 from affeq_rt.errors import AffeqError
 from affeq_rt.onnx.runtime import create_session
+
+#: The first Python MLServer 1.7.1 (its latest release) does not install on: pyproject.toml's
+#: serve extra leaves it out there (docs/ARCHITECTURE.md, "Serving base").
+MLSERVER_PYTHONS = (3, 13)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,12 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
           announce: Any = print) -> None:
     """Serve ``target`` until interrupted (SIGINT/SIGTERM stop it gracefully)."""
     if importlib.util.find_spec("mlserver") is None:
+        if sys.version_info >= MLSERVER_PYTHONS:  # the serve extra skips it there
+            raise AffeqError(f"affeq-rt serve runs on MLServer, which does not support Python "
+                             f"{sys.version_info.major}.{sys.version_info.minor} (3.10-3.12 "
+                             "only; MLServer issue #2288)",
+                             "run serve under Python 3.10-3.12, or serve the "
+                             "build-hybrid --server-repo repository with Triton")
         raise AffeqError("MLServer is not installed", "pip install 'affeq-rt[serve]'")
     models = find_models(target, name)
     if port == 0:

@@ -1,0 +1,166 @@
+"""Throughput of `affeq-rt serve` against a bare onnxruntime session on the same file, same run.
+
+Three ways to answer batch-1 requests from C concurrent clients (threads), for --seconds each:
+  * ``bare``   — C threads call one onnxruntime session (``runtime.create_session``) directly;
+  * ``binary`` — C tritonclient.http clients in their default mode (binary tensors both ways)
+                 against ``affeq-rt serve`` on 127.0.0.1;
+  * ``json``   — the same clients sending and receiving JSON tensors.
+Rounds run the three in rotating order; each round gives requests/s per mode, and the ratios
+served/bare are taken per round (drifts in machine load hit the modes of a round alike), then
+their median is reported. CPU per request: this process's CPU for ``bare``, the server process's
+for the served modes (the clients' own CPU is not counted; on a small machine they compete with
+the server for the same cores, which the throughput ratio includes).
+
+    affeq-rt build-hybrid --src efficientnet_lite0 --dst mobilenet_v2 --out /tmp/h.onnx
+    python bench/serve_throughput.py --model /tmp/h.onnx
+    python bench/serve_throughput.py --model /tmp/h_u8.onnx   # a --with-preprocessing hybrid
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from affeq_rt.deploy.serve import free_port
+from affeq_rt.onnx.runtime import create_session
+
+HOST = "127.0.0.1"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drive(call: Callable[[int], None], clients: int, seconds: float) -> int:
+    """Run ``call(client)`` in ``clients`` threads for ``seconds``; the number of calls made."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * clients
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            call(i)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts)
+
+
+@contextlib.contextmanager
+def served(model: Path, name: str) -> Iterator[tuple[int, int]]:
+    """``affeq-rt serve model`` on a free port: (REST port, server pid)."""
+    import tritonclient.http as th
+
+    port = free_port(HOST)
+    proc = subprocess.Popen([sys.executable, "-m", "affeq_rt.cli.main", "serve", str(model),
+                             "--port", str(port), "--grpc-port", str(free_port(HOST)),
+                             "--name", name], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    client = th.InferenceServerClient(f"{HOST}:{port}")
+    try:
+        for _ in range(600):
+            with contextlib.suppress(Exception):
+                if client.is_model_ready(name):
+                    break
+            if proc.poll() is not None:
+                raise SystemExit(f"affeq-rt serve exited {proc.returncode}")
+            time.sleep(0.2)
+        else:
+            raise SystemExit("affeq-rt serve did not get ready in 120 s")
+        yield port, proc.pid
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path, help="a hybrid .onnx file")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per mode and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+
+    import tritonclient.http as th
+
+    sess = create_session(args.model, provider="cpu").session
+    inp = sess.get_inputs()[0]
+    dims = [1, *inp.shape[1:]]
+    u8 = inp.type == "tensor(uint8)"
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, dims).astype(np.uint8) if u8
+         else rng.standard_normal(dims).astype(np.float32))
+    outputs = [o.name for o in sess.get_outputs()]
+    name = "bench"
+
+    with served(args.model, name) as (port, pid):
+        clients = [th.InferenceServerClient(f"{HOST}:{port}") for _ in range(args.clients)]
+
+        def request(binary: bool) -> Callable[[int], None]:
+            def call(i: int) -> None:
+                t = th.InferInput(inp.name, dims, "UINT8" if u8 else "FP32")
+                t.set_data_from_numpy(x, binary_data=binary)
+                res = clients[i].infer(name, [t], outputs=[
+                    th.InferRequestedOutput(n, binary_data=binary) for n in outputs])
+                res.as_numpy(outputs[0])
+            return call
+
+        modes: dict[str, tuple[Callable[[int], None], Callable[[], float]]] = {
+            "bare": (lambda _i: sess.run(outputs, {inp.name: x}), time.process_time),
+            "binary": (request(True), lambda: _cpu_seconds(pid)),
+            "json": (request(False), lambda: _cpu_seconds(pid)),
+        }
+        for call, _ in modes.values():  # warm-up, and a check that every mode answers
+            call(0)
+        print(f"# {args.model.name}: input {inp.name} {inp.type} {dims}; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"load {os.getloadavg()[0]:.1f}; {args.clients} clients, batch 1, "
+              f"{args.seconds:.0f} s per mode and round")
+        print(f"{'round':>5}  {'bare/s':>8}  {'binary/s':>8}  {'json/s':>8}  "
+              f"{'bin/bare':>8}  {'json/bare':>9}  {'CPU ms/req bare, bin, json':>28}")
+        ratios: dict[str, list[float]] = {"binary": [], "json": []}
+        cpu: dict[str, list[float]] = {k: [] for k in modes}
+        for r in range(args.rounds):
+            names = list(modes)
+            names = names[r % 3:] + names[:r % 3]
+            rate: dict[str, float] = {}
+            for k in names:
+                call, clock = modes[k]
+                c0 = clock()
+                n = _drive(call, args.clients, args.seconds)
+                cpu[k].append((clock() - c0) / n * 1e3)
+                rate[k] = n / args.seconds
+            for k in ratios:
+                ratios[k].append(rate[k] / rate["bare"])
+            print(f"{r:>5}  {rate['bare']:>8.1f}  {rate['binary']:>8.1f}  {rate['json']:>8.1f}  "
+                  f"{ratios['binary'][-1]:>8.3f}  {ratios['json'][-1]:>9.3f}  "
+                  f"{cpu['bare'][-1]:>8.1f} {cpu['binary'][-1]:>8.1f} {cpu['json'][-1]:>8.1f}")
+        for c in clients:
+            c.close()
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"median  binary/bare {statistics.median(ratios['binary']):.3f}  "
+          f"json/bare {statistics.median(ratios['json']):.3f}  CPU per request: bare "
+          f"{med['bare']:.1f} ms, binary {med['binary']:.1f} ms "
+          f"({med['binary'] / med['bare']:.2f}x), json {med['json']:.1f} ms "
+          f"({med['json'] / med['bare']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
