@@ -16,15 +16,18 @@ import numpy as np
 import pytest
 
 from affeq_rt.cli.main import main
+from affeq_rt.cluster.worker import run_locally
 from affeq_rt.core.gram import GramAccumulator
 from affeq_rt.data.readers import Sample
+from affeq_rt.engine import Chunk, PassCheckpoint, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import ArrayStore, StoreConfig, StoreWriter
 from affeq_rt.method.curve import curve_sizes, load_curve
 from affeq_rt.method.evaluate import evaluate
-from affeq_rt.method.fit import FitOptions, _Checkpoint, accumulate, fit, holdout_mask
-from affeq_rt.method.rows import ArraySource, Chunk
+from affeq_rt.method.fit import FitOptions, fit, holdout_mask
+from affeq_rt.method.reducers import GramReducer
+from affeq_rt.method.rows import ArraySource, model_slices
 from affeq_rt.report.curve import curve_paths, write_curve
 from affeq_rt.report.similarity import similarity_paths
 
@@ -155,11 +158,15 @@ class _Interrupting(ArraySource):
 
     stop_at: int | None = None
 
-    def chunks(self, start: int) -> Iterator[Chunk]:
-        for c in super().chunks(start):
+    def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
+        for c in super().chunks(start, stop):
             if self.stop_at is not None and c.start >= self.stop_at:
                 raise KeyboardInterrupt
             yield c
+
+
+def _gram(mask: np.ndarray, sizes: list[int], score) -> GramReducer:
+    return GramReducer(model_slices(list(DIMS), DIMS), mask, "cpu", sizes, score, row_norms=True)
 
 
 def test_resume_keeps_the_points_and_the_bits(tmp_path: Path) -> None:
@@ -173,25 +180,59 @@ def test_resume_keeps_the_points_and_the_bits(tmp_path: Path) -> None:
 
     ident = {"test": 1}
     # the uninterrupted run checkpoints at the same data positions (saving flushes the blocks)
-    whole = accumulate(src, 0.1, 0, "cpu", _Checkpoint(tmp_path / "ck0", ident), 4096,
-                       snapshots=sizes, on_snapshot=score, row_norms=True)
-    src.stop_at = 8192  # after the checkpoint at 4096 (every 4096 samples) and the 5000 point
+    whole = _gram(mask, sizes, score)
+    run_pass(src, {"gram": whole}, checkpoint=PassCheckpoint(tmp_path / "ck0", ident),
+             checkpoint_every=4096)
+    src.stop_at = 8192  # after the checkpoints at 4096 and 8192 and the 5000 point
     with pytest.raises(KeyboardInterrupt):
-        accumulate(src, 0.1, 0, "cpu", _Checkpoint(tmp_path / "ck", ident), 4096,
-                   snapshots=sizes, on_snapshot=score, row_norms=True)
+        run_pass(src, {"gram": _gram(mask, sizes, score)},
+                 checkpoint=PassCheckpoint(tmp_path / "ck", ident), checkpoint_every=4096)
     src.stop_at = None
-    ck = _Checkpoint(tmp_path / "ck", ident)
-    assert ck.state is not None
-    resumed = accumulate(src, 0.1, 0, "cpu", ck, 4096, snapshots=sizes, on_snapshot=score,
-                         row_norms=True)
+    ck = PassCheckpoint(tmp_path / "ck", ident)
+    assert ck.done == 8192
+    resumed = _gram(mask, sizes, score)
+    run_pass(src, {"gram": resumed}, checkpoint=ck, checkpoint_every=4096)
     assert int((~mask).sum()) > 9000
-    assert [p["images"] for p in resumed.extra["curve"]] == sizes
-    assert resumed.extra["curve"] == whole.extra["curve"]  # the same numbers, to the bit
+    assert [p["images"] for p in resumed.points] == sizes
+    assert resumed.points == whole.points  # the same numbers, to the bit
     np.testing.assert_array_equal(resumed.train.scatter(), whole.train.scatter())
-    # the similarity row statistics resume exactly too (their state round-trips through JSON)
+    # the similarity row statistics resume exactly too (their state round-trips through the npz)
     assert resumed.norms.n == whole.norms.n == 12000
     np.testing.assert_array_equal(resumed.norms.t, whole.norms.t)
     np.testing.assert_array_equal(resumed.norms.u, whole.norms.u)
+    # a checkpoint of another pass is refused with one line
+    with pytest.raises(AffeqError, match="belongs to a different run"):
+        PassCheckpoint(tmp_path / "ck0", {"test": 2})
+
+
+def test_shards_merged_in_order_equal_one_pass() -> None:
+    """The cluster path (a fresh reducer per shard, its state loaded and merged in shard order,
+    cluster.worker.run_locally) against the in-place pass: snapshots, Grams and row norms.
+
+    Bounds: the same rows reach the same float64 Gram code, but a shard's rows are reduced in their
+    own blocks and joined by Chan's update, so each scatter entry moves by at most a few
+    γ_m·Σ|y_i||y_j| (m ≤ 4096 rows: ≈ 1e-12 relative to the entry's scale, core/gram.py); the row
+    norms' sums are plain float64 sums of the same terms in another grouping (≈ n·eps ≈ 3e-12)."""
+    feats, _heads, _labels = _data(12000)
+    mask = holdout_mask(12000, 0.1, 0)
+    sizes = [1000, 5000, 9000]
+
+    def score(acc: GramAccumulator) -> dict:
+        return {"images": acc.n, "trace": float(np.trace(acc.scatter()))}
+
+    one = _gram(mask, sizes, score)
+    run_pass(ArraySource(feats), {"gram": one})
+    merged = _gram(mask, sizes, score)
+    run_locally(ArraySource(feats), {"gram": merged}, [(0, 4096), (4096, 8192), (8192, 12000)])
+    assert [p["images"] for p in merged.points] == sizes
+    for p, q in zip(merged.points, one.points, strict=True):
+        assert p["trace"] == pytest.approx(q["trace"], rel=1e-10)
+    s1, s2 = one.train.scatter(), merged.train.scatter()
+    np.testing.assert_allclose(s2, s1, rtol=0, atol=1e-10 * np.abs(s1).max())
+    assert merged.holdout.n == one.holdout.n
+    assert merged.train.n == one.train.n
+    np.testing.assert_allclose(merged.norms.t, one.norms.t, rtol=1e-10)
+    np.testing.assert_allclose(merged.norms.u, one.norms.u, rtol=1e-10, atol=1e-8)
 
 
 def test_files_beside_the_maps(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import pytest
 
 from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.heads import load_head
+from affeq_rt.io.heads import Head, load_head
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter
 from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit, holdout_mask
+from affeq_rt.method.rows import ArraySource
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -265,11 +266,11 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
     out = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(_fit_cli(env, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ})
-    ckpt = Path(str(out) + ".partial") / "fit.json"
+    ckpt = Path(str(out) + ".partial") / "pass.json"
     t0 = time.time()
     while time.time() - t0 < 120:
         try:
-            done = int(json.loads(ckpt.read_text())["samples"])
+            done = int(json.loads(ckpt.read_text())["done"])
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             done = -1
         if done >= 8:
@@ -284,7 +285,7 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
     # a rerun with other settings must not mix into this checkpoint
     bad = subprocess.run(_fit_cli(env, out, "--seed", "7"), capture_output=True, text=True)
     assert bad.returncode == 1
-    assert "different fit" in bad.stderr
+    assert "belongs to a different run" in bad.stderr
     r = subprocess.run(_fit_cli(env, out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout
@@ -295,15 +296,45 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
                for m in ms.values())
 
 
-@pytest.mark.parametrize("method", ["adam", "prior-ridge", "prior-pca"])
-def test_executor_with_a_method_that_reads_rows_here_is_refused(method: str) -> None:
-    """An executor spreads the Gram pass only; methods that read rows in this process refuse it
-    rather than ignore it silently (before any work: the executor is never called)."""
+def test_adam_on_an_executor_is_refused_before_any_work() -> None:
+    """Adam draws random batches from addressable rows in this process: on another executor it is
+    refused with one line, before the executor is called."""
     class Unused:
-        def accumulate(self, *_: object, **__: object) -> None:
+        name, shard_size = "unused", None
+
+        def run(self, *_: object, **__: object) -> None:
             raise AssertionError("the executor must not be called")
 
     x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
-    with pytest.raises(AffeqError, match="--executor"):
-        fit({"a": x, "b": x[:, :3].copy()}, method=method,
+    with pytest.raises(AffeqError, match="does not run on an executor"):
+        fit({"a": x, "b": x[:, :3].copy()}, method="adam",
             options=FitOptions(executor=Unused()))
+
+
+@pytest.mark.parametrize("method", ["prior-ridge", "prior-pca"])
+def test_few_data_methods_run_on_the_worker_path(method: str) -> None:
+    """The few-data methods gather their rows with a reducer, so they run on any executor: the
+    worker path in this process (fresh reducers per shard, states merged in shard order) gives
+    the in-place maps bit for bit (rows are copied and concatenated in order, never summed)."""
+    from affeq_rt.cluster.worker import run_locally
+
+    class ByShards:
+        name, shard_size = "by-shards", 64
+
+        def run(self, rows, reducers, shards, on_commit, progress) -> None:
+            for a, b in shards:
+                run_locally(rows, reducers, [(a, b)])
+                progress.advance(b - a)
+                on_commit(b)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    heads = {m: Head.from_raw(rng.standard_normal((5, d)).astype(np.float32),
+                              np.zeros(5, np.float32)) for m, d in (("a", 6), ("b", 4))}
+    feats = {"a": x, "b": np.tanh(x[:, :4] @ rng.standard_normal((4, 4))).astype(np.float32)}
+    here = fit(ArraySource(feats, heads=heads), method=method, options=FitOptions(curve="off"))
+    there = fit(ArraySource(feats, heads=heads), method=method,
+                options=FitOptions(curve="off", executor=ByShards()))
+    for key, m in here.maps.items():
+        np.testing.assert_array_equal(there.maps[key].weight, m.weight)
+        np.testing.assert_array_equal(there.maps[key].bias, m.bias)

@@ -1,4 +1,4 @@
-"""The Ray executor (affeq_rt.dist) against the local path on real-photo crops: extract, fit and
+"""The Ray executor (affeq_rt.cluster) against the local path on real-photo crops: extract, fit and
 evaluate on a local Ray cluster give the local results, also after a killed worker or driver;
 without Ray, ``--executor ray`` fails with one line saying how to install it."""
 
@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from affeq_rt.dist.executor import RayExecutor, executor_for, grid, on_grid
+from affeq_rt.cluster.ray import RayExecutor, executor_for
+from affeq_rt.cluster.worker import Worker
+from affeq_rt.engine import LocalExecutor, grid, on_grid
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import FeatureStore
 from affeq_rt.method.evaluate import evaluate
-from affeq_rt.method.extract import ImageOptions, extract, load_data
+from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 from affeq_rt.method.rows import row_source, source_groups
 from affeq_rt.method.solvers import default_rcond
@@ -51,7 +53,7 @@ def test_grid_is_fixed_by_the_sample_index() -> None:
 
 def test_without_ray_one_line_install_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    assert executor_for("local") is None
+    assert isinstance(executor_for("local"), LocalExecutor)
     with pytest.raises(AffeqError) as e:
         executor_for("ray")
     assert str(e.value) == ("--executor ray needs Ray, which is not installed; "
@@ -290,13 +292,15 @@ def test_fit_ray_equals_local_after_a_killed_worker(env, crops, local_store, loc
 @pytest.mark.slow
 def test_fit_killed_driver_resumes_identically(env, crops, cluster, ray_fit):
     out = env["base"] / "ray-killed.safetensors"
-    prefix = Path(str(out) + ".partial") / "ray" / "prefix.json"
-    _driver(["fit", *_common(env, crops), "--method", "ols", "--out", str(out)], cluster,
-            prefix.is_file)
+    prefix = Path(str(out) + ".partial") / "pass.json"
+    _driver(["fit", *_common(env, crops), "--method", "ols", "--out", str(out),
+             "--checkpoint-every", str(SHARD)], cluster, prefix.is_file)
     res = fit(crops, MODELS, "ols", out=out, images=_opts(env),
-              options=FitOptions(executor=_ray()))
+              options=FitOptions(executor=_ray(), checkpoint_every=SHARD))
+    assert res.resumed_from >= SHARD
     # partial Grams are merged in shard order, whoever ran what and however often the driver
-    # restarted (the prefix state is saved as exact float64 bytes): bit-identical maps
+    # restarted (the prefix state is saved as exact float64 bytes; saving a merged state flushes
+    # nothing): bit-identical maps
     for key, m in ray_fit.maps.items():
         assert np.array_equal(m.weight, res.maps[key].weight), key
         assert np.array_equal(m.bias, res.maps[key].bias), key
@@ -338,12 +342,33 @@ def test_workers_the_cluster_cannot_place_are_refused_not_awaited(local_store, l
         evaluate(local_store, local_fit.path, executor=_ray(gpus_per_worker=1.0))
 
 
-@pytest.mark.usefixtures("cluster")
-def test_a_worker_with_another_export_refuses_to_start(env, crops, tmp_path):
-    """Every worker checks its features.onnx against the driver's SHA-256 (one cache per node)."""
-    cfg = SimpleNamespace(batch_size=BATCH, models=MODELS,
-                          exports={m: "0" * 64 for m in MODELS})  # not the exports' digests
-    writer = SimpleNamespace(cfg=cfg, path=tmp_path, samples_done=0, rows=0)
+def test_a_worker_with_another_export_refuses_to_start(env, crops):
+    """Every worker checks its features.onnx against the driver's SHA-256 (one cache per node):
+    the rows a worker unpickles carry the driver's digests; here they are forged."""
+    rows = row_source(crops, MODELS, _opts(env))
+    there = pickle.loads(pickle.dumps(rows))  # what a worker receives
+    there._exports = {m: "0" * 64 for m in MODELS}  # not the exports' digests
     with pytest.raises(AffeqError, match="has another export of mobilenet_v2") as e:
-        _ray().extract_into(writer, load_data(crops).samples, _opts(env), None)
+        Worker(there).start()
     assert type(e.value) is AffeqError
+    assert Worker(pickle.loads(pickle.dumps(rows))).start() == os.getpid()
+
+
+@pytest.mark.usefixtures("cluster")
+def test_fit_ray_with_curve_and_similarity_equals_local(env, crops, local_store):
+    """Every fit feature on the cluster, from a feature store: the maps (bounds of
+    assert_maps_close), the data-efficiency curve's points (the same training-row counts; each
+    point's OLS maps carry the same bound, and the scores are integer counts over the same
+    held-out rows) and the similarity table, debiased CKA included (float64 measures from Grams
+    and row sums that differ only in association: ≤ ~1e-9 relative at these condition numbers)."""
+    opt = {"curve": "24,48", "similarity": True, "device": "cpu"}
+    here = fit(local_store, None, "ols", options=FitOptions(**opt))
+    there = fit(local_store, None, "ols", options=FitOptions(executor=_ray(), **opt))
+    assert_maps_close(here.maps, there.maps, kappas(env, crops, local_store))
+    assert [p["images"] for p in here.curve.points] == [p["images"] for p in there.curve.points]
+    for p, q in zip(here.curve.points, there.curve.points, strict=True):
+        np.testing.assert_allclose(np.array(q["r2"], float), np.array(p["r2"], float),
+                                   rtol=1e-6, atol=1e-6)
+    for key, mtx in here.similarity.measures().items():
+        np.testing.assert_allclose(there.similarity.measures()[key], mtx, rtol=1e-9, atol=1e-9,
+                                   err_msg=key)

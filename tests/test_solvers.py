@@ -7,6 +7,7 @@ import pytest
 
 from affeq_rt.core import GramAccumulator, gram_reference
 from affeq_rt.errors import AffeqError
+from affeq_rt.io.heads import Head
 from affeq_rt.method import solvers
 
 
@@ -151,15 +152,16 @@ def test_logit_pinv_lossless_when_head_has_full_row_rank():
     rng = np.random.default_rng(4)
     wa, ba = rng.normal(size=(10, 6)), rng.normal(size=10)
     wb, bb = rng.normal(size=(10, 12)), rng.normal(size=10)  # K=10 ≤ d_B=12
-    w, b, st = solvers.logit_pinv((wa, ba), (wb, bb))
+    w, b, st = solvers.logit_pinv(Head(wa, ba), Head(wb, bb))
     x = rng.normal(size=(5, 6))
     np.testing.assert_allclose((x @ w.T + b) @ wb.T + bb, x @ wa.T + ba, atol=1e-10)
     assert st["logits_exact"]
     assert w.shape == (12, 6)
     # heads over different label sets are refused, not silently truncated
     with pytest.raises(AffeqError, match="different numbers of classes"):
-        solvers.logit_pinv((wa, ba), (np.vstack([wb, wb[:1]]), np.concatenate([bb, bb[:1]])))
-    _, _, st2 = solvers.logit_pinv((wa, ba), (rng.normal(size=(10, 4)), bb))  # d_B=4 < K
+        solvers.logit_pinv(Head(wa, ba),
+                           Head(np.vstack([wb, wb[:1]]), np.concatenate([bb, bb[:1]])))
+    _, _, st2 = solvers.logit_pinv(Head(wa, ba), Head(rng.normal(size=(10, 4)), bb))  # d_B=4 < K
     assert not st2["logits_exact"]
 
 
