@@ -222,14 +222,15 @@ def test_validate_flags_mismatch() -> None:
     assert rows["beta"].ok is None
 
 
-def test_results_carry_overlaps_and_progress_counts_sources(tmp_path, monkeypatch) -> None:
+def test_results_carry_overlaps_and_progress_counts_images(tmp_path, monkeypatch) -> None:
     store, maps = _problem(seed=6)
     rec = RecordingProgress()
     monkeypatch.chdir(tmp_path)
     table = evaluate(store, _mapset(maps), device="cpu", progress=rec)
     assert list(tmp_path.iterdir()) == []  # evaluate computes; report.write_report writes
-    assert rec.calls == [("start", "evaluate", 3, 0, "source"), ("advance", 1), ("advance", 1),
-                         ("advance", 1), ("done",)]
+    # one pass over the store's rows, in chunks of the store source (all 700 rows in one here)
+    assert rec.calls == [("start", "evaluate", store.n, 0, "img"), ("advance", store.n),
+                         ("done",)]
     pairs = default_overlap_pairs(table)
     assert [(o.a, o.b) for o in table.overlaps] == pairs
     assert len(pairs) == 2

@@ -3,11 +3,12 @@ for chosen pairs), agreement scoring for unlabelled stores, and ``validate`` (ea
 accuracy against its spec). Computes results; writes nothing (``report.write_report`` does).
 
 For a source network A and a target network B the hybrid is C_B(M_{A→B} F_A(x)). Its classifier
-is folded into the map in float64 (W_B·W_M, K×d_A; W_B·b_M + b_B) so that each source needs ONE
-batched pass of the compiled evaluator (``core.evaluate_heads``) over its stored features with
-every target's folded head stacked; no n×N×K logits are ever materialised. Heads come from the
-store as ``io.heads.Head`` with TF-slim background rows already stripped, so every head scores
-the same ImageNet classes and labels index them. Conventions: ``method.results``.
+is folded into the map in float64 (W_B·W_M, K×d_A; W_B·b_M + b_B) so that each source is scored by
+the compiled evaluator (``core.evaluate_heads``) on its stored features with every target's folded
+head stacked; no n×N×K logits are ever materialised. The table is one pass of the engine
+(``engine.run_pass``) over the store's rows feeding :class:`HeadTally`, here or on a cluster.
+Heads come from the store as ``io.heads.Head`` with TF-slim background rows already stripped, so
+every head scores the same ImageNet classes and labels index them. Conventions: ``method.results``.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from affeq_rt.core.backends import resolve_device
 from affeq_rt.core.evaluate import HeadsResult, evaluate_heads
-from affeq_rt.errors import AffeqError
+from affeq_rt.engine import Chunk, Executor, run_pass
+from affeq_rt.engine.reducer import State
+from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import MapSet, fold_head, load_maps
 from affeq_rt.io.store import StoreLike, open_store
-from affeq_rt.method.executor import Executor
 from affeq_rt.method.overlap import default_overlap_pairs, overlap
 from affeq_rt.method.results import EvalTable, ValidationRow
-from affeq_rt.progress import Progress, or_silent
+from affeq_rt.method.rows import StoreSource
+from affeq_rt.progress import Progress
 
 # ----------------------------------------------------------------------------------------------
 # inputs
@@ -123,28 +129,157 @@ def _run_heads(x: np.ndarray, w: np.ndarray, b: np.ndarray, labels: np.ndarray,
     return evaluate_heads(x, w, b, labels, device=device)
 
 
-def source_pass(st: StoreLike, src: str, chosen: Sequence[str], heads: Mapping[str, Head],
-                maps: MapSet, labels: np.ndarray, device: str) -> tuple[HeadsResult, float, float]:
-    """One source's compiled pass with every target's folded head: (result, fold s, pass s)."""
+def _check_features(st: StoreLike, src: str, head: Head) -> None:
+    """AffeqError when the store's features of ``src`` do not fit its head (or the store)."""
     n = int(st.n)
     x = st.features(src)
     if x.ndim != 2 or x.shape[0] != n:
         raise AffeqError(f"features of {src} have shape {x.shape}, expected ({n}, d)",
                          "the store is corrupt; re-extract it")
-    if x.shape[1] != heads[src].dim:
+    if x.shape[1] != head.dim:
         raise AffeqError(f"{src}: features have {x.shape[1]} dims but its head expects "
-                         f"{heads[src].dim}", "re-extract the store")
-    t1 = time.perf_counter()
-    w_all, b_all = _stacked_heads(src, chosen, heads, maps, x.shape[1])
-    t2 = time.perf_counter()
-    res = _run_heads(x, w_all, b_all, labels, device)
-    return res, t2 - t1, time.perf_counter() - t2
+                         f"{head.dim}", "re-extract the store")
 
 
-def pass_labels(st: StoreLike) -> np.ndarray:
-    """The labels a pass scores against: the store's (checked), or −1 (never a hit) when none."""
-    labels = _labels(st)
-    return labels if labels is not None else np.full(int(st.n), -1, dtype=np.int64)
+# this process's folded heads of the tally being run (one entry: a key per HeadTally configuration)
+_FOLDED: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+class HeadTally:
+    """The N×N table's counts over a pass of store rows: a reducer of the pass engine.
+
+    Per chunk, for each source network (``chosen`` order) every target's head folded with the
+    source→target map (the source's own head for itself) is scored on the source's stored features
+    by ``core.evaluate_heads`` (float16 rows fed as float16): top-1/top-5 hits summed ``[S, T]``,
+    each image's predicted class ``[S, T, rows]`` int32 and top-1 correctness kept unpacked (bool),
+    so shard edges need not fall on bytes. ``labels``: int64 ``[n]`` by sample, −1 unknown (never a
+    hit). The stacked folded heads are computed once per process, on first use, and cached under
+    this tally's key (shared by its :meth:`fresh` copies); pickled, a tally carries the maps file's
+    path when the :class:`MapSet` has one (else the MapSet), never the folded heads.
+    """
+
+    def __init__(self, maps: MapSet | str | os.PathLike, chosen: Sequence[str],
+                 heads: Mapping[str, Head], labels: np.ndarray, device: str,
+                 key: str | None = None) -> None:
+        self.maps = maps
+        self.chosen = list(chosen)
+        self.heads = dict(heads)
+        self.labels = labels
+        self.device = device
+        self.key = key or uuid.uuid4().hex
+        k = len(self.chosen)
+        self.start: int | None = None  # the samples covered, start…stop (None: none yet)
+        self.stop: int | None = None
+        self.top1 = np.zeros((k, k), np.int64)
+        self.top5 = np.zeros((k, k), np.int64)
+        self.pred: list[np.ndarray] = []  # int32 [S, T, r] per chunk or merged shard
+        self.bits: list[np.ndarray] = []  # bool [S, T, r]
+        self.fold_s = 0.0
+        self.pass_s = 0.0
+
+    def _config(self) -> tuple:
+        return self.maps, self.chosen, self.heads, self.labels, self.device, self.key
+
+    def fresh(self) -> HeadTally:
+        """An empty tally of the same configuration (and folded-heads key)."""
+        return HeadTally(*self._config())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the configuration travels (the maps file's path when there is one)."""
+        if self.start is not None:
+            raise InternalError("only a fresh HeadTally travels to a worker")
+        maps = self.maps
+        if isinstance(maps, MapSet) and maps.path:
+            maps = str(Path(maps.path).resolve())
+        return {"cfg": (maps, *self._config()[1:])}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__(*st["cfg"])
+
+    def folded(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each source's stacked folded heads W ``[T, K, d]``, b ``[T, K]`` (cached)."""
+        got = _FOLDED.get(self.key)
+        if got is None:
+            t = time.perf_counter()
+            ms = as_mapset(self.maps)
+            got = {s: _stacked_heads(s, self.chosen, self.heads, ms, self.heads[s].dim)
+                   for s in self.chosen}
+            _FOLDED.clear()
+            _FOLDED[self.key] = got
+            self.fold_s += time.perf_counter() - t
+        return got
+
+    def release(self) -> None:
+        """Drop this process's cached folded heads."""
+        _FOLDED.pop(self.key, None)
+
+    def _extend(self, start: int, stop: int) -> None:
+        if self.stop is not None and start != self.stop:
+            raise InternalError(f"tally of samples {self.start}–{self.stop} got {start}–{stop}")
+        self.start = start if self.start is None else self.start
+        self.stop = stop
+
+    def update(self, chunk: Chunk) -> None:
+        """Score every source's stacked folded heads on the chunk's rows."""
+        folded = self.folded()
+        t = time.perf_counter()
+        labels = np.ascontiguousarray(self.labels[chunk.index])
+        k, r = len(self.chosen), labels.shape[0]
+        pred = np.empty((k, k, r), np.int32)
+        bits = np.empty((k, k, r), bool)
+        for i, src in enumerate(self.chosen):
+            res = _run_heads(chunk.columns[src], *folded[src], labels, self.device)
+            self.top1[i] += res.top1
+            self.top5[i] += res.top5
+            pred[i] = res.pred
+            bits[i] = res.correct_bits()
+        self.pred.append(pred)
+        self.bits.append(bits)
+        self._extend(chunk.start, chunk.stop)
+        self.pass_s += time.perf_counter() - t
+
+    def merge(self, other: HeadTally) -> None:
+        """Add the tally of the following samples."""
+        if other.start is None or other.stop is None:
+            return
+        self._extend(other.start, other.stop)
+        self.top1 += other.top1
+        self.top5 += other.top5
+        self.pred += other.pred
+        self.bits += other.bits
+        self.fold_s += other.fold_s
+        self.pass_s += other.pass_s
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray]:
+        k = len(self.chosen)
+        if not self.pred:
+            return np.zeros((k, k, 0), np.int32), np.zeros((k, k, 0), bool)
+        return np.concatenate(self.pred, axis=2), np.concatenate(self.bits, axis=2)
+
+    def state(self) -> State:
+        """Counts, predictions and packed correctness bits (``np.packbits`` along the rows)."""
+        pred, bits = self._joined()
+        return {"start": self.start, "stop": self.stop, "top1": self.top1, "top5": self.top5,
+                "pred": pred, "correct": np.packbits(bits, axis=2),
+                "fold_s": self.fold_s, "pass_s": self.pass_s}
+
+    def load(self, st: State) -> None:
+        """Restore :meth:`state` into a fresh tally."""
+        self.start, self.stop = st["start"], st["stop"]
+        rows = 0 if self.start is None else int(self.stop) - int(self.start)
+        self.top1 = np.array(st["top1"], np.int64)
+        self.top5 = np.array(st["top5"], np.int64)
+        self.pred = [np.array(st["pred"], np.int32)]
+        self.bits = [np.unpackbits(st["correct"], axis=2, count=rows).astype(bool)]
+        self.fold_s, self.pass_s = float(st["fold_s"]), float(st["pass_s"])
+
+    def result(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(top1 hits ``[S, T]``, top5 hits, pred ``[S, T, n]`` int32, packed correctness
+        ``[S, T, ceil(n/8)]`` uint8) over samples ``0…n``, which the tally must cover."""
+        if n and (self.start, self.stop) != (0, n):
+            raise InternalError(f"the tally covers samples {self.start}–{self.stop}, not 0–{n}")
+        pred, bits = self._joined()
+        return self.top1, self.top5, pred, np.packbits(bits, axis=2)
 
 
 def _labels(st: StoreLike) -> np.ndarray | None:
@@ -169,10 +304,11 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     """The N×N table of a store under a set of maps, with the overlaps of ``overlap_pairs``
     (default: the two most accurate networks both ways; none without labels). Writes nothing.
 
-    One compiled pass per source network with all targets' folded heads stacked. Without labels
-    the table holds agreement only (how often the hybrid predicts what the target predicts).
-    ``progress`` counts sources. ``executor`` (None: this process) runs the per-source passes
-    elsewhere, e.g. ``affeq_rt.dist.RayExecutor``; the table is the same.
+    One pass of the engine over the store's rows (:class:`HeadTally`: each source scored with
+    all targets' folded heads stacked). Without labels the table holds agreement only (how often
+    the hybrid predicts what the target predicts). ``progress`` counts images. ``executor``
+    (None: ``engine.LocalExecutor``) runs the pass, e.g. on ``affeq_rt.cluster.RayExecutor``;
+    the table is the same.
     """
     t0 = time.perf_counter()
     st = open_store(store)
@@ -184,43 +320,32 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     if len(set(ks.values())) > 1:
         raise AffeqError(f"the networks score different numbers of classes ({ks}) after dropping "
                          "TF-slim background rows", "check each spec's num_classes/label_offset")
+    for m in chosen:
+        _check_features(st, m, heads[m])
     labels = _labels(st)
     labelled = labels is not None
     n = int(st.n)
     run_labels = labels if labelled else np.full(n, -1, dtype=np.int64)  # -1: unknown, never a hit
+    tally = HeadTally(ms, chosen, heads, run_labels, dev)
+    try:
+        run_pass(StoreSource(st, chosen), {"tally": tally}, executor=executor, progress=progress,
+                 task="evaluate")
+    finally:
+        tally.release()
+    hits1, hits5, pred, correct = tally.result(n)
     nn = len(chosen)
-    top1 = np.full((nn, nn), np.nan)
-    top5 = np.full((nn, nn), np.nan)
-    pred = np.empty((nn, nn, n), dtype=np.int32)
-    correct = np.empty((nn, nn, (n + 7) // 8), dtype=np.uint8) if labelled else None
-    timings = {"fold_s": 0.0, "pass_s": 0.0}
-    bar = or_silent(progress)
-    bar.start("evaluate", total=nn, unit="source")
-    if executor is None:
-        results = []
-        for src in chosen:
-            res, fold_s, pass_s = source_pass(st, src, chosen, heads, ms, run_labels, dev)
-            timings["fold_s"] += fold_s
-            timings["pass_s"] += pass_s
-            results.append(res)
-            bar.advance(1)
-    else:  # sources spread over the executor's workers; the same pass per source
-        results = executor.evaluate_sources(st, ms, chosen, dev, bar)
-    for i, res in enumerate(results):
-        pred[i] = res.pred
-        if labelled:
-            top1[i] = 100.0 * np.asarray(res.top1, dtype=np.float64) / n
-            top5[i] = 100.0 * np.asarray(res.top5, dtype=np.float64) / n
-            correct[i] = res.correct
-    bar.done()
+    top1 = 100.0 * hits1.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
+    top5 = 100.0 * hits5.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
     own = pred[np.arange(nn), np.arange(nn)]             # [N, n]: each network's own prediction
     agree = 100.0 * (pred == own[None, :, :]).mean(axis=2) if n else np.full((nn, nn), np.nan)
     agree_unmapped = 100.0 * (own[:, None, :] == own[None, :, :]).mean(axis=2) if n else agree
     table = EvalTable(models=list(chosen), n=n, labelled=labelled, top1=top1, top5=top5,
-                      agree=agree, agree_unmapped=agree_unmapped, pred=pred, correct=correct,
+                      agree=agree, agree_unmapped=agree_unmapped, pred=pred,
+                      correct=correct if labelled else None,
                       pair_info=_pair_info(ms, chosen), device=dev,
                       seconds=time.perf_counter() - t0,
-                      label_offsets={m: heads[m].label_offset for m in chosen}, timings=timings)
+                      label_offsets={m: heads[m].label_offset for m in chosen},
+                      timings={"fold_s": tally.fold_s, "pass_s": tally.pass_s})
     if labelled:
         pairs = (default_overlap_pairs(table) if overlap_pairs is None else list(overlap_pairs))
         table.overlaps = [overlap(table, a, b) for a, b in pairs]
