@@ -35,11 +35,11 @@ HOST = "127.0.0.1"
 @contextlib.contextmanager
 def served(target: Path, log: Path, *extra: str, name: str | None = None,
            timeout: float = 120.0, port: int | None = None, grpc_port: int | None = None,
-           stop: int = signal.SIGTERM, env: dict[str, str] | None = None
-           ) -> Iterator[th.InferenceServerClient]:
+           stop: int = signal.SIGTERM, env: dict[str, str] | None = None,
+           exits: list[int] | None = None) -> Iterator[th.InferenceServerClient]:
     """Run ``affeq-rt serve target`` on free loopback ports (REST on ``port``, gRPC on
     ``grpc_port`` if given) until the context ends, then stop it with signal ``stop``
-    (``env``: extra environment variables)."""
+    (``env``: extra environment variables; ``exits`` receives the exit status)."""
     port, grpc_port = port or free_port(HOST), grpc_port or free_port(HOST)
     cmd = [sys.executable, "-m", "affeq_rt.cli.main", "serve", str(target), "--port", str(port),
            "--grpc-port", str(grpc_port), "--host", HOST, *extra]
@@ -68,6 +68,8 @@ def served(target: Path, log: Path, *extra: str, name: str | None = None,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if exits is not None:
+            exits.append(proc.returncode)
 
 
 def infer(client: th.InferenceServerClient, name: str, x: np.ndarray,
@@ -307,9 +309,10 @@ def test_ctrl_c_stops_the_server_cleanly(parts, tmp_path: Path) -> None:
     SIGINT, which forced the exit and logged a CancelledError traceback), exit status 0."""
     out = parts.build(tmp_path / "h.onnx")
     log = tmp_path / "server.log"
-    port = free_port(HOST)
-    with served(out, log, name="tiny_a_to_tiny_b", stop=signal.SIGINT, port=port):
+    exits: list[int] = []
+    with served(out, log, name="tiny_a_to_tiny_b", stop=signal.SIGINT, exits=exits):
         pass
+    assert exits == [0], exits
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     assert "Application shutdown complete" in text
