@@ -4,6 +4,7 @@ The public Python API; it mirrors the command line (``affeq-rt COMMAND`` ↔ ``a
 
 >>> import affeq_rt as ar
 >>> ar.export("efficientnet_lite0")                                    # affeq-rt export
+>>> ar.hybrid("efficientnet_lite0", "mobilenet_v2", out="hybrid.onnx")   # affeq-rt build-hybrid
 >>> ar.predict("efficientnet_lite0", ["chelsea.jpg"]).results[0].names[0]  # affeq-rt predict
 >>> res = ar.fit("photos/", ["efficientnet_lite0", "mobilenet_v2"], "ols")  # affeq-rt fit
 >>> table = ar.evaluate("val-store", res.maps)                         # affeq-rt evaluate
@@ -18,6 +19,7 @@ from __future__ import annotations
 from affeq_rt._version import __version__
 from affeq_rt.cluster import RayExecutor
 from affeq_rt.core import GramAccumulator, backends, evaluate_heads, resolve_device
+from affeq_rt.deploy.from_names import hybrid
 from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
 from affeq_rt.deploy.metadata import read_metadata as inspect
 from affeq_rt.deploy.predict import predict
@@ -70,6 +72,7 @@ __all__ = [
     "extract",
     "fit",
     "get_spec",
+    "hybrid",
     "inspect",
     "layers",
     "list_specs",

@@ -346,7 +346,7 @@ def bench_extract(ctx: Ctx, sink: Sink, model: str, batch: int, size: int | None
 
             if export_dir is None:
                 export_dir = export_backbone(model, out=Path(tempfile.mkdtemp()),
-                                             random_weights=True)
+                                             random_weights=True).path
             sess = create_session(export_dir / "features.onnx", provider=short, fp16=True)
             xin = np.random.default_rng(0).standard_normal((batch, 3, S, S), dtype=np.float32)
             ms, _ = ctx.time_ms(lambda s=sess, x=xin: s.run(x, batch_size=batch))

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from affeq_rt.deploy.compose import compose_hybrid
-from affeq_rt.deploy.hybrid import HybridParts, build_from_parts
+from affeq_rt.deploy.hybrid import build_hybrid
 from affeq_rt.io.maps import AffineMap, load_maps
 from affeq_rt.onnx.export import ensure_exported
-from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import get_spec
 
@@ -55,9 +54,8 @@ def main() -> None:
 
     sa, sb = get_spec(args.src), get_spec(args.dst)
     root = Path(args.export_root) if args.export_root else None
-    a_dir = ensure_exported(sa.name, root=root, random_weights=args.random_weights)
-    b_dir = ensure_exported(sb.name, root=root, random_weights=args.random_weights)
-    ea, eb = ExportedBackbone(a_dir), ExportedBackbone(b_dir)
+    ea = ensure_exported(sa.name, root=root, random_weights=args.random_weights)
+    eb = ensure_exported(sb.name, root=root, random_weights=args.random_weights)
     amap = (load_maps(args.maps)[(sa.name, sb.name)] if args.maps
             else _random_map(sa.name, sb.name, sa.feature_dim, sb.feature_dim))
     threads = args.threads or None
@@ -65,7 +63,7 @@ def main() -> None:
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        hyb = build_from_parts(HybridParts.from_exports(ea, eb), amap, Path(tmp) / "hyb.onnx")
+        hyb = build_hybrid(amap, ea, eb, out=Path(tmp) / "hyb.onnx")
         wa, ba = ea.head()
         own = compose_hybrid(onnx.load(str(ea.features_path)), wa, ba, sa.preprocessing)
         own_path = Path(tmp) / "own.onnx"
@@ -73,8 +71,7 @@ def main() -> None:
         s_own = create_session(own_path, provider="cpu", threads=threads).session
         s_hyb = create_session(hyb, provider="cpu", threads=threads).session
         s_fa = create_session(ea.features_path, provider="cpu", threads=threads).session
-        s_cb = create_session(Path(b_dir) / "classifier.onnx", provider="cpu",
-                              threads=threads).session
+        s_cb = create_session(eb.classifier_path, provider="cpu", threads=threads).session
         mw, mb = amap.weight.T.copy(), amap.bias
 
         def chained(x: np.ndarray) -> np.ndarray:

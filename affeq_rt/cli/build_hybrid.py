@@ -9,8 +9,11 @@ import typer
 
 from affeq_rt.cli.options import ExportRoot, Force, Quiet, RandomWeights
 from affeq_rt.cli.progress import Display
-from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+from affeq_rt.deploy.from_names import DATA_FREE, hybrid
+from affeq_rt.deploy.hybrid import HybridOptions
 from affeq_rt.deploy.metadata import read_metadata
+from affeq_rt.method.extract import ImageOptions
+from affeq_rt.method.fit import FitOptions
 from affeq_rt.method.select import quality_line
 
 
@@ -20,7 +23,8 @@ def run(
     dst: Annotated[str, typer.Option(
         "--dst", help="Target network B: its classifier labels A's mapped features.")],
     maps: Annotated[Path | None, typer.Option(
-        "--maps", show_default=False, help="Maps file (affeq-rt fit) holding SRC->DST.")] = None,
+        "--maps", show_default=False, help="Maps file (affeq-rt fit) holding SRC->DST. "
+        "Without --maps and --fit-on: the data-free logit-pinv map (no images).")] = None,
     fit_on: Annotated[Path | None, typer.Option(
         "--fit-on", show_default=False,
         help="Fit the map now on this image folder instead of --maps.")] = None,
@@ -56,25 +60,32 @@ def run(
 ) -> None:
     """Build one verified ONNX model: A's features → map folded into B's classifier.
 
-    One Gemm holds W_B·M and W_B·m + c_B; outputs logits and probabilities; checked against the
-    separate parts on real photos before the file is written.
+    The map is a maps file (--maps), fitted on images (--fit-on), or, given neither, the
+    data-free logit-pinv map. One Gemm holds W_B·M and W_B·m + c_B; outputs logits and
+    probabilities; checked against the separate parts on real photos before the file is written.
     """
     options = HybridOptions(fp16=fp16, with_preprocessing=with_preprocessing, force=force,
                             server_repo=server_repo, model_name=name, tensorrt=tensorrt,
                             max_batch_size=max_batch_size)
+    images = ImageOptions(random_weights=random_weights, export_root=export_root)
     with Display(quiet) as display:
-        path = build_hybrid(src, dst, maps=maps, fit_on=fit_on, method=method, holdout=holdout,
-                            out=out, options=options, export_root=export_root,
-                            random_weights=random_weights, progress=display)
+        path = hybrid(src, dst, maps=maps, fit_on=fit_on, method=method,
+                      fit_options=FitOptions(holdout=holdout), out=out, options=options,
+                      images=images, progress=display)
     meta = read_metadata(path)["metadata"]
     ver = meta.get("verification", {})
     typer.echo(f"wrote {path}")
-    # the fit quality gate: how the map does on held-out images, beside the logit-pinv map
     st = meta.get("fit_stats") or {}
-    if st.get("method_choice"):
-        typer.echo(f"method auto -> {meta.get('method')}: {st['method_choice']}")
-    typer.echo("map quality: " + quality_line(f"{meta.get('source')}->{meta.get('target')}",
-                                              str(meta.get("method")), st))
+    if maps is None and fit_on is None:  # no held-out images to score it on: what it is instead
+        how = ("exactly: B has no more classes than features" if st.get("logits_exact") else
+               f"up to a {st.get('logit_rel_error', float('nan')):.2g} relative logit error: B "
+               "has more classes than features")
+        typer.echo("map: " + DATA_FREE.format(how=how))
+    else:  # the fit quality gate: the map on held-out images, beside the logit-pinv map
+        if st.get("method_choice"):
+            typer.echo(f"method auto -> {meta.get('method')}: {st['method_choice']}")
+        typer.echo("map quality: " + quality_line(f"{meta.get('source')}->{meta.get('target')}",
+                                                  str(meta.get("method")), st))
     for w in st.get("warnings", []):
         typer.echo(f"warning: {w}")
     typer.echo(f"graph check (the file against its separate parts, not accuracy): "

@@ -12,7 +12,6 @@ from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
 from affeq_rt.model.weights import set_offline
 from affeq_rt.onnx.export import export_backbone
-from affeq_rt.onnx.exported import ExportedBackbone
 
 
 def run(
@@ -42,9 +41,9 @@ def run(
                              "give --export-root only (--out is its old name)")
         export_root = old_out
     with Display(quiet) as display:
-        path = export_backbone(name, export_root, weights=weights, random_weights=random_weights,
-                               progress=display)
-    exp = ExportedBackbone(path)
+        exp = export_backbone(name, export_root, weights=weights, random_weights=random_weights,
+                              progress=display)
+    path = exp.path
     err = exp.manifest["export_error"]
     typer.echo(f"exported {exp.name} to {path}")
     typer.echo(f"features {exp.spec.feature_dim}-d, {exp.manifest['num_classes']} classes, "

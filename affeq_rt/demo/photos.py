@@ -24,14 +24,14 @@ import numpy as np
 from affeq_rt.data.labels import imagenet_names
 from affeq_rt.data.preprocess import preprocess, sample_photo
 from affeq_rt.data.readers import read_unlabelled
-from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
+from affeq_rt.deploy.from_names import hybrid
+from affeq_rt.deploy.hybrid import HybridOptions
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir
 from affeq_rt.io.maps import MapSet, save_maps
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.onnx.export import ensure_exported
-from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import get_spec
 
@@ -144,8 +144,8 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
                       dst: str = "mobilenet_v2", export_root: str | None = None) -> dict:
     """Build one hybrid ONNX model (src → map → dst's classifier) and classify chelsea with it,
     next to what src and dst say on their own. Chelsea is a test photo: the map never saw it."""
-    path = build_hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx",
-                        options=HybridOptions(force=True), export_root=export_root)
+    path = hybrid(src, dst, maps=maps_path, out=out / f"{src}_to_{dst}.onnx",
+                  options=HybridOptions(force=True), images=ImageOptions(export_root=export_root))
     names = imagenet_names()
     img = sample_photo("chelsea")
     x_src = preprocess(img, get_spec(src))[None]
@@ -154,7 +154,7 @@ def hybrid_on_chelsea(out: Path, maps_path: Path, src: str = "efficientnet_lite0
     logits = sess.run(x_src, output="logits")[0]
     own = {}
     for name, x in ((src, x_src), (dst, x_dst)):
-        exp = ExportedBackbone(ensure_exported(name, root=export_root))
+        exp = ensure_exported(name, root=export_root)
         f = create_session(exp.features_path, provider="cpu").run(x)
         head = exp.classifier_head()
         own[name] = int(np.argmax(f[0] @ head.weight.T + head.bias))

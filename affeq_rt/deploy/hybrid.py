@@ -1,6 +1,8 @@
 """Hybrid models for deployment: A's feature graph + B's classifier with the affine map folded in.
 
-``build_hybrid(src, dst, maps=… | fit_on=…, out=…, options=HybridOptions(…))`` writes ONE ONNX file
+``build_hybrid(amap, a, b, out=…, options=HybridOptions(…))`` composes the map ``amap`` (A→B) with
+the exports ``a`` and ``b`` (:class:`~affeq_rt.onnx.exported.ExportedBackbone`); it never fits
+(:mod:`~affeq_rt.deploy.from_names` goes from network names to a hybrid). It writes ONE ONNX file
 computing ``softmax(W_B (M F_A(x) + m) + c_B)``: A's exported ``features.onnx`` (every name
 prefixed ``a/``) followed by one Gemm whose weights ``W_B·M`` and bias ``W_B·m + c_B`` are folded in
 float64 (:mod:`~affeq_rt.deploy.compose`). It has the named outputs ``logits`` and
@@ -40,17 +42,14 @@ from affeq_rt.deploy.metadata import (
     stamp_checksum,
 )
 from affeq_rt.deploy.triton import check_repo_target, write_model_repository
-from affeq_rt.deploy.verify import first_images, reference_logits, verification_inputs, verify
+from affeq_rt.deploy.verify import reference_logits, verification_inputs, verify
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, check_free_space
-from affeq_rt.io.maps import AffineMap, MapSet, fold_head, load_maps
-from affeq_rt.method.extract import ImageOptions
-from affeq_rt.method.fit import FitOptions, fit
-from affeq_rt.onnx.export import ensure_exported
+from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import half_model
 from affeq_rt.progress import Progress, or_silent
-from affeq_rt.registry.spec import BackboneSpec, get_spec
+from affeq_rt.registry.spec import BackboneSpec
 
 
 @dataclass(frozen=True)
@@ -89,30 +88,17 @@ class HybridParts:
         return cls(a.spec, b.spec, a.features_path, b.head(), b.classifier_path)
 
 
-def _resolve_map(maps: MapSet | str | os.PathLike, src: str, dst: str, d_src: int,
-                 d_dst: int) -> AffineMap:
-    ms = maps if isinstance(maps, MapSet) else load_maps(maps)
-    m = ms[(src, dst)]
-    if m.weight.shape != (d_dst, d_src) or m.bias.shape != (d_dst,):
-        raise AffeqError(f"map {src}->{dst} in {ms.path or 'maps'} is {m.weight.shape[0]}x"
-                         f"{m.weight.shape[1]}, but {dst} has {d_dst} and {src} has {d_src} "
-                         "features",
-                         "fit the maps again with these backbones")
-    if not (np.isfinite(m.weight).all() and np.isfinite(m.bias).all()):
-        raise AffeqError(f"map {src}->{dst} has NaN/Inf entries", "fit the maps again")
-    return m
-
-
-def _fit_map(src: str, dst: str, fit_on: str | os.PathLike, method: str,
-             export_root: str | os.PathLike | None, random_weights: bool,
-             holdout: float) -> MapSet:
-    """Fit the map src→dst on the images of ``fit_on`` (one joint pass, ``method.fit.fit``)."""
-    folder = Path(fit_on)
-    if not folder.is_dir():
-        raise AffeqError(f"--fit-on {folder} is not a folder", "pass a folder of images")
-    maps = fit(str(folder), [src, dst], method, options=FitOptions(holdout=holdout),
-               images=ImageOptions(random_weights=random_weights, export_root=export_root)).maps
-    return MapSet(maps.values(), {"fit_on": str(folder)}, f"(fitted on {folder})")
+def check_map(amap: AffineMap, a: BackboneSpec, b: BackboneSpec) -> None:
+    """The map joins these two networks: its names, its shape and finite entries."""
+    if (amap.src, amap.dst) != (a.name, b.name):
+        raise AffeqError(f"the map {amap.key} does not join {a.name} and {b.name}",
+                         f"pass the map {a.name}->{b.name}")
+    if amap.weight.shape != (b.feature_dim, a.feature_dim) or amap.bias.shape != (b.feature_dim,):
+        raise AffeqError(f"map {amap.key} is {amap.weight.shape[0]}x{amap.weight.shape[1]}, but "
+                         f"{b.name} has {b.feature_dim} and {a.name} has {a.feature_dim} "
+                         "features", "fit the maps again with these backbones")
+    if not (np.isfinite(amap.weight).all() and np.isfinite(amap.bias).all()):
+        raise AffeqError(f"map {amap.key} has NaN/Inf entries", "fit the maps again")
 
 
 def _check_out(out_path: Path, force: bool, repo_pending: bool = False) -> None:
@@ -154,51 +140,32 @@ def _complete_repo(out_path: Path, amap: AffineMap, options: HybridOptions, name
     return out_path
 
 
-def build_hybrid(src: str, dst: str, *, maps: MapSet | str | os.PathLike | None = None,
-                 fit_on: str | os.PathLike | None = None, method: str = "auto",
-                 holdout: float = 0.1, out: str | os.PathLike | None = None,
-                 options: HybridOptions = HybridOptions(),
-                 export_root: str | os.PathLike | None = None, random_weights: bool = False,
-                 accuracy: Any = None, progress: Progress | None = None) -> Path:
-    """Build, verify and write the hybrid ONNX model ``src → map → dst``; return its path.
+def build_hybrid(amap: AffineMap, a: ExportedBackbone, b: ExportedBackbone, *,
+                 out: str | os.PathLike | None = None, options: HybridOptions = HybridOptions(),
+                 accuracy: Any = None, extra_meta: Mapping[str, Any] | None = None,
+                 verify_images: Sequence[str | os.PathLike] = (),
+                 progress: Progress | None = None) -> Path:
+    """Compose, verify and write the hybrid ``a → amap → b``'s classifier; return its path.
 
-    ``maps`` is a maps file (or ``maps.MapSet``) holding ``src->dst``; alternatively ``fit_on`` is
-    an image folder the map is fitted on with ``method`` (``holdout`` of the images held out;
-    ridge picks λ on them). Refuses an existing ``out`` (or repository model folder) unless
-    ``options.force``; nothing is written unless verification passes.
+    ``out`` None: ``<model name>.onnx``. Refuses an existing ``out`` (or repository model folder)
+    unless ``options.force``; nothing is written unless verification (on ``verify_images``, else
+    scikit-image's photos) passes. ``extra_meta`` joins the file's metadata.
     """
-    say = or_silent(progress).step
-    if (maps is None) == (fit_on is None):
-        raise AffeqError("give exactly one of --maps FILE and --fit-on DIR",
-                         "pass a maps file from affeq-rt fit, or an image folder to fit on")
-    s_spec, d_spec = get_spec(src), get_spec(dst)
-    src, dst = s_spec.name, d_spec.name
+    return build_from_parts(HybridParts.from_exports(a, b), amap, out, options,
+                            accuracy=accuracy, extra_meta=extra_meta,
+                            verify_images=verify_images, progress=progress)
+
+
+def output_path(src: str, dst: str, out: str | os.PathLike | None,
+                options: HybridOptions) -> Path:
+    """Where the hybrid ``src``→``dst`` goes, refused early (before any fit or export) if it is
+    taken (or is no ``.onnx``), or the repository's model folder is, without ``options.force``."""
     name = options.model_name or default_model_name(src, dst, options.fp16)
     out_path = Path(out) if out is not None else Path(f"{name}.onnx")
-    pending = _repo_pending(out_path, options, name)
-    _check_out(out_path, options.force, pending)
+    _check_out(out_path, options.force, _repo_pending(out_path, options, name))
     if options.server_repo is not None:
         check_repo_target(options.server_repo, name, options.force)
-
-    # The map: from a file (checked against both feature widths) or fitted now.
-    if maps is None:
-        say(f"fitting {src}->{dst} on {fit_on} ({method})")
-        maps_in: MapSet | str | os.PathLike = _fit_map(src, dst, fit_on, method, export_root,
-                                                       random_weights, holdout)
-    else:
-        maps_in = maps
-    amap = _resolve_map(maps_in, src, dst, s_spec.feature_dim, d_spec.feature_dim)
-    if pending:
-        return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
-
-    say(f"exporting {src} and {dst}")
-    a_exp = ExportedBackbone(ensure_exported(src, root=export_root, random_weights=random_weights))
-    b_exp = ExportedBackbone(ensure_exported(dst, root=export_root, random_weights=random_weights))
-    extra = {"maps_file": None if maps is None else str(getattr(maps, "path", maps)),
-             "fit_on": None if fit_on is None else str(fit_on), "random_weights": random_weights}
-    return build_from_parts(HybridParts.from_exports(a_exp, b_exp), amap, out_path,
-                            replace(options, model_name=name), accuracy=accuracy, extra_meta=extra,
-                            verify_images=first_images(fit_on), progress=progress)
+    return out_path
 
 
 def _metadata(parts: HybridParts, amap: AffineMap, n_classes: int, options: HybridOptions,
@@ -221,26 +188,23 @@ def _metadata(parts: HybridParts, amap: AffineMap, n_classes: int, options: Hybr
     }
 
 
-def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike,
+def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike | None,
                      options: HybridOptions = HybridOptions(), *, accuracy: Any = None,
                      extra_meta: Mapping[str, Any] | None = None,
                      verify_images: Sequence[str | os.PathLike] = (),
                      progress: Progress | None = None) -> Path:
-    """The part of :func:`build_hybrid` after names are resolved: ``parts`` and the map ``amap``
-    → verified hybrid at ``out``."""
+    """:func:`build_hybrid` from its parts as arrays and paths (what it is given by tests and
+    benchmarks that make their own graphs)."""
     import onnx
 
     say = or_silent(progress).step
-    out_path = Path(out)
     a_spec, b_spec = parts.source, parts.target
     src, dst = a_spec.name, b_spec.name
     name = options.model_name or default_model_name(src, dst, options.fp16)
-    pending = _repo_pending(out_path, options, name)
-    _check_out(out_path, options.force, pending)
-    if options.server_repo is not None:
-        check_repo_target(options.server_repo, name, options.force)
-    if pending:
-        return _complete_repo(out_path, amap, options, name, progress)
+    out_path = output_path(src, dst, out, options)
+    check_map(amap, a_spec, b_spec)
+    if _repo_pending(out_path, options, name):
+        return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
     w_b, c_b = (np.asarray(a) for a in parts.head)
     if w_b.ndim != 2 or w_b.shape[1] != amap.weight.shape[0] or c_b.shape != (w_b.shape[0],):
         raise AffeqError(f"{dst}'s head is {w_b.shape}, the map {amap.key} gives "

@@ -205,48 +205,57 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
 
 def export_backbone(name: str, out: str | os.PathLike | None = None,
                     weights: str | os.PathLike | None = None, random_weights: bool = False,
-                    progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None) -> ExportedBackbone:
     """Export backbone ``name`` to ``<out>/<canonical name>/`` (``out`` None: default root)."""
     spec = get_spec(name)
-    root = Path(out) if out is not None else default_export_root()
+    return ExportedBackbone(_export(spec, _root(out), weights, random_weights, progress))
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    return Path(root) if root is not None else default_export_root()
+
+
+def _export(spec: BackboneSpec, root: Path, weights: str | os.PathLike | None,
+            random_weights: bool, progress: Progress | None) -> Path:
     ensure_writable_dir(root)
     or_silent(progress).step(f"building {spec.name}")
     model, info = build_with_info(spec, weights, random_weights)
     return export_split(model, spec, root / spec.name, weights_info=info, progress=progress)
 
 
-def _reusable(exp: ExportedBackbone, spec: BackboneSpec, weights: str | os.PathLike | None,
-              random_weights: bool) -> bool:
-    """Same spec and the requested kind of weights: random ↔ random, a file ↔ same bytes,
-    default ↔ any real weights (so an export made with ``--weights FILE`` is reused later)."""
-    if exp.manifest.get("spec") != spec.to_dict():
-        return False
+def _reusable(folder: Path, spec: BackboneSpec, weights: str | os.PathLike | None,
+              random_weights: bool) -> ExportedBackbone | None:
+    """The export in ``folder`` if it is intact (checksums) and of the same spec and the requested
+    kind of weights: random ↔ random, a file ↔ same bytes, default ↔ any real weights (so an
+    export made with ``--weights FILE`` is reused later); else None (missing, stale, damaged)."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        exp = ExportedBackbone(folder)
+        exp.verify()
+    except AffeqError:
+        return None
     got = exp.manifest.get("weights") or {}
+    if exp.manifest.get("spec") != spec.to_dict():
+        return None
     if random_weights:
-        return got.get("source") == "random"
-    if weights is not None:
+        same = got.get("source") == "random"
+    elif weights is not None:
         p = Path(weights).expanduser()
-        return p.is_file() and got.get("sha256") == sha256_file(p)
-    return got.get("source") not in (None, "random", "unknown")
+        same = p.is_file() and got.get("sha256") == sha256_file(p)
+    else:
+        same = got.get("source") not in (None, "random", "unknown")
+    return exp if same else None
 
 
 def ensure_exported(name: str, root: str | os.PathLike | None = None,
                     weights: str | os.PathLike | None = None, random_weights: bool = False,
-                    progress: Progress | None = None) -> Path:
-    """Folder of a valid export of ``name`` (same spec, requested weights, checksums intact),
-    exporting it into ``<root>/<canonical name>`` first if there is none."""
+                    progress: Progress | None = None) -> ExportedBackbone:
+    """A valid export of ``name`` (same spec, requested weights, checksums intact) in
+    ``<root>/<canonical name>``, exported there first if there is none."""
     spec = get_spec(name)
-    base = Path(root) if root is not None else default_export_root()
-    folder = base / spec.name
-    if (folder / "manifest.json").is_file():
-        try:
-            exp = ExportedBackbone(folder)
-            exp.verify()
-            if _reusable(exp, spec, weights, random_weights):
-                return folder
-        except AffeqError:
-            pass  # stale or damaged: export again
-    return export_backbone(spec.name, base, weights=weights, random_weights=random_weights,
-                           progress=progress)
-
-
+    base = _root(root)
+    found = _reusable(base / spec.name, spec, weights, random_weights)
+    if found is not None:
+        return found
+    return ExportedBackbone(_export(spec, base, weights, random_weights, progress))

@@ -28,8 +28,7 @@ def resolve_export(target: str | os.PathLike, export_root: str | os.PathLike | N
         exp = ExportedBackbone(p)
         exp.verify()  # a damaged file is one line here, not a traceback from onnx later
         return exp
-    return ExportedBackbone(ensure_exported(str(target), root=export_root,
-                                            random_weights=random_weights))
+    return ensure_exported(str(target), root=export_root, random_weights=random_weights)
 
 
 def as_mapset(maps: str | os.PathLike | MapSet) -> MapSet:
