@@ -23,12 +23,18 @@ import numpy as np
 from affeq_rt.engine import Executor, LocalExecutor, PassCheckpoint, Reducer, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import versions
-from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
-from affeq_rt.method import select, solvers
+from affeq_rt.method import select
 from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
 from affeq_rt.method.extract import ImageOptions, check_image_options
-from affeq_rt.method.methods import REGISTRY, FitContext, FitMethod, choose, normalise_method
+from affeq_rt.method.methods import (
+    REGISTRY,
+    FitContext,
+    FitMethod,
+    choose,
+    holdout_mask,
+    normalise_method,
+)
 from affeq_rt.method.reducers import HeldOutRows, Skipped
 from affeq_rt.method.rows import (
     RowSource,
@@ -39,30 +45,6 @@ from affeq_rt.method.rows import (
 )
 from affeq_rt.method.similarity import SimilarityTable, similarity_from_moments
 from affeq_rt.progress import Progress
-
-QUALITY_ROWS = 5000  # held-out rows scored for agreement/top-1 (R² from the Gram uses all)
-
-
-def holdout_mask(n: int, fraction: float, seed: int = 0, groups: np.ndarray | None = None
-                 ) -> np.ndarray:
-    """Deterministic held-out selection: bool [n], about ``fraction`` of the groups, whole.
-
-    One uniform draw per group (ids 0…G−1, ``rows.group_ids``; None: each sample its own group, the
-    draws then being exactly the per-sample draws of earlier versions) and a group is held out
-    when its draw is below ``fraction``. When that leaves no group out but there are ≥ 2, the
-    group with the smallest draw is held out, so a small fit still gets an honest figure.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise AffeqError(f"--holdout must be in [0, 1), got {fraction}", "pass e.g. --holdout 0.1")
-    if fraction == 0.0:
-        return np.zeros(n, bool)
-    g = np.arange(n) if groups is None else np.asarray(groups, np.int64)[:n]
-    count = int(g.max()) + 1 if n else 0
-    draws = np.random.default_rng(seed).random(count)
-    out = draws < fraction
-    if count >= 2 and not out.any():
-        out[int(np.argmin(draws))] = True
-    return out[g]
 
 
 @dataclass(frozen=True)
@@ -180,7 +162,7 @@ def _reducers(strat: FitMethod, ctx: FitContext, out: Any) -> dict[str, Reducer]
     checkpoint: a resumed run would keep other rows) and the skipped samples."""
     red = strat.reducers(ctx)
     if red and strat.needs == "gram" and ctx.streamed and ctx.heads is not None and out is None:
-        red["heldout"] = HeldOutRows(ctx.mask, QUALITY_ROWS)
+        red["heldout"] = HeldOutRows(ctx.mask, select.QUALITY_ROWS)
     if red:
         red["skipped"] = Skipped()
     return red
@@ -244,10 +226,10 @@ def _gate(maps: Sequence[AffineMap], strat: FitMethod, ctx: FitContext,
     kept = red["heldout"].rows() if "heldout" in red else None
     if kept is not None:
         x, idx = kept
-        add_quality(maps, {m: x[:, ctx.slices[m]] for m in ctx.names}, ctx.heads,
+        select.add_quality(maps, {m: x[:, ctx.slices[m]] for m in ctx.names}, ctx.heads,
                     np.ones(x.shape[0], bool), None if ctx.labels is None else ctx.labels[idx])
     elif strat.needs != "rows":
-        add_quality(maps, ctx.rows.arrays(), ctx.heads, ctx.mask, ctx.labels)
+        select.add_quality(maps, ctx.rows.arrays(), ctx.heads, ctx.mask, ctx.labels)
     for m in maps:
         m.stats["warnings"] = select.quality_warnings(m.stats, m.method)
         if choice is not None:
@@ -306,27 +288,3 @@ def _meta(method: str, ctx: FitContext, ex: _Extras,
     if choice is not None:
         meta["method_choice"] = choice
     return meta
-
-
-def add_quality(maps: Sequence[AffineMap], arrays: Mapping[str, Any] | None,
-                heads: Mapping[str, Head] | None, mask: np.ndarray,
-                labels: np.ndarray | None) -> None:
-    """Held-out agreement/top-1 beside the logit-pinv map's, for maps fitted on addressable rows
-    (the first :data:`QUALITY_ROWS` held-out rows); R² stays the one the fit computed."""
-    if arrays is None or heads is None:
-        return
-    rows = np.flatnonzero(mask)[:QUALITY_ROWS]
-    names = sorted({m.src for m in maps} | {m.dst for m in maps})
-    pinvs = {t: solvers.head_pinv(heads[t].weight) for t in names}
-    base = {(m.src, m.dst): select.Baseline.of(heads[m.src], heads[m.dst], pinvs[m.dst])
-            for m in maps if heads[m.src].num_classes == heads[m.dst].num_classes}
-    for m in maps:
-        if (m.src, m.dst) not in base:  # other label sets: agreement means nothing
-            continue
-        q = select.map_quality(m.weight.astype(np.float64), m.bias.astype(np.float64),
-                               np.asarray(arrays[m.src][rows]), np.asarray(arrays[m.dst][rows]),
-                               base[m.src, m.dst], None if labels is None else labels[rows])
-        q.pop("holdout_images")
-        if "r2_holdout" in m.stats:
-            q.pop("r2_holdout", None)
-        m.stats.update(q)

@@ -33,6 +33,28 @@ def register(cls: type[FitMethod]) -> type[FitMethod]:
     return cls
 
 
+def holdout_mask(n: int, fraction: float, seed: int = 0, groups: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Deterministic held-out selection: bool [n], about ``fraction`` of the groups, whole.
+
+    One uniform draw per group (ids 0…G−1, ``rows.group_ids``; None: each sample its own group, the
+    draws then being exactly the per-sample draws of earlier versions) and a group is held out
+    when its draw is below ``fraction``. When that leaves no group out but there are ≥ 2, the
+    group with the smallest draw is held out, so a small fit still gets an honest figure.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise AffeqError(f"--holdout must be in [0, 1), got {fraction}", "pass e.g. --holdout 0.1")
+    if fraction == 0.0:
+        return np.zeros(n, bool)
+    g = np.arange(n) if groups is None else np.asarray(groups, np.int64)[:n]
+    count = int(g.max()) + 1 if n else 0
+    draws = np.random.default_rng(seed).random(count)
+    out = draws < fraction
+    if count >= 2 and not out.any():
+        out[int(np.argmin(draws))] = True
+    return out[g]
+
+
 def pairs(names: Sequence[str]) -> Iterator[tuple[str, str]]:
     """Every ordered pair A≠B, sources in order, targets in order (the one pair loop)."""
     for a in names:

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
+from affeq_rt.io.maps import AffineMap
 from affeq_rt.method import solvers
 
 # Few data: fewer training rows than FEW_DATA_FACTOR × the widest source dimension. Below n = d
@@ -325,3 +326,30 @@ def rows_fit_in_memory(n: int, dims: Sequence[int]) -> None:
         raise AffeqError(f"prior-ridge/prior-pca keep the rows in memory: {n} images × "
                          f"{sum(dims)} features is {size / 2**30:.1f} GiB",
                          "use --method ols for this much data (or --max-images)")
+
+
+QUALITY_ROWS = 5000  # held-out rows scored for agreement/top-1 (R² from the Gram uses all)
+
+
+def add_quality(maps: Sequence[AffineMap], arrays: Mapping[str, Any] | None,
+                heads: Mapping[str, Head] | None, mask: np.ndarray,
+                labels: np.ndarray | None) -> None:
+    """Held-out agreement/top-1 beside the logit-pinv map's, for maps fitted on addressable rows
+    (the first :data:`QUALITY_ROWS` held-out rows); R² stays the one the fit computed."""
+    if arrays is None or heads is None:
+        return
+    rows = np.flatnonzero(mask)[:QUALITY_ROWS]
+    names = sorted({m.src for m in maps} | {m.dst for m in maps})
+    pinvs = {t: solvers.head_pinv(heads[t].weight) for t in names}
+    base = {(m.src, m.dst): Baseline.of(heads[m.src], heads[m.dst], pinvs[m.dst])
+            for m in maps if heads[m.src].num_classes == heads[m.dst].num_classes}
+    for m in maps:
+        if (m.src, m.dst) not in base:  # other label sets: agreement means nothing
+            continue
+        q = map_quality(m.weight.astype(np.float64), m.bias.astype(np.float64),
+                               np.asarray(arrays[m.src][rows]), np.asarray(arrays[m.dst][rows]),
+                               base[m.src, m.dst], None if labels is None else labels[rows])
+        q.pop("holdout_images")
+        if "r2_holdout" in m.stats:
+            q.pop("r2_holdout", None)
+        m.stats.update(q)
