@@ -135,7 +135,8 @@ def test_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path) -> Non
 
 @pytest.mark.parametrize("name", ["a" * 300, "d/" + "b" * 256 + "/x.onnx"])
 def test_a_path_too_long_is_one_line(tmp_path, name: str) -> None:
-    with pytest.raises(AffeqError, match="allows 255") as e, atomic_path(tmp_path / name):
+    too_long = "longer than the file system allows.*at most 255"
+    with pytest.raises(AffeqError, match=too_long) as e, atomic_path(tmp_path / name):
         pass
     assert "\n" not in str(e.value)
     assert len(str(e.value)) < 300

@@ -75,3 +75,61 @@ def test_fp16_close_to_fp32_and_same_top1(lite0_export: Path) -> None:
     w, b = exp.head()
     top32, top16 = (f32 @ w.T + b).argmax(1), (f16 @ w.T + b).argmax(1)
     assert (top32 == top16).all(), names
+
+
+# ------------------------------------------------------------ hostile files (issue 23)
+
+def _fixed_model(path: Path, location: str | None = None) -> Path:
+    """A one-node ONNX (``y = x · W``) taking exactly [1, 4]; with ``location`` its weight is
+    stored as external data at that (relative) location."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    if location is not None:
+        w.data_location = TensorProto.EXTERNAL
+        w.external_data.add(key="location", value=location)
+        w.ClearField("raw_data")
+    node = helper.make_node("MatMul", ["x", "W"], ["y"])
+    graph = helper.make_graph([node], "fixed", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 4])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_an_onnxruntime_refusal_at_run_time_is_one_error_line(tmp_path) -> None:
+    """A model fed a shape its graph does not take (a hybrid whose metadata lies about its
+    input): onnxruntime's InvalidArgument was a traceback (exit 70) in predict."""
+    model = create_session(_fixed_model(tmp_path / "m.onnx"))
+    assert model.run(np.ones((1, 4), np.float32)).shape == (1, 4)
+    with pytest.raises(AffeqError, match=r"onnxruntime cannot run .*m.onnx on x \[1, 5\]") as e:
+        model.run(np.ones((1, 5), np.float32))
+    assert "\n" not in str(e.value)
+    with pytest.raises(AffeqError, match="cannot run"):
+        model.run_feeds({"x": np.ones((2, 4), np.float32)})
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_outside_the_model_folder_is_refused_before_any_read(
+        tmp_path, location: str, fp16: bool) -> None:
+    (tmp_path / "secret.bin").write_bytes(np.eye(4, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _fixed_model(folder / "m.onnx", location)
+    with pytest.raises(AffeqError, match="outside its folder"):
+        create_session(path, fp16=fp16)
+
+
+def test_fp16_on_a_truncated_or_hostile_file_is_one_error_line(tmp_path) -> None:
+    """``--fp16`` converted the graph before onnxruntime saw it: a file that does not parse was
+    refused through the bug path (exit 70)."""
+    full = _fixed_model(tmp_path / "m.onnx").read_bytes()
+    for name, data in (("cut.onnx", full[: len(full) // 2]), ("junk.onnx", b"\x08\x07junk")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(AffeqError, match=f"{name} is not a readable ONNX model"):
+            create_session(tmp_path / name, fp16=True)
+    inside = _fixed_model(tmp_path / "ext.onnx", "ext.bin")
+    (tmp_path / "ext.bin").write_bytes(np.eye(4, dtype=np.float32).tobytes())
+    assert create_session(inside, fp16=True).run(np.ones((1, 4), np.float32)).shape == (1, 4)

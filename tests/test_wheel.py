@@ -165,10 +165,14 @@ def test_wheel_builds_in_isolation_installs_in_a_fresh_venv_and_runs(
     assert smoke["version"] == smoke["core_version"] == smoke["metadata"] == affeq_rt.__version__
     assert Path(smoke["models_dir"]) == pkg / "models"
     assert smoke["specs"] == len(list((REPO / "models").glob("*.json")))
-    # Gram of 1000 float32 rows: each scatter entry sums 1000 products rounded at float32
-    # (u = 2^-24 = 6e-8); the worst-case accumulated error is n*u = 6e-5 of the largest entry,
-    # so 1e-4 passes any correct BLAS and fails a broken one (errors of order 1).
-    assert smoke["gram_rel"] < 1e-4, smoke
+    # Gram of 1000 float32 rows, accumulated in float64 as the core does (issue 23: the old 1e-4
+    # was float32 reasoning, which a float32 Gram in the wheel passes). A product of two float32
+    # values is exact in float64; each scatter entry sums 1000 of them, so its error is at most
+    # γ₁₀₀₀·Σ|z_i z_j| ≤ 1000·eps64·√(S_ii S_jj) ≤ 1000·eps64·max|S| (Cauchy-Schwarz; the column
+    # means, |μ| < 0.06, add < 1 % through the shift), and the float64 reference adds as much
+    # again: 2·(1000 + 16)·eps64 ≈ 4.5e-13 of the largest entry (measured 0). A float32 Gram is
+    # off by ≈4e-7 and fails, as does a broken BLAS (errors of order 1).
+    assert smoke["gram_rel"] < 2 * (1000 + 16) * 2.0**-52, smoke
 
     # 4. The installed binaries: RUNPATH only relative to themselves; the BLAS is the wheel's.
     for so in sorted(pkg.glob("*.so")):

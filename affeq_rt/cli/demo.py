@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Quiet, opt_str
+from affeq_rt.cli.options import DemoSeed, ExportRoot, Quiet, opt_str
 from affeq_rt.cli.progress import Display
 from affeq_rt.demo.run import run_demo
 from affeq_rt.onnx.exported import default_export_root
@@ -29,8 +29,7 @@ def run(
         "--hybrid/--no-hybrid", help="Build one hybrid ONNX model (EfficientNet-Lite0 → "
         "MobileNetV2) and classify chelsea.")] = True,
     export_root: ExportRoot = None,
-    seed: Annotated[int, typer.Option(
-        "--seed", help="Seed of the digits split, training and views.")] = 0,
+    seed: DemoSeed = 0,
     quiet: Quiet = False,
 ) -> None:
     """Run the whole method with nothing downloaded: three small CNNs trained on scikit-learn's

@@ -10,6 +10,7 @@ import typer
 
 from affeq_rt.cli.options import Json
 from affeq_rt.deploy.metadata import read_metadata
+from affeq_rt.io.terminal import printable
 
 
 def run(
@@ -22,21 +23,22 @@ def run(
     """Print a hybrid's metadata: source, target, fit, verification, preprocessing, labels.
 
     Always recomputes the hybrid's recorded checksums first: a corrupt or modified file is one
-    error line saying to rebuild it."""
+    error line saying to rebuild it. Text from the file (names, labels) is printed with control
+    characters escaped."""
     info = read_metadata(model, verify=True)
-    if as_json:
+    if as_json:  # JSON escapes every control character itself
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     meta, graph = dict(info["metadata"]), info["graph"]
-    typer.echo(f"model       {info['path']}")
-    typer.echo(f"integrity   {info['integrity']}")
-    typer.echo(f"producer    {graph['producer']}  (opset {graph['opset']}, "
+    echo(f"model       {info['path']}")
+    echo(f"integrity   {info['integrity']}")
+    echo(f"producer    {graph['producer']}  (opset {graph['opset']}, "
                f"IR {graph['ir_version']})")
     for kind in ("inputs", "outputs"):
         for t in graph[kind]:
-            typer.echo(f"{kind[:-1]:11s} {t['name']} {t['type']} {t['shape']}")
+            echo(f"{kind[:-1]:11s} {t['name']} {t['type']} {t['shape']}")
     if not meta:
-        typer.echo("no affeq-rt metadata (not built by affeq-rt build-hybrid)")
+        echo("no affeq-rt metadata (not built by affeq-rt build-hybrid)")
         return
     labels = meta.pop("labels", [])
     stats = meta.pop("fit_stats", {})
@@ -44,9 +46,14 @@ def run(
     for key, value in meta.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)
-        typer.echo(f"{key:11s} {value}")
+        echo(f"{key:11s} {value}")
     short = {k: v for k, v in stats.items() if not isinstance(v, list)}
-    typer.echo(f"fit_stats   {json.dumps(short, default=str)}")
+    echo(f"fit_stats   {json.dumps(short, default=str)}")
     shown = labels if all_labels else labels[:5]
-    typer.echo(f"labels      {len(labels)}: {'; '.join(map(str, shown))}"
-               + ("" if all_labels or len(labels) <= 5 else "; … (--all-labels for all)"))
+    echo(f"labels      {len(labels)}: {'; '.join(map(str, shown))}"
+         + ("" if all_labels or len(labels) <= 5 else "; … (--all-labels for all)"))
+
+
+def echo(line: str) -> None:
+    """One line of the report, everything that came from the file made terminal-safe."""
+    typer.echo(printable(line))

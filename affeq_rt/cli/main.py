@@ -2,12 +2,17 @@
 
 Exit codes: 0 success (or the command's own code), 1 user error (``AffeqError``: one line
 ``error: …`` on stderr), 2 usage error (click's message), 70 a bug (traceback plus a request to
-report it), 130 interrupted.
+report it), 130 interrupted (Ctrl-C), 143/129 stopped by SIGTERM/SIGHUP (the same clean stop).
+
+A signal while the modules load (the first fraction of a second) ends the process with the same
+one line and code, before any command began (:mod:`affeq_rt.cli.signals`).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,14 +41,16 @@ from affeq_rt.cli import (
     similarity,
     validate,
 )
+from affeq_rt.cli.signals import INTERRUPTED_LINE as INTERRUPTED_LINE
+from affeq_rt.cli.signals import STOP_SIGNALS, stop_line
 from affeq_rt.errors import AffeqError
+from affeq_rt.io.terminal import printable
 
 EXIT_USER = 1
 EXIT_USAGE = 2
 EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h)
 EXIT_INTERRUPTED = 130
 BUG_LINE = "this is a bug in affeq-rt; please report it with the command you ran"
-INTERRUPTED_LINE = "interrupted; rerun the same command to resume"
 
 app = typer.Typer(
     name="affeq-rt",
@@ -92,6 +99,42 @@ class _Interrupted(Exception):
     """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit)."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so every clean-up
+    that handles Ctrl-C (worker pools, checkpoints, temporary files) handles these alike."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: Stop signals received during the current :func:`main` (typer turns a KeyboardInterrupt
+#: outside a command into a silent exit code 130, so the signal is remembered here).
+_RECEIVED: list[int] = []
+
+
+def _on_stop(signum: int, _frame: object) -> None:
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
+def _install_stop_handlers() -> dict[int, object] | None:
+    """Ctrl-C as KeyboardInterrupt, SIGTERM/SIGHUP as :class:`Stopped`; returns the handlers
+    they replace (None off the main thread, where signals cannot be handled)."""
+    _RECEIVED.clear()
+    try:
+        return {s: signal.signal(s, _on_stop) for s in STOP_SIGNALS}
+    except ValueError:
+        return None
+
+
+def _stop_code() -> tuple[int, str]:
+    """(exit code, line) of a stop: 130 for Ctrl-C (or a KeyboardInterrupt raised without a
+    signal), 128 + the signal for SIGTERM/SIGHUP."""
+    signum = _RECEIVED[0] if _RECEIVED else int(signal.SIGINT)
+    return 128 + signum, stop_line(signum)
+
+
 def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with KeyboardInterrupt re-raised as :class:`_Interrupted` (same signature)."""
     @functools.wraps(fn)
@@ -135,26 +178,55 @@ def _usage_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring for the mapping)."""
+    previous = _install_stop_handlers()
+    try:
+        return _main(argv)
+    finally:
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+
+
+def _stopped() -> int:
+    """Print the stop line; its exit code."""
+    code, line = _stop_code()
+    typer.echo(line, err=True)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="affeq-rt")
-    except AffeqError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        return EXIT_USER
     except (_Interrupted, KeyboardInterrupt, typer.Abort):
-        typer.echo(INTERRUPTED_LINE, err=True)
-        return EXIT_INTERRUPTED
+        return _stopped()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
     except Exception as e:
-        if _is_usage_error(e):  # usage errors: click's message, on one line
-            typer.secho(f"error: {_usage_line(e)}", fg=typer.colors.RED, err=True)
-            return int(e.exit_code)  # type: ignore[attr-defined]
-        # InternalError and anything unexpected: a bug, never dressed as a user error
-        traceback.print_exc()
-        typer.echo(BUG_LINE, err=True)
-        return EXIT_BUG
+        # a stop signal came first: whatever it broke (an import, a pool) is the stop
+        return _stopped() if _RECEIVED else _failure(e)
+    if _RECEIVED and rv == EXIT_INTERRUPTED:  # typer's own silent exit on a KeyboardInterrupt
+        return _stopped()
     # standalone_mode=False: typer returns typer.Exit's code, or the command's return value
     return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def _failure(e: Exception) -> int:
+    """Print a failed command's one line (or a bug's traceback); its exit code."""
+    if isinstance(e, AffeqError):
+        typer.secho(f"error: {printable(e)}", fg=typer.colors.RED, err=True)
+        return EXIT_USER
+    if _is_usage_error(e):  # usage errors: click's message, on one line
+        typer.secho(f"error: {printable(_usage_line(e))}", fg=typer.colors.RED, err=True)
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # the user's path
+        name = printable(e.filename if e.filename is not None else "a path")
+        name = name if len(name) <= 120 else f"{name[:60]}…{name[-40:]}"
+        typer.secho(f"error: {name} is longer than the file system allows; choose a "
+                    "shorter path", fg=typer.colors.RED, err=True)
+        return EXIT_USER
+    # InternalError and anything unexpected: a bug, never dressed as a user error
+    traceback.print_exception(e)
+    typer.echo(BUG_LINE, err=True)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from affeq_rt.cli.progress import Display
 from affeq_rt.deploy.metadata import read_metadata
 from affeq_rt.deploy.predict import predict
 from affeq_rt.errors import AffeqError
+from affeq_rt.io.terminal import printable
 
 
 def run(
@@ -37,9 +38,9 @@ def run(
     with Display(quiet) as display:
         pred = predict(name, images, top=top, provider=provider, export_root=export_root,
                        fp16=fp16, progress=display)
-    typer.echo(f"model: {pred.name} ({pred.path})")
+    typer.echo(printable(f"model: {pred.name} ({pred.path})"))
     typer.echo(pred.provider_line)
     for path, res in zip(images, pred.results, strict=True):
-        typer.echo(path)
+        typer.echo(printable(path))
         for i, (c, p, n) in enumerate(zip(res.indices, res.probs, res.names, strict=True), 1):
-            typer.echo(f"  {i}. {c:4d}  {p:6.1%}  {n}")
+            typer.echo(f"  {i}. {c:4d}  {p:6.1%}  {printable(n)}")  # a hybrid's label names

@@ -116,12 +116,14 @@ def graph_sha256(model: onnx.ModelProto) -> str:
 
 
 def _data_file(model: onnx.ModelProto, path: Path) -> Path | None:
-    """The one external data file a hybrid's initializers point to (None: weights inline)."""
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                return path.parent / e.value
-    return None
+    """The one external data file a hybrid's tensors point to (None: weights inline);
+    AffeqError when any points outside the hybrid's folder, or more than one file is named."""
+    from affeq_rt.onnx.runtime import external_data_files
+
+    files = external_data_files(model, path)
+    if len(files) > 1:
+        raise AffeqError(f"hybrid {path} names {len(files)} external data files", REBUILD)
+    return path.parent / files[0].name if files else None
 
 
 def stamp_checksum(path: str | os.PathLike) -> dict[str, Any]:
@@ -159,14 +161,15 @@ def check_integrity(model: onnx.ModelProto, meta: Mapping[str, Any], path: Path,
     """Compare a loaded hybrid with its ``checksum`` record: the external data file's presence
     and size always, the hashes when ``full``. Returns ``"verified"``, ``"size checked"`` or
     ``"no checksum recorded"``; AffeqError naming the file otherwise."""
+    data = _data_file(model, path)  # the graph's own reference, checked to stay in the folder
     rec = meta.get(CHECKSUM_KEY)
-    if not isinstance(rec, Mapping):
+    if rec is None:
         return "no checksum recorded"
-    data = path.parent / str(rec["data_file"]) if rec.get("data_file") else None
+    _check_record(rec, data, path)
     if data is not None:
         if not data.is_file():
             raise AffeqError(f"hybrid {path} lacks its external data file {data}", REBUILD)
-        if data.stat().st_size != int(rec.get("data_bytes") or -1):
+        if data.stat().st_size != rec["data_bytes"]:
             raise AffeqError(f"hybrid data file {data} has {data.stat().st_size} bytes, the "
                              f"model records {rec.get('data_bytes')}", REBUILD)
     if not full:
@@ -176,6 +179,22 @@ def check_integrity(model: onnx.ModelProto, meta: Mapping[str, Any], path: Path,
     if data is not None and sha256_file(data) != rec.get("data_sha256"):
         raise AffeqError(f"hybrid data file {data} fails its checksum", REBUILD)
     return "verified"
+
+
+def _check_record(rec: Any, data: Path | None, path: Path) -> None:
+    """The checksum record is well formed and names the data file the graph uses (nothing
+    else: a record naming ``/etc/passwd`` must not get that file hashed and called verified)."""
+    ok = (isinstance(rec, Mapping) and rec.get("algorithm") == "sha256"
+          and isinstance(rec.get("graph"), str))
+    if ok and data is None:
+        ok = not rec.get("data_file")
+    elif ok:
+        nbytes = rec.get("data_bytes")
+        ok = (rec.get("data_file") == data.name and isinstance(rec.get("data_sha256"), str)
+              and isinstance(nbytes, int) and not isinstance(nbytes, bool))
+    if not ok:
+        raise AffeqError(f"hybrid {path} has a checksum record that does not describe its own "
+                         "files", REBUILD)
 
 
 def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict[str, Any]:

@@ -66,11 +66,11 @@ def check_path(path: str | os.PathLike, what: str = "output path") -> Path:
     text = str(p) if len(str(p)) <= 120 else f"{str(p)[:60]}…{str(p)[-40:]}"
     long = [n for n in raw.split(b"/") if len(n) > name_max]
     if long:
-        raise AffeqError(f"{what} {text} has a name of {len(long[0])} bytes; this file system "
-                         f"allows {name_max}", "choose a shorter name")
+        raise AffeqError(f"{what} {text} is longer than the file system allows (a name of "
+                         f"{len(long[0])} bytes; at most {name_max})", "choose a shorter name")
     if len(os.fsencode(os.path.abspath(p))) >= path_max:
-        raise AffeqError(f"{what} {text} is {len(raw)} bytes long; this file system allows "
-                         f"{path_max - 1}", "choose a shorter path")
+        raise AffeqError(f"{what} {text} is longer than the file system allows ({len(raw)} "
+                         f"bytes; at most {path_max - 1})", "choose a shorter path")
     return p
 
 

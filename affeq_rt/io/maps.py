@@ -148,18 +148,44 @@ def load_maps(path: str | os.PathLike) -> MapSet:
     except json.JSONDecodeError as e:
         raise AffeqError(f"maps file {p} has corrupt metadata ({e})",
                          "fit the maps again") from None
+    if not isinstance(meta, dict):
+        raise AffeqError(f"maps file {p} has corrupt metadata (not a JSON object)",
+                         "fit the maps again")
     if meta.get("format") != FORMAT:
         raise AffeqError(f"maps file {p} has format {meta.get('format')!r}, expected {FORMAT}",
                          "refit with this affeq-rt version")
-    maps = []
-    for key, st in meta.get("pairs", {}).items():
-        src, _, dst = key.partition("->")
-        try:
-            w, b = tensors[f"{key}.weight"], tensors[f"{key}.bias"]
-        except KeyError:
-            raise AffeqError(f"maps file {p} lists pair {key} but lacks its tensors",
-                             "fit the maps again") from None
-        st = dict(st)
-        method = st.pop("method", "unknown")
-        maps.append(AffineMap(src, dst, w, b, method, st))
+    maps = [_read_pair(p, key, st, tensors) for key, st in _pairs(p, meta).items()]
     return MapSet(maps, meta, str(p))
+
+
+def _pairs(p: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``pairs`` table of a maps file's metadata, checked (AffeqError naming the fault)."""
+    pairs = meta.get("pairs", {})
+    models = meta.get("models", {})
+    if not isinstance(pairs, dict) or not isinstance(models, dict):
+        raise AffeqError(f"maps file {p} has corrupt metadata ('pairs' or 'models' is not an "
+                         "object)", "fit the maps again")
+    return pairs
+
+
+def _read_pair(p: Path, key: Any, st: Any, tensors: dict[str, np.ndarray]) -> AffineMap:
+    """One map of a maps file, its metadata and tensors checked (AffeqError naming the pair)."""
+    src, sep, dst = str(key).partition("->")
+    if not (sep and src and dst and isinstance(st, dict)):
+        raise AffeqError(f"maps file {p} has corrupt metadata for pair {key!r} (not 'A->B' with "
+                         "an object of statistics)", "fit the maps again")
+    try:
+        w, b = tensors[f"{key}.weight"], tensors[f"{key}.bias"]
+    except KeyError:
+        raise AffeqError(f"maps file {p} lists pair {key} but lacks its tensors",
+                         "fit the maps again") from None
+    if (w.ndim != 2 or b.ndim != 1 or w.shape[0] != b.shape[0] or w.dtype.kind != "f"
+            or b.dtype.kind != "f"):
+        raise AffeqError(f"maps file {p} holds a {w.dtype} {list(w.shape)} weight and a {b.dtype} "
+                         f"{list(b.shape)} bias for {key}, not [d_dst, d_src] and [d_dst] floats",
+                         "fit the maps again")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise AffeqError(f"maps file {p} holds NaN/Inf in map {key}", "fit the maps again")
+    st = dict(st)
+    method = st.pop("method", "unknown")
+    return AffineMap(src, dst, w, b, str(method), st)

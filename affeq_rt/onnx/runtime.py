@@ -91,11 +91,59 @@ def _toposort(graph: Any) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
-def to_fp16(model_path: str | os.PathLike) -> bytes:
-    """:func:`half_model` of an ONNX file, serialised."""
-    import onnx
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else e.__class__.__name__
 
-    return half_model(onnx.load(str(model_path))).SerializeToString()
+
+def external_data_files(model: Any, path: str | os.PathLike) -> list[Path]:
+    """The external data files a loaded (``load_external_data=False``) model's tensors name,
+    each checked to lie in the model's own folder: AffeqError for a location that is absolute,
+    climbs out with ``..`` or resolves (through links) outside it — before anything reads it."""
+    folder = Path(path).resolve().parent
+    out: list[Path] = []
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    for t in tensors:
+        for e in t.external_data:
+            if e.key != "location":
+                continue
+            loc = e.value
+            target = (folder / loc).resolve()
+            if (not loc or os.path.isabs(loc) or ".." in Path(loc).parts
+                    or target.parent != folder and folder not in target.parents):
+                raise AffeqError(f"{path} names external data {loc!r} outside its folder",
+                                 "use a model whose weights are inline or in a file beside it")
+            if target not in out:
+                out.append(target)
+    return out
+
+
+def to_fp16(model_path: str | os.PathLike) -> bytes:
+    """:func:`half_model` of an ONNX file, serialised. A file that does not parse, names
+    external data outside its folder, or that the converter cannot handle is an AffeqError."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    p = Path(model_path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError / google.protobuf errors
+        raise AffeqError(f"{p} is not a readable ONNX model ({e.__class__.__name__})",
+                         "re-export it (a truncated or modified file)") from None
+    if external_data_files(model, p):
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as e:
+            raise AffeqError(f"{p}'s external data cannot be read ({_first_line(e)})",
+                             "re-export it") from None
+    try:
+        return half_model(model).SerializeToString()
+    except AffeqError:
+        raise
+    except Exception as e:  # the converter on a graph it cannot convert (the file's fault)
+        raise AffeqError(f"{p} cannot be converted to float16 ({e.__class__.__name__}: "
+                         f"{_first_line(e)})", "run without --fp16") from None
 
 
 class OrtModel:
@@ -135,13 +183,27 @@ class OrtModel:
         if len(x) == 0:
             return np.zeros((0,), np.float32)
         name, feed = self.output_names[idx], self.input_names[0]
-        outs = [self.session.run([name], {feed: x[i:i + batch_size]})[0]
+        outs = [self._run([name], {feed: x[i:i + batch_size]})[0]
                 for i in range(0, len(x), batch_size)]
         return np.concatenate(outs, axis=0)
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run once on named inputs; returns every output."""
-        return self.session.run(None, feeds)
+        return self._run(None, feeds)
+
+    def _run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``session.run``; onnxruntime's refusal of this model on these inputs (a shape or type
+        the graph does not take, a node that fails) is one AffeqError line naming the file."""
+        try:
+            return self.session.run(names, feeds)
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise AffeqError(f"onnxruntime cannot run {self.path} on {shapes} "
+                             f"({_first_line(e)})", "check that the model and its input match "
+                             "(a hybrid whose metadata does not describe its graph: rebuild "
+                             "it)") from None
 
 
 def _make_session(ort: Any, model: str | bytes, keys: list[str],
@@ -177,6 +239,8 @@ def create_session(path: str | os.PathLike, provider: str = "auto", fp16: bool =
     provider = provider.lower()
     if provider not in ("auto", *PROVIDERS):
         raise AffeqError(f"unknown provider {provider!r}", "use auto, tensorrt, cuda or cpu")
+    if not fp16:  # (to_fp16 checks this itself) nothing is read outside the model's folder
+        _check_external(p)
     model: str | bytes = to_fp16(p) if fp16 else str(p)
     if provider == "auto":
         keys = list(AUTO_ORDER)
@@ -197,6 +261,27 @@ def create_session(path: str | os.PathLike, provider: str = "auto", fp16: bool =
                          "use --provider auto or cpu")
     notes = [line.strip() for line in printed.splitlines() if line.strip().startswith("EP Error")]
     return OrtModel(sess, p, provider, fp16, notes)
+
+
+def _check_external(p: Path) -> None:
+    """:func:`external_data_files` of the file at ``p``. Every external-data reference holds the
+    key ``location``, so a file without those bytes (most: weights inline) is not parsed here; a
+    file that does not parse is left to onnxruntime's own one-line refusal."""
+    import mmap
+
+    with open(p, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(b"location") < 0:
+                return
+    import onnx
+
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable: onnxruntime refuses it in one line
+        return
+    external_data_files(model, p)
 
 
 def loadable_providers() -> list[str]:
