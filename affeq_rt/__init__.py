@@ -16,6 +16,7 @@ Long calls take ``progress=`` (any :class:`Progress`; None is silent). User erro
 
 from __future__ import annotations
 
+import affeq_rt.cli.signals  # noqa: F401 - first: a Ctrl-C while the CLI loads is one line
 from affeq_rt._version import __version__
 from affeq_rt.cluster import RayExecutor
 from affeq_rt.core import GramAccumulator, backends, evaluate_heads, resolve_device
