@@ -338,3 +338,19 @@ def test_few_data_methods_run_on_the_worker_path(method: str) -> None:
     for key, m in here.maps.items():
         np.testing.assert_array_equal(there.maps[key].weight, m.weight)
         np.testing.assert_array_equal(there.maps[key].bias, m.bias)
+
+
+def test_a_second_fit_into_the_same_maps_file_is_refused(tmp_path: Path) -> None:
+    """Two runs writing one maps file: the second is refused at once with one line naming the
+    holder (issue 23: both exited 0 and one result was silently lost); released after the run."""
+    from affeq_rt.io.fsio import output_lock
+
+    out = tmp_path / "maps.safetensors"
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    feats = {"a": x, "b": x[:, :3].copy()}
+    with output_lock(out, "maps file"), pytest.raises(AffeqError, match="being written by"):
+        fit(feats, method="ols", out=out)
+    assert not out.exists()
+    fit(feats, method="ols", out=out)
+    assert out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.safetensors"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from affeq_rt.engine import Executor, LocalExecutor, PassCheckpoint, Reducer, run_pass
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import versions
+from affeq_rt.io.fsio import output_lock, versions
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
 from affeq_rt.method import select
 from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
@@ -258,20 +259,22 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
     recorder = _curve_recorder(ctx) if strat.needs == "gram" else None
     ctx.curve = recorder
     red = _reducers(strat, ctx, out)
-    ckpt = _checkpoint(strat, ctx, out) if red else None
-    ex = _pass(ctx, red, ckpt, progress)
-    try:
-        maps = _solve(strat, ctx, red, recorder, ex)
-    except AffeqError:  # a finished pass that cannot be solved: no checkpoint to resume
-        if ckpt is not None:
-            ckpt.remove()
-        raise
-    _gate(maps, strat, ctx, red, choice)
-    mapset = MapSet(maps, _meta(strat.name, ctx, ex, choice), str(out) if out is not None else "")
-    if out is not None:
-        save_maps(out, mapset)
-        if ckpt is not None:
-            ckpt.remove()
+    with output_lock(out, "maps file") if out is not None else nullcontext():
+        ckpt = _checkpoint(strat, ctx, out) if red else None
+        ex = _pass(ctx, red, ckpt, progress)
+        try:
+            maps = _solve(strat, ctx, red, recorder, ex)
+        except AffeqError:  # a finished pass that cannot be solved: no checkpoint to resume
+            if ckpt is not None:
+                ckpt.remove()
+            raise
+        _gate(maps, strat, ctx, red, choice)
+        mapset = MapSet(maps, _meta(strat.name, ctx, ex, choice),
+                        str(out) if out is not None else "")
+        if out is not None:
+            save_maps(out, mapset)
+            if ckpt is not None:
+                ckpt.remove()
     return FitResult(Path(out) if out is not None else None, mapset, strat.images(ctx, red),
                      time.perf_counter() - t0, ex.resumed, ex.skipped, ex.rate, curve=ex.curve,
                      similarity=ex.similarity)
