@@ -42,14 +42,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from affeq_rt.deploy.triton import OIP_TO_NUMPY, ORT_TO_OIP
 from affeq_rt.onnx.runtime import create_session
-
-# ONNX Runtime tensor type → Open Inference Protocol datatype.
-ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-              "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
-              "tensor(int64)": "INT64", "tensor(bool)": "BOOL"}
-OIP_TO_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8,
-                "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
 
 #: Largest request body the REST server reads (bytes) and largest batch one request may carry.
 #: Both are limits chosen, not measured optima: JSON numbers take ~10–20 bytes each and MLServer

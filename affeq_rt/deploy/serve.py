@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from affeq_rt.deploy.metadata import default_model_name, read_metadata
-from affeq_rt.deploy.triton import check_name, onnx_io, read_repository
+from affeq_rt.deploy.triton import TRITON_TO_OIP, check_name, onnx_io, read_repository
 from affeq_rt.errors import AffeqError
 from affeq_rt.onnx.runtime import create_session
 
@@ -53,12 +53,10 @@ def _metadata_tensors(path: Path) -> tuple[list[Any], list[Any]]:
     from mlserver.types import MetadataTensor
 
     ins, outs = onnx_io(path)
-    oip = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_FP64": "FP64", "TYPE_UINT8": "UINT8",
-           "TYPE_INT8": "INT8", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_BOOL": "BOOL"}
 
     def conv(ts: list[Any]) -> list[Any]:
-        return [MetadataTensor(name=t.name, datatype=oip[t.data_type], shape=[-1, *t.dims])
-                for t in ts]
+        return [MetadataTensor(name=t.name, datatype=TRITON_TO_OIP[t.data_type],
+                               shape=[-1, *t.dims]) for t in ts]
 
     return conv(ins), conv(outs)
 

@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import (
     atomic_dir,
@@ -29,10 +31,22 @@ PLATFORM = "onnxruntime_onnx"
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
-# ONNX TensorProto element type name → Triton data type.
-ONNX_TO_TRITON = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "DOUBLE": "TYPE_FP64",
-                  "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
-                  "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
+# The one table of tensor element types, as each side names them: ONNX TensorProto, onnxruntime,
+# the Open Inference Protocol, Triton's config, numpy. The lookups below are views of it.
+TENSOR_TYPES: tuple[tuple[str, str, str, str, type], ...] = (
+    ("FLOAT", "tensor(float)", "FP32", "TYPE_FP32", np.float32),
+    ("FLOAT16", "tensor(float16)", "FP16", "TYPE_FP16", np.float16),
+    ("DOUBLE", "tensor(double)", "FP64", "TYPE_FP64", np.float64),
+    ("UINT8", "tensor(uint8)", "UINT8", "TYPE_UINT8", np.uint8),
+    ("INT8", "tensor(int8)", "INT8", "TYPE_INT8", np.int8),
+    ("INT32", "tensor(int32)", "INT32", "TYPE_INT32", np.int32),
+    ("INT64", "tensor(int64)", "INT64", "TYPE_INT64", np.int64),
+    ("BOOL", "tensor(bool)", "BOOL", "TYPE_BOOL", np.bool_),
+)
+ONNX_TO_TRITON = {onnx: triton for onnx, _, _, triton, _ in TENSOR_TYPES}
+TRITON_TO_OIP = {triton: oip for _, _, oip, triton, _ in TENSOR_TYPES}
+ORT_TO_OIP = {ort: oip for _, ort, oip, _, _ in TENSOR_TYPES}
+OIP_TO_NUMPY = {oip: dtype for _, _, oip, _, dtype in TENSOR_TYPES}
 
 
 @lru_cache(maxsize=1)
