@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from affeq_rt.core import GramAccumulator, gram_reference
-from affeq_rt.core.backend import CpuBackend
 from affeq_rt.core.backends import cuda_status
+from affeq_rt.core.kernels import CpuBackend
 from affeq_rt.errors import AffeqError, InternalError
 
 CUDA = cuda_status()

@@ -1,5 +1,6 @@
 """Python face of the compiled core: Gram accumulation, fused head evaluation, float64 references,
-the backend contract (core.backend) and which backends this install has (core.backends)."""
+the kernels behind one backend contract (core.kernels) and which backends this install has
+(core.backends)."""
 
 from affeq_rt.core.backends import backends, resolve_device
 from affeq_rt.core.evaluate import HeadsResult, evaluate_heads

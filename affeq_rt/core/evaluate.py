@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from affeq_rt.core.backend import backend_for
 from affeq_rt.core.backends import resolve_device
 from affeq_rt.core.checks import check_features, host
+from affeq_rt.core.kernels import backend_for
 from affeq_rt.errors import AffeqError
 
 __all__ = ["HeadsResult", "evaluate_heads"]

@@ -1,4 +1,4 @@
-"""GramAccumulator: the one driver of the streaming Gram state, over either backend (core.backend).
+"""GramAccumulator: the one driver of the streaming Gram state, over either backend (core.kernels).
 
 The accumulator keeps ``n``, the float64 mean and the float64 centred scatter of streamed feature
 rows. Rows holding NaN or Inf are **skipped and counted** (``skipped``), never accumulated.
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from affeq_rt.core.backend import Backend, backend_for
 from affeq_rt.core.backends import resolve_device
 from affeq_rt.core.checks import check_features, range_of
+from affeq_rt.core.kernels import Backend, backend_for
 from affeq_rt.core.reference import gram_from
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path

@@ -1,4 +1,6 @@
-"""The compiled core's backend contract (one Protocol) and its two implementations, CPU and CUDA.
+"""The compiled core's kernels: one backend contract (the ``Backend`` Protocol), its CPU and CUDA
+implementations, and ``backend_for(device)``. (Which compiled modules this install has, and the
+device a name resolves to, is ``core.backends``.)
 
 The algorithms' state lives once, in the drivers (``core.gram.GramAccumulator``,
 ``core.evaluate.evaluate_heads``); a backend only supplies the heavy steps behind identical
