@@ -187,6 +187,22 @@ def test_adam_reduces_the_unit_normalised_loss():
     assert np.isfinite(st01["loss_last"])
 
 
+def test_adam_reports_steps_through_progress_and_prints_nothing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from recording import RecordingProgress
+
+    rng = np.random.default_rng(5)
+    a, b = _pair(rng, 200, 6, 4, noise=0.05)
+    rec = RecordingProgress()
+    solvers.adam(a, b, iterations=7, batch_size=64, seed=0, progress=rec)
+    assert rec.calls == [("start", "adam", 7, 0, "step"), *[("advance", 1)] * 7, ("done",)]
+    assert capsys.readouterr().out == ""
+
+
 def test_all_dead_source_and_constant_target_stay_finite():
     rng = np.random.default_rng(6)
     a = np.zeros((20, 4), np.float32)  # every feature dead

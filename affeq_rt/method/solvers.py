@@ -19,7 +19,7 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
-
+from affeq_rt.progress import Progress, or_silent
 
 PRIOR_METHODS = ("prior-ridge", "prior-pca")
 # Eigenvalues of S_AA at or below rcond·λ_max count as null (numpy's convention: relative to the
@@ -339,13 +339,14 @@ def naive(d_src: int, d_dst: int) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def adam(x_src: Any, x_dst: Any, iterations: int = 200, lr: float = 0.1,
          decay: float = 1.0 - 1e-5, batch_size: int = 2048, seed: int = 0,
-         rows: np.ndarray | None = None, log_every: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+         rows: np.ndarray | None = None,
+         progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The paper's §4.2 fit: minimise the mean Euclidean distance between unit-normalised predicted
     and true target features with Adam (lr 0.1, decayed by ``decay`` per step, β = 0.9/0.999,
     ε = 1e-8), on random batches of ``batch_size`` rows streamed from ``x_src``/``x_dst``
     ([n, d] arrays or store memmaps). ``rows`` restricts training to those row indices
     (e.g. the non-held-out part). W starts at 0 and b at the target mean, so the first prediction
-    is never the zero vector.
+    is never the zero vector. ``progress`` counts the steps.
     """
     import torch
 
@@ -367,7 +368,7 @@ def adam(x_src: Any, x_dst: Any, iterations: int = 200, lr: float = 0.1,
         torch.set_num_threads(1)
     try:
         _adam_loop(torch, x_src, x_dst, idx_all, rng, w, b, iterations, lr, decay, bs,
-                   losses, log_every)
+                   losses, or_silent(progress))
     finally:
         torch.set_num_threads(threads)
     wn = w.detach().double().numpy()
@@ -379,13 +380,14 @@ def adam(x_src: Any, x_dst: Any, iterations: int = 200, lr: float = 0.1,
 
 def _adam_loop(torch: Any, x_src: Any, x_dst: Any, idx_all: np.ndarray, rng: Any, w: Any,
                b: Any, iterations: int, lr: float, decay: float, bs: int, losses: list[float],
-               log_every: int) -> None:
+               bar: Progress) -> None:
     """Adam steps on (w, b) over random batches of ``idx_all``; appends each batch loss."""
     params = [w, b]
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     n = idx_all.size
+    bar.start("adam", total=iterations, unit="step")
     for step in range(iterations):
         # sampling with replacement keeps a step O(batch) on 1.28M rows; sorted for mmap locality
         sel = np.sort(idx_all[rng.integers(0, n, size=bs)])
@@ -405,8 +407,8 @@ def _adam_loop(torch: Any, x_src: Any, x_dst: Any, idx_all: np.ndarray, rng: Any
         if not math.isfinite(lv):
             raise AffeqError(f"adam diverged at step {step} (loss {lv})", "lower the learning rate")
         losses.append(lv)
-        if log_every and step % log_every == 0:
-            print(f"adam step {step}: loss {lv:.5f}")
+        bar.advance()
+    bar.done()
 
 
 def _unit_distance(pred: Any, true: Any) -> Any:
