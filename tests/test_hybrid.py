@@ -249,6 +249,20 @@ def test_fp16_verified_by_top1(parts: TinyParts, tmp_path: Path) -> None:
     assert ver["tolerance"] == TOL_FP16
     assert ver["max_rel"] <= TOL_FP16
     assert ver["top1_agree"] == ver["top1_checked"] > 0
+    # Its outputs, not only its record: on photos the builder never saw, against the float64
+    # reference C_B(M F_A(x)) from torch. fp16 rounds inputs, weights and each layer's outputs
+    # to 11 bits (u = 2^-11 ≈ 4.9e-4); A's five layers, the pooling sum and the folded Gemm are
+    # ~8 roundings of terms no larger than the logit scale, so ≲ 8u ≈ 4e-3 of it: 1e-2 (20u)
+    # leaves a margin, while a wrong fold (map, bias, a dropped layer) is off by O(1).
+    x, _ = held_out_inputs(parts.spec_a)
+    ref = parts.expected_logits(x)
+    logits, probs = ort_run(out, x)
+    assert logits.dtype == np.float32  # the interface stays float32
+    assert np.abs(logits - ref).max() <= 1e-2 * np.abs(ref).max()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)  # fp16 softmax: ~u per class sum
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2e-2 * np.abs(ref).max()  # margins over twice the bound
+    assert (logits.argmax(1)[clear] == ref.argmax(1)[clear]).all()
 
 
 def test_existing_output_refused_without_force(parts: TinyParts, tmp_path: Path) -> None:
@@ -326,6 +340,55 @@ def test_external_data_past_the_size_limit(parts17: TinyParts, tmp_path: Path,
     assert (m.path.parent / "big.onnx.data").read_bytes() == data.read_bytes()
     np.testing.assert_array_equal(ort_run(m.path, x)[0], logits)  # model.onnx finds its data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "repo"]
+
+
+KILLED_CHILD = """
+import pathlib, sys, time
+import affeq_rt.deploy.hybrid as hybrid
+from affeq_rt.io.maps import load_maps
+from affeq_rt.onnx.exported import ExportedBackbone
+a, b, maps, out, repo, marker = sys.argv[1:]
+def stall(*args, **kwargs):  # the hybrid is written; its repository is next: the kill lands here
+    pathlib.Path(marker).touch()
+    time.sleep(600)
+hybrid.write_model_repository = stall
+hybrid.build_hybrid(load_maps(maps)["tiny_a", "tiny_b"], ExportedBackbone(a), ExportedBackbone(b),
+                    out=out, options=hybrid.HybridOptions(server_repo=repo))
+"""
+
+
+def test_killed_between_hybrid_and_repository(parts: TinyParts, tmp_path: Path) -> None:
+    """A real ``kill -9`` after the hybrid is written and before its Triton repository: the same
+    call (no ``force``) then completes the repository from the verified hybrid; a third refuses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    maps, out, repo, marker = (tmp_path / n for n in ("m.safetensors", "h.onnx", "repo", "mark"))
+    save_maps(maps, MapSet([parts.map]))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(parts.a_exp.path),
+                              str(parts.b_exp.path), str(maps), str(out), str(repo), str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the child never reached the repository step"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert out.is_file()
+    assert not (repo / "tiny_a_to_tiny_b").exists()
+    options = HybridOptions(server_repo=repo)
+    assert build_hybrid(parts.map, parts.a_exp, parts.b_exp, out=out, options=options) == out
+    model = repo / "tiny_a_to_tiny_b" / "1" / "model.onnx"
+    assert model.read_bytes() == out.read_bytes()
+    assert (repo / "tiny_a_to_tiny_b" / "config.pbtxt").is_file()
+    with pytest.raises(AffeqError, match="already exists"):
+        build_hybrid(parts.map, parts.a_exp, parts.b_exp, out=out, options=options)
 
 
 def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) -> None:
