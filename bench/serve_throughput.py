@@ -111,13 +111,15 @@ def main() -> None:
     name = "bench"
 
     with served(args.model, name) as (port, pid):
-        clients = [th.InferenceServerClient(f"{HOST}:{port}") for _ in range(args.clients)]
+        local = threading.local()  # tritonclient.http runs on gevent: one client per thread
 
         def request(binary: bool) -> Callable[[int], None]:
-            def call(i: int) -> None:
+            def call(_i: int) -> None:
+                if not hasattr(local, "client"):
+                    local.client = th.InferenceServerClient(f"{HOST}:{port}")
                 t = th.InferInput(inp.name, dims, "UINT8" if u8 else "FP32")
                 t.set_data_from_numpy(x, binary_data=binary)
-                res = clients[i].infer(name, [t], outputs=[
+                res = local.client.infer(name, [t], outputs=[
                     th.InferRequestedOutput(n, binary_data=binary) for n in outputs])
                 res.as_numpy(outputs[0])
             return call
@@ -152,8 +154,6 @@ def main() -> None:
             print(f"{r:>5}  {rate['bare']:>8.1f}  {rate['binary']:>8.1f}  {rate['json']:>8.1f}  "
                   f"{ratios['binary'][-1]:>8.3f}  {ratios['json'][-1]:>9.3f}  "
                   f"{cpu['bare'][-1]:>8.1f} {cpu['binary'][-1]:>8.1f} {cpu['json'][-1]:>8.1f}")
-        for c in clients:
-            c.close()
     med = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"median  binary/bare {statistics.median(ratios['binary']):.3f}  "
           f"json/bare {statistics.median(ratios['json']):.3f}  CPU per request: bare "

@@ -107,16 +107,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def settings_for(models: list[ServedModel], host: str, port: int, grpc_port: int,
                  provider: str) -> tuple[Any, list[Any]]:
-    """MLServer ``Settings`` (no metrics server, no worker pool, a model repository that holds
-    nothing: ``oip_runtime.NoRepository``) and one ``ModelSettings`` each, whose ``uri`` is the
-    served file itself (a >2 GiB hybrid's ``.data`` file is found beside it)."""
+    """MLServer ``Settings`` (no metrics server, no worker pool, no access log, no response
+    compression, a model repository that holds nothing: ``oip_runtime.NoRepository``) and one
+    ``ModelSettings`` each, whose ``uri`` is the served file itself (a >2 GiB hybrid's ``.data``
+    file is found beside it)."""
     from mlserver.settings import ModelParameters, ModelSettings, Settings
 
     from affeq_rt.deploy.oip_runtime import NoRepository, OnnxRuntimeServing
 
+    # debug=False: no access-log line per request (and no debug tracebacks from FastAPI);
+    # gzip_enabled=False: responses are not compressed (a CPU cost per answer; requests that are
+    # compressed are refused anyway, oip_runtime.BodyLimit)
     settings = Settings(host=host, http_port=port, grpc_port=grpc_port, metrics_endpoint=None,
                         parallel_workers=0, load_models_at_startup=False,
-                        model_repository_implementation=NoRepository)
+                        model_repository_implementation=NoRepository, debug=False,
+                        gzip_enabled=False)
     ms = []
     for m in models:
         ins, outs = _metadata_tensors(m.path)
