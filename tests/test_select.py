@@ -13,7 +13,7 @@ from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter
-from affeq_rt.method import select, solvers
+from affeq_rt.method import quality, select, solvers
 from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 from affeq_rt.method.rows import ArraySource, group_key, path_groups
 
@@ -84,12 +84,13 @@ def test_grouped_holdout_r2_does_not_leak_through_views_of_a_seen_photo() -> Non
     """The issue's leak: target features that depend on the photo but not through anything the
     source shares (here: an independent random vector per photo). Held-out random *views* of
     fitting photos look like a good fit (their photo's target was fitted); held-out *photos* show
-    the map has learnt nothing (R² ≤ 0). The store-style views are grouped by name."""
+    the map has learnt nothing (R² ≤ 0). The store-style views are grouped by name; the leaky
+    fit has near-duplicate detection off (with it on, ``tests/test_dedup.py``, it is honest)."""
     rng = np.random.default_rng(1)
     a, g = _views(rng, 14, 8, spread=0.05)  # 14 photos: fewer than the 16 source dims
     b = rng.normal(size=(14, DB))[g] + 0.05 * rng.normal(size=(g.size, DB))
     feats = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
-    leaky = fit(feats, method="ols", options=FitOptions(holdout=0.2)).maps["a", "b"]
+    leaky = fit(feats, method="ols", options=FitOptions(holdout=0.2, dedup=False)).maps["a", "b"]
     honest = fit(ArraySource(feats, groups=g), method="ols",
                  options=FitOptions(holdout=0.2)).maps["a", "b"]
     assert leaky.stats["r2_holdout"] > 0.8  # 16 dims interpolate the 14 photos' targets
@@ -186,13 +187,13 @@ def test_auto_chooses_by_data_size_and_the_summary_says_why() -> None:
 def test_quality_gate_warns_when_worse_than_logit_pinv() -> None:
     st = {"images": 400, "source_dim": 16, "holdout_images": 50, "agree_holdout": 40.0,
           "agree_holdout_logit_pinv": 86.0}
-    warn = select.quality_warnings(st, "ols")
+    warn = quality.quality_warnings(st, "ols")
     assert warn == ["held-out agreement 40.0% is below the logit-pinv map's 86.0%"]
-    assert select.quality_warnings({**st, "holdout_images": 0, "agree_holdout": None}, "ols") == [
+    assert quality.quality_warnings({**st, "holdout_images": 0, "agree_holdout": None}, "ols") == [
         "no held-out images: its quality on unseen images is unknown"]
-    assert select.quality_warnings({**st, "images": 10}, "ridge")[0].startswith(
+    assert quality.quality_warnings({**st, "images": 10}, "ridge")[0].startswith(
         "10 training images for a 16-dimensional source: underdetermined")
-    line = select.quality_line("a->b", "ols", st)
+    line = quality.quality_line("a->b", "ols", st)
     assert "agreement 40.0% (logit-pinv 86.0%)" in line
 
 
@@ -203,7 +204,7 @@ def test_baseline_logits_without_forming_the_prior_map() -> None:
     heads = _heads(rng)
     x = rng.normal(size=(9, DA))
     want = select.Prior.of(heads["a"], heads["b"]).logits(x)
-    got = select.Baseline.of(heads["a"], heads["b"]).logits(x)
+    got = quality.Baseline.of(heads["a"], heads["b"]).logits(x)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
 
 

@@ -14,7 +14,7 @@ from affeq_rt.deploy.hybrid import HybridOptions
 from affeq_rt.deploy.metadata import read_metadata
 from affeq_rt.method.extract import ImageOptions
 from affeq_rt.method.fit import FitOptions
-from affeq_rt.method.select import quality_line
+from affeq_rt.method.quality import quality_line
 
 
 def run(

@@ -6,7 +6,7 @@ arrays, a feature store, or an image folder decoded once), asks the chosen metho
 one pass of the engine (``engine.run_pass``) on the chosen executor (this process, or a Ray
 cluster: ``affeq_rt.cluster``), and lets the method solve. On images with ``out`` the pass is
 checkpointed in ``<out>.partial/`` (``engine.checkpoint``: one format), so a rerun resumes and
-writes the same bytes. Every fit then passes the quality gate (``method.select``).
+writes the same bytes. Every fit then passes the quality gate (``method.quality``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from affeq_rt.engine import Executor, LocalExecutor, PassCheckpoint, Reducer, ru
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import output_lock, versions
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
-from affeq_rt.method import select
+from affeq_rt.method import quality
 from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
 from affeq_rt.method.extract import ImageOptions, check_image_options
+from affeq_rt.method.holdout import after_pass, fit_groups, pass_reducers, summary_lines
 from affeq_rt.method.methods import (
     REGISTRY,
     FitContext,
@@ -41,7 +42,6 @@ from affeq_rt.method.rows import (
     RowSource,
     model_slices,
     row_source,
-    source_groups,
     source_labels,
 )
 from affeq_rt.method.similarity import SimilarityTable, similarity_from_moments
@@ -63,6 +63,7 @@ class FitOptions:
     curve: str | tuple[int, ...] = "auto"  # data-efficiency curve sizes: auto | off | (1000, …)
     curve_rows: int = MAX_ROWS  # held-out rows each curve point is scored on
     similarity: bool = False  # CKA/CCA/R²/Procrustes of every pair from this fit's Gram state
+    dedup: bool = True  # near-duplicate images found and held out together (method.dedup)
 
 
 @dataclass
@@ -93,8 +94,9 @@ class FitResult:
         by = self.maps.meta.get("held_out_by")
         if by == "group":
             lines.append("held out by source image: the views of one photo are all in or all out")
+        lines += summary_lines(self.maps.meta)
         for m in self.maps.values():
-            lines.append("  " + select.quality_line(m.key, m.method, m.stats))
+            lines.append("  " + quality.quality_line(m.key, m.method, m.stats))
         for m in self.maps.values():
             lines += [f"  warning: {m.key}: {w}" for w in m.stats.get("warnings", [])]
         return "\n".join(lines)
@@ -141,10 +143,12 @@ def _context(rows: RowSource, opt: FitOptions) -> FitContext:
     names = rows.names
     if len(names) < 2:
         raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
-    groups = source_groups(rows)
-    return FitContext(rows, names, rows.dims(), model_slices(names, rows.dims()), rows.heads(),
-                      holdout_mask(rows.n, opt.holdout, opt.seed, groups), groups,
-                      source_labels(rows), opt, isinstance(opt.executor, LocalExecutor))
+    slices = model_slices(names, rows.dims())
+    groups, found = fit_groups(rows, slices, opt.dedup)  # file names + near-duplicates
+    mask = holdout_mask(rows.n, opt.holdout, opt.seed, groups)
+    local = isinstance(opt.executor, LocalExecutor)
+    return FitContext(rows, names, rows.dims(), slices, rows.heads(), mask, groups,
+                      source_labels(rows), opt, local, None, found)
 
 
 def _method(name: str, ctx: FitContext) -> tuple[FitMethod, dict[str, str] | None]:
@@ -161,9 +165,9 @@ def _method(name: str, ctx: FitContext) -> tuple[FitMethod, dict[str, str] | Non
 def _reducers(strat: FitMethod, ctx: FitContext, out: Any) -> dict[str, Reducer]:
     """The method's statistics, plus held-out rows for the gate on streamed images (not with a
     checkpoint: a resumed run would keep other rows) and the skipped samples."""
-    red = strat.reducers(ctx)
+    red = {**strat.reducers(ctx), **pass_reducers(ctx, strat.needs)}
     if red and strat.needs == "gram" and ctx.streamed and ctx.heads is not None and out is None:
-        red["heldout"] = HeldOutRows(ctx.mask, select.QUALITY_ROWS)
+        red["heldout"] = HeldOutRows(ctx.mask, quality.QUALITY_ROWS)
     if red:
         red["skipped"] = Skipped()
     return red
@@ -177,7 +181,7 @@ def _checkpoint(strat: FitMethod, ctx: FitContext, out: Any) -> PassCheckpoint |
     o = ctx.options
     return PassCheckpoint(Path(str(out) + ".partial"),
                           {**ident, "holdout": o.holdout, "seed": o.seed, "needs": strat.needs,
-                           "similarity": bool(o.similarity)})
+                           "similarity": bool(o.similarity), "dedup": o.dedup})
 
 
 @dataclass
@@ -210,6 +214,7 @@ def _solve(strat: FitMethod, ctx: FitContext, red: Mapping[str, Any],
     if strat.needs == "gram" and ctx.streamed and strat.images(ctx, red) == 0:
         raise AffeqError(f"none of the {ctx.rows.n} images could be read",
                          "check --data (see the skipped files)")
+    after_pass(ctx, red)  # image folders: the near-duplicate groups from this pass's rows
     maps = strat.solve(ctx, red)
     g = red.get("gram")
     if g is not None and recorder is not None:
@@ -227,12 +232,12 @@ def _gate(maps: Sequence[AffineMap], strat: FitMethod, ctx: FitContext,
     kept = red["heldout"].rows() if "heldout" in red else None
     if kept is not None:
         x, idx = kept
-        select.add_quality(maps, {m: x[:, ctx.slices[m]] for m in ctx.names}, ctx.heads,
+        quality.add_quality(maps, {m: x[:, ctx.slices[m]] for m in ctx.names}, ctx.heads,
                     np.ones(x.shape[0], bool), None if ctx.labels is None else ctx.labels[idx])
     elif strat.needs != "rows":
-        select.add_quality(maps, ctx.rows.arrays(), ctx.heads, ctx.mask, ctx.labels)
+        quality.add_quality(maps, ctx.rows.arrays(), ctx.heads, ctx.mask, ctx.labels)
     for m in maps:
-        m.stats["warnings"] = select.quality_warnings(m.stats, m.method)
+        m.stats["warnings"] = quality.quality_warnings(m.stats, m.method)
         if choice is not None:
             m.stats["method_choice"] = choice["why"]
 
@@ -287,7 +292,8 @@ def _meta(method: str, ctx: FitContext, ex: _Extras,
     meta = {"method": method, "source": ctx.rows.describe(), "holdout_fraction": o.holdout,
             "seed": o.seed, "max_images": o.max_images, "specs": ctx.rows.specs(),
             "versions": versions(), "skipped": ex.skipped,
-            "held_out_by": "group" if ctx.groups is not None else "image"}
+            "held_out_by": "group" if ctx.groups is not None else "image",
+            "near_duplicates": ctx.found.meta()}
     if choice is not None:
         meta["method_choice"] = choice
     return meta

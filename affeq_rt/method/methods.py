@@ -20,7 +20,7 @@ from affeq_rt.engine.reducer import Reducer
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap
-from affeq_rt.method import select, solvers
+from affeq_rt.method import quality, select, solvers
 from affeq_rt.method.reducers import AllRows, GramReducer
 from affeq_rt.method.rows import CHUNK
 
@@ -78,6 +78,7 @@ class FitContext:
     options: Any  # method.fit.FitOptions
     local: bool  # the pass runs in this process
     curve: Any = None  # method.curve.CurveRecorder: Gram snapshots scored on the way, or None
+    found: Any = None  # method.dedup.Found: the near-duplicate groups detection found
 
     @property
     def streamed(self) -> bool:
@@ -248,7 +249,7 @@ class PriorMethod(FitMethod):
         return {"rows": AllRows(sum(ctx.dims.values()))}
 
     def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
-        """CV on the training groups, refit, grouped held-out figures (``select.map_quality``)."""
+        """CV on the training groups, refit, grouped held-out figures (``quality.map_quality``)."""
         x, idx = red["rows"].all()
         if x.shape[0] == 0 and ctx.streamed:
             raise AffeqError(f"none of the {ctx.rows.n} images could be read",
@@ -265,7 +266,7 @@ class PriorMethod(FitMethod):
             xa, xb = x[:, ctx.slices[a]], x[:, ctx.slices[t]]
             w, b, st = select.prior_fit(xa[~hold], xb[~hold], None if g is None else g[~hold],
                                         prior, self.name, cv_lab, self.seed)
-            st.update(select.map_quality(w, b, xa[hold], xb[hold], prior,
+            st.update(quality.map_quality(w, b, xa[hold], xb[hold], prior,
                                          None if lab is None else lab[hold]))
             out.append(as_map(a, t, w, b, self.name, st))
         return out
