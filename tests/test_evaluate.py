@@ -306,6 +306,7 @@ def test_logit_pinv_hybrid_agrees_with_its_source_on_near_ties(
 
     import affeq_rt.deploy.hybrid as hybrid_mod
     from affeq_rt.deploy.hybrid import HybridOptions, HybridParts, build_from_parts
+    from affeq_rt.io.heads import Head
     from affeq_rt.method.fit import fit
     from affeq_rt.registry.spec import BackboneSpec, WeightsSource
 
@@ -331,7 +332,7 @@ def test_logit_pinv_hybrid_agrees_with_its_source_on_near_ties(
                           helper.make_node("Reshape", ["image", "shape"], ["features"]),
                           [numpy_helper.from_array(np.array([-1, da], np.int64), "shape")],
                           "image", ["N", 3, PINV_S, PINV_S], "features", ["N", da])
-    parts = HybridParts(spec("a", da), spec("b", db), features, (wb, bb),
+    parts = HybridParts(spec("a", da), spec("b", db), features, Head(wb, bb),
                         _classifier_onnx(tmp_path / "b_classifier.onnx", wb, bb))
     x, margin = _near_ties(wa, ba, 1500, rng)
     own = ort.InferenceSession(str(_classifier_onnx(tmp_path / "a_classifier.onnx", wa, ba)),
@@ -349,9 +350,9 @@ def test_logit_pinv_hybrid_agrees_with_its_source_on_near_ties(
     np.testing.assert_array_equal(top1[clear], own.argmax(1)[clear])
 
     # control: the same hybrid with the head folded in float32 flips some of those near-ties
-    def fold32(m: AffineMap, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w32 = np.asarray(w, np.float32)
-        return w32 @ m.weight.astype(np.float32), w32 @ m.bias.astype(np.float32) + b
+    def fold32(m: AffineMap, h: Head) -> Head:
+        w32 = np.asarray(h.weight, np.float32)
+        return Head(w32 @ m.weight.astype(np.float32), w32 @ m.bias.astype(np.float32) + h.bias)
 
     monkeypatch.setattr(hybrid_mod, "fold_head", fold32)
     top1_32 = hybrid_top1(tmp_path / "h32.onnx")

@@ -31,6 +31,7 @@ from affeq_rt.deploy.hybrid import (  # noqa: E402
 from affeq_rt.deploy.metadata import read_metadata  # noqa: E402
 from affeq_rt.deploy.verify import TOL_FP16, verification_inputs  # noqa: E402
 from affeq_rt.errors import AffeqError  # noqa: E402
+from affeq_rt.io.heads import Head  # noqa: E402
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps  # noqa: E402
 from affeq_rt.onnx.exported import ExportedBackbone  # noqa: E402
 from affeq_rt.registry.spec import BackboneSpec, WeightsSource  # noqa: E402
@@ -141,8 +142,8 @@ class TinyParts:
 
     def hybrid_parts(self, spec_a: BackboneSpec | None = None) -> HybridParts:
         """The parts as ``build_from_parts`` takes them (``spec_a`` overrides A's spec)."""
-        return HybridParts(spec_a or self.spec_a, self.spec_b, self.features_path, self.head_wb,
-                           self.classifier_path)
+        return HybridParts(spec_a or self.spec_a, self.spec_b, self.features_path,
+                           Head(*self.head_wb), self.classifier_path)
 
     def build(self, out: Path, *, accuracy: float | None = None,
               spec_a: BackboneSpec | None = None, **options) -> Path:
@@ -399,7 +400,8 @@ def test_failed_verification_writes_nothing(parts: TinyParts, tmp_path: Path) ->
                       output_names=["logits"], dynamo=False,
                       dynamic_axes={"features": {0: "N"}, "logits": {0: "N"}})
     out = tmp_path / "out" / "h.onnx"
-    wrong = HybridParts(parts.spec_a, parts.spec_b, parts.features_path, parts.head_wb, other)
+    wrong = HybridParts(parts.spec_a, parts.spec_b, parts.features_path, Head(*parts.head_wb),
+                        other)
     with pytest.raises(AffeqError, match="fails verification"):
         build_from_parts(wrong, parts.map, out)
     assert not out.exists()

@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, fold_head, load_maps, save_maps
 
 
@@ -40,7 +41,8 @@ def test_round_trip_and_metadata(tmp_path):
     np.testing.assert_allclose(m(x), x @ maps[0].weight.T + maps[0].bias, rtol=1e-6)
     # the folded head is W_dst·W and W_dst·b + b_dst in float64
     wd, bd = rng.normal(size=(5, 4)), rng.normal(size=5)
-    fw, fb = fold_head(m, wd, bd)
+    folded = fold_head(m, Head(wd, bd))
+    fw, fb = folded.weight, folded.bias
     np.testing.assert_allclose(x @ fw.T + fb, (x @ m.weight.T + m.bias) @ wd.T + bd, rtol=1e-5)
 
 

@@ -196,7 +196,8 @@ def test_cam_identity_real_hybrid(lite0_export: Path, mobilenet_v2_export: Path,
     g = m(ft)  # float32 [N, 1280]
     lh = create_session(b.classifier_path, "cpu").run(g).astype(np.float64)
     hb = b.classifier_head()
-    w_h, b_h = hybrid_head(m, hb)
+    hh = hybrid_head(m, hb)
+    w_h, b_h = hh.weight, hh.bias
     mw, mb = m.weight.astype(np.float64), m.bias.astype(np.float64)
     eg = _bound_linear(mw, f.T, egap.T, mb[:, None])  # error of g [1280, N]
     wb = hb.weight.astype(np.float64)

@@ -45,6 +45,7 @@ from affeq_rt.deploy.triton import check_repo_target, write_model_repository
 from affeq_rt.deploy.verify import reference_logits, verification_inputs, verify
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, check_free_space
+from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import half_model
@@ -79,13 +80,13 @@ class HybridParts:
     source: BackboneSpec
     target: BackboneSpec
     features_path: Path
-    head: tuple[np.ndarray, np.ndarray]  # B's (W [K, d_B], c [K]), background rows kept
+    head: Head  # B's classifier over its file's outputs (label_offset 0: background rows kept)
     classifier_path: Path | None = None
 
     @classmethod
     def from_exports(cls, a: ExportedBackbone, b: ExportedBackbone) -> HybridParts:
         """A's ``features.onnx``, B's ``head.safetensors`` and ``classifier.onnx``."""
-        return cls(a.spec, b.spec, a.features_path, b.head(), b.classifier_path)
+        return cls(a.spec, b.spec, a.features_path, Head.load(b.head_path), b.classifier_path)
 
 
 def check_map(amap: AffineMap, a: BackboneSpec, b: BackboneSpec) -> None:
@@ -205,11 +206,11 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
     check_map(amap, a_spec, b_spec)
     if _repo_pending(out_path, options, name):
         return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
-    w_b, c_b = (np.asarray(a) for a in parts.head)
-    if w_b.ndim != 2 or w_b.shape[1] != amap.weight.shape[0] or c_b.shape != (w_b.shape[0],):
-        raise AffeqError(f"{dst}'s head is {w_b.shape}, the map {amap.key} gives "
+    if parts.head.dim != amap.weight.shape[0]:
+        raise AffeqError(f"{dst}'s head is {parts.head.weight.shape}, the map {amap.key} gives "
                          f"{amap.weight.shape[0]} features", f"re-export {dst} or refit the map")
-    w_fold, b_fold = fold_head(amap, w_b, c_b)
+    folded = fold_head(amap, parts.head)
+    w_fold, b_fold = folded.weight, folded.bias
     # The file holds A's graph and the folded head (float32: an upper bound for --fp16); checked
     # before composing (the Triton repository checks its own copy).
     need = parts.features_path.stat().st_size + w_fold.size * 4
@@ -231,7 +232,7 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
 
     say("verifying against the separate parts")
     x, x_u8, names = verification_inputs(a_spec, paths=verify_images)
-    ref = reference_logits(parts.features_path, amap.weight, amap.bias, (w_b, c_b), x,
+    ref = reference_logits(parts.features_path, amap.weight, amap.bias, parts.head, x,
                            parts.classifier_path)
     feed = x_u8 if options.with_preprocessing else x
     data_name = f"{out_path.name}.data" if too_big_for_memory(model) else None

@@ -18,6 +18,7 @@ from PIL import Image
 from affeq_rt.data.preprocess import crop, load_image, normalize, preprocess_key, sample_photo
 from affeq_rt.data.readers import IMAGE_EXTS
 from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.io.heads import Head
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 
@@ -109,7 +110,7 @@ def _run(path: str | os.PathLike, feed: np.ndarray) -> list[np.ndarray]:
 
 
 def reference_logits(features_path: str | os.PathLike, m_weight: np.ndarray, m_bias: np.ndarray,
-                     head: tuple[np.ndarray, np.ndarray], x: np.ndarray,
+                     head: Head, x: np.ndarray,
                      classifier_path: str | os.PathLike | None = None) -> np.ndarray:
     """C_B(M·F_A(x)) from the separate parts: A's features session, the map in float64, then B's
     classifier (its ``classifier.onnx`` session where given, else its head arrays in float64)."""
@@ -118,8 +119,7 @@ def reference_logits(features_path: str | os.PathLike, m_weight: np.ndarray, m_b
               + np.asarray(m_bias, np.float64))
     if classifier_path is not None and Path(classifier_path).is_file():
         return _run(classifier_path, mapped.astype(np.float32))[0].astype(np.float64)
-    w, b = head
-    return mapped @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+    return mapped @ np.asarray(head.weight, np.float64).T + np.asarray(head.bias, np.float64)
 
 
 def verify(path: str | os.PathLike, reference: np.ndarray, feed: np.ndarray, names: list[str],

@@ -46,8 +46,8 @@ class Head:
     outputs must keep the original layout).
     """
 
-    weight: np.ndarray  # float32 [K, d]
-    bias: np.ndarray  # float32 [K]
+    weight: np.ndarray  # float32 [K, d] (float64 where folded into a map: io.maps.fold_head)
+    bias: np.ndarray  # float32 [K] (likewise)
     label_offset: int = 0
 
     def __post_init__(self) -> None:

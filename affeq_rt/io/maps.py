@@ -18,6 +18,7 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.fsio import atomic_path, jsonable
+from affeq_rt.io.heads import Head
 
 FORMAT = 1
 META_KEY = "affeq_rt"
@@ -44,11 +45,12 @@ class AffineMap:
         return np.asarray(x, np.float32) @ self.weight.T + self.bias
 
 
-def fold_head(m: AffineMap, w_dst: np.ndarray, b_dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Target head folded into the map, float64: ``W_dst·W`` [K, d_src], ``W_dst·b + b_dst``."""
-    wd = np.asarray(w_dst, np.float64)
-    return wd @ m.weight.astype(np.float64), wd @ m.bias.astype(np.float64) + np.asarray(b_dst,
-                                                                                      np.float64)
+def fold_head(m: AffineMap, dst: Head) -> Head:
+    """The target's head folded into the map, in float64: the head on the source's features,
+    ``W_dst·W`` [K, d_src] and ``W_dst·b + b_dst`` (its rows and ``label_offset`` as ``dst``'s)."""
+    wd = np.asarray(dst.weight, np.float64)
+    return Head(wd @ m.weight.astype(np.float64),
+                wd @ m.bias.astype(np.float64) + np.asarray(dst.bias, np.float64), dst.label_offset)
 
 
 class MapSet(Mapping[tuple[str, str], AffineMap]):

@@ -117,7 +117,8 @@ def _stacked_heads(src: str, chosen: Sequence[str], heads: Mapping[str, Head], m
             raise AffeqError(
                 f"map {src}->{dst} has shape {tuple(m.weight.shape)} but the store's features need "
                 f"({h.dim}, {d_src})", "the maps were fitted on other networks; refit them")
-        w_all[t], b_all[t] = fold_head(m, h.weight, h.bias)
+        folded = fold_head(m, h)
+        w_all[t], b_all[t] = folded.weight, folded.bias
     return w_all, b_all
 
 

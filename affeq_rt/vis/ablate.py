@@ -80,9 +80,9 @@ def ablate(models: Sequence[str | os.PathLike], data: str | os.PathLike | DataSo
         for i, a in enumerate(nets):
             for b in nets:
                 if a is not b:
-                    w, bb = hybrid_head(pair_map(mset, a.name, b.name, a.head.dim, b.head.dim),
-                                        b.head)
-                    rows.append((f"{a.name}→{b.name}", i, w, bb))
+                    h = hybrid_head(pair_map(mset, a.name, b.name, a.head.dim, b.head.dim),
+                                    b.head)
+                    rows.append((f"{a.name}→{b.name}", i, h.weight, h.bias))
     cors = list(corruptions) if corruptions is not None else default_corruptions(tuple(amounts))
     lab = np.array([s.label for s in src.samples], np.int64)
     labelled = bool((lab >= 0).all()) and len(lab) > 0

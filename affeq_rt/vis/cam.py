@@ -121,7 +121,8 @@ def cam(images: Sequence[str | os.PathLike], src: str | os.PathLike,
                              f"{b.head.num_classes}", "CAM compares networks over one label set")
         mset = as_mapset(maps)  # type: ignore[arg-type]
         m = pair_map(mset, a.name, b.name, a.head.dim, b.head.dim)
-        w_h, b_h = hybrid_head(m, b.head)
+        hh = hybrid_head(m, b.head)
+        w_h, b_h = hh.weight, hh.bias
         nets["dst"] = b
         labels.update(dst=b.name, hybrid=f"{a.name}→{b.name}")
     names_all = label_names(a.head.num_classes)

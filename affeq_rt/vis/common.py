@@ -46,9 +46,9 @@ def pair_map(maps: MapSet, src: str, dst: str, d_src: int, d_dst: int) -> Affine
     return m
 
 
-def hybrid_head(m: AffineMap, dst: Head) -> tuple[np.ndarray, np.ndarray]:
-    """The hybrid's classifier on the source's features, float64: (W_B·M [K, d_A], W_B·m + b_B)."""
-    return fold_head(m, dst.weight, dst.bias)
+def hybrid_head(m: AffineMap, dst: Head) -> Head:
+    """The hybrid's classifier on the source's features, float64: W_B·M [K, d_A], W_B·m + b_B."""
+    return fold_head(m, dst)
 
 
 def label_names(num_classes: int) -> list[str]:
