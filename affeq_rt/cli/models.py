@@ -15,6 +15,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from affeq_rt.cli.options import Json
+from affeq_rt.errors import AffeqError
+from affeq_rt.onnx.stages import list_stages, stage_model
 from affeq_rt.registry.resolve import list_resolvable
 from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
 
@@ -74,6 +76,21 @@ def _all(pattern: str | None, as_json: bool) -> None:
                "`affeq-rt models NAME` shows one", err=True)
 
 
+def _stages(spec: BackboneSpec) -> None:
+    """One line per stage (``affeq-rt depth`` and stage extraction use them), from a shapes-only
+    forward; a network without findable stages says why in one line."""
+    try:
+        stages = list_stages(spec)
+    except AffeqError as e:
+        typer.echo(f"{'stages':14s} none ({e.problem})")
+        return
+    for s in stages:
+        where = "×".join(map(str, s.size)) + (" tokens" if s.pool == "tokens" else "")
+        typer.echo(f"{'stage ' + s.name:14s} {s.module} → {s.dim} pooled ({s.pool}"
+                   f"{', ' + where if where else ''})  "
+                   f"store model {stage_model(spec.name, s.name)}")
+
+
 def run(
     name: Annotated[str | None, typer.Argument(
         metavar="NAME",
@@ -107,6 +124,7 @@ def run(
         for k, v in d.items():
             typer.echo(f"{k:14s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
         typer.echo(f"{'note':14s} {note}")
+        _stages(spec)
         return
     specs = list_specs(tag)
     if as_json:
