@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affeq_rt.data.loader import distinct_specs, iter_batches
+from affeq_rt.data.loader import SLOT_PREFIX, distinct_specs, iter_batches
 from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.data.readers import (
     discover,
@@ -183,7 +184,8 @@ def test_decode_once_loader(tmp_path, workers):
     assert len(src) == 9  # 7 photos + corrupt + truncated
     specs = [SPEC_A, Preprocessing(**vars(SPEC_A)), SPEC_B]  # two share a preprocessing key
     assert len(distinct_specs(specs)) == 2
-    batches = list(iter_batches(src.samples, specs, batch_size=4, workers=workers))
+    batches = list(iter_batches(src.samples, specs, batch_size=4, workers=workers,
+                                pipeline="exact"))
     assert [(b.start, b.stop) for b in batches] == [(0, 4), (4, 8), (8, 9)]
     ok = np.concatenate([b.ok for b in batches])
     assert ok.sum() == len(good)
@@ -200,6 +202,50 @@ def test_decode_once_loader(tmp_path, workers):
         np.testing.assert_array_equal(rows_a[i], preprocess(load_image(readable[i]), SPEC_A))
     keys = list(batches[0].tensors)
     assert batches[0].tensors[keys[1]].shape[2:] == (48, 48)
+
+
+@pytest.mark.parametrize("pipeline", ["exact", "pillow", "torchvision"])
+def test_loader_is_byte_identical_across_workers_and_resume(tmp_path, pipeline):
+    """Every worker count runs the same per-image code into uint8 crops and the same batch
+    normalisation, so for a fixed pipeline the tensors are equal bit for bit, resumed or not
+    (what keeps a store byte-identical across --workers and resume)."""
+    if pipeline == "torchvision":
+        pytest.importorskip("torchvision")
+    photos.write_photos(tmp_path, count=9, corrupt=True)
+    src = discover(tmp_path)
+    specs = [SPEC_A, SPEC_B]
+
+    def rows(workers: int, start: int = 0) -> dict:
+        out: dict = {}
+        for b in iter_batches(src.samples, specs, batch_size=3, workers=workers, start=start,
+                              pipeline=pipeline):
+            out[b.start] = (b.ok.tobytes(), {k.input_size: v.tobytes()
+                                             for k, v in b.tensors.items()})
+        return out
+
+    ref = rows(0)
+    assert sorted(ref) == [0, 3, 6, 9]
+    assert rows(1) == ref
+    assert rows(2) == ref
+    assert rows(2, start=6) == {b: ref[b] for b in (6, 9)}
+    # a consumer that stops early unlinks its shared-memory slots too
+    it = iter_batches(src.samples, specs, batch_size=3, workers=2, pipeline=pipeline)
+    next(it)
+    it.close()
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        assert not list(shm.glob(f"{SLOT_PREFIX}{os.getpid()}_*"))
+
+
+def test_default_workers_is_in_process_on_small_machines():
+    """Up to MIN_CPUS_FOR_WORKERS CPUs the networks already use every core: no decode
+    processes; above, half the CPUs, capped."""
+    from affeq_rt.data.loader import MAX_AUTO_WORKERS, MIN_CPUS_FOR_WORKERS, default_workers
+
+    assert [default_workers(c) for c in (1, 2, MIN_CPUS_FOR_WORKERS)] == [0, 0, 0]
+    assert default_workers(16) == 8
+    assert default_workers(64) == MAX_AUTO_WORKERS
+    assert default_workers() >= 0
 
 
 def test_loader_resumes_on_the_same_grid(tmp_path):

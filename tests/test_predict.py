@@ -3,6 +3,9 @@ onnxruntime label scikit-image's photos correctly; every bad input is one line a
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,41 @@ def test_export_cli_writes_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "export error" in out
     assert sorted(p.name for p in (tmp_path / "mobilenet_v2").iterdir()) == [
         "classifier.onnx", "features.onnx", "head.safetensors", "manifest.json"]
+
+
+HEAVY = ("torch", "torchvision", "timm")
+_LIST_HEAVY = ("import sys; from affeq_rt.cli.main import main; rc = main(sys.argv[1:]); "
+               "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})); "
+               "sys.exit(rc)")
+
+
+def _heavy_modules(*argv: str) -> list[str]:
+    """Run the CLI in a fresh interpreter; the torch/timm modules it had imported at the end."""
+    r = subprocess.run([sys.executable, "-c", _LIST_HEAVY.format(heavy=HEAVY), *argv],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("HEAVY "))
+    return ast.literal_eval(line.removeprefix("HEAVY "))
+
+
+@pytest.mark.usefixtures("use_affeq_home")
+def test_predict_on_a_cached_export_imports_neither_torch_nor_timm(
+        lite0_export: Path, photo_files: dict[str, Path]) -> None:
+    """Class names and specs come from the package and the export's own files, so classifying
+    with an export (a folder, or a registry name whose export is cached) never loads torch or
+    timm (issue 25: they were 80 % of predict's start-up); neither does --help."""
+    img = str(photo_files["chelsea"])
+    assert _heavy_modules("predict", str(lite0_export), img) == []
+    assert _heavy_modules("predict", "efficientnet_lite0", img) == []
+    assert _heavy_modules("--help") == []
+
+
+def test_packaged_class_names_are_timms() -> None:
+    """imagenet_classes.txt is timm's ImageNet-1k table, copied (timm is not imported for it)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    assert imagenet_names() == tuple(info.index_to_description(i) for i in range(1000))
 
 
 def test_labels_and_offset() -> None:

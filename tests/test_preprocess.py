@@ -112,3 +112,124 @@ def test_decompression_bomb_is_one_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)  # 4× over: PIL's error
     with pytest.raises(AffeqError, match="bomb.png is too large to decode safely"):
         load_image(tmp_path / "bomb.png")
+
+
+# ------------------------------------------------------------ pipelines (issue 25)
+
+def _photo_jpeg(tmp_path, name: str = "chelsea", size: tuple[int, int] | None = None):
+    im = Image.fromarray(getattr(skdata, name)())
+    if size:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    p = tmp_path / f"{name}_{im.size[0]}.jpg"
+    im.save(p, quality=95)
+    return p
+
+
+def test_normalize_batch_is_bit_identical_to_normalize() -> None:
+    """One vectorised pass per batch, the same float32 operations in the same order as the
+    per-image ``normalize``: every element equal, not just close."""
+    from affeq_rt.data.preprocess import normalize, normalize_batch
+
+    rng = np.random.default_rng(0)
+    for spec in SPECS:
+        s = spec.input_size
+        u8 = rng.integers(0, 256, (3, s, s, 3), dtype=np.uint8)
+        want = np.stack([normalize(a, spec.mean, spec.std) for a in u8])
+        got = normalize_batch(u8, spec)
+        assert got.dtype == np.float32
+        assert got.shape == (3, 3, s, s)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(InternalError):
+        normalize_batch(u8.astype(np.float32), SPECS[0])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.input_size}-{s.interpolation}")
+def test_pillow_pipeline_is_within_two_levels_of_exact(tmp_path, spec: Preprocessing) -> None:
+    """Resizing only the crop's region uses the same filter taps as resizing the whole image;
+    only the float rounding of each tap's centre (region start + (i + ½)·scale instead of
+    (i + left + ½)·scale) differs. That can flip the uint8 rounding of Pillow's horizontal pass
+    by one level; the vertical pass scales it by its taps' absolute sum (≤ 1.14 for the bicubic
+    kernel, 1 for bilinear) before its own rounding: at most 2 levels apart."""
+    from affeq_rt.data.preprocess import crop, prepare_crops
+
+    for name in ("chelsea", "coffee", "rocket"):
+        p = _photo_jpeg(tmp_path, name)
+        (got,) = prepare_crops(str(p), [spec], "pillow")
+        want = crop(load_image(p), spec)
+        assert got.shape == want.shape == (spec.input_size, spec.input_size, 3)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+def test_pillow_pipeline_downscales_large_jpegs_in_the_dct_with_the_same_geometry(
+        tmp_path) -> None:
+    """A JPEG ≥ 4× the resize target is decoded at 1/2–1/8 size (libjpeg's scaled IDCT), but the
+    crop is the exact pipeline's: a bright disc lands where it does there. Both paths filter
+    symmetrically, so the disc's intensity centroid is preserved up to the discretisation of a
+    ~40-pixel disc (far below 0.2 output pixels); mapping the crop box with a one-pixel error at
+    the reduced scale would move it by 2–8 source pixels ≈ 0.25–1 output pixel."""
+    from affeq_rt.data.preprocess import DRAFT_KEY, crop, prepare_crops
+
+    w, h = 2400, 1800
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((xx - 1318.0) ** 2 + (yy - 811.0) ** 2 < 90.0 ** 2)
+    arr = np.where(disc, 230, 40).astype(np.uint8)
+    p = tmp_path / "disc.jpg"
+    Image.fromarray(np.dstack([arr] * 3)).save(p, quality=95)
+    spec = SPECS[0]  # short side to 256: 1800 / 256 ≈ 7 ≥ 2·DRAFT_MARGIN → 1/2 scale decode
+    img = load_image(p, draft_short_side=256)
+    assert img.info[DRAFT_KEY] == (2, w, h)
+    assert img.size == (1200, 900)
+
+    def centroid(a: np.ndarray) -> np.ndarray:
+        m = a[..., 0].astype(float) - 40.0
+        m[m < 0] = 0
+        ys, xs = np.mgrid[0:a.shape[0], 0:a.shape[1]]
+        return np.array([(xs * m).sum(), (ys * m).sum()]) / m.sum()
+
+    (got,) = prepare_crops(str(p), [spec], "pillow")
+    want = crop(load_image(p), spec)
+    assert np.abs(centroid(got) - centroid(want)).max() < 0.2
+
+
+def test_torchvision_pipeline_is_within_two_levels_of_exact(tmp_path) -> None:
+    """torchvision's decode is libjpeg-turbo like Pillow's; torch's antialiased resize uses
+    Pillow's filter taps but keeps the first pass in float where Pillow rounds it to uint8
+    (≤ ½ level, times the taps' absolute sum ≤ 1.2 for bicubic) before its own final rounding
+    (≤ ½ level): at most 2 levels apart. Files it does not take (PNG) follow the Pillow route."""
+    from affeq_rt.data.preprocess import crop, prepare_crops, resolve_pipeline
+
+    pytest.importorskip("torchvision")
+    assert resolve_pipeline("fast") == "torchvision"
+    for spec in SPECS[:2]:  # bicubic and bilinear
+        for name in ("chelsea", "coffee"):
+            p = _photo_jpeg(tmp_path, name)
+            (got,) = prepare_crops(str(p), [spec], "torchvision")
+            want = crop(load_image(p), spec)
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    png = tmp_path / "coffee.png"
+    Image.fromarray(skdata.coffee()).save(png)
+    np.testing.assert_array_equal(prepare_crops(str(png), [SPECS[0]], "torchvision")[0],
+                                  prepare_crops(str(png), [SPECS[0]], "pillow")[0])
+
+
+@pytest.mark.parametrize("pipeline", ["pillow", "torchvision"])
+def test_fast_pipelines_keep_the_errors_and_bounds(tmp_path, pipeline: str) -> None:
+    """Unreadable, truncated and degenerate files are the same one-line AffeqErrors on every
+    pipeline (the fast routes fall back to Pillow's decode for the message)."""
+    from affeq_rt.data.preprocess import prepare_crops, resolve_pipeline
+
+    if pipeline == "torchvision":
+        pytest.importorskip("torchvision")
+    txt = tmp_path / "notes.jpg"
+    txt.write_text("not an image")
+    with pytest.raises(AffeqError, match="notes.jpg is not a readable image"):
+        prepare_crops(str(txt), SPECS[:1], pipeline)
+    data = _photo_jpeg(tmp_path).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AffeqError, match="cut.jpg"):
+        prepare_crops(str(tmp_path / "cut.jpg"), SPECS[:1], pipeline)
+    Image.new("RGB", (3, 3), (1, 2, 3)).save(tmp_path / "dot.jpg")
+    with pytest.raises(AffeqError, match=r"dot.jpg is 3×3 pixels: .* enlarged 85 times"):
+        prepare_crops(str(tmp_path / "dot.jpg"), SPECS[:1], pipeline)
+    with pytest.raises(AffeqError, match="unknown preprocessing pipeline 'quick'"):
+        resolve_pipeline("quick")

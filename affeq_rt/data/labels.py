@@ -1,23 +1,33 @@
-"""ImageNet-1k class names (from timm's offline tables) and top-k decoding of logits."""
+"""ImageNet-1k class names (a packaged copy of timm's offline table) and top-k decoding of logits.
+
+The names ship as ``imagenet_classes.txt`` beside this file (one description per line, index
+order), so commands that only run ONNX models never import timm (or torch) to print a label; a test
+checks the copy against timm's own table.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from affeq_rt.errors import InternalError
 
+#: The 1000 ImageNet-1k descriptions, one per line in class-index order (timm's
+#: ``ImageNetInfo().index_to_description``, copied so that no ONNX-only command imports timm).
+NAMES_FILE = Path(__file__).with_name("imagenet_classes.txt")
+
 
 @lru_cache(maxsize=1)
 def imagenet_names() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class descriptions in index order (e.g. 281 → ``tabby, tabby cat``)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
+    names = tuple(NAMES_FILE.read_text(encoding="utf-8").splitlines())
+    if len(names) != 1000:
+        raise InternalError(f"{NAMES_FILE} holds {len(names)} class names, not 1000")
+    return names
 
 
 def class_name(index: int) -> str:

@@ -3,6 +3,20 @@
 ``load_image`` decodes once (any mode → RGB); ``preprocess`` applies one backbone's resize,
 centre crop and normalisation, so one decoded image feeds every network.
 
+Pipelines (how a file becomes uint8 crops; the loader's ``pipeline``, issue 25):
+
+- ``exact``: timm's eval transform as published: Pillow resizes the whole image, then crops.
+- ``pillow``: Pillow resizes only the crop's region (``resize(box=…)``: the same filter taps,
+  ≤ 2 levels apart from ``exact``) and lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 size
+  (``draft``) when it is at least 4× larger than the resize target. Never imports torch.
+- ``torchvision``: JPEG decoded by torchvision's libjpeg-turbo and resized by torch's
+  antialiased resize (≤ 2 levels apart from ``exact``); other files, Lanczos/nearest
+  geometries and images large enough for DCT downscaling take the ``pillow`` route.
+- ``fast``: ``torchvision`` where it imports, else ``pillow``.
+
+Normalisation is done per batch (``normalize_batch``, the same float32 operations as
+``normalize``), so crops travel between processes as uint8.
+
 The work per image is bounded (issue 10: a 118-byte 1×20000 PNG took 5.3 GB, because the short
 side is scaled up before the crop): a decoded image may be at most ``MAX_ASPECT`` times longer
 than wide, the resize may enlarge at most ``MAX_UPSCALE`` times and produce at most
@@ -14,7 +28,10 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -37,6 +54,17 @@ MAX_RESIZE_PIXELS = 1 << 25
 #: ``Image.info`` key under which ``load_image`` records the file (PIL copies ``info`` through
 #: ``convert``), so later geometry errors can name it.
 SOURCE_KEY = "affeq_rt.source"
+#: ``Image.info`` key, set when libjpeg downscaled the decode (``draft``): (scale, W, H), the
+#: power of two and the file's own size, on which the crop geometry is always computed.
+DRAFT_KEY = "affeq_rt.draft_scale"
+#: DCT downscaling only while the decoded short side stays ≥ this many times the resize target,
+#: so Pillow's antialiased resize still does the last ≥ 2× of the reduction.
+DRAFT_MARGIN = 2
+
+PIPELINES = ("exact", "fast", "pillow", "torchvision")
+#: The loader's default pipeline (issue 25: chosen by the top-1 agreement measured with
+#: bench/preprocess_accuracy.py, docs/BENCHMARKS.md).
+DEFAULT_PIPELINE = "exact"
 
 _INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -62,11 +90,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to RGB, or raise AffeqError naming the file."""
+def load_image(path: str | os.PathLike, draft_short_side: int | None = None) -> Image.Image:
+    """Decode an image file to RGB, or raise AffeqError naming the file.
+
+    ``draft_short_side``: a JPEG whose short side is at least ``DRAFT_MARGIN`` × 2 times this is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 size, keeping the short side ≥ ``DRAFT_MARGIN`` times
+    it; (scale, W, H) are recorded in ``img.info[DRAFT_KEY]`` (the ``pillow`` pipeline).
+    """
+    drafted: tuple[int, int, int] | None = None
     try:
         with Image.open(path) as im:
             check_geometry(im.size, str(path))
+            if draft_short_side and im.format == "JPEG":
+                drafted = _draft(im, draft_short_side)
             im.load()
             rgb = to_rgb(im)
     except FileNotFoundError:
@@ -78,7 +114,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise AffeqError(f"{path} is not a readable image ({e.__class__.__name__}: {e})",
                          "pass a JPEG/PNG/… image file") from None
     rgb.info[SOURCE_KEY] = str(path)
+    if drafted:
+        rgb.info[DRAFT_KEY] = drafted
     return rgb
+
+
+def _draft(im: Image.Image, short_side: int) -> tuple[int, int, int] | None:
+    """Ask libjpeg for a DCT-downscaled decode of ``im`` (not yet loaded) that keeps its short
+    side ≥ ``DRAFT_MARGIN`` · ``short_side``: (scale, W, H), or None when it would not reduce."""
+    w, h = im.size
+    k = DRAFT_MARGIN * short_side / min(w, h)
+    if k > 0.5:
+        return None
+    res = im.draft(im.mode, (math.ceil(w * k), math.ceil(h * k)))
+    if res is None or im.size == (w, h):
+        return None
+    _, box = res  # the file's extent in the reduced image: (0, 0, W / scale, H / scale)
+    return round(w / box[2]), w, h
 
 
 def check_geometry(size: tuple[int, int], source: str = "the image") -> None:
@@ -107,15 +159,16 @@ def sample_photo(name: str) -> Image.Image:
     return to_rgb(Image.fromarray(arr))
 
 
-def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
-    """timm eval geometry: short side to floor(size / crop_pct), then a centre crop of size².
+def geometry(size: tuple[int, int], out: int, crop_pct: float,
+             source: str = "the image") -> tuple[int, int, int, int]:
+    """timm eval geometry of a (w, h) image: (nw, nh, left, top): the short side resized to
+    floor(out / crop_pct), then an ``out``² crop at (left, top) of the resized image.
 
-    AffeqError (naming the file when ``load_image`` decoded it) before any resize that would
-    enlarge more than ``MAX_UPSCALE`` times or produce more than ``MAX_RESIZE_PIXELS`` pixels.
+    AffeqError (naming ``source``) before any resize that would enlarge more than
+    ``MAX_UPSCALE`` times or produce more than ``MAX_RESIZE_PIXELS`` pixels.
     """
-    scale = math.floor(size / crop_pct)
-    w, h = img.size
-    source = str(img.info.get(SOURCE_KEY, "the image"))
+    scale = math.floor(out / crop_pct)
+    w, h = size
     check_geometry((w, h), source)
     if scale / min(w, h) > MAX_UPSCALE:
         raise AffeqError(f"{source} is {w}×{h} pixels: its short side would be enlarged "
@@ -129,11 +182,59 @@ def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str
         raise AffeqError(f"{source} ({w}×{h} pixels) would resize to {nw}×{nh} = "
                          f"{nw * nh / 1e6:.0f} M pixels, over the {MAX_RESIZE_PIXELS / 1e6:.0f} M "
                          "limit", "crop the image to a less elongated region first")
-    if (nw, nh) != (w, h):
+    return nw, nh, int(round((nw - out) / 2.0)), int(round((nh - out) / 2.0))
+
+
+def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """timm eval geometry (:func:`geometry`): resize the whole image, then a centre crop of size².
+
+    AffeqError (naming the file when ``load_image`` decoded it) before any resize that would
+    enlarge more than ``MAX_UPSCALE`` times or produce more than ``MAX_RESIZE_PIXELS`` pixels.
+    """
+    nw, nh, left, top = geometry(img.size, size, crop_pct,
+                                 str(img.info.get(SOURCE_KEY, "the image")))
+    if (nw, nh) != img.size:
         img = img.resize((nw, nh), _INTERP[interpolation])
-    left = int(round((nw - size) / 2.0))
-    top = int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
+
+
+#: Pillow's filter supports (half-widths in source pixels at scale ≤ 1), for the rows a region
+#: resize reads.
+_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0, "lanczos": 3.0}
+
+
+def region_crop(img: Image.Image, spec: BackboneSpec | Preprocessing) -> np.ndarray:
+    """The ``pillow`` pipeline's crop, uint8 [S, S, 3]: only the crop's region is resized, with
+    the geometry of the file's own size even when libjpeg decoded it downscaled
+    (``img.info[DRAFT_KEY]``).
+
+    Two explicit passes, horizontal then vertical, the order in which Pillow resizes a whole
+    image (Pillow ≥ 13 runs the vertical pass first when it shrinks the height much more than
+    the width, and given a box it chose that here, moving high-contrast edges by up to 20
+    levels): the rows the vertical filter reads are cut out, resized horizontally to the crop's
+    columns, then vertically to its rows. The filter taps are those of the whole-image resize up
+    to float rounding of their centres, so undownscaled the result is within 2 levels of
+    :func:`crop` (one level in the first pass, times the vertical taps' absolute sum ≤ 1.14,
+    plus the last rounding) wherever Pillow resizes the whole image horizontally first: every
+    version before 13, and with 13 the eval geometry of all but very tall images.
+    """
+    p = preprocess_key(spec)
+    s, *full = img.info.get(DRAFT_KEY) or (1, *img.size)  # libjpeg's size is ceil(W / s)
+    out = p.input_size
+    nw, nh, left, top = geometry((full[0], full[1]), out, p.crop_pct,
+                                 str(img.info.get(SOURCE_KEY, "the image")))
+    sx, sy = full[0] / nw / s, full[1] / nh / s  # source pixels per output pixel
+    x0, x1, y0, y1 = left * sx, (left + out) * sx, top * sy, (top + out) * sy
+    resample = _INTERP[p.interpolation]
+    if p.interpolation not in _SUPPORT:  # nearest: no filter to save work on
+        return crop(img, p) if s == 1 else np.asarray(
+            img.resize((out, out), resample, box=(x0, y0, x1, y1)), np.uint8)
+    reach = _SUPPORT[p.interpolation] * max(sy, 1.0) + 2  # + Pillow's rounding of tap bounds
+    lo, hi = max(0, math.floor(y0 - reach)), min(img.size[1], math.ceil(y1 + reach))
+    rows = img.crop((0, lo, img.size[0], hi))
+    rows = rows.resize((out, hi - lo), resample, box=(x0, 0, x1, hi - lo))  # horizontal only
+    res = rows.resize((out, out), resample, box=(0, y0 - lo, out, y1 - lo))  # vertical only
+    return np.asarray(res, dtype=np.uint8)
 
 
 def normalize(arr_hwc_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -165,3 +266,116 @@ def preprocess(img: Image.Image, spec: BackboneSpec | Preprocessing) -> np.ndarr
     """One backbone's evaluation preprocessing: float32 array (3, S, S)."""
     p = preprocess_key(spec)
     return normalize(crop(img, p), p.mean, p.std)
+
+
+def normalize_batch(crops: np.ndarray, spec: BackboneSpec | Preprocessing,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 crops [N, S, S, 3] → float32 [N, 3, S, S], normalised by the spec's mean/std.
+
+    The same float32 operations as :func:`normalize` in the same order (so each element is
+    bit-identical to it), done once for the whole batch, channel planes first.
+    """
+    p = preprocess_key(spec)
+    n, hh, ww, c = crops.shape
+    if c != 3 or crops.dtype != np.uint8:
+        raise InternalError(f"normalize_batch needs uint8 [N, S, S, 3], got {crops.dtype} "
+                            f"{crops.shape}")
+    x = out if out is not None else np.empty((n, 3, hh, ww), np.float32)
+    x[...] = crops.transpose(0, 3, 1, 2)
+    x *= np.float32(1.0 / 255.0)
+    x -= np.asarray(p.mean, dtype=np.float32)[None, :, None, None]
+    x /= np.asarray(p.std, dtype=np.float32)[None, :, None, None]
+    return x
+
+
+def torchvision_installed() -> bool:
+    """Whether torchvision can be found (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@lru_cache(maxsize=1)
+def _torchvision() -> Any:
+    """torchvision's image decoding and resize, or None where it does not import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch
+            from torchvision.io import ImageReadMode, decode_jpeg
+            from torchvision.transforms.v2 import functional as tvf
+    except Exception:  # noqa: BLE001 — missing, or a broken install: the Pillow route remains
+        return None
+    return torch, decode_jpeg, ImageReadMode.RGB, tvf
+
+
+def resolve_pipeline(pipeline: str) -> str:
+    """The concrete pipeline ``pipeline`` names: ``fast`` → ``torchvision`` where it imports,
+    else ``pillow``; AffeqError for an unknown name."""
+    if pipeline not in PIPELINES:
+        raise AffeqError(f"unknown preprocessing pipeline {pipeline!r}",
+                         f"pass one of {', '.join(PIPELINES)}")
+    if pipeline == "fast":
+        return "torchvision" if torchvision_installed() else "pillow"
+    if pipeline == "torchvision" and not torchvision_installed():
+        raise AffeqError("the torchvision preprocessing pipeline needs torchvision",
+                         "pip install torchvision, or use the pillow pipeline")
+    return pipeline
+
+
+def _torch_crops(path: str, im: Image.Image, keys: Sequence[Preprocessing]) -> list[np.ndarray]:
+    """The ``torchvision`` route for one opened (not decoded) baseline JPEG: libjpeg-turbo decode,
+    torch's antialiased resize of the whole image, crop; RuntimeError if torchvision refuses it."""
+    tv = _torchvision()
+    if tv is None:  # found but broken: every file takes the Pillow route
+        raise RuntimeError("torchvision does not import")
+    torch, decode_jpeg, rgb, tvf = tv
+    with open(path, "rb") as f:
+        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice, once per call
+        t = decode_jpeg(data, mode=rgb)
+    if tuple(t.shape[1:]) != (im.size[1], im.size[0]):
+        raise RuntimeError(f"decoded {tuple(t.shape)} for a {im.size} image")
+    out = []
+    for k in keys:
+        nw, nh, left, top = geometry(im.size, k.input_size, k.crop_pct, path)
+        mode = tvf.InterpolationMode.BICUBIC if k.interpolation == "bicubic" \
+            else tvf.InterpolationMode.BILINEAR
+        r = t if (nw, nh) == im.size else tvf.resize(t, [nh, nw], interpolation=mode,
+                                                      antialias=True)
+        c = r[:, top:top + k.input_size, left:left + k.input_size]
+        out.append(np.ascontiguousarray(c.permute(1, 2, 0).numpy()))
+    return out
+
+
+def _torch_route(im: Image.Image, keys: Sequence[Preprocessing]) -> bool:
+    """Whether an opened file takes the ``torchvision`` route: a plain RGB/grey JPEG, bilinear
+    or bicubic geometries, and not large enough for DCT downscaling."""
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return False
+    if any(k.interpolation not in ("bilinear", "bicubic") for k in keys):
+        return False
+    need = max(math.floor(k.input_size / k.crop_pct) for k in keys)
+    return DRAFT_MARGIN * need / min(im.size) > 0.5
+
+
+def prepare_crops(path: str, keys: Sequence[Preprocessing], pipeline: str) -> list[np.ndarray]:
+    """Decode ``path`` once and return its uint8 [S, S, 3] crop for each key, by ``pipeline``
+    (a concrete one: see :func:`resolve_pipeline`); AffeqError names an unreadable file."""
+    if pipeline == "exact":
+        img = load_image(path)
+        return [crop(img, k) for k in keys]
+    if pipeline == "torchvision":
+        try:
+            with Image.open(path) as im:
+                check_geometry(im.size, str(path))
+                if _torch_route(im, keys):
+                    return _torch_crops(str(path), im, keys)
+        except (RuntimeError, OSError, SyntaxError, ValueError, UnidentifiedImageError):
+            pass  # odd files (and unreadable ones, for their own message) take the Pillow route
+    elif pipeline != "pillow":
+        raise InternalError(f"prepare_crops needs a concrete pipeline, got {pipeline!r}")
+    img = load_image(path, draft_short_side=max(math.floor(k.input_size / k.crop_pct)
+                                                for k in keys))
+    return [region_crop(img, k) for k in keys]
