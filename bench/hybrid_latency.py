@@ -64,8 +64,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         hyb = build_hybrid(amap, ea, eb, out=Path(tmp) / "hyb.onnx")
-        wa, ba = ea.head()
-        own = compose_hybrid(onnx.load(str(ea.features_path)), wa, ba, sa.preprocessing)
+        ha = ea.head()
+        own = compose_hybrid(onnx.load(str(ea.features_path)), ha.weight, ha.bias,
+                             sa.preprocessing)
         own_path = Path(tmp) / "own.onnx"
         own_path.write_bytes(own.SerializeToString())
         s_own = create_session(own_path, provider="cpu", threads=threads).session

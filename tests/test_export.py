@@ -48,7 +48,8 @@ def test_lite0_export_is_complete_and_checked(lite0_export: Path) -> None:
 
 def test_graphs_match_head_arrays_any_batch(lite0_export: Path) -> None:
     exp = ExportedBackbone(lite0_export)
-    w, b = exp.head()
+    head = exp.head()
+    w, b = head.weight, head.bias
     assert w.shape == (1000, 1280)
     assert b.shape == (1000,)
     assert w.dtype == np.float32
@@ -152,7 +153,7 @@ def test_export_split_generic_tiny_net(tmp_path: Path, conv_head: bool) -> None:
     exp = ExportedBackbone(out)
     exp.verify()
     assert exp.manifest["export_error"]["max_rel"] <= EXPORT_RTOL
-    assert exp.head()[0].shape == (10, 16)
+    assert exp.head().weight.shape == (10, 16)
     assert exp.manifest["spec"]["library"] == "affeq"
 
 
@@ -226,4 +227,4 @@ def test_every_registry_network_exports_random(spec, tmp_path: Path) -> None:
     exp = export_backbone(spec.name, tmp_path, random_weights=True)
     exp.verify()
     assert exp.manifest["export_error"]["max_rel"] <= EXPORT_RTOL
-    assert exp.head()[0].shape == (spec.num_classes, spec.feature_dim)
+    assert exp.head().weight.shape == (spec.num_classes, spec.feature_dim)

@@ -72,7 +72,8 @@ def test_fp16_close_to_fp32_and_same_top1(lite0_export: Path) -> None:
     # float16 keeps 11 significant bits (~5e-4 per rounding); through ~60 layers the features
     # drift by up to ~1e-2 of their range
     assert np.abs(f16 - f32).max() <= 2e-2 * np.abs(f32).max()
-    w, b = exp.head()
+    head = exp.head()
+    w, b = head.weight, head.bias
     top32, top16 = (f32 @ w.T + b).argmax(1), (f16 @ w.T + b).argmax(1)
     assert (top32 == top16).all(), names
 

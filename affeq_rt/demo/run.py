@@ -112,8 +112,8 @@ def run_digits(out: Path, quick: bool = False, seed: int = 0,
         sess = create_session(exp.features_path, provider="cpu")
         feats_train[name] = sess.run(data.x_train, batch_size=256)
         feats_test[name] = sess.run(data.x_test, batch_size=256)
-        w, b = exp.head()
-        heads[name] = (np.asarray(w, np.float32), np.asarray(b, np.float32))
+        head = exp.head()
+        heads[name] = (head.weight, head.bias)
         specs[name] = spec.to_dict()  # the store's file form
         exports[name] = sha256_file(exp.features_path)
         a["feature_dim"] = int(feats_train[name].shape[1])

@@ -86,7 +86,7 @@ class HybridParts:
     @classmethod
     def from_exports(cls, a: ExportedBackbone, b: ExportedBackbone) -> HybridParts:
         """A's ``features.onnx``, B's ``head.safetensors`` and ``classifier.onnx``."""
-        return cls(a.spec, b.spec, a.features_path, Head.load(b.head_path), b.classifier_path)
+        return cls(a.spec, b.spec, a.features_path, b.head(), b.classifier_path)
 
 
 def check_map(amap: AffineMap, a: BackboneSpec, b: BackboneSpec) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import read_json, sha256_file
-from affeq_rt.io.heads import Head, load_head
+from affeq_rt.io.heads import Head
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import BackboneSpec
 
@@ -61,9 +61,10 @@ class ExportedBackbone:
         """``head.safetensors`` with ``weight`` [K,d] and ``bias`` [K]."""
         return self.path / "head.safetensors"
 
-    def head(self) -> tuple[np.ndarray, np.ndarray]:
-        """The classifier as the file holds it: float32 (W [K,d], b [K]), background rows kept."""
-        return load_head(self.head_path)
+    def head(self) -> Head:
+        """The classifier over the graph's outputs, every row as the file holds it (label_offset
+        0: a TF-slim background row stays first), e.g. for a hybrid in B's own logit layout."""
+        return Head.load(self.head_path)
 
     def classifier_head(self) -> Head:
         """The classifier in ImageNet class order (the spec's ``label_offset`` rows stripped)."""
