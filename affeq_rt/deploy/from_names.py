@@ -78,8 +78,10 @@ def hybrid(src: str, dst: str, *, maps: MapSet | str | os.PathLike | None = None
     sa, sb = get_spec(src), get_spec(dst)
     out_path = output_path(sa.name, sb.name, out, options)
     amap = given_map(sa, sb, maps, fit_on)
-    a, b = (ensure_exported(s.name, root=img.export_root, random_weights=img.random_weights,
-                            progress=progress) for s in (sa, sb))
+    a = ensure_exported(sa.name, root=img.export_root, random_weights=img.random_weights,
+                        progress=progress)
+    b = ensure_exported(sb.name, root=img.export_root, random_weights=img.random_weights,
+                        progress=progress)
     if amap is None:
         amap = hybrid_map(a, b, fit_on, method, fit_options, img, progress)
     extra = {"maps_file": None if maps is None else str(getattr(maps, "path", maps)),
