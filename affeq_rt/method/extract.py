@@ -36,6 +36,7 @@ from affeq_rt.method.images import (
     spec_dict,
 )
 from affeq_rt.method.rows import ImageSource
+from affeq_rt.method.stages import StageSource
 from affeq_rt.progress import Progress
 from affeq_rt.registry.spec import get_spec
 
@@ -185,8 +186,12 @@ def check_labels(src: DataSource, classes: int) -> None:
 def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
             out: str | os.PathLike, *, dtype: str = "float16", images: ImageOptions | None = None,
             max_images: int | None = None, commit_every: float = 5.0,
-            progress: Progress | None = None, executor: Executor | None = None) -> ExtractResult:
+            progress: Progress | None = None, executor: Executor | None = None,
+            stages: bool = False) -> ExtractResult:
     """Run every model over the images and write (or finish) a feature store at ``out``.
+
+    ``stages``: store every network's pooled stages too (``NAME@s1`` … then ``NAME``, from its
+    ``stages.onnx``: ``method.stages.StageSource``), still one decode per image.
 
     Rows are committed at most every ``commit_every`` seconds (and at the end), always at a shard
     boundary of the sample grid, so a rerun after any interruption redoes the same batches and
@@ -201,14 +206,18 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     if Path(out).exists() and not Path(out).is_dir():
         raise AffeqError(f"--out {out} is a file, not a feature store folder",
                          "choose a new folder for --out")
-    rows = ImageSource(data, models, opt, max_images)
-    names, src = rows.names, rows.data
-    check_labels(src, min(s.num_classes - s.label_offset for s in map(get_spec, names)))
-    nets = rows.networks
-    heads = {n.name: load_head(n.head_path) for n in nets}
-    cfg = StoreConfig(models=names, dims={n.name: n.dim for n in nets},
-                      specs={n.name: spec_dict(n.spec) for n in nets},
-                      exports={n.name: n.onnx_sha256 for n in nets}, data=src.describe(),
+    rows = (StageSource if stages else ImageSource)(data, models, opt, max_images)
+    src = rows.data
+    check_labels(src, min(s.num_classes - s.label_offset
+                          for s in map(get_spec, parse_models(models))))
+    names, nets = rows.names, rows.networks
+    if isinstance(rows, StageSource):  # every network's stages, then the network
+        heads, dims, specs, exports = rows.head_files(), rows.dims(), rows.specs(), rows.exports()
+    else:
+        heads = {n.name: load_head(n.head_path) for n in nets}
+        dims, specs = {n.name: n.dim for n in nets}, {n.name: spec_dict(n.spec) for n in nets}
+        exports = {n.name: n.onnx_sha256 for n in nets}
+    cfg = StoreConfig(models=names, dims=dims, specs=specs, exports=exports, data=src.describe(),
                       dtype=dtype, batch_size=opt.batch_size)
     writer = StoreWriter(out, cfg, heads)
     if writer.already_complete:
