@@ -32,13 +32,13 @@ pytestmark = [pytest.mark.slow,
 
 
 def find_python(version: str) -> str | None:
-    """An interpreter for ``version`` (``3.10``): ``python3.10`` on PATH, else pyenv's."""
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
+    """An interpreter for ``version`` (``3.10``) that runs: pyenv's own binary, else
+    ``pythonX.Y`` on PATH (a pyenv shim there fails unless that version is selected)."""
     pattern = os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")
-    hits = sorted(glob.glob(pattern))
-    return hits[-1] if hits else None
+    for cand in [*sorted(glob.glob(pattern), reverse=True), shutil.which(f"python{version}")]:
+        if cand and subprocess.run([cand, "-c", "pass"], capture_output=True).returncode == 0:
+            return cand
+    return None
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1200
