@@ -171,6 +171,26 @@ def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
         find_models(tmp_path / "broken.onnx")
 
 
+def test_serve_without_mlserver_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where MLServer cannot be installed (Python 3.13: the serve extra leaves it out) serve says
+    so in one line with the way out; elsewhere it names the extra to install."""
+    import importlib.util
+
+    import affeq_rt.deploy.serve as srv
+    from affeq_rt.errors import AffeqError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlserver" else real(name, *a))
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", sys.version_info[:2])  # "this Python lacks it"
+    with pytest.raises(AffeqError, match=f"does not support Python {here}.*with Triton"):
+        srv.serve(tmp_path / "h.onnx")
+    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", (99, 0))
+    with pytest.raises(AffeqError, match=r"MLServer is not installed.*affeq-rt\[serve\]"):
+        srv.serve(tmp_path / "h.onnx")
+
+
 def test_unreadable_model_in_a_repository_is_one_line(parts, tmp_path: Path) -> None:
     """issue 23: a repository whose model.onnx is not ONNX (a copy cut short) raised onnx's
     DecodeError through the bug path (exit 70); now exit 1, one line naming the file."""
