@@ -173,9 +173,8 @@ def _problem(n: int, seed: int = 0) -> tuple[ArrayStore, MapSet]:
             MapSet(maps))
 
 
-def _tally(store: ArrayStore, maps: MapSet | Path) -> HeadTally:
-    chosen = list(DIMS)
-    return HeadTally(maps, chosen, {m: store.head(m) for m in chosen}, store.labels, "cpu")
+def _tally(store: ArrayStore, maps: MapSet) -> HeadTally:
+    return HeadTally(maps, store, list(DIMS), "cpu")
 
 
 def test_tally_merged_over_uneven_shards_equals_one_pass() -> None:
@@ -210,4 +209,4 @@ def test_evaluate_on_shard_workers_equals_local(tmp_path) -> None:
     sharded = evaluate(store, on_file, device="cpu", executor=ShardWorkers(4096))
     for k in ("pred", "correct", "top1", "top5", "agree", "agree_unmapped"):
         np.testing.assert_array_equal(getattr(sharded, k), getattr(local, k), err_msg=k)
-    assert evaluate_module._FOLDED == {}  # the folded heads are released after the pass
+    assert evaluate_module._CACHE == {}  # the folded heads are released after the pass

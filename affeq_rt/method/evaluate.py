@@ -142,8 +142,8 @@ def _check_features(st: StoreLike, src: str, head: Head) -> None:
                          f"{head.dim}", "re-extract the store")
 
 
-# this process's folded heads of the tally being run (one entry: a key per HeadTally configuration)
-_FOLDED: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+# this process's inputs of the tally being run: {key: (folded heads per source, labels)}
+_CACHE: dict[str, tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]] = {}
 
 
 class HeadTally:
@@ -153,19 +153,18 @@ class HeadTally:
     source→target map (the source's own head for itself) is scored on the source's stored features
     by ``core.evaluate_heads`` (float16 rows fed as float16): top-1/top-5 hits summed ``[S, T]``,
     each image's predicted class ``[S, T, rows]`` int32 and top-1 correctness kept unpacked (bool),
-    so shard edges need not fall on bytes. ``labels``: int64 ``[n]`` by sample, −1 unknown (never a
-    hit). The stacked folded heads are computed once per process, on first use, and cached under
-    this tally's key (shared by its :meth:`fresh` copies); pickled, a tally carries the maps file's
-    path when the :class:`MapSet` has one (else the MapSet), never the folded heads.
+    so shard edges need not fall on bytes. Labels are the store's (−1 without: never a hit).
+    The stacked folded heads and the labels are read once per process, on first use, and cached
+    under this tally's key (shared by its :meth:`fresh` copies). Pickled, a tally carries its
+    configuration only: the maps file's path when the :class:`MapSet` has one (else the MapSet) and
+    the store (a ``FeatureStore`` pickles as its path and manifest).
     """
 
-    def __init__(self, maps: MapSet | str | os.PathLike, chosen: Sequence[str],
-                 heads: Mapping[str, Head], labels: np.ndarray, device: str,
-                 key: str | None = None) -> None:
+    def __init__(self, maps: MapSet | str | os.PathLike, store: StoreLike, chosen: Sequence[str],
+                 device: str, key: str | None = None) -> None:
         self.maps = maps
+        self.store = store
         self.chosen = list(chosen)
-        self.heads = dict(heads)
-        self.labels = labels
         self.device = device
         self.key = key or uuid.uuid4().hex
         k = len(self.chosen)
@@ -179,10 +178,10 @@ class HeadTally:
         self.pass_s = 0.0
 
     def _config(self) -> tuple:
-        return self.maps, self.chosen, self.heads, self.labels, self.device, self.key
+        return self.maps, self.store, self.chosen, self.device, self.key
 
     def fresh(self) -> HeadTally:
-        """An empty tally of the same configuration (and folded-heads key)."""
+        """An empty tally of the same configuration (and cache key)."""
         return HeadTally(*self._config())
 
     def __getstate__(self) -> dict[str, Any]:
@@ -197,22 +196,25 @@ class HeadTally:
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(*st["cfg"])
 
-    def folded(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each source's stacked folded heads W ``[T, K, d]``, b ``[T, K]`` (cached)."""
-        got = _FOLDED.get(self.key)
+    def inputs(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """(each source's stacked folded heads W ``[T, K, d]``, b ``[T, K]``; the labels ``[n]``),
+        read and folded on first use in this process."""
+        got = _CACHE.get(self.key)
         if got is None:
             t = time.perf_counter()
             ms = as_mapset(self.maps)
-            got = {s: _stacked_heads(s, self.chosen, self.heads, ms, self.heads[s].dim)
-                   for s in self.chosen}
-            _FOLDED.clear()
-            _FOLDED[self.key] = got
+            heads = {m: self.store.head(m) for m in self.chosen}
+            folded = {s: _stacked_heads(s, self.chosen, heads, ms, heads[s].dim)
+                      for s in self.chosen}
+            got = (folded, _run_labels(self.store))
+            _CACHE.clear()
+            _CACHE[self.key] = got
             self.fold_s += time.perf_counter() - t
         return got
 
     def release(self) -> None:
-        """Drop this process's cached folded heads."""
-        _FOLDED.pop(self.key, None)
+        """Drop this process's cached folded heads and labels."""
+        _CACHE.pop(self.key, None)
 
     def _extend(self, start: int, stop: int) -> None:
         if self.stop is not None and start != self.stop:
@@ -222,9 +224,9 @@ class HeadTally:
 
     def update(self, chunk: Chunk) -> None:
         """Score every source's stacked folded heads on the chunk's rows."""
-        folded = self.folded()
+        folded, all_labels = self.inputs()
         t = time.perf_counter()
-        labels = np.ascontiguousarray(self.labels[chunk.index])
+        labels = np.ascontiguousarray(all_labels[chunk.index])
         k, r = len(self.chosen), labels.shape[0]
         pred = np.empty((k, k, r), np.int32)
         bits = np.empty((k, k, r), bool)
@@ -283,6 +285,12 @@ class HeadTally:
         return self.top1, self.top5, pred, np.packbits(bits, axis=2)
 
 
+def _run_labels(st: StoreLike) -> np.ndarray:
+    """The labels a pass scores against: the store's (checked), or −1 (never a hit) when none."""
+    labels = _labels(st)
+    return labels if labels is not None else np.full(int(st.n), -1, dtype=np.int64)
+
+
 def _labels(st: StoreLike) -> np.ndarray | None:
     """The store's labels, checked: None (agreement only) or all known."""
     labels, n = st.labels, int(st.n)
@@ -323,11 +331,9 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
                          "TF-slim background rows", "check each spec's num_classes/label_offset")
     for m in chosen:
         _check_features(st, m, heads[m])
-    labels = _labels(st)
-    labelled = labels is not None
+    labelled = _labels(st) is not None
     n = int(st.n)
-    run_labels = labels if labelled else np.full(n, -1, dtype=np.int64)  # -1: unknown, never a hit
-    tally = HeadTally(ms, chosen, heads, run_labels, dev)
+    tally = HeadTally(ms, st, chosen, dev)
     try:
         run_pass(StoreSource(st, chosen), {"tally": tally}, executor=executor, progress=progress,
                  task="evaluate")
