@@ -184,6 +184,72 @@ def _torch_file(c: Ctx, obj_code: str) -> Path:
     return p
 
 
+def _edit_hybrid(c: Ctx, edit: Callable[[dict], object], restamp: bool = True) -> Path:
+    """A copy of the shared hybrid whose ``affeq_rt.*`` metadata ``edit`` changed (its checksum
+    record re-stamped when ``restamp``, so only the edit is at fault)."""
+    import onnx
+
+    from affeq_rt.deploy.metadata import _decoded, set_metadata, stamp_checksum
+
+    path = c.copy("hybrid")
+    model = onnx.load(str(path), load_external_data=False)
+    meta = _decoded(model)
+    edit(meta)
+    set_metadata(model, meta)
+    path.write_bytes(model.SerializeToString())
+    if restamp:
+        stamp_checksum(path)
+    return path
+
+
+def _forge_checksum(meta: dict) -> None:
+    """The issue's forged record: /etc/passwd as the data file, with its true size and hash."""
+    from affeq_rt.io.fsio import sha256_file
+
+    meta["checksum"].update(data_file="/etc/passwd", data_bytes=os.path.getsize("/etc/passwd"),
+                            data_sha256=sha256_file("/etc/passwd"))
+
+
+def _input_size(meta: dict) -> None:
+    meta["preprocessing"]["input_size"] = 48  # the graph takes 32×32
+
+
+def _maps_meta(c: Ctx, edit: Callable[[dict], object]) -> Path:
+    """A copy of the shared maps file whose ``affeq_rt`` metadata ``edit`` changed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(c.fx["maps"]), framework="numpy") as f:
+        meta = json.loads(f.metadata()["affeq_rt"])
+    tensors = load_file(str(c.fx["maps"]))
+    doc = {"meta": meta, "tensors": tensors}
+    edit(doc)
+    meta = doc["meta"]
+    out = c.work / "maps.safetensors"
+    save_file(tensors, str(out), metadata={"affeq_rt": json.dumps(meta)})
+    return out
+
+
+def _flat_weight(d: dict) -> None:
+    key = f"{PAIR[0]}->{PAIR[1]}.weight"
+    d["tensors"][key] = d["tensors"][key][0].copy()
+
+
+def _kaggle_twice(c: Ctx) -> list[str]:
+    """One image listed twice with two classes (before: the last row silently won)."""
+    for i in range(2):
+        c.photo(f"val/ILSVRC2012_val_{i + 1:08d}.JPEG")
+    rows = ["ImageId,PredictionString", f"ILSVRC2012_val_00000001,{TENCH} 1 2 3 4",
+            f"ILSVRC2012_val_00000002,{TABBY} 1 2 3 4", f"ILSVRC2012_val_00000001,{TABBY} 5 6 7 8"]
+    c.write("LOC_val_solution.csv", "\n".join(rows) + "\n")
+    return _extract(c, c.work / "val", "--labels", str(c.work / "LOC_val_solution.csv"))
+
+
+LONG = "x" * 300  # one name longer than any Linux file system's 255 bytes
+
+
 def _out(c: Ctx, args: list[str]) -> list[str]:
     """``OUT`` in ``args`` → a path in ``work`` that must not appear."""
     return [str(c.work / "result") if a == "OUT" else a for a in args]
@@ -261,6 +327,8 @@ CASES = [
          lambda c: _name_labels(c, "img0.jpg,1\nimg1.jpg,1000\nimg2.jpg,3\n"), "img1.jpg"),
     Case("labels", "name,label file names a missing image",
          lambda c: _name_labels(c, "img0.jpg,1\nimg9.jpg,2\nimg2.jpg,3\n"), "img9.jpg"),
+    Case("labels", "kaggle csv labels one image twice", _kaggle_twice,
+         "labels ILSVRC2012_val_00000001 twice with different classes (line 2"),
     Case("labels", "validate: labels disagree with every network",
          lambda c: ["validate", "--features", str(c.fx["store"])],
          "differ from their expected accuracy"),
@@ -336,6 +404,27 @@ CASES = [
     Case("stores", "validate --models names a network not in the store",
          lambda c: ["validate", "--features", str(c.fx["store"]), "--models", "googlenet"],
          "'googlenet' is not in the feature store"),
+    Case("stores", "validate: manifest names a network ../outside",
+         lambda c: _damaged_store(c, lambda s: _edit_json(
+             s / "manifest.json", lambda d: d["models"].__setitem__(0, "../outside")),
+             "validate", "--features", "{store}"), "'../outside' is not a folder of the store"),
+    Case("stores", "similarity: manifest names a network ../outside",
+         lambda c: _damaged_store(c, lambda s: _edit_json(
+             s / "manifest.json", lambda d: d["models"].__setitem__(1, "../outside")),
+             "similarity", "--features", "{store}", "--out", str(c.work / "sim")),
+         "'../outside' is not a folder of the store"),
+    Case("stores", "validate: checksum record names /etc/passwd",
+         lambda c: _damaged_store(c, lambda s: _edit_json(
+             s / "manifest.json", lambda d: d["checksums"].update({"/etc/passwd": "0" * 64})),
+             "validate", "--features", "{store}"), "'/etc/passwd', a path outside the store"),
+    Case("stores", "manifest n edited to a word",
+         lambda c: _out(c, _damaged_store(c, lambda s: _edit_json(
+             s / "manifest.json", lambda d: d.update(n="many")), *_evaluate())),
+         "edited or corrupt manifest.json ('n' is 'many'"),
+    Case("stores", "manifest feature_dims edited",
+         lambda c: _damaged_store(c, lambda s: _edit_json(
+             s / "manifest.json", lambda d: d.update(feature_dims=[1280, 1280])),
+             "validate", "--features", "{store}"), "'feature_dims' or 'specs' is not an object"),
     # --------------------------------------------------------------------------------- maps
     Case("maps", "evaluate --maps does not exist",
          lambda c: _out(c, _evaluate(str(c.fx["store"]), str(c.work / "none.safetensors"))),
@@ -362,6 +451,19 @@ CASES = [
                     "--maps", str(_bad_maps(c, b"garbage")), "--out", str(c.work / "ab"),
                     *c.cached],
          "maps.safetensors"),
+    Case("maps", "evaluate --maps metadata pairs a list",
+         lambda c: _out(c, _evaluate(str(c.fx["store"]), str(_maps_meta(
+             c, lambda d: d["meta"].update(pairs=[1, 2]))))), "'pairs' or 'models' is not"),
+    Case("maps", "evaluate --maps metadata pair without ->",
+         lambda c: _out(c, _evaluate(str(c.fx["store"]), str(_maps_meta(
+             c, lambda d: d["meta"]["pairs"].update({"nonsense": {}}))))), "'nonsense'"),
+    Case("maps", "build-hybrid --maps with a 1-d weight",
+         lambda c: ["build-hybrid", "--src", PAIR[0], "--dst", PAIR[1], "--maps",
+                    str(_maps_meta(c, _flat_weight)), "--out", str(c.work / "h.onnx"), *c.xr],
+         "not [d_dst, d_src] and [d_dst] floats"),
+    Case("maps", "evaluate --maps metadata a JSON list",
+         lambda c: _out(c, _evaluate(str(c.fx["store"]), str(_maps_meta(
+             c, lambda d: d.update(meta=[1]))))), "not a JSON object"),
     # --------------------------------------------------------------------------- onnx files
     Case("onnx files", "predict: garbage .onnx",
          lambda c: ["predict", str(c.write("h.onnx", b"\x08\x07garbage")), str(c.photo())],
@@ -393,6 +495,22 @@ CASES = [
          lambda c: ["cam", str(c.photo()), "--src",
                     str(_damaged(c, "mobilenet_v2", _junk_features)), "--out",
                     str(c.work / "cam")], "features.onnx"),
+    Case("onnx files", "inspect: checksum record names /etc/passwd",
+         lambda c: ["inspect", str(_edit_hybrid(c, _forge_checksum, restamp=False))],
+         "checksum record that does not describe its own files"),
+    Case("onnx files", "predict --verify: checksum record names /etc/passwd",
+         lambda c: ["predict", str(_edit_hybrid(c, _forge_checksum, restamp=False)),
+                    str(c.photo()), "--verify"],
+         "checksum record that does not describe its own files"),
+    Case("onnx files", "predict: hybrid metadata lies about its input",
+         lambda c: ["predict", str(_edit_hybrid(c, _input_size)), str(c.photo())],
+         "h.onnx"),
+    Case("onnx files", "predict --fp16: export with truncated features.onnx",
+         lambda c: ["predict", str(_damaged(c, "mobilenet_v2", lambda e: _truncate(
+             e / "features.onnx", 0.3))), str(c.photo()), "--fp16"], "features.onnx"),
+    Case("onnx files", "predict --fp16: export with features.onnx garbage",
+         lambda c: ["predict", str(_damaged(c, "mobilenet_v2", _junk_features)), str(c.photo()),
+                    "--fp16"], "features.onnx"),
     # ----------------------------------------------------------------------- export folders
     Case("export folders", "features.onnx tampered",
          lambda c: _damaged_export(c, lambda e: (e / "features.onnx").write_bytes(b"junk")),
@@ -511,6 +629,25 @@ CASES = [
          lambda c: ["serve", str(c.fx["hybrid"]), "--port", "70000"], "70000"),
     Case("arguments", "serve --provider bogus",
          lambda c: ["serve", str(c.fx["hybrid"]), "--port", "0", "--provider", "tpu"], "tpu"),
+    Case("arguments", "extract --out name too long",
+         lambda c: _extract(c, _flat(c), "--out", str(c.work / LONG)),
+         "longer than the file system allows"),
+    Case("arguments", "evaluate --out name too long",
+         lambda c: [*_evaluate(str(c.fx["store"]), str(c.fx["maps"]))[:-1], str(c.work / LONG)],
+         "longer than the file system allows"),
+    Case("arguments", "build-hybrid --out name too long",
+         lambda c: ["build-hybrid", "--src", PAIR[0], "--dst", PAIR[1], "--maps",
+                    str(c.fx["maps"]), "--out", str(c.work / f"{LONG}.onnx"), *c.xr],
+         "longer than the file system allows"),
+    Case("arguments", "similarity --out name too long",
+         lambda c: ["similarity", "--features", str(c.fx["store"]), "--out",
+                    str(c.work / LONG / "sim")], "longer than the file system allows"),
+    Case("arguments", "ablate --seed -1 (usage)",
+         lambda c: ["ablate", "--models", ",".join(PAIR), "--data", str(c.fx["labelled"]),
+                    "--maps", str(c.fx["maps"]), "--seed", "-1", "--out", str(c.work / "ab"),
+                    *c.cached], "'--seed'", code=2),
+    Case("arguments", "demo --seed -1 (usage)",
+         lambda c: ["demo", "--out", str(c.work / "demo"), "--seed", "-1"], "'--seed'", code=2),
     Case("arguments", "unknown option (usage)",
          lambda _: ["predict", "--no-such-option"], "No such option", code=2),
     Case("arguments", "unknown command (usage)",
@@ -592,6 +729,62 @@ def test_bad_input(case: Case, fx: dict[str, Path], tmp_path: Path,
     assert _shared(fx) == shared
 
 
+ESCAPES = ["\x1b[2J\x1b[31mred", "two\nlines", "bell\x07", "rtl\u202eevil", "plain"]
+
+
+def test_text_from_files_is_printed_escaped(fx: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Label names with escape sequences in a hybrid reached the terminal raw through
+    ``predict`` and ``inspect`` (issue 23); a file name with a newline split the one error
+    line. Whatever a file holds is printed with its control characters escaped."""
+    c = Ctx(tmp_path, tmp_path / "exports", fx)
+
+    def labels(meta: dict) -> None:
+        meta["labels"] = [ESCAPES[i % len(ESCAPES)] for i in range(len(meta["labels"]))]
+
+    hybrid = _edit_hybrid(c, labels)
+    assert main(["inspect", str(hybrid), "--all-labels"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["predict", str(hybrid), str(c.photo()), "--top", "7"]) == 0
+    printed += capsys.readouterr().out
+    for raw in ESCAPES[:-1]:
+        assert raw not in printed
+    assert all(ch.isprintable() for ch in printed.replace("\n", ""))
+    assert "\\x1b[2J\\x1b[31mred" in printed
+    assert "two\\nlines" in printed
+    assert "rtl\\u202eevil" in printed
+    assert "bell\\x07" in printed
+    odd = c.write("bad\nname\x1b[31m.jpg", b"junk")
+    assert main(["predict", str(hybrid), str(odd)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "bad\\nname\\x1b[31m.jpg" in err
+
+
+def test_extract_keeps_any_file_name(env, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """File names with a newline, U+2028, an escape sequence or bytes that are not UTF-8:
+    ``extract`` (a traceback on non-UTF-8 names before) stores one row per image with its exact
+    name, and a labelled run gets the same labels."""
+    data = tmp_path / "data"
+    names = [b"a-plain.jpg", b"b-new\nline.jpg", b"c-sep\xe2\x80\xa8.jpg", b"d-\xff\xfe.jpg",
+             b"e-esc\x1b[31m.jpg"]
+    data.mkdir()
+    for i, raw in enumerate(names):
+        photos.photo_images()[i][1].convert("RGB").resize((64, 48)).save(
+            os.fsdecode(os.fsencode(data) + b"/" + raw), format="JPEG")
+    out = tmp_path / "store"
+    assert main(["extract", "--models", PAIR[0], "--data", str(data), "--out", str(out),
+                 "--random-weights", "--export-root", env["exports"], "--workers", "0",
+                 "--dtype", "float32", "--quiet"]) == 0, capsys.readouterr().err
+    from affeq_rt.io.store import FeatureStore
+
+    st = FeatureStore.open(out, verify=True)
+    assert [os.fsencode(Path(p).name) for p in st.images] == names
+    assert st.n == len(names)
+    assert all(ch.isprintable() for ch in capsys.readouterr().out.replace("\n", ""))
+
+
 def tally() -> Counter[str]:
     """Cases per category: this file's ``CASES`` and the server's request tables."""
     from reliability.test_serve_hostile import REQUEST_CASES
@@ -635,6 +828,47 @@ def test_reliability_doc_tally_is_current() -> None:
     assert end in text, end
     current = text.split(start)[1].split(end)[0].strip()
     assert current == tally_table(), f"update docs/RELIABILITY.md:\n{tally_table()}"
+
+
+def _between(text: str, name: str) -> str:
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    assert start in text, start
+    assert end in text, end
+    return text.split(start)[1].split(end)[0]
+
+
+def _test_exists(ref: str) -> bool:
+    """Whether ``tests/FILE.py::test_name`` names a test function defined in that file."""
+    import ast
+
+    file, _, name = ref.partition("::")
+    path = DOC.parents[1] / file
+    if not path.is_file():
+        return False
+    tree = ast.parse(path.read_text())
+    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body)
+
+
+def test_every_promise_is_held_by_a_test() -> None:
+    """Every row of docs/RELIABILITY.md's promise table names at least one test, each named test
+    exists, and the count of promises is the count of rows (issue 23: the tally counts only
+    promises with a test). Every other ``tests/…::test_…`` the page cites exists too."""
+    import re
+
+    text = DOC.read_text()
+    rows = [ln for ln in _between(text, "promises").splitlines()
+            if ln.startswith("| ") and not ln.startswith(("| promise |", "|---"))]
+    ref = re.compile(r"`(tests/[\w/]+\.py::test_\w+)`")
+    assert len(rows) >= 20
+    for row in rows:
+        refs = ref.findall(row.split("|")[2])
+        assert refs, f"a promise without a test: {row}"
+        missing = [r for r in refs if not _test_exists(r)]
+        assert not missing, f"{row.split('|')[1].strip()}: no such test {missing}"
+    assert _between(text, "promise-count") == f"{len(rows)} promises, each held by at least " \
+        "one test.", "update the count in docs/RELIABILITY.md"
+    cited = [r for r in ref.findall(text) if not _test_exists(r)]
+    assert not cited, f"docs/RELIABILITY.md cites tests that do not exist: {cited}"
 
 
 if __name__ == "__main__":  # print the tally table for docs/RELIABILITY.md
