@@ -285,7 +285,7 @@ def test_kill9_mid_fit_then_resume_is_identical(env, tmp_path):
     # a rerun with other settings must not mix into this checkpoint
     bad = subprocess.run(_fit_cli(env, out, "--seed", "7"), capture_output=True, text=True)
     assert bad.returncode == 1
-    assert "belongs to a different run" in bad.stderr
+    assert "belongs to a different run (seed differs)" in bad.stderr
     r = subprocess.run(_fit_cli(env, out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from image" in r.stdout

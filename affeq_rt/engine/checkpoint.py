@@ -30,6 +30,14 @@ FORMAT = 2  # 1 was version 0.2's fit.json + .gram files (and a second one under
 MANIFEST = "pass.json"
 
 
+def _differ(found: Any, want: Mapping[str, Any]) -> str:
+    """Which settings differ between a saved identity and this run's, in words."""
+    if not isinstance(found, dict):
+        return "no identity recorded"
+    keys = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+    return (", ".join(keys) or "identity") + (" differs" if len(keys) == 1 else " differ")
+
+
 def _split(states: Mapping[str, State]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     arrays: dict[str, np.ndarray] = {}
     js: dict[str, dict] = {}
@@ -55,9 +63,9 @@ class PassCheckpoint:
             rec = read_json(mf, "checkpoint")
             if not isinstance(rec, dict) or rec.get("format") != FORMAT:
                 self._refuse("was written by another version of affeq-rt")
-            if rec.get("identity") != self.identity:
-                self._refuse("belongs to a different run (models, data, holdout or batch size "
-                             "differ)")
+            found = rec.get("identity")
+            if found != self.identity:
+                self._refuse(f"belongs to a different run ({_differ(found, self.identity)})")
             self.record = rec
         elif self.folder.is_dir() and any(self.folder.iterdir()):
             self._refuse("was written by another version of affeq-rt")
