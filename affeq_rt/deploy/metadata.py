@@ -23,6 +23,7 @@ from affeq_rt.data.labels import imagenet_names
 from affeq_rt.deploy.compose import INPUT_NAME, default_opset, dims, real_inputs
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import jsonable, sha256_file, verify_requested
+from affeq_rt.onnx.runtime import external_data_files
 from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,8 +119,6 @@ def graph_sha256(model: onnx.ModelProto) -> str:
 def _data_file(model: onnx.ModelProto, path: Path) -> Path | None:
     """The one external data file a hybrid's tensors point to (None: weights inline);
     AffeqError when any points outside the hybrid's folder, or more than one file is named."""
-    from affeq_rt.onnx.runtime import external_data_files
-
     files = external_data_files(model, path)
     if len(files) > 1:
         raise AffeqError(f"hybrid {path} names {len(files)} external data files", REBUILD)

@@ -46,11 +46,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def verify_requested(verify: bool | None) -> bool:
-    """``verify`` as given, or (None) whether ``$AFFEQ_RT_VERIFY`` asks readers to recompute
-    full checksums (the switch ``--verify`` sets for every reading command)."""
-    if verify is not None:
-        return bool(verify)
-    return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether a reader recomputes full checksums: asked by the caller (``--verify``) or by
+    ``$AFFEQ_RT_VERIFY`` for every reading command. The variable wins over a caller's False
+    (a command's ``--verify`` flag defaults to False: it turned the variable off)."""
+    return bool(verify) or os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true",
+                                                                                "yes", "on")
 
 
 def check_path(path: str | os.PathLike, what: str = "output path") -> Path:

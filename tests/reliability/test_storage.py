@@ -261,6 +261,62 @@ def test_tampered_store_is_refused(env, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_verify_switches_recompute_the_checksums(env, hybrid_inputs, tmp_path: Path, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--verify`` on ``evaluate`` and ``$AFFEQ_RT_VERIFY=1`` for every reader recompute the
+    store's checksums; without either, an open checks sizes and headers only."""
+    store = tmp_path / "s"
+    assert _run(capsys, *_extract(env, store, None, "--models", f"{A},{B}"))[0] == 0
+    feats = store / B / "features.npy"
+    _flip(feats, 0.6)
+    sim = ["similarity", "--features", store, "--out", tmp_path / "sim", "--quiet"]
+    assert _run(capsys, *sim)[0] == 0  # no switch: the changed value goes unseen
+    checks = [(["evaluate", "--features", store, "--maps", hybrid_inputs["maps"],
+                "--out", tmp_path / "report", "--verify"], {}),
+              (sim, {"AFFEQ_RT_VERIFY": "1"}),
+              (["fit", "--models", f"{A},{B}", "--features", store, "--out",
+                tmp_path / "m.safetensors", "--quiet"], {"AFFEQ_RT_VERIFY": "yes"})]
+    for args, environ in checks:
+        with monkeypatch.context() as m:
+            for k, v in environ.items():
+                m.setenv(k, v)
+            code, err = _run(capsys, *args)
+        assert code == 1, (args[0], environ, err)
+        assert f"{feats} fails its checksum" in _one_line(err)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "report").exists()
+
+
+def _lie_in_header(path: Path, shape: tuple[int, ...]) -> None:
+    """Rewrite a ``.npy`` header to claim ``shape``, padded to its old length: the file keeps
+    its size and every data byte."""
+    data = path.read_bytes()
+    hlen = int.from_bytes(data[8:10], "little")
+    old = data[10:10 + hlen].decode("latin1").rstrip()
+    new = old.replace(str(eval(old)["shape"]), str(shape))  # noqa: S307 - a file we wrote
+    path.write_bytes(data[:10] + new.ljust(hlen - 1).encode("latin1") + b"\n" + data[10 + hlen:])
+
+
+def test_npy_headers_that_lie_with_the_right_size_are_refused(env, tmp_path: Path,
+                                                              capsys) -> None:
+    """A header claiming another shape of the same byte count (2n × d/2, or d × n) passes a size
+    check; every open compares it with the manifest's n and feature width."""
+    store = tmp_path / "s"
+    assert _run(capsys, *_extract(env, store))[0] == 0
+    st = FeatureStore.open(store)
+    n, d = st.n, st.feature_dim(A)
+    for shape in ((2 * n, d // 2), (d, n), (n * d,)):
+        copy = tmp_path / f"lie{len(shape)}_{shape[0]}"
+        shutil.copytree(store, copy)
+        f = copy / A / "features.npy"
+        _lie_in_header(f, shape)
+        assert f.stat().st_size == (store / A / "features.npy").stat().st_size
+        with pytest.raises(AffeqError, match=re.escape(
+                f"{A}/features.npy holds float32 {list(shape)}, the manifest says float32 "
+                f"{[n, d]}")):
+            FeatureStore.open(copy)
+
+
 @pytest.fixture(scope="module")
 def hybrid_inputs(env, tmp_path_factory) -> dict[str, Path]:
     """A maps file A↔B fitted on the photos (shared by the hybrid tests)."""
@@ -292,6 +348,39 @@ def test_bitflipped_hybrid_is_refused(env, hybrid_inputs, tmp_path: Path, capsys
         assert code == 1
         assert f"hybrid {out} fails its checksum" in line
         assert "rebuild" in line
+
+
+def test_hybrid_external_data_checksum(env, hybrid_inputs, tmp_path: Path, capsys) -> None:
+    """A hybrid whose weights live in an external ``.data`` file: its size is checked on every
+    read, its SHA-256 by ``inspect`` and ``predict --verify``."""
+    import onnx
+
+    from affeq_rt.deploy.metadata import stamp_checksum
+
+    built = tmp_path / "built.onnx"
+    assert _run(capsys, *_hybrid(env, hybrid_inputs["maps"], built))[0] == 0
+    out = tmp_path / "ext" / "h.onnx"
+    out.parent.mkdir()
+    onnx.save(onnx.load(str(built)), str(out), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="h.onnx.data", size_threshold=0)
+    rec = stamp_checksum(out)
+    data = out.parent / "h.onnx.data"
+    assert rec["data_file"] == "h.onnx.data"
+    assert rec["data_bytes"] == data.stat().st_size > 100_000
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "integrity   verified" in capsys.readouterr().out
+    _flip(data, 0.5)  # a weight changes, the size does not
+    assert main(["predict", str(out), str(env["good"][0]), "--quiet"]) == 0  # sizes only
+    for args in (["inspect", out], ["predict", out, env["good"][0], "--verify", "--quiet"]):
+        code, err = _run(capsys, *args)
+        assert code == 1
+        assert f"hybrid data file {data} fails its checksum" in _one_line(err)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 8)
+    code, err = _run(capsys, "predict", out, env["good"][0], "--quiet")
+    assert code == 1
+    assert f"hybrid data file {data} has" in _one_line(err)
 
 
 # ---------------------------------------------------------------------------------------------
