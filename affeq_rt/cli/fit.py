@@ -84,6 +84,10 @@ def run(
         "--similarity", help="Also CKA, debiased CKA, CCA, SVCCA, R² and Procrustes of every "
         "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
         "evaluate --maps MAPS shows.")] = False,
+    no_dedup: Annotated[bool, typer.Option(
+        "--no-dedup", help="Do not look for near-duplicate images (crops, flips, re-encodings "
+        "of one photo, found from the networks' features) to hold out and cross-validate "
+        "together; groups then come from file names only (NAME__VIEW.ext).")] = False,
     models: Annotated[str | None, typer.Option(
         "--models", "-m", show_default=False,
         help="Comma-separated network names or aliases (A,B,…); with --features, default: "
@@ -104,7 +108,8 @@ def run(
                          adam_lr=lr,
                          executor=executor_option(executor, address, ray_workers,
                                                   gpus_per_worker, shard_size),
-                         curve="off" if no_curve else curve, similarity=similarity)
+                         curve="off" if no_curve else curve, similarity=similarity,
+                         dedup=not no_dedup)
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta)
     with Display(quiet) as display:

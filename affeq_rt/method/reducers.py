@@ -6,6 +6,7 @@
 - :class:`HeldOutRows`: the first held-out rows (the quality gate on streamed images).
 - :class:`AllRows`: every row in memory (the few-data estimators).
 - :class:`Skipped`: the samples that had no row (unreadable images).
+- :class:`Signatures`: every row's near-duplicate signature (``method.dedup``).
 
 Each runs the same in place (``engine.LocalExecutor``: exactly the sums of one loop) and on a
 cluster's workers (a fresh reducer per shard, merged in shard order).
@@ -21,6 +22,7 @@ import numpy as np
 from affeq_rt.core.gram import GramAccumulator
 from affeq_rt.engine.reducer import Chunk, State
 from affeq_rt.errors import AffeqError, InternalError
+from affeq_rt.method.dedup import SIGNATURE_DIMS, projection, signatures
 from affeq_rt.method.solvers import Moments
 
 
@@ -284,6 +286,14 @@ class HeldOutRows:
                 self.index.append(i[:k])
                 self.count += k
 
+    def drop(self, samples: np.ndarray) -> None:
+        """Forget the kept rows of the samples flagged in ``samples`` (bool [n])."""
+        got = self.rows()
+        if got is not None:
+            keep = ~samples[got[1]]
+            self.x, self.index = ([got[0][keep]], [got[1][keep]]) if keep.any() else ([], [])
+            self.count = int(keep.sum())
+
     def rows(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows float32 [k, Σd], sample indices [k]), or None when none was kept."""
         if not self.x:
@@ -355,3 +365,50 @@ class Skipped:
     def load(self, st: State) -> None:
         """Restore :meth:`state`."""
         self.items = list(st["items"])
+
+
+class Signatures:
+    """Every row's near-duplicate signature (``dedup.signatures``) and sample index."""
+
+    def __init__(self, slices: Mapping[str, slice]) -> None:
+        self.slices = dict(slices)
+        self.proj = projection(max(s.stop for s in self.slices.values()))
+        self.sig: list[np.ndarray] = []
+        self.index: list[np.ndarray] = []
+
+    def fresh(self) -> Signatures:
+        """An empty one."""
+        return Signatures(self.slices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Travel without the projection (rebuilt from its seed)."""
+        return {"slices": self.slices, "sig": self.sig, "index": self.index}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__(st["slices"])
+        self.sig, self.index = st["sig"], st["index"]
+
+    def update(self, c: Chunk) -> None:
+        """The chunk's signatures."""
+        self.sig.append(signatures(c.x, self.slices, self.proj))
+        self.index.append(c.index)
+
+    def merge(self, other: Signatures) -> None:
+        """Append the following shard's."""
+        self.sig += other.sig
+        self.index += other.index
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures [m, dims], sample indices [m])."""
+        if not self.sig:
+            return np.zeros((0, SIGNATURE_DIMS), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(self.sig), np.concatenate(self.index)
+
+    def state(self) -> State:
+        """The signatures and indices."""
+        s, i = self.rows()
+        return {"sig": s, "index": i}
+
+    def load(self, st: State) -> None:
+        """Restore :meth:`state`."""
+        self.sig, self.index = [np.asarray(st["sig"])], [np.asarray(st["index"], np.int64)]
