@@ -23,6 +23,11 @@ INPUT_SIZE = 28
 NUM_CLASSES = 10
 ARCHS = ("lenet5", "resnet_small", "inception_small")
 FEATURE_DIMS = {"lenet5": 84, "resnet_small": 48, "inception_small": 72}
+# Stages (modules of ``features``) for the layer-by-layer analysis (``onnx.stages``): the stem,
+# then each block that ends a resolution or a module, shallow to deep; the network's features last.
+STAGES = {"lenet5": ["features.2", "features.5", "features.8"],
+          "resnet_small": ["features.2", "features.3", "features.4"],
+          "inception_small": ["features.2", "features.3", "features.5"]}
 PAPER_NAMES = {"lenet5": "LeNet-5 (course notes, 3-channel input)",
                "resnet_small": "small residual net (basic block + downsampling block)",
                "inception_small": "small Inception-style net (two 4-branch modules)"}
@@ -124,7 +129,9 @@ def build(arch: str) -> Any:
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
     else:
         raise AffeqError(f"unknown demo architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
-    return Split(feats, FEATURE_DIMS[arch])
+    net = Split(feats, FEATURE_DIMS[arch])
+    net.feature_info = [{"module": m} for m in STAGES[arch]]  # as timm lists its stages
+    return net
 
 
 @dataclass

@@ -22,7 +22,7 @@ from affeq_rt.io.fsio import sha256_file
 from affeq_rt.io.heads import Head, load_head
 from affeq_rt.method.images import spec_dict
 from affeq_rt.method.rows import ImageSource
-from affeq_rt.onnx.stages import StagesModel, ensure_stages, stage_model
+from affeq_rt.onnx.stages import Stage, StagesModel, ensure_stages, stage_model
 
 
 def stage_of(spec: dict[str, Any]) -> str | None:
@@ -37,6 +37,15 @@ def network_models(models: list[str], specs: dict[str, dict[str, Any]], network:
     stages = [m for m in models if stage_of(specs[m]) == network]
     stages.sort(key=lambda m: int(specs[m]["stage"]["name"][1:]))
     return [*stages, network] if network in models else stages
+
+
+def stage_spec(base: dict[str, Any], stage: Stage) -> dict[str, Any]:
+    """The store spec of one stage of the network whose spec is ``base``."""
+    name = stage_model(base["name"], stage.name)
+    return {**base, "name": name, "aliases": [], "feature_dim": stage.dim,
+            "stage_of": base["name"], "stage": stage.to_dict(),
+            "note": f"stage {stage.name} of {base['name']}: {stage.module} pooled "
+                    f"({stage.pool}); no classifier of its own (zero head)"}
 
 
 class StageSource(ImageSource):
@@ -102,12 +111,7 @@ class StageSource(ImageSource):
         out = {}
         for net, sm in zip(self.networks, self.stage_models, strict=True):
             base = spec_dict(net.spec)
-            for s in sm.stages:
-                name = stage_model(net.name, s.name)
-                out[name] = {**base, "name": name, "aliases": [], "feature_dim": s.dim,
-                             "stage_of": net.name, "stage": s.to_dict(),
-                             "note": f"stage {s.name} of {net.name}: {s.module} pooled "
-                                     f"({s.pool}); no classifier of its own (zero head)"}
+            out.update({stage_model(net.name, s.name): stage_spec(base, s) for s in sm.stages})
             out[net.name] = base
         return out
 
