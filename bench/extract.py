@@ -7,7 +7,7 @@ One run reports (issue 25):
    loop (timm's eval transform written out) and a minimal torchvision loop;
 2. worker scaling: our loader (default pipeline) with 0, 1, 2, … decode processes: images per
    second (wall) and per CPU-second (this process and its workers);
-3. end to end: the decode-once extraction (``feature_batches``, every model) against a minimal
+3. end to end: the decode-once extraction (what ``feature_batches`` does) against a minimal
    onnxruntime loop (Pillow + the same ``features.onnx`` sessions, one process) and torch eager
    (the same preprocessing, the timm/torchvision model's features in torch, no grad).
 
@@ -38,7 +38,7 @@ import numpy as np
 from affeq_rt.data.loader import default_workers, iter_batches
 from affeq_rt.data.preprocess import DEFAULT_PIPELINE, load_image, preprocess, resolve_pipeline
 from affeq_rt.data.readers import discover
-from affeq_rt.method.extract import feature_batches, open_networks, parse_models
+from affeq_rt.method.extract import open_networks, parse_models, run_network
 
 
 def make_photos(folder: Path, count: int, seed: int = 0, imagenet_like: bool = False) -> None:
@@ -118,6 +118,7 @@ def minimal_torchvision(paths: list[str], p) -> None:
 
     mode = tvf.InterpolationMode.BICUBIC if p.interpolation == "bicubic" \
         else tvf.InterpolationMode.BILINEAR
+    torch.set_num_threads(1)  # one image at a time: more threads only spin (CPU-seconds)
     mean = torch.tensor(p.mean).view(3, 1, 1)
     std = torch.tensor(p.std).view(3, 1, 1)
     with warnings.catch_warnings():
@@ -182,6 +183,8 @@ def main() -> None:
     ap.add_argument("--export-root", default=None)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="loader,workers,end-to-end")
+    ap.add_argument("--pipeline", default="fast",
+                    help="our pipeline for the worker scaling and end to end")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
@@ -190,7 +193,8 @@ def main() -> None:
                  "machine": platform.processor() or platform.machine(),
                  "load_before": os.getloadavg()[0], "default_pipeline": DEFAULT_PIPELINE,
                  "default_pipeline_here": resolve_pipeline(DEFAULT_PIPELINE),
-                 "default_workers_here": default_workers()}
+                 "default_workers_here": default_workers(), "pipeline": args.pipeline,
+                 "pipeline_here": resolve_pipeline(args.pipeline)}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp) / "photos"
         if not args.data:
@@ -233,7 +237,7 @@ def main() -> None:
         if "workers" in parts:
             counts = [int(w) for w in args.workers_list.split(",")]
             specs = [n_.spec for n_ in nets]
-            res = measure({f"workers_{w}": ours(DEFAULT_PIPELINE, w, specs) for w in counts},
+            res = measure({f"workers_{w}": ours(args.pipeline, w, specs) for w in counts},
                           args.repeats)
             w0 = n / res[f"workers_{counts[0]}"]["wall_s"]
             rec["worker_scaling_all_preprocessings"] = {
@@ -244,9 +248,12 @@ def main() -> None:
             print(json.dumps(rec["worker_scaling_all_preprocessings"]), flush=True)
         if "end-to-end" in parts:
             def extract_run() -> None:
-                for _ in feature_batches(nets, samples, bs, args.workers
-                                         if args.workers is not None else default_workers()):
-                    pass
+                # feature_batches' two lines, with this run's pipeline (ImageOptions has none yet)
+                workers = args.workers if args.workers is not None else default_workers()
+                for batch in iter_batches(samples, [n_.spec for n_ in nets], batch_size=bs,
+                                          workers=workers, pipeline=args.pipeline):
+                    for n_ in nets:
+                        run_network(n_, batch.tensors[n_.key], bs)
             fns = {"affeq_extract": extract_run,
                    "minimal_ort": lambda: minimal_ort(nets, paths, bs)}
             if not args.no_torch_eager:

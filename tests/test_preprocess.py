@@ -116,11 +116,14 @@ def test_decompression_bomb_is_one_line(tmp_path, monkeypatch) -> None:
 
 # ------------------------------------------------------------ pipelines (issue 25)
 
-def _photo_jpeg(tmp_path, name: str = "chelsea", size: tuple[int, int] | None = None):
+def _photo_jpeg(tmp_path, name: str = "chelsea", portrait: bool = False):
+    """A scikit-image photo as a JPEG; ``portrait``: its middle 3:4 (portrait) part."""
     im = Image.fromarray(getattr(skdata, name)())
-    if size:
-        im = im.resize(size, Image.Resampling.BICUBIC)
-    p = tmp_path / f"{name}_{im.size[0]}.jpg"
+    if portrait:
+        w, h = im.size
+        cw = min(w, h * 3 // 4)
+        im = im.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, cw * 4 // 3))
+    p = tmp_path / f"{name}_{im.size[0]}x{im.size[1]}.jpg"
     im.save(p, quality=95)
     return p
 
@@ -152,8 +155,9 @@ def test_pillow_pipeline_is_within_two_levels_of_exact(tmp_path, spec: Preproces
     kernel, 1 for bilinear) before its own rounding: at most 2 levels apart."""
     from affeq_rt.data.preprocess import crop, prepare_crops
 
-    for name in ("chelsea", "coffee", "rocket"):
-        p = _photo_jpeg(tmp_path, name)
+    for name, portrait in (("chelsea", False), ("coffee", False), ("rocket", False),
+                           ("chelsea", True), ("astronaut", True)):
+        p = _photo_jpeg(tmp_path, name, portrait=portrait)
         (got,) = prepare_crops(str(p), [spec], "pillow")
         want = crop(load_image(p), spec)
         assert got.shape == want.shape == (spec.input_size, spec.input_size, 3)

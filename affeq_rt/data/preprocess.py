@@ -337,16 +337,23 @@ def _torch_crops(path: str, im: Image.Image, keys: Sequence[Preprocessing]) -> l
         t = decode_jpeg(data, mode=rgb)
     if tuple(t.shape[1:]) != (im.size[1], im.size[0]):
         raise RuntimeError(f"decoded {tuple(t.shape)} for a {im.size} image")
-    out = []
-    for k in keys:
-        nw, nh, left, top = geometry(im.size, k.input_size, k.crop_pct, path)
-        mode = tvf.InterpolationMode.BICUBIC if k.interpolation == "bicubic" \
-            else tvf.InterpolationMode.BILINEAR
-        r = t if (nw, nh) == im.size else tvf.resize(t, [nh, nw], interpolation=mode,
-                                                      antialias=True)
-        c = r[:, top:top + k.input_size, left:left + k.input_size]
-        out.append(np.ascontiguousarray(c.permute(1, 2, 0).numpy()))
-    return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one image is too little to share: other threads only spin
+    try:
+        return [_torch_crop(t, im.size, k, path, tvf) for k in keys]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torch_crop(t: Any, size: tuple[int, int], k: Preprocessing, path: str,
+                tvf: Any) -> np.ndarray:
+    """One key's uint8 [S, S, 3] crop of a decoded uint8 [3, H, W] tensor."""
+    nw, nh, left, top = geometry(size, k.input_size, k.crop_pct, path)
+    mode = tvf.InterpolationMode.BICUBIC if k.interpolation == "bicubic" \
+        else tvf.InterpolationMode.BILINEAR
+    r = t if (nw, nh) == size else tvf.resize(t, [nh, nw], interpolation=mode, antialias=True)
+    c = r[:, top:top + k.input_size, left:left + k.input_size]
+    return np.ascontiguousarray(c.permute(1, 2, 0).numpy())
 
 
 def _torch_route(im: Image.Image, keys: Sequence[Preprocessing]) -> bool:
