@@ -48,7 +48,12 @@ def run(
         "--method", help="auto (by data size: ols, or prior-ridge when there are fewer than 2 "
         "training images per feature dimension; the summary says which and why) | ols | ridge | "
         "prior-ridge | prior-pca (shrunk toward logit-pinv, strength by grouped "
-        "cross-validation) | logit-pinv | adam | naive.")] = "auto",
+        "cross-validation) | logit-pinv | adam | naive | orthogonal (Procrustes with scale and "
+        "offset) | low-rank (reduced-rank affine, --rank or chosen on the held-out images); "
+        "orthogonal and low-rank print the affine map's held-out R² beside theirs.")] = "auto",
+    rank: Annotated[int | None, typer.Option(
+        "--rank", show_default=False,
+        help="Rank of the low-rank map (default: chosen on the held-out images).")] = None,
     max_images: MaxImages = None,
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Fraction held out for R² (and ridge's λ).")] = 0.1,
@@ -109,7 +114,7 @@ def run(
                          executor=executor_option(executor, address, ray_workers,
                                                   gpus_per_worker, shard_size),
                          curve="off" if no_curve else curve, similarity=similarity,
-                         dedup=not no_dedup)
+                         dedup=not no_dedup, rank=rank)
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta)
     with Display(quiet) as display:

@@ -64,6 +64,7 @@ class FitOptions:
     curve_rows: int = MAX_ROWS  # held-out rows each curve point is scored on
     similarity: bool = False  # CKA/CCA/R²/Procrustes of every pair from this fit's Gram state
     dedup: bool = True  # near-duplicate images found and held out together (method.dedup)
+    rank: int | None = None  # low-rank's rank (None: chosen on the held-out Gram)
 
 
 @dataclass
@@ -143,10 +144,9 @@ def _context(rows: RowSource, opt: FitOptions) -> FitContext:
     names = rows.names
     if len(names) < 2:
         raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
-    slices = model_slices(names, rows.dims())
+    slices, local = model_slices(names, rows.dims()), isinstance(opt.executor, LocalExecutor)
     groups, found = fit_groups(rows, slices, opt.dedup)  # file names + near-duplicates
     mask = holdout_mask(rows.n, opt.holdout, opt.seed, groups)
-    local = isinstance(opt.executor, LocalExecutor)
     return FitContext(rows, names, rows.dims(), slices, rows.heads(), mask, groups,
                       source_labels(rows), opt, local, None, found)
 

@@ -20,7 +20,7 @@ from affeq_rt.engine.reducer import Reducer
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap
-from affeq_rt.method import quality, select, solvers
+from affeq_rt.method import families, quality, select, solvers
 from affeq_rt.method.reducers import AllRows, GramReducer
 from affeq_rt.method.rows import CHUNK
 
@@ -223,6 +223,67 @@ class Ridge(GramMethod):
     """Ridge toward zero, λ on the held-out part."""
 
     name = "ridge"
+
+
+class GramFamily(GramMethod):
+    """A map family from the Gram (``method.families``), the affine map's R² beside each map's."""
+
+    def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One pair's map and stats."""
+        raise NotImplementedError
+
+    def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
+        """Every pair from the training Gram, scored on the held-out Gram."""
+        g: GramReducer = red["gram"]
+        hold = g.holdout if int(g.holdout.n) > 0 else None
+        out, eig = [], {}
+        for a, t in pairs(ctx.names):
+            if a not in eig:
+                eig = {a: solvers.source_eig(g.train, ctx.slices[a])}
+            w, b, st = self.pair(g.train, ctx.slices[a], ctx.slices[t], hold, eig[a])
+            st["nonfinite_rows_skipped"] = int(g.train.skipped) + int(g.holdout.skipped)
+            out.append(as_map(a, t, w, b, self.name, st))
+        return out
+
+
+@register
+class Orthogonal(GramFamily):
+    """Orthogonal Procrustes with scale and offset: y ≈ s·Q x + b, Q = U Vᵀ of S_BA."""
+
+    name = "orthogonal"
+
+    def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """``families.procrustes``."""
+        return families.procrustes(train, a, t, hold, eig)
+
+
+@register
+class LowRank(GramFamily):
+    """Reduced-rank affine map: rank ``rank``, or chosen on the held-out Gram."""
+
+    name = "low-rank"
+
+    def __init__(self, rank: int | None = None) -> None:
+        self.rank = rank
+
+    @classmethod
+    def from_options(cls, options: Any) -> FitMethod:
+        """The rank from the options (None: chosen on the held-out images)."""
+        return cls(options.rank)
+
+    def check(self, ctx: FitContext) -> None:
+        """Training images, and held-out ones to choose the rank on (unless given)."""
+        super().check(ctx)
+        if self.rank is None and not ctx.mask.any():
+            raise AffeqError("low-rank chooses its rank on held-out images, and none are held out",
+                             "pass --holdout > 0, or --rank R")
+
+    def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """``families.reduced_rank``."""
+        return families.reduced_rank(train, a, t, hold, self.rank, eig)
 
 
 class PriorMethod(FitMethod):

@@ -122,6 +122,11 @@ def quality_line(key: str, method: str, st: dict[str, Any]) -> str:
                  f"logit-pinv {_pct(st.get('cv_score_prior'))}")
     if st.get("rank_deficient") and st.get("rank") is not None:
         line += f"; rank {st['rank']}/{st['source_dim']}"
+    if st.get("map_rank") is not None:
+        line += f"; map rank {st['map_rank']}"
+    if st.get("affine_r2_holdout") is not None:  # a map family beside the affine map (issue 22)
+        line += (f"; affine R² {_r2(st['affine_r2_holdout'])} "
+                 f"(affine − {method} {_r2(st.get('affine_gap_r2_holdout'))})")
     return line
 
 
