@@ -1,0 +1,95 @@
+"""Benchmark: whole-process start-up of ``affeq-rt predict`` on a cached export, against a minimal
+onnxruntime script doing the same (Pillow preprocessing, the export's two graphs, argmax), and
+``affeq-rt --help``; interleaved, best of ``--repeats``, wall seconds and peak memory:
+
+    python bench/startup.py --model efficientnet_lite0 --repeats 5
+
+The export must be cached (``affeq-rt export NAME`` first). Prints a JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MINIMAL = '''
+import sys, numpy as np, onnxruntime as ort
+from PIL import Image
+d, size, crop, interp = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+mean, std = np.array(eval(sys.argv[6]), np.float32), np.array(eval(sys.argv[7]), np.float32)
+im = Image.open(sys.argv[1]).convert("RGB")
+w, h = im.size
+s = int(size / crop)
+im = im.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s),
+               Image.Resampling.BICUBIC if interp == "bicubic" else Image.Resampling.BILINEAR)
+w, h = im.size
+left, top = round((w - size) / 2), round((h - size) / 2)
+x = (np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255 - mean) / std
+x = x.transpose(2, 0, 1)[None].copy()
+f = ort.InferenceSession(d + "/features.onnx", providers=["CPUExecutionProvider"])
+c = ort.InferenceSession(d + "/classifier.onnx", providers=["CPUExecutionProvider"])
+z = c.run(None, {c.get_inputs()[0].name: f.run(None, {f.get_inputs()[0].name: x})[0]})[0]
+print(int(z.argmax()))
+'''
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MiB) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode()[-500:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    from PIL import Image
+
+    from affeq_rt.onnx.exported import ExportedBackbone, default_export_root
+
+    exp = ExportedBackbone(default_export_root() / args.model)
+    p = exp.spec.preprocessing
+    with tempfile.TemporaryDirectory() as tmp:
+        img = Path(tmp) / "one.jpg"
+        import skimage.data
+
+        Image.fromarray(skimage.data.chelsea()).save(img, quality=90)
+        script = Path(tmp) / "minimal.py"
+        script.write_text(MINIMAL)
+        cmds = {
+            "affeq_predict": [sys.executable, "-m", "affeq_rt", "predict", args.model, str(img)],
+            "minimal_ort": [sys.executable, str(script), str(img), str(exp.path),
+                            str(p.input_size), str(p.crop_pct), p.interpolation,
+                            repr(list(p.mean)), repr(list(p.std))],
+            "affeq_help": [sys.executable, "-m", "affeq_rt", "--help"],
+        }
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+        for _ in range(args.repeats):
+            for k, c in cmds.items():
+                runs[k].append(run(c))
+    best = {k: (min(w for w, _ in v), max(m for _, m in v)) for k, v in runs.items()}
+    rec = {"model": args.model, "repeats": args.repeats, "load": os.getloadavg()[0],
+           "machine": platform.processor() or platform.machine(),
+           **{k: {"wall_s": round(w, 3), "peak_mib": round(m)} for k, (w, m) in best.items()},
+           "predict_vs_minimal_wall": round(best["affeq_predict"][0] / best["minimal_ort"][0], 2),
+           "predict_vs_minimal_memory": round(best["affeq_predict"][1] / best["minimal_ort"][1],
+                                              2)}
+    print(json.dumps(rec, indent=2))
+
+
+if __name__ == "__main__":
+    main()
