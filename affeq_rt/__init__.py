@@ -9,6 +9,8 @@ The public Python API; it mirrors the command line (``affeq-rt COMMAND`` ↔ ``a
 >>> res = ar.fit("photos/", ["efficientnet_lite0", "mobilenet_v2"], "ols")  # affeq-rt fit
 >>> table = ar.evaluate("val-store", res.maps)                         # affeq-rt evaluate
 >>> ar.write_report(table, "report/")
+>>> ar.extract(["efficientnet_lite0", "mobilenet_v2"], "photos/", "st", stages=True)  # --stages
+>>> ar.depth("st", "efficientnet_lite0", "mobilenet_v2").curves[0].points  # affeq-rt depth
 
 Long calls take ``progress=`` (any :class:`Progress`; None is silent). User errors raise
 :class:`AffeqError` (one line: the problem and the fix). The compiled core is ``affeq_rt._core``.
@@ -29,6 +31,8 @@ from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, load_maps, save_maps
 from affeq_rt.io.store import FeatureStore
+from affeq_rt.method.depth import LayerAnalysis
+from affeq_rt.method.depth import layer_analysis as depth
 from affeq_rt.method.evaluate import evaluate, validate
 from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, FitResult, fit
@@ -58,6 +62,7 @@ __all__ = [
     "HybridOptions",
     "ImageOptions",
     "InternalError",
+    "LayerAnalysis",
     "MapSet",
     "Progress",
     "RayExecutor",
@@ -67,6 +72,7 @@ __all__ = [
     "build_hybrid",
     "cam",
     "create_session",
+    "depth",
     "evaluate",
     "evaluate_heads",
     "export",

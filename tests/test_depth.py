@@ -4,11 +4,13 @@ diagonal, and the depth curve rises with depth and ends at the ordinary hybrid's
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from affeq_rt.cli.main import main
 from affeq_rt.demo import digits
 from affeq_rt.demo.run import write_store
 from affeq_rt.io.heads import load_head
@@ -111,3 +113,26 @@ def test_depth_curve_rises_and_ends_at_the_ordinary_hybrid(stage_stores: tuple[P
         assert c.points[-1].r2 == pytest.approx(r2, rel=1e-12)
         assert c.target_own == pytest.approx(float(table.top1[j, j]), abs=1e-9)
         assert c.source_own == pytest.approx(float(table.top1[i, i]), abs=1e-9)
+
+
+def test_cli_depth_writes_tables_and_figures(stage_stores: tuple[Path, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = stage_stores
+    out = tmp_path / "depth"
+    assert main(["depth", "-f", str(train), "--test", str(test), "-m", f"{A},{B}", "-o",
+                 str(out), "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert f"depth curve {A} -> {B}" in shown
+    doc = json.loads((out / "depth.json").read_text())
+    la = layer_analysis(train, A, B, test=test)
+    assert [p["score"] for p in doc["curves"][0]["points"]] == \
+        [p.score for p in la.curves[0].points]
+    for f in ("depth.csv", "cka.csv", "depth.md", "depth.png", "cka.png", "depth.html"):
+        assert (out / f).stat().st_size > 0, f
+    # bad input: one line naming the thing and the fix, exit 1
+    assert main(["depth", "-f", str(train), "-m", f"{A},nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "'nope' is not in the store" in err[0]
+    assert main(["depth", "-f", str(train), "-m", A, "--method", "adam"]) == 1
+    assert "ols or ridge" in capsys.readouterr().err

@@ -117,3 +117,25 @@ def test_killed_stage_extraction_resumes_to_the_same_bytes(env, stage_store, tmp
     for f in ["images.txt", "labels.npy"] + [f"{m}/features.npy" for m in ref.models]:
         if (res.path / f).exists():
             assert (out / f).read_bytes() == (res.path / f).read_bytes(), f
+
+
+def test_whole_two_network_analysis_decodes_each_image_once(env, stage_store, monkeypatch):
+    """Stage extraction, then CKA and both depth curves: the analysis is one pass over stored
+    rows, so the images were decoded once each in all (photos have no labels: agreement)."""
+    import affeq_rt.method.depth as depth
+
+    res, calls = stage_store
+    after: list[str] = []
+    passes: list[str] = []
+    real, real_pass = loader.prepare_crops, depth.run_pass
+    monkeypatch.setattr(loader, "prepare_crops",
+                        lambda path, *a, **k: after.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(depth, "run_pass",
+                        lambda rows, *a, **k: passes.append(type(rows).__name__) or
+                        real_pass(rows, *a, **k))
+    la = depth.layer_analysis(res.path, *MODELS, holdout=0.3)
+    assert after == []
+    assert passes == ["StoreSource"]
+    assert len(calls) == len(set(calls)) == len(list(Path(env["photos"]).iterdir()))
+    assert [c.metric for c in la.curves] == ["agreement", "agreement"]
+    assert la.cka.shape == (12, 12)

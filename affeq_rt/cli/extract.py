@@ -54,6 +54,9 @@ def run(
     ray_workers: RayWorkers = 2,
     gpus_per_worker: GpusPerWorker = 0.0,
     shard_size: ShardSize = None,
+    stages: Annotated[bool, typer.Option(
+        "--stages", help="Also store every network's pooled stages (NAME@s1 …, see affeq-rt "
+        "models NAME) for affeq-rt depth; still one decode per image.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Extract features of every model for every image (decoded once) into a resumable store.
@@ -65,5 +68,6 @@ def run(
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     with Display(quiet) as display:
         res = extract(models, data, out, dtype=dtype, images=images, max_images=max_images,
-                      commit_every=commit_every, progress=display, executor=ex)
+                      commit_every=commit_every, progress=display, executor=ex,
+                      stages=stages)
     typer.echo(res.summary())

@@ -28,6 +28,7 @@ from affeq_rt.cli import (
     build_hybrid,
     cam,
     demo,
+    depth,
     evaluate,
     export,
     extract,
@@ -78,6 +79,7 @@ COMMANDS: list[tuple[ModuleType, str]] = [
     (ablate, "ablate"),
     (layers, "layers"),
     (similarity, "similarity"),
+    (depth, "depth"),
 ]
 
 

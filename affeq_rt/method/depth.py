@@ -112,7 +112,6 @@ class LayerAnalysis:
     cka: np.ndarray
     curves: list[DepthCurve]
     source: dict[str, Any] = field(default_factory=dict)
-    passes: int = 1  # passes over stored rows (the images were read once, by extraction)
 
     def block(self, a: str, b: str) -> np.ndarray:
         """The CKA block of network ``a``'s stages (rows) against ``b``'s (columns)."""
@@ -131,7 +130,7 @@ class LayerAnalysis:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
         return {"networks": self.networks, "models": self.models, "stages": self.stages,
-                "n": self.n, "passes": self.passes, "source": self.source,
+                "n": self.n, "source": self.source,
                 "cka": [[None if not np.isfinite(v) else float(v) for v in r] for r in self.cka],
                 "curves": [c.to_dict() for c in self.curves]}
 
