@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affeq_rt.data.preprocess import load_image, preprocess
+from affeq_rt.data.loader import iter_batches
+from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import FeatureStore
 from affeq_rt.method.extract import ImageOptions, extract, open_networks, run_network
@@ -61,8 +62,11 @@ def test_extract_three_networks_on_photos(env, ref_store):
         assert f.dtype == np.float32
         assert f.shape == (n_good, net.dim)
         for i in (0, 2, 6, n_good - 1):  # the first, those right after each skipped file, the last
-            x = preprocess(load_image(st.images[i]), net.spec)[None]
-            want = run_network(net, x, 1)[0]
+            # row i is image i alone through the loader's own preprocessing (whichever pipeline
+            # it uses: test_preprocess.py holds the pipelines to timm's transform)
+            batch = next(iter(iter_batches([Sample(st.images[i], -1)], [net.spec], batch_size=1,
+                                           workers=0)))
+            want = run_network(net, next(iter(batch.tensors.values())), 1)[0]
             # same graph, batch of 2 vs 1: ORT may pick other kernels/blockings (float32 noise)
             np.testing.assert_allclose(f[i], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
         head = st.head(net.name)
