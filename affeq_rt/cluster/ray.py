@@ -31,7 +31,7 @@ from affeq_rt.progress import Progress
 Shard = tuple[int, int]
 EXECUTORS = ("local", "ray")
 MAX_ATTEMPTS = 3  # a shard whose worker dies this often stops the run
-ENV_KEYS = ("AFFEQ_RT_HOME", "AFFEQ_RT_MODELS", "AFFEQ_RT_OTHER_LABELS", "AFFEQ_RT_DOWNLOAD",
+ENV_KEYS = ("AFFEQ_RT_HOME", "AFFEQ_RT_MODELS", "AFFEQ_RT_OTHER_LABELS", "HF_HUB_CACHE",
             "HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME")
 
 

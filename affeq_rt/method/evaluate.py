@@ -36,6 +36,11 @@ from affeq_rt.method.results import EvalTable, ValidationRow
 from affeq_rt.method.rows import StoreSource
 from affeq_rt.progress import Progress
 
+# Rows per compiled call: each call stacks (and on CUDA uploads) every target's folded head for a
+# source once, so chunks are large (one call per source up to 65,536 images, as before the engine;
+# an executor's own shard size, if smaller, sets them).
+EVAL_CHUNK = 1 << 16
+
 # ----------------------------------------------------------------------------------------------
 # inputs
 
@@ -335,8 +340,9 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     n = int(st.n)
     tally = HeadTally(ms, st, chosen, dev)
     try:
-        run_pass(StoreSource(st, chosen), {"tally": tally}, executor=executor, progress=progress,
-                 task="evaluate")
+        chunk = min(EVAL_CHUNK, getattr(executor, "shard_size", None) or EVAL_CHUNK)
+        run_pass(StoreSource(st, chosen, chunk=chunk), {"tally": tally}, executor=executor,
+                 progress=progress, task="evaluate")
     finally:
         tally.release()
     hits1, hits5, pred, correct = tally.result(n)

@@ -143,10 +143,11 @@ def parse_names(models: str | Sequence[str] | None) -> list[str] | None:
     return [m for m in names if m] or None
 
 
-def _array_chunks(arrays: Mapping[str, Any], start: int, stop: int) -> Iterator[Chunk]:
-    """Chunks of :data:`CHUNK` samples of row-aligned arrays (views; joint rows on first use)."""
-    for a in range(start, stop, CHUNK):
-        b = min(a + CHUNK, stop)
+def _array_chunks(arrays: Mapping[str, Any], start: int, stop: int,
+                  size: int = CHUNK) -> Iterator[Chunk]:
+    """Chunks of ``size`` samples of row-aligned arrays (views; joint rows on first use)."""
+    for a in range(start, stop, size):
+        b = min(a + size, stop)
         yield Chunk(a, b, {m: x[a:b] for m, x in arrays.items()})
 
 
@@ -231,8 +232,9 @@ class StoreSource:
     """A :class:`~affeq_rt.io.store.FeatureStore` (or an in-memory ``ArrayStore``)."""
 
     def __init__(self, store: StoreLike, models: str | Sequence[str] | None = None,
-                 max_images: int | None = None) -> None:
+                 max_images: int | None = None, chunk: int = CHUNK) -> None:
         self.store = store
+        self.grain = int(chunk)  # rows per chunk (evaluate reads larger ones: one upload each)
         self._names = parse_names(models) or list(store.models)
         self._dims = {m: int(store.features(m).shape[1]) for m in self._names}  # AffeqError
         self._n = min(int(store.n), max_images or int(store.n))
@@ -251,12 +253,10 @@ class StoreSource:
         """Feature width per model."""
         return dict(self._dims)
 
-    grain = CHUNK
-
     def chunks(self, start: int, stop: int | None = None) -> Iterator[Chunk]:
-        """Rows in chunks of :data:`CHUNK` (read from the memory-mapped arrays)."""
+        """Rows in chunks of :attr:`grain` (read from the memory-mapped arrays)."""
         parts = {m: self.store.features(m) for m in self._names}
-        yield from _array_chunks(parts, start, self._n if stop is None else stop)
+        yield from _array_chunks(parts, start, self._n if stop is None else stop, self.grain)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for a cluster worker: a store on disk travels as its path (reopened there)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from affeq_rt.errors import AffeqError
+from affeq_rt.registry.resolve import hf_cache
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -182,17 +183,6 @@ def offline() -> bool:
 def set_offline() -> None:
     """``--offline``: no download in this process or the workers it starts."""
     os.environ[OFFLINE_ENV] = "1"
-
-
-def hf_cache() -> Path:
-    """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, else
-    ``HF_HOME``/hub, else ``$XDG_CACHE_HOME``/huggingface/hub, as huggingface_hub resolves it)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
 @dataclass(frozen=True)

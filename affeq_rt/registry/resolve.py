@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from affeq_rt.errors import AffeqError
@@ -152,6 +153,17 @@ def _timm_archs() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
+def hf_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub, else ``$XDG_CACHE_HOME``/huggingface/hub, as huggingface_hub resolves it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
 def _timm_offline(hub_id: str | None) -> bool:
     if not hub_id:
         return False
@@ -159,8 +171,6 @@ def _timm_offline(hub_id: str | None) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return False
-    from affeq_rt.model.weights import hf_cache
-
     for fname in ("model.safetensors", "pytorch_model.bin"):
         got = try_to_load_from_cache(hub_id, fname, cache_dir=str(hf_cache()))
         if isinstance(got, str) and os.path.isfile(got):
