@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cluster.ray import RayExecutor, executor_for
+from affeq_rt.cluster.ray import executor_for
+from affeq_rt.engine import Executor
 from affeq_rt.method.extract import ImageOptions
 
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
@@ -68,8 +69,8 @@ GpusPerWorker = Annotated[float, typer.Option(
     "--gpus-per-worker", help="With --executor ray: GPUs per worker actor (0.5 packs two on "
     "a GPU).")]
 ShardSize = Annotated[int | None, typer.Option(
-    "--shard-size", show_default=False, help="With --executor ray: images per shard, the unit "
-    "of scheduling and commit (default 1024 for extract, 16384 for fit).")]
+    "--shard-size", show_default=False, help="With --executor ray: samples per shard, the unit "
+    "of scheduling and commit (default 1024 for extract, the checkpoint interval for fit).")]
 
 #: Seeds reach NumPy and torch generators: a negative one was a traceback (issue 23).
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}
@@ -105,7 +106,7 @@ def image_options(batch_size: int, workers: int, provider: str, random_weights: 
 
 
 def executor_option(executor: str, address: str | None, ray_workers: int,
-                    gpus_per_worker: float, shard_size: int | None) -> RayExecutor | None:
-    """The executor the ``--executor`` options name (None: local)."""
+                    gpus_per_worker: float, shard_size: int | None) -> Executor:
+    """The executor the ``--executor`` options name (a LocalExecutor or a RayExecutor)."""
     return executor_for(executor, address=address, workers=ray_workers,
                         gpus_per_worker=gpus_per_worker, shard_size=shard_size)

@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import Device, MaxImages, ModelsSubset, Quiet, model_list
+from affeq_rt.cli.options import (
+    Device,
+    ExecutorName,
+    GpusPerWorker,
+    MaxImages,
+    ModelsSubset,
+    Quiet,
+    RayAddress,
+    RayWorkers,
+    ShardSize,
+    executor_option,
+    model_list,
+)
 from affeq_rt.cli.progress import Display
 from affeq_rt.io.store import open_store
 from affeq_rt.method.similarity import similarity
@@ -25,15 +37,21 @@ def run(
     models: ModelsSubset = None,
     max_images: MaxImages = None,
     device: Device = "auto",
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    ray_workers: RayWorkers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    shard_size: ShardSize = None,
     quiet: Quiet = False,
 ) -> None:
     """Compare every pair of networks in a feature store: linear and debiased CKA, canonical
     correlations (mean, SVCCA), R² of the OLS map both ways and the orthogonal Procrustes distance,
     exact over every image from one pass (no n×n kernels)."""
+    ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     store = open_store(features)
     with Display(quiet) as display:
         sim = similarity(store, model_list(models), max_images=max_images, device=device,
-                         progress=display)
+                         progress=display, executor=ex)
     typer.echo(similarity_text(sim))
     if out is not None:
         paths = write_similarity(sim, out)
