@@ -298,7 +298,7 @@ def test_cli_prints_and_writes(tmp_path: Path, feats) -> None:
     assert s.cka[0, 2] == pytest.approx(ref_cka(feats["a"], feats["c"]), abs=TOL)
     assert s.r2[2, 1] == pytest.approx(ref_r2(feats["c"], feats["b"]), abs=TOL)
     assert (out / "similarity.md").read_text().count("| **") >= 3 * len(MEAS := s.measures())
-    assert len(MEAS) == 6
+    assert len(MEAS) == 7  # six from the Gram, mutual k-NN from the rows (issue 22)
     assert (out / "similarity.csv").read_text().startswith("measure,")
 
 

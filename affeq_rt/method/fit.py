@@ -44,7 +44,7 @@ from affeq_rt.method.rows import (
     row_source,
     source_labels,
 )
-from affeq_rt.method.similarity import SimilarityTable, similarity_from_moments
+from affeq_rt.method.similarity import SimilarityTable, knn_rows, similarity_from_moments
 from affeq_rt.progress import Progress
 
 
@@ -221,8 +221,8 @@ def _solve(strat: FitMethod, ctx: FitContext, red: Mapping[str, Any],
         ex.curve = recorder.finish(g.train, g.points)
     if g is not None and ctx.options.similarity:  # every image: train + held-out merged
         both = g.train + g.holdout if int(g.holdout.n) else g.train
-        ex.similarity = similarity_from_moments(both, ctx.slices, g.norms,
-                                                source=ctx.rows.describe())
+        ex.similarity = similarity_from_moments(both, ctx.slices, g.norms, knn=knn_rows(
+            ctx.rows, red), source=ctx.rows.describe())
     return maps
 
 

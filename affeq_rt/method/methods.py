@@ -20,8 +20,8 @@ from affeq_rt.engine.reducer import Reducer
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap
-from affeq_rt.method import families, quality, select, solvers
-from affeq_rt.method.reducers import AllRows, GramReducer
+from affeq_rt.method import families, knn, quality, select, solvers
+from affeq_rt.method.reducers import AllRows, GramReducer, HeldOutRows
 from affeq_rt.method.rows import CHUNK
 
 REGISTRY: dict[str, type[FitMethod]] = {}
@@ -185,10 +185,12 @@ class GramMethod(FitMethod):
     def reducers(self, ctx: FitContext) -> dict[str, Reducer]:
         """The Gram, with the curve's snapshots and the similarity's row norms when asked."""
         rec = ctx.curve
-        return {"gram": GramReducer(ctx.slices, ctx.mask, ctx.options.device,
-                                    rec.sizes if rec is not None else (),
-                                    rec.score if rec is not None else None,
-                                    ctx.options.similarity)}
+        red: dict[str, Reducer] = {"gram": GramReducer(
+            ctx.slices, ctx.mask, ctx.options.device, rec.sizes if rec is not None else (),
+            rec.score if rec is not None else None, ctx.options.similarity)}
+        if ctx.options.similarity and ctx.streamed:  # mutual k-NN's subsample (method.knn)
+            red["knn"] = HeldOutRows(knn.sample_mask(int(ctx.rows.n)), knn.ROWS)
+        return red
 
     def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
         """Every pair from the training Gram, scored on the held-out Gram."""

@@ -13,7 +13,9 @@ similarity measures follow exactly, with no n×n kernel and no minibatch estimat
   principal directions holding 99 % of its variance, Raghu et al. 2017);
 - R² of the OLS map a→b over the same rows, tr(S_ba S_aa⁺ S_ab) / tr(S_bb), both directions;
 - the orthogonal Procrustes distance of centred, Frobenius-normalised features (Ding et al. 2021):
-  d² = 2 − 2‖S_ab‖_* / sqrt(tr S_aa tr S_bb) ∈ [0, 2] (nuclear norm; dimensions may differ).
+  d² = 2 − 2‖S_ab‖_* / sqrt(tr S_aa tr S_bb) ∈ [0, 2] (nuclear norm; dimensions may differ);
+- beside these global measures one local one, which needs rows: mutual k-NN agreement on a fixed
+  subsample (``method.knn``: 2,000 images, k = 10; Huh et al. 2024).
 
 Everything is float64. With fewer images than dimensions (n − 1 < rank_a + rank_b) at least
 rank_a + rank_b − (n − 1) canonical correlations are 1 whatever the networks: ``ranks`` and
@@ -35,6 +37,7 @@ from affeq_rt.core.gram import GramAccumulator
 from affeq_rt.engine import Executor, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import read_json
+from affeq_rt.method.knn import ROWS, K, knn_rows, mutual_knn_table
 from affeq_rt.method.reducers import GramReducer, RowNorms
 from affeq_rt.method.results import EvalTable
 from affeq_rt.method.rows import RowSource, model_slices, row_source
@@ -49,6 +52,8 @@ MEASURES: dict[str, str] = {
     "svcca": "SVCCA: mean canonical correlation after a 99 %-variance PCA of each side",
     "r2": "R² of the OLS map row→column over the same images (in-sample)",
     "procrustes": "orthogonal Procrustes distance d² of normalised features (0 = same)",
+    "mutual_knn": f"mutual {K}-NN agreement on a {ROWS}-image subsample (local; 1 = same "
+                  "neighbours)",
 }
 SVCCA_VARIANCE = 0.99
 
@@ -68,6 +73,7 @@ class SimilarityTable:
     r2: np.ndarray
     procrustes: np.ndarray
     cka_debiased: np.ndarray | None = None
+    mutual_knn: np.ndarray | None = None
     cca: dict[str, list[float]] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
@@ -101,6 +107,7 @@ class SimilarityTable:
             return cls(models=list(d["models"]), n=int(d["n"]), cka=arr("cka"),
                        cca_mean=arr("cca_mean"), svcca=arr("svcca"), r2=arr("r2"),
                        procrustes=arr("procrustes"), cka_debiased=arr("cka_debiased"),
+                       mutual_knn=arr("mutual_knn"),
                        cca={k: list(v) for k, v in d.get("cca", {}).items()},
                        ranks=dict(d.get("ranks", {})), dims=dict(d.get("dims", {})),
                        warnings=list(d.get("warnings", [])), source=dict(d.get("source", {})))
@@ -143,10 +150,12 @@ def _cca(eig_a: SourceEig, eig_b: SourceEig, s_ab: np.ndarray, keep_a: np.ndarra
 
 def similarity_from_moments(moments: Moments, slices: Mapping[str, slice],
                             norms: RowNorms | None = None, rcond: float | None = None,
-                            source: Mapping[str, Any] | None = None) -> SimilarityTable:
+                            source: Mapping[str, Any] | None = None,
+                            knn: np.ndarray | None = None) -> SimilarityTable:
     """Every measure for every pair of the networks at ``slices`` of a joint Gram state
     (``n``, ``mean()``, ``scatter(rows, cols)``, as ``GramAccumulator``). ``norms`` (over the same
-    rows) adds debiased CKA. One eigendecomposition per network, one SVD per pair and measure."""
+    rows) adds debiased CKA, ``knn`` (joint rows of a subsample, ``knn.knn_rows``) mutual k-NN.
+    One eigendecomposition per network, one SVD per pair and measure."""
     names = list(slices)
     n = int(moments.n)
     if n < 2:
@@ -195,6 +204,7 @@ def similarity_from_moments(moments: Moments, slices: Mapping[str, slice],
     return SimilarityTable(
         models=names, n=n, cka=cka, cca_mean=cca_mean, svcca=svcca, r2=r2, procrustes=proc,
         cka_debiased=deb, cca=cca, ranks=ranks,
+        mutual_knn=None if knn is None else mutual_knn_table(knn, slices),
         dims={m: slices[m].stop - slices[m].start for m in names}, warnings=warnings,
         source=dict(source or {}))
 
@@ -235,7 +245,8 @@ def similarity(source: Any, models: str | Sequence[str] | None = None, *,
         raise AffeqError("similarity reads feature rows, not images",
                          "run affeq-rt extract first, then similarity --features STORE")
     acc, norms = accumulate_joint(rows, device, progress, executor)
-    return similarity_from_moments(acc, norms.slices, norms, source=rows.describe())
+    return similarity_from_moments(acc, norms.slices, norms, source=rows.describe(),
+                                   knn=knn_rows(rows, {}))
 
 
 # ---------------------------------------------------------------------------------------------
