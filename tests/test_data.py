@@ -237,6 +237,36 @@ def test_loader_is_byte_identical_across_workers_and_resume(tmp_path, pipeline):
         assert not list(shm.glob(f"{SLOT_PREFIX}{os.getpid()}_*"))
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm")
+def test_slots_of_a_killed_loader_are_removed_by_the_next(tmp_path):
+    """A loader killed with its resource tracker (a process-group SIGKILL) leaves its slots in
+    /dev/shm; the next loader with workers unlinks those of dead processes, never a live one's."""
+    import subprocess
+    from multiprocessing import resource_tracker, shared_memory
+
+    from affeq_rt.data.loader import clean_stale_slots
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited: its pid names a dead loader (until reused)
+    made = []
+    for pid in (dead_pid, os.getppid()):  # a dead process's slot and a live one's
+        m = shared_memory.SharedMemory(f"{SLOT_PREFIX}{pid}_test{os.getpid()}", create=True,
+                                       size=16)
+        resource_tracker.unregister(m._name, "shared_memory")  # left behind on purpose
+        m.close()
+        made.append(m.name)
+    try:
+        photos.write_photos(tmp_path, count=2, corrupt=False)
+        list(iter_batches(discover(tmp_path).samples, [SPEC_B], batch_size=2, workers=1))
+        assert not Path("/dev/shm", made[0]).exists()
+        assert Path("/dev/shm", made[1]).exists()  # its process lives: kept
+        assert made[1] not in clean_stale_slots()
+    finally:
+        for name in made:
+            Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def test_default_workers_is_in_process_on_small_machines():
     """Up to MIN_CPUS_FOR_WORKERS CPUs the networks already use every core: no decode
     processes; above, half the CPUs, capped."""

@@ -169,6 +169,35 @@ def _slot_name() -> str:
     return f"{SLOT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
 
 
+def clean_stale_slots(folder: str = "/dev/shm") -> list[str]:
+    """Unlink the slots of loaders whose process is gone (Linux keeps POSIX shared memory in
+    ``folder``); the names removed. A loader unlinks its own slots when it stops, and the resource
+    tracker does when the loader is killed; only a kill of both (a whole process group, say)
+    leaves them, and the next loader removes them here."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SLOT_PREFIX)]
+    except OSError:
+        return removed  # no /dev/shm (macOS, Windows): nothing to look at
+    for name in names:
+        pid = name[len(SLOT_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): its slots are in use
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+    return removed
+
+
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}  # a worker's open slots, by name
 
 
@@ -234,6 +263,7 @@ def _pooled(paths: list[str], keys: list[Preprocessing], pipeline: str, batch_si
     """:func:`iter_batches` with ``workers`` spawned processes and ``depth`` shared slots."""
     ctx = mp.get_context("spawn")  # never fork a process holding onnxruntime/torch threads
     size = max(slot_bytes(keys, batch_size), 1)
+    clean_stale_slots()
     slots: list[shared_memory.SharedMemory] = []
     views: list[list[np.ndarray]] = []  # numpy views pin the buffers: cleared before close()
     pool = None
