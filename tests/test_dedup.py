@@ -225,3 +225,20 @@ def test_real_photos_views_named_any_way_no_longer_fool_the_gate(tmp_path: Path)
         # detection it claimed +27 where unseen photos showed −9
         assert claimed <= unseen + 10, (m.key, claimed, unseen)
         assert unseen >= -3  # within 3 points of logit-pinv on photos no map saw
+
+
+def test_too_many_images_are_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_IMAGES nothing is read or kept for detection (n² products), and the summary says
+    so; the fit is the one without detection."""
+    monkeypatch.setattr(dedup, "MAX_IMAGES", 100)
+
+    def kept(*_a: object) -> None:
+        raise AssertionError("signatures kept for a fit that cannot compare them")
+
+    monkeypatch.setattr(Signatures, "update", kept)
+    rng = np.random.default_rng(6)
+    feats, _ = _photos(rng, 40, 6)
+    for src in (feats, _Streamed(feats)):
+        res = fit(src, method="ols", options=FitOptions(holdout=0.2))
+        assert res.maps.meta["near_duplicates"]["how"] == "skipped"
+        assert "detection skipped: 240 images > 100" in res.summary()

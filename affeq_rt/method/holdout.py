@@ -29,6 +29,8 @@ def fit_groups(rows: Any, slices: Mapping[str, slice], on: bool
     arrays = rows.arrays()
     if not on:
         return explicit, dedup.Found(how="off")
+    if int(rows.n) > dedup.MAX_IMAGES:  # not even read: too many pairs to compare
+        return explicit, dedup.Found(checked=int(rows.n), how="skipped")
     if arrays is None:
         return explicit, dedup.Found(how="later")
     sig = dedup.array_signatures(arrays, slices, int(rows.n))
