@@ -210,3 +210,17 @@ def test_store_begun_with_relative_data_resumes_with_its_absolute_path(tmp_path,
     assert rel.fingerprint() == absolute.fingerprint()
     (tmp_path / "photos" / "c.png").write_bytes(b"x")
     assert discover("photos").fingerprint() != rel.fingerprint()
+
+
+def test_a_store_is_never_resumed_with_another_image_pipeline(tmp_path):
+    """The image pipeline (exact, fast, …) is part of a store's identity: rows decoded one way must
+    not be continued another way (a resume on a machine without torchvision would mix them)."""
+    samples = [Sample(f"/img/{i}.jpg", i % 3) for i in range(10)]
+    w = _run(tmp_path / "s", samples, _feats(10), set(), stop_after=1)
+    w.close()
+    other = _cfg(10)
+    other.pipeline = "pillow"
+    with pytest.raises(AffeqError, match="pipeline differ"):
+        StoreWriter(tmp_path / "s", other, _heads())
+    assert StoreWriter(tmp_path / "s", _cfg(10), _heads()).resumed  # the same pipeline resumes
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["pipeline"] == "exact"

@@ -16,6 +16,7 @@ from affeq_rt.cli.options import (
     MaxImages,
     Meta,
     Models,
+    Preprocessing,
     Provider,
     Quiet,
     RandomWeights,
@@ -40,7 +41,8 @@ def run(
     dtype: Annotated[str, typer.Option(
         "--dtype", help="Stored feature dtype: float16|float32.")] = "float16",
     batch_size: BatchSize = 32,
-    workers: Workers = 2,
+    workers: Workers = None,
+    preprocessing: Preprocessing = "exact",
     provider: Provider = "auto",
     max_images: MaxImages = None,
     random_weights: RandomWeights = False,
@@ -64,7 +66,7 @@ def run(
     Rerun the same command after an interruption to finish the store.
     """
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
-                           meta)
+                           meta, preprocessing)
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     with Display(quiet) as display:
         res = extract(models, data, out, dtype=dtype, images=images, max_images=max_images,

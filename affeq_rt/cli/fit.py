@@ -16,6 +16,7 @@ from affeq_rt.cli.options import (
     Labels,
     MaxImages,
     Meta,
+    Preprocessing,
     Provider,
     Quiet,
     RandomWeights,
@@ -60,7 +61,8 @@ def run(
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the held-out split and Adam batches.")] = 0,
     batch_size: BatchSize = 32,
-    workers: Workers = 2,
+    workers: Workers = None,
+    preprocessing: Preprocessing = "exact",
     provider: Provider = "auto",
     device: Device = "auto",
     random_weights: RandomWeights = False,
@@ -116,7 +118,7 @@ def run(
                          curve="off" if no_curve else curve, similarity=similarity,
                          dedup=not no_dedup, rank=rank)
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
-                           meta)
+                           meta, preprocessing)
     with Display(quiet) as display:
         res = fit(source, models, method, out=out, options=options, images=images,
                   progress=display)

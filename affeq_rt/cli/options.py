@@ -32,8 +32,15 @@ ModelsSubset = Annotated[str | None, typer.Option(
     "--models", "-m", help="Only these networks (comma-separated names or aliases), in this "
     "order.", show_default=False)]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
-Workers = Annotated[int, typer.Option(
-    "--workers", "-j", help="Decoding processes (0 = decode in this process).")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", "-j", show_default=False,
+    help="Decoding processes (0 = decode in this process; default: from the CPUs, in this "
+    "process up to 4 of them).")]
+Preprocessing = Annotated[str, typer.Option(
+    "--preprocessing", help="Image decode/resize path: exact (timm's eval transform: published "
+    "numbers) | fast (torchvision's libjpeg-turbo decode and antialiased resize where installed, "
+    "else pillow) | pillow (region resize, JPEG draft decoding) | torchvision. Agreement with "
+    "exact and speed: docs/BENCHMARKS.md.")]
 RandomWeights = Annotated[bool, typer.Option(
     "--random-weights", help="Export backbones with random weights (plumbing tests and "
     "benchmarks without checkpoints).")]
@@ -96,13 +103,13 @@ def opt_str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def image_options(batch_size: int, workers: int, provider: str, random_weights: bool,
-                  export_root: Path | None, labels: Path | None,
-                  meta: Path | None) -> ImageOptions:
+def image_options(batch_size: int, workers: int | None, provider: str, random_weights: bool,
+                  export_root: Path | None, labels: Path | None, meta: Path | None,
+                  pipeline: str = "exact") -> ImageOptions:
     """The shared image-reading options (``extract``, ``fit --data``) as the library's type."""
     return ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
                         random_weights=random_weights, export_root=export_root,
-                        labels=opt_str(labels), meta=opt_str(meta))
+                        labels=opt_str(labels), meta=opt_str(meta), pipeline=pipeline)
 
 
 def executor_option(executor: str, address: str | None, ray_workers: int,

@@ -444,12 +444,13 @@ class StoreConfig:
     data: dict[str, Any]
     dtype: str
     batch_size: int
+    pipeline: str = "exact"  # the image pipeline (data.preprocess.PIPELINES) the rows came from
 
     def identity(self) -> dict[str, Any]:
-        """The fields compared on resume."""
+        """The fields compared on resume (a store is never resumed with another pipeline)."""
         return {"models": self.models, "exports": self.exports,
                 "data_fingerprint": self.data.get("fingerprint"), "dtype": self.dtype,
-                "n_samples": self.data.get("n_samples")}
+                "n_samples": self.data.get("n_samples"), "pipeline": self.pipeline}
 
 
 class StoreWriter:
@@ -606,6 +607,7 @@ class StoreWriter:
         c = self.cfg
         return {"format": FORMAT, "complete": complete, "models": c.models, "n": self.rows,
                 "dtype": c.dtype, "feature_dims": c.dims, "batch_size": c.batch_size,
+                "pipeline": c.pipeline,
                 "data": c.data, "skipped": self.skipped, "specs": c.specs, "exports": c.exports,
                 "identity": c.identity(), "versions": versions(),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}

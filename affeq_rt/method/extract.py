@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data.preprocess import resolve_pipeline
 from affeq_rt.data.readers import DataSource
 from affeq_rt.engine import Chunk, Executor, LocalExecutor, run_pass
 from affeq_rt.engine.reducer import State
@@ -162,9 +163,10 @@ def check_image_options(opt: ImageOptions, dtype: str | None = None,
     if int(opt.batch_size) < 1:
         raise AffeqError(f"batch size must be positive, got {opt.batch_size}",
                          "pass --batch-size ≥ 1")
-    if int(opt.workers) < 0:
+    if opt.workers is not None and int(opt.workers) < 0:
         raise AffeqError(f"--workers must be 0 or more, got {opt.workers}",
                          "pass --workers 0 to decode in this process")
+    resolve_pipeline(opt.pipeline)  # AffeqError naming the choices
     if max_images is not None and int(max_images) < 1:
         raise AffeqError(f"--max-images must be positive, got {max_images}",
                          "pass --max-images ≥ 1 or leave it out")
@@ -218,7 +220,8 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
         dims, specs = {n.name: n.dim for n in nets}, {n.name: spec_dict(n.spec) for n in nets}
         exports = {n.name: n.onnx_sha256 for n in nets}
     cfg = StoreConfig(models=names, dims=dims, specs=specs, exports=exports, data=src.describe(),
-                      dtype=dtype, batch_size=opt.batch_size)
+                      dtype=dtype, batch_size=opt.batch_size,
+                      pipeline=resolve_pipeline(opt.pipeline))
     writer = StoreWriter(out, cfg, heads)
     if writer.already_complete:
         return ExtractResult(Path(out), names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)

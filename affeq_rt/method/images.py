@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from affeq_rt.data.loader import Batch, iter_batches
-from affeq_rt.data.preprocess import preprocess_key
+from affeq_rt.data.preprocess import DEFAULT_PIPELINE, preprocess_key
 from affeq_rt.data.readers import DataSource, discover
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import sha256_file
@@ -33,12 +33,13 @@ class ImageOptions:
     """How images are read and run through the networks (``extract`` and ``fit`` on images)."""
 
     batch_size: int = 32
-    workers: int = 2  # decoding processes (0: decode in this process)
+    workers: int | None = None  # decoding processes (0: this process; None: from the CPUs)
     provider: str = "auto"  # onnxruntime provider: auto|tensorrt|cuda|cpu
     random_weights: bool = False  # export with random weights (tests, benchmarks)
     export_root: str | os.PathLike | None = None  # export cache folder (default: the user's)
     labels: str | None = None  # label file of a flat folder
     meta: str | None = None  # devkit meta.mat
+    pipeline: str = DEFAULT_PIPELINE  # decode/resize path: exact (timm's transform) | fast | …
 
 
 @dataclass
@@ -108,12 +109,14 @@ def run_network(net: Network, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def feature_batches(nets: Sequence[Network], samples: Sequence[Any], batch_size: int,
-                    workers: int, start: int = 0) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+                    workers: int | None, start: int = 0, pipeline: str = DEFAULT_PIPELINE
+                    ) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
     """Yield (batch, {model: float32 features of its readable images}) from sample ``start``."""
     if start >= len(samples):  # a resumed run whose samples were all consumed: nothing left
         return
     specs = [n.spec for n in nets]
-    for batch in iter_batches(samples, specs, batch_size=batch_size, workers=workers, start=start):
+    for batch in iter_batches(samples, specs, batch_size=batch_size, workers=workers, start=start,
+                              pipeline=pipeline):
         feats = {n.name: run_network(n, batch.tensors[n.key], batch_size) for n in nets}
         yield batch, feats
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from affeq_rt.data.preprocess import resolve_pipeline
 from affeq_rt.data.readers import DataSource
 from affeq_rt.engine.reducer import Chunk
 from affeq_rt.errors import AffeqError
@@ -364,7 +365,8 @@ class ImageSource:
         """One chunk per batch of the decode-once loader; unreadable images have no row."""
         nets, o = self.networks, self.options
         samples = self.data.samples if stop is None else self.data.samples[:stop]
-        for batch, feats in feature_batches(nets, samples, o.batch_size, o.workers, start):
+        for batch, feats in feature_batches(nets, samples, o.batch_size, o.workers, start,
+                                            o.pipeline):
             yield Chunk(batch.start, batch.stop, {m: feats[m] for m in self._names}, batch.ok,
                         [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
 
@@ -410,7 +412,8 @@ class ImageSource:
         """Models, their exports, the data and the batch grid (holdout/seed added by ``fit``)."""
         return {"models": self._names,
                 "exports": {net.name: net.onnx_sha256 for net in self.networks},
-                "data": self._description, "batch_size": self.options.batch_size}
+                "data": self._description, "batch_size": self.options.batch_size,
+                "pipeline": resolve_pipeline(self.options.pipeline)}
 
 
 def row_source(source: Any, models: str | Sequence[str] | None = None,

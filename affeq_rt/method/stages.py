@@ -79,7 +79,7 @@ class StageSource(ImageSource):
         if start >= len(samples):
             return
         for batch in iter_batches(samples, [n.spec for n in nets], batch_size=o.batch_size,
-                                  workers=o.workers, start=start):
+                                  workers=o.workers, start=start, pipeline=o.pipeline):
             cols: dict[str, np.ndarray] = {}
             for net, sm in zip(nets, self.stage_models, strict=True):
                 got = sm.run(batch.tensors[net.key])
@@ -127,7 +127,3 @@ class StageSource(ImageSource):
     def identity(self) -> dict[str, Any]:
         """As an image source's, over the stage graphs."""
         return {**super().identity(), "models": self.names, "exports": self.exports()}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """As an image source's; the worker builds the same stage graphs from the same exports."""
-        return super().__getstate__()
