@@ -22,6 +22,7 @@ from affeq_rt.method.stages import stage_spec
 from affeq_rt.onnx.export import export_split
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.stages import ensure_stages, export_stages, stage_model
+from affeq_rt.report.depth import depth_report_section
 
 ARCHS = ("resnet_small", "inception_small")
 A, B = (f"digits_{a}" for a in ARCHS)
@@ -66,6 +67,22 @@ def _cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
+def _hsic_unbiased(k: np.ndarray, l_: np.ndarray) -> float:
+    """Song et al. (2012) eq. 5 on kernels with zeroed diagonals."""
+    n = len(k)
+    k, l_ = k.copy(), l_.copy()
+    np.fill_diagonal(k, 0.0)
+    np.fill_diagonal(l_, 0.0)
+    one = np.ones(n)
+    return float(np.sum(k * l_) + (one @ k @ one) * (one @ l_ @ one) / ((n - 1) * (n - 2))
+                 - 2.0 / (n - 2) * (one @ k) @ (l_ @ one)) / (n * (n - 3))
+
+
+def _cka_debiased(x: np.ndarray, y: np.ndarray) -> float:
+    k, l_ = x @ x.T, y @ y.T
+    return _hsic_unbiased(k, l_) / np.sqrt(_hsic_unbiased(k, k) * _hsic_unbiased(l_, l_))
+
+
 def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
     """Against NumPy on the stored rows, all of them (train and held-out). 1e-8: the Gram sums
     float32 products exactly representable in float64 (24 + 24 bits < 53), so both sides differ
@@ -82,6 +99,13 @@ def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
             ref = _cka(np.asarray(st.features(a), np.float64), np.asarray(st.features(b),
                                                                          np.float64))
             assert abs(la.cka[i, j] - ref) <= 1e-8, (a, b)
+    # debiased CKA (unbiased HSIC, Song et al. 2012) against the n×n kernel formula, for A's
+    # stages against B's features (the kernels' sums run over n² = 1.4e6 float64 terms: ~1e-12)
+    j = la.models.index(B)
+    y = np.asarray(st.features(B), np.float64)
+    for i, a in enumerate(la.models[:4]):
+        ref = _cka_debiased(np.asarray(st.features(a), np.float64), y)
+        assert abs(la.cka_debiased[i, j] - ref) <= 1e-8, a
     own = layer_analysis(train, A).block(A, A)
     assert np.abs(np.diag(own) - 1.0).max() <= 1e-12  # ‖S‖²/‖S‖² in float64
 
@@ -129,6 +153,10 @@ def test_cli_depth_writes_tables_and_figures(stage_stores: tuple[Path, Path], tm
         [p.score for p in la.curves[0].points]
     for f in ("depth.csv", "cka.csv", "depth.md", "depth.png", "cka.png", "depth.html"):
         assert (out / f).stat().st_size > 0, f
+    assert (out / "cka.csv").read_text().splitlines()[0] == "row,column,cka,cka_debiased"
+    title, section = depth_report_section(la)  # for write_report(extra_sections=...)
+    assert "Layer by layer" in title
+    assert section.count("<img") == 2
     # bad input: one line naming the thing and the fix, exit 1
     assert main(["depth", "-f", str(train), "-m", f"{A},nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

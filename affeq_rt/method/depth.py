@@ -6,7 +6,8 @@ joint rows of every stage of both networks (training and held-out Grams by the s
 split as ``fit``) and, without a separate test store, the held-out rows. From it:
 
 - **layer × layer linear CKA** of every pair of stages (of A with B, and of A with itself):
-  ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F) over all rows, exactly as ``method.similarity`` computes it;
+  ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F) over all rows, exactly as ``method.similarity`` computes it,
+  and the debiased CKA from the same pass's row statistics (what few images call for);
 - **the depth curve**: for each stage i of A (and A's own features last), the affine map from
   A's stage-i pooled features to B's features, solved from the training Gram by the same solver
   as ``fit --method ols|ridge`` (``method.solvers``), folded into B's unchanged classifier and
@@ -34,8 +35,9 @@ from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.io.store import StoreLike, open_store
 from affeq_rt.method import solvers
 from affeq_rt.method.methods import holdout_mask
-from affeq_rt.method.reducers import GramReducer, HeldOutRows
+from affeq_rt.method.reducers import GramReducer, HeldOutRows, RowNorms
 from affeq_rt.method.rows import StoreSource, model_slices, source_groups, source_labels
+from affeq_rt.method.similarity import _debiased_cka
 from affeq_rt.method.solvers import Moments
 from affeq_rt.method.stages import network_models, stage_of
 from affeq_rt.progress import Progress
@@ -43,19 +45,24 @@ from affeq_rt.progress import Progress
 METHODS = ("ols", "ridge")
 
 
-def linear_cka(moments: Moments, slices: Mapping[str, slice]) -> np.ndarray:
-    """Linear CKA of every pair of blocks of a joint Gram state: ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F)
-    (float64 [k, k]; NaN where a block has no variance)."""
+def linear_cka(moments: Moments, slices: Mapping[str, slice],
+               norms: RowNorms | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Linear CKA of every pair of blocks of a joint Gram state, ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F)
+    (float64 [k, k]; NaN where a block has no variance), and with the row statistics ``norms``
+    over the same rows the debiased CKA (``method.similarity``'s unbiased HSIC; None without)."""
     names = list(slices)
-    fro = {m: float(np.linalg.norm(moments.scatter(slices[m], slices[m]))) for m in names}
-    out = np.full((len(names), len(names)), np.nan)
+    xty = np.zeros((len(names), len(names)))
     for i, a in enumerate(names):
         for j in range(i, len(names)):
-            b = names[j]
-            s = np.asarray(moments.scatter(slices[a], slices[b]), np.float64)
-            den = fro[a] * fro[b]
-            out[i, j] = out[j, i] = float(np.sum(s * s)) / den if den > 0 else np.nan
-    return out
+            s = np.asarray(moments.scatter(slices[a], slices[names[j]]), np.float64)
+            xty[i, j] = xty[j, i] = float(np.sum(s * s))
+    fro = np.sqrt(np.diag(xty))  # ‖S_aa‖_F
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cka = np.where(np.outer(fro, fro) > 0, xty / np.outer(fro, fro), np.nan)
+    if norms is None:
+        return cka, None
+    tr = np.array([float(np.trace(moments.scatter(slices[m], slices[m]))) for m in names])
+    return cka, _debiased_cka(norms.centred_products(moments), xty, tr, int(moments.n))
 
 
 @dataclass
@@ -112,12 +119,17 @@ class LayerAnalysis:
     cka: np.ndarray
     curves: list[DepthCurve]
     source: dict[str, Any] = field(default_factory=dict)
+    cka_debiased: np.ndarray | None = None  # unbiased HSIC (None below 4 images)
 
-    def block(self, a: str, b: str) -> np.ndarray:
-        """The CKA block of network ``a``'s stages (rows) against ``b``'s (columns)."""
+    def block(self, a: str, b: str, debiased: bool = False) -> np.ndarray | None:
+        """The (debiased) CKA block of network ``a``'s stages (rows) against ``b``'s (columns);
+        None for a debiased block that was not computed."""
+        mat = self.cka_debiased if debiased else self.cka
+        if mat is None:
+            return None
         ia = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == a]
         ib = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == b]
-        return self.cka[np.ix_(ia, ib)]
+        return mat[np.ix_(ia, ib)]
 
     def curve(self, source: str, target: str) -> DepthCurve:
         """The depth curve source → target."""
@@ -129,9 +141,13 @@ class LayerAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
+        def mat(a: np.ndarray | None) -> list[list[float | None]] | None:
+            return None if a is None else [[None if not np.isfinite(v) else float(v) for v in r]
+                                           for r in a]
+
         return {"networks": self.networks, "models": self.models, "stages": self.stages,
-                "n": self.n, "source": self.source,
-                "cka": [[None if not np.isfinite(v) else float(v) for v in r] for r in self.cka],
+                "n": self.n, "source": self.source, "cka": mat(self.cka),
+                "cka_debiased": mat(self.cka_debiased),
                 "curves": [c.to_dict() for c in self.curves]}
 
 
@@ -209,13 +225,13 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
     slices = model_slices(models, dims)
     labels = source_labels(rows)
     mask = holdout_mask(rows.n, holdout, seed, source_groups(rows))
-    red: dict[str, Any] = {"gram": GramReducer(slices, mask, device)}
+    red: dict[str, Any] = {"gram": GramReducer(slices, mask, device, row_norms=True)}
     if tst is None:
         red["heldout"] = HeldOutRows(mask, int(mask.sum()))
     run_pass(rows, red, executor=executor, progress=progress, task="stages")
     g: GramReducer = red["gram"]
     both = g.train + g.holdout if int(g.holdout.n) else g.train
-    cka = linear_cka(both, slices)
+    cka, deb = linear_cka(both, slices, g.norms)
     xs, lab = _held_out(tst, models, slices, red, labels)
     heads = {n: st.head(n) for n in nets}
     hold = g.holdout if int(g.holdout.n) > 0 else None
@@ -244,4 +260,4 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
                                      points, target_own, source_own, int(g.train.n),
                                      len(xs[dst])))
     return LayerAnalysis(nets, models, {m: _stage_info(m, st.spec(m), dims[m]) for m in models},
-                         int(both.n), cka, curves, rows.describe())
+                         int(both.n), cka, curves, rows.describe(), deb)

@@ -28,17 +28,22 @@ def _num(v: float | None, digits: int = 3) -> str:
 
 
 def cka_text(la: LayerAnalysis) -> str:
-    """The CKA block of the first network's stages (rows) against the last's (columns)."""
+    """The CKA block (linear, then debiased) of the first network's stages (rows) against the
+    last's (columns)."""
     a, b = la.networks[0], la.networks[-1]
     rows = [m for m in la.models if la.stages[m]["network"] == a]
     cols = [m for m in la.models if la.stages[m]["network"] == b]
-    block = la.block(a, b)
     w = max(len(la.stages[m]["stage"]) for m in cols) + 7
-    out = [f"linear CKA over {la.n} images: rows {a}, columns {b}",
-           "".ljust(12) + "".join(la.stages[m]["stage"].rjust(w) for m in cols)]
-    for i, m in enumerate(rows):
-        out.append(la.stages[m]["stage"].ljust(12) + "".join(_num(v).rjust(w) for v in block[i]))
-    return "\n".join(out)
+    out: list[str] = []
+    for what, block in (("linear CKA", la.block(a, b)),
+                        ("debiased CKA", la.block(a, b, debiased=True))):
+        if block is None:
+            continue
+        out += ["" if out else None, f"{what} over {la.n} images: rows {a}, columns {b}",
+                "".ljust(12) + "".join(la.stages[m]["stage"].rjust(w) for m in cols)]
+        out += [la.stages[m]["stage"].ljust(12) + "".join(_num(v).rjust(w) for v in block[i])
+                for i, m in enumerate(rows)]
+    return "\n".join(x for x in out if x is not None)
 
 
 def depth_text(la: LayerAnalysis) -> str:
@@ -59,11 +64,12 @@ def cka_csv(la: LayerAnalysis) -> str:
     """Long form: row model, column model, CKA."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "column", "cka"])
+    w.writerow(["row", "column", "cka", "cka_debiased"])
+    deb = la.cka_debiased if la.cka_debiased is not None else np.full_like(la.cka, np.nan)
     for i, a in enumerate(la.models):
         for j, b in enumerate(la.models):
-            v = la.cka[i, j]
-            w.writerow([a, b, "" if not np.isfinite(v) else repr(float(v))])
+            w.writerow([a, b, *("" if not np.isfinite(v) else repr(float(v))
+                                for v in (la.cka[i, j], deb[i, j]))])
     return buf.getvalue()
 
 
@@ -164,10 +170,16 @@ def depth_html(la: LayerAnalysis, figures: bool = True) -> str:
                    for i, m in enumerate(rows))
     parts.append(f"<p>Linear CKA, rows: stages of {e(a)}, columns: stages of {e(b)}</p>"
                  f"<table><tr><th></th>{head}</tr>{body}</table>")
-    if figures:
+    if figures and la.curves:
         parts.append(img_tag(depth_png(la), "depth curves"))
+    if figures:
         parts.append(img_tag(cka_png(la), "layer x layer CKA"))
     return "\n".join(parts)
+
+
+def depth_report_section(la: LayerAnalysis) -> tuple[str, str]:
+    """(title, HTML) for ``write_report(..., extra_sections=[...])``."""
+    return TITLE, depth_html(la)
 
 
 def write_depth(la: LayerAnalysis, out: str | Path, figures: bool = True) -> dict[str, Path]:
@@ -183,7 +195,10 @@ def write_depth(la: LayerAnalysis, out: str | Path, figures: bool = True) -> dic
     write_bytes_atomic(paths["markdown"], md.encode())
     if figures:
         paths.update(png=d / "depth.png", cka_png=d / "cka.png", html=d / "depth.html")
-        write_bytes_atomic(paths["png"], depth_png(la))
+        if la.curves:
+            write_bytes_atomic(paths["png"], depth_png(la))
+        else:
+            paths.pop("png")
         write_bytes_atomic(paths["cka_png"], cka_png(la))
         write_bytes_atomic(paths["html"], page(TITLE, depth_html(la)).encode())
     return paths
