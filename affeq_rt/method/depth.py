@@ -41,6 +41,7 @@ from affeq_rt.method.similarity import _debiased_cka
 from affeq_rt.method.solvers import Moments
 from affeq_rt.method.stages import network_models, stage_of
 from affeq_rt.progress import Progress
+from affeq_rt.registry.spec import get_spec
 
 METHODS = ("ols", "ridge")
 
@@ -158,8 +159,19 @@ def _stage_info(model: str, spec: Mapping[str, Any], dim: int) -> dict[str, Any]
             "module": st.get("module", "features (classifier input)"), "dim": int(dim)}
 
 
+def _canonical(name: str, models: Sequence[str]) -> str:
+    """A store's model name as given, else the registry's canonical name of an alias."""
+    if name in models:
+        return name
+    try:
+        return get_spec(name).name
+    except AffeqError:
+        return name  # not a registry name either: refused below, naming the store's networks
+
+
 def _networks(store: StoreLike, a: str, b: str | None) -> tuple[list[str], list[str]]:
     specs = {m: store.spec(m) for m in store.models}
+    a, b = _canonical(a, store.models), None if b is None else _canonical(b, store.models)
     nets = [a] if b is None or b == a else [a, b]
     models: list[str] = []
     for net in nets:
