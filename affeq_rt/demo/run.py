@@ -26,6 +26,7 @@ from affeq_rt.data.preprocess import sample_photo
 from affeq_rt.data.readers import Sample
 from affeq_rt.demo import digits
 from affeq_rt.demo import photos as ph
+from affeq_rt.demo.depth import digits_depth
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
 from affeq_rt.io.maps import save_maps
@@ -349,6 +350,10 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
                         "photo it never saw.</p><pre>" + html.escape(h["fit_summary"]) +
                         "</pre>")))
     extra += vis_sections(root, res.photo_info if res.photos else None, export_root, seed, say)
+    try:  # issue 26: where in one digits network the other's classifier becomes usable
+        extra.append(digits_depth(root / "digits", seed, write_store, say)[1])
+    except (AffeqError, ImportError) as e:
+        say(f"layer by layer: skipped ({e})")
     res.notes = notes + res.notes
     res.seconds = time.perf_counter() - t0
     paths = write_report(ols, root / "report", title="affeq-rt demo: digits miniature (OLS maps)"
