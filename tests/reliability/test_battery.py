@@ -404,6 +404,12 @@ CASES = [
     Case("stores", "validate --models names a network not in the store",
          lambda c: ["validate", "--features", str(c.fx["store"]), "--models", "googlenet"],
          "'googlenet' is not in the feature store"),
+    Case("stores", "depth: store does not exist",
+         lambda c: ["depth", "--features", str(c.work / "nostore"), "--models", ",".join(PAIR)],
+         "nostore"),
+    Case("stores", "depth: a store without stages",
+         lambda c: ["depth", "--features", str(c.fx["store"]), "--models", ",".join(PAIR)],
+         "store"),
     Case("stores", "validate: manifest names a network ../outside",
          lambda c: _damaged_store(c, lambda s: _edit_json(
              s / "manifest.json", lambda d: d["models"].__setitem__(0, "../outside")),
