@@ -42,6 +42,10 @@ def run(
     ray_workers: RayWorkers = 2,
     gpus_per_worker: GpusPerWorker = 0.0,
     shard_size: ShardSize = None,
+    permutations: Annotated[int, typer.Option(
+        "--permutations", help="K > 0: each Gram measure's permutation null from the same pass "
+        "(K within-chunk row permutations): null mean, calibrated score (raw − null mean) and "
+        "empirical p-value per pair. Costs K cross blocks per pair and K solves.")] = 0,
     quiet: Quiet = False,
 ) -> None:
     """Compare every pair of networks in a feature store: linear and debiased CKA, canonical
@@ -51,7 +55,7 @@ def run(
     store = open_store(features)
     with Display(quiet) as display:
         sim = similarity(store, model_list(models), max_images=max_images, device=device,
-                         progress=display, executor=ex)
+                         progress=display, executor=ex, permutations=permutations)
     typer.echo(similarity_text(sim))
     if out is not None:
         paths = write_similarity(sim, out)

@@ -7,6 +7,8 @@
 - :class:`AllRows`: every row in memory (the few-data estimators).
 - :class:`Skipped`: the samples that had no row (unreadable images).
 - :class:`Signatures`: every row's near-duplicate signature (``method.dedup``).
+- :class:`PermutedCross`: cross products of rows paired through seeded permutations (the
+  permutation null of ``method.null``).
 
 Each runs the same in place (``engine.LocalExecutor``: exactly the sums of one loop) and on a
 cluster's workers (a fresh reducer per shard, merged in shard order).
@@ -412,3 +414,51 @@ class Signatures:
     def load(self, st: State) -> None:
         """Restore :meth:`state`."""
         self.sig, self.index = [np.asarray(st["sig"])], [np.asarray(st["index"], np.int64)]
+
+
+NULL_SEED = 26  # the permutations of PermutedCross: default_rng([NULL_SEED, k, chunk start])
+
+
+def chunk_permutation(k: int, start: int, rows: int) -> np.ndarray:
+    """Permutation ``k`` of a chunk's ``rows`` (starting at sample ``start``)."""
+    return np.random.default_rng([NULL_SEED, k, start]).permutation(rows)
+
+
+class PermutedCross:
+    """Σ_i x_a,i x_b,π_k(i)ᵀ (float64) for every pair a < b of ``slices`` and k < ``count``."""
+
+    def __init__(self, slices: Mapping[str, slice], count: int) -> None:
+        self.slices, self.count = dict(slices), int(count)
+        names = list(self.slices)
+        self.pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        self.sums = {f"{a}|{b}": np.zeros((self.count, self._w(a), self._w(b)))
+                     for a, b in self.pairs}
+
+    def _w(self, m: str) -> int:
+        return self.slices[m].stop - self.slices[m].start
+
+    def fresh(self) -> PermutedCross:
+        """An empty one."""
+        return PermutedCross(self.slices, self.count)
+
+    def update(self, c: Chunk) -> None:
+        """The chunk's permuted cross products (rows with NaN/Inf left out, as the Gram does)."""
+        x = np.asarray(c.x, np.float64)
+        x = x[np.isfinite(x).all(axis=1)]
+        for k in range(self.count):
+            xp = x[chunk_permutation(k, c.start, x.shape[0])]
+            for a, b in self.pairs:
+                self.sums[f"{a}|{b}"][k] += x[:, self.slices[a]].T @ xp[:, self.slices[b]]
+
+    def merge(self, other: PermutedCross) -> None:
+        """Add the following shard's sums."""
+        for key, v in other.sums.items():
+            self.sums[key] += v
+
+    def state(self) -> State:
+        """The sums."""
+        return dict(self.sums)
+
+    def load(self, st: State) -> None:
+        """Restore :meth:`state`."""
+        self.sums = {k: np.asarray(st[k], np.float64) for k in self.sums}

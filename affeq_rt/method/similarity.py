@@ -38,7 +38,8 @@ from affeq_rt.engine import Executor, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import read_json
 from affeq_rt.method.knn import ROWS, K, knn_rows, mutual_knn_table
-from affeq_rt.method.reducers import GramReducer, RowNorms
+from affeq_rt.method.null import null_stats
+from affeq_rt.method.reducers import GramReducer, PermutedCross, RowNorms
 from affeq_rt.method.results import EvalTable
 from affeq_rt.method.rows import RowSource, model_slices, row_source
 from affeq_rt.method.solvers import Moments, SourceEig, source_eig
@@ -79,6 +80,9 @@ class SimilarityTable:
     dims: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    # permutation null (method.null): {"permutations": K, "measures": {measure: {"mean", "sd",
+    # "calibrated", "p": [N, N]}}}; empty when not asked
+    null: dict[str, Any] = field(default_factory=dict)
 
     def measures(self) -> dict[str, np.ndarray]:
         """The N×N matrices present, in :data:`MEASURES` order."""
@@ -93,7 +97,11 @@ class SimilarityTable:
                 "ranks": dict(self.ranks), "warnings": list(self.warnings),
                 "source": dict(self.source), "meanings": dict(MEASURES),
                 **{k: mat(v) for k, v in self.measures().items()},
-                "cca": {k: list(v) for k, v in self.cca.items()}}
+                "cca": {k: list(v) for k, v in self.cca.items()},
+                "null": {"permutations": self.null.get("permutations", 0),
+                         "measures": {m: {k: mat(v) for k, v in st.items()}
+                                      for m, st in self.null.get("measures", {}).items()}}
+                if self.null else {}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimilarityTable:
@@ -110,10 +118,21 @@ class SimilarityTable:
                        mutual_knn=arr("mutual_knn"),
                        cca={k: list(v) for k, v in d.get("cca", {}).items()},
                        ranks=dict(d.get("ranks", {})), dims=dict(d.get("dims", {})),
-                       warnings=list(d.get("warnings", [])), source=dict(d.get("source", {})))
+                       warnings=list(d.get("warnings", [])), source=dict(d.get("source", {})),
+                       null=_null_from(d.get("null") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise AffeqError(f"not a similarity table ({e})",
                              "pass the similarity.json written by affeq-rt similarity") from None
+
+
+def _null_from(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``null`` entry of :meth:`SimilarityTable.to_dict`, back to arrays."""
+    if not d:
+        return {}
+    return {"permutations": int(d["permutations"]),
+            "measures": {m: {k: np.array([[np.nan if x is None else x for x in row] for row in v],
+                                         np.float64) for k, v in st.items()}
+                         for m, st in d["measures"].items()}}
 
 
 def load_similarity(path: str | os.PathLike) -> SimilarityTable:
@@ -223,20 +242,25 @@ def _debiased_cka(c4: np.ndarray, xty: np.ndarray, tr: np.ndarray, n: int) -> np
 
 
 def accumulate_joint(rows: RowSource, device: str = "auto", progress: Progress | None = None,
-                     executor: Executor | None = None) -> tuple[GramAccumulator, RowNorms]:
-    """One pass over every row of ``rows``: the joint Gram and the row statistics."""
+                     executor: Executor | None = None, extra: Mapping[str, Any] | None = None
+                     ) -> tuple[GramAccumulator, RowNorms]:
+    """One pass over every row of ``rows``: the joint Gram and the row statistics (and the
+    ``extra`` reducers in the same pass)."""
     g = GramReducer(model_slices(rows.names, rows.dims()), np.zeros(rows.n, bool), device,
                     row_norms=True)
-    run_pass(rows, {"gram": g}, executor=executor, progress=progress, task="similarity")
+    run_pass(rows, {"gram": g, **(extra or {})}, executor=executor, progress=progress,
+             task="similarity")
     return g.train, g.norms
 
 
 def similarity(source: Any, models: str | Sequence[str] | None = None, *,
                max_images: int | None = None, device: str = "auto",
                progress: Progress | None = None,
-               executor: Executor | None = None) -> SimilarityTable:
+               executor: Executor | None = None, permutations: int = 0) -> SimilarityTable:
     """Every similarity measure between every pair of ``models`` over ALL rows of ``source``
     (a feature store or its folder, ``{model: [n, d]}`` arrays, or any RowSource): one pass, exact.
+    ``permutations`` K > 0: the Gram measures' permutation null from the same pass
+    (``method.null``: K within-chunk row permutations; calibrated scores and p-values).
     """
     rows = row_source(source, models, None, max_images)
     if len(rows.names) < 2:
@@ -244,9 +268,18 @@ def similarity(source: Any, models: str | Sequence[str] | None = None, *,
     if rows.arrays() is None:
         raise AffeqError("similarity reads feature rows, not images",
                          "run affeq-rt extract first, then similarity --features STORE")
-    acc, norms = accumulate_joint(rows, device, progress, executor)
-    return similarity_from_moments(acc, norms.slices, norms, source=rows.describe(),
-                                   knn=knn_rows(rows, {}))
+    if permutations < 0:
+        raise AffeqError(f"--permutations must be ≥ 0, got {permutations}",
+                         "pass e.g. --permutations 20, or 0 for none")
+    sl = model_slices(rows.names, rows.dims())
+    cross = {"null": PermutedCross(sl, permutations)} if permutations else {}
+    acc, norms = accumulate_joint(rows, device, progress, executor, cross)
+    table = similarity_from_moments(acc, sl, norms, source=rows.describe(),
+                                    knn=knn_rows(rows, {}))
+    if cross:
+        table.null = null_stats(acc, cross["null"], table.measures(),
+                                lambda m: similarity_from_moments(m, sl).measures())
+    return table
 
 
 # ---------------------------------------------------------------------------------------------

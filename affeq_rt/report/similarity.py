@@ -38,6 +38,16 @@ def similarity_text(sim: SimilarityTable) -> str:
         out.append("".ljust(rw) + "".join(n.rjust(w + 1) for n in names))
         for i, a in enumerate(sim.models):
             out.append(a[: rw - 1].ljust(rw) + "".join(_num(v).rjust(w + 1) for v in mtx[i]))
+    if sim.null:
+        out += ["", f"permutation null ({sim.null['permutations']} within-chunk row permutations; "
+                "calibrated = raw − null mean, p = (1 + #null beyond raw) / (K + 1)):"]
+        for m, st in sim.null["measures"].items():
+            raw = getattr(sim, m)
+            for i, a in enumerate(sim.models):
+                for j in range(i + 1, len(sim.models)):
+                    out.append(f"  {m:10s} {a} ~ {sim.models[j]}: raw {_num(raw[i, j])}, null "
+                               f"{_num(st['mean'][i, j])} ± {_num(st['sd'][i, j])}, calibrated "
+                               f"{_num(st['calibrated'][i, j])}, p {_num(st['p'][i, j], 3)}")
     for warn in sim.warnings:
         out.append(f"warning: {warn}")
     return "\n".join(out)
