@@ -140,6 +140,8 @@ def test_full_demo_cli(tmp_path: Path) -> None:
     assert f"report: {report}" in proc.stdout
     page = report.read_text()
     assert page.count("data:image/png;base64,") >= 2
+    assert "Layer by layer" in page  # issue 26's section on the digits miniature
+    assert (tmp_path / "demo" / "digits" / "depth" / "depth.json").is_file()
     doc = json.loads((tmp_path / "demo" / "report" / "demo.json").read_text())
     assert set(doc["digits"]) == {"ols", "logit-pinv", "naive"}
     photos = doc["photos"]
