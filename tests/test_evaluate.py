@@ -357,3 +357,23 @@ def test_logit_pinv_hybrid_agrees_with_its_source_on_near_ties(
     monkeypatch.setattr(hybrid_mod, "fold_head", fold32)
     top1_32 = hybrid_top1(tmp_path / "h32.onnx")
     assert (top1_32[clear] != own.argmax(1)[clear]).sum() > 0
+
+
+def test_heads_are_folded_in_float64() -> None:
+    """docs/ARCHITECTURE.md: W_B·W_M is formed in float64 before the compiled float32 pass. Here
+    the fold cancels exactly: W_B = [1, 1, 1] (class 0) against W_M = [1e8, 1, −1e8]ᵀ gives 1 in
+    float64, but 0 in float32 (1e8 + 1 rounds to 1e8 with a 24-bit mantissa), so class 1 (bias
+    0.5) would win every image. All inputs are exact in float32; only the fold's arithmetic
+    differs."""
+    n = 8
+    feats = {"a": np.ones((n, 1), np.float32), "b": np.ones((n, 3), np.float32)}
+    heads = {"a": (np.array([[1.0], [0.0]], np.float32), np.array([0.0, 0.5], np.float32)),
+             "b": (np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], np.float32),
+                   np.array([0.0, 0.5], np.float32))}
+    maps = MapSet([
+        AffineMap("a", "b", np.array([[1e8], [1.0], [-1e8]], np.float32), np.zeros(3, np.float32),
+                  "test"),
+        AffineMap("b", "a", np.zeros((1, 3), np.float32), np.zeros(1, np.float32), "test")])
+    t = evaluate(ArrayStore(feats, heads, np.zeros(n, np.int64)), maps, device="cpu")
+    assert (t.pred[t.index("a"), t.index("b")] == 0).all()  # float32 fold: all 1
+    assert t.top1[t.index("a"), t.index("b")] == 100.0

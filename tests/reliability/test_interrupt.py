@@ -56,7 +56,8 @@ def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
-            v = int(json.loads(progress.read_text())["samples"])
+            rec = json.loads(progress.read_text())  # a store's progress.json or a pass.json
+            v = int(rec["samples"] if "samples" in rec else rec["done"])
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             v = -1
         if v >= at_least:
@@ -164,7 +165,7 @@ def test_ctrl_c_mid_extract_stops_then_resumes_identically(env, ref_store: Path,
 def test_ctrl_c_mid_fit_stops_then_resumes_identically(env, ref_maps: Path, at: int,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "interrupted.safetensors"
-    _interrupt(_fit_cli(env, out), Path(f"{out}.partial") / "fit.json", at, signal.SIGINT)
+    _interrupt(_fit_cli(env, out), Path(f"{out}.partial") / "pass.json", at, signal.SIGINT)
     _resume_fit(env, out, ref_maps)
 
 
