@@ -24,7 +24,7 @@ from pathlib import Path
 
 from extract import make_photos
 
-from affeq_rt.dist.executor import RayExecutor, import_ray
+from affeq_rt.cluster.ray import RayExecutor, import_ray
 from affeq_rt.method.extract import ImageOptions, extract, parse_models
 from affeq_rt.registry.spec import get_spec
 

@@ -35,7 +35,7 @@ import photos  # noqa: E402
 MODELS = photos.E2E_MODELS[:2]  # mobilenet_v2, efficientnet_lite0 (1280-d each)
 N_CROPS = 96
 BATCH = 8
-SHARD = 16  # images per shard: 6 shards and a partial seventh (the corrupt file)
+SHARD = 16  # images per shard: 97 samples (one unreadable, mid-list): 6 shards and one of 1
 env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
 
 

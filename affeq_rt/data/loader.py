@@ -27,6 +27,7 @@ import numpy as np
 
 from affeq_rt.data.preprocess import (
     DEFAULT_PIPELINE,
+    _torchvision,
     normalize_batch,
     prepare_crops,
     preprocess_key,
@@ -69,8 +70,6 @@ def _worker_init(pipeline: str) -> None:
     workers are the parallelism; torch's own pool would oversubscribe the cores)."""
     _ignore_sigint()
     if pipeline == "torchvision":
-        from affeq_rt.data.preprocess import _torchvision
-
         tv = _torchvision()
         if tv is not None:
             tv[0].set_num_threads(1)
