@@ -168,7 +168,7 @@ def test_ablate_unlabelled_logit_pinv_hybrids(random_digit_nets: list[Path],
         for b in exps:
             if a is not b:
                 ha, hb = a.classifier_head(), b.classifier_head()
-                w, bias, st = logit_pinv((ha.weight, ha.bias), (hb.weight, hb.bias))
+                w, bias, st = logit_pinv(ha, hb)
                 assert st["logits_exact"]
                 maps.append(AffineMap(a.name, b.name, w.astype(np.float32),
                                       bias.astype(np.float32), "logit-pinv"))
