@@ -170,17 +170,20 @@ def _cca(eig_a: SourceEig, eig_b: SourceEig, s_ab: np.ndarray, keep_a: np.ndarra
 def similarity_from_moments(moments: Moments, slices: Mapping[str, slice],
                             norms: RowNorms | None = None, rcond: float | None = None,
                             source: Mapping[str, Any] | None = None,
-                            knn: np.ndarray | None = None) -> SimilarityTable:
+                            knn: np.ndarray | None = None,
+                            eig: Mapping[str, SourceEig] | None = None) -> SimilarityTable:
     """Every measure for every pair of the networks at ``slices`` of a joint Gram state
     (``n``, ``mean()``, ``scatter(rows, cols)``, as ``GramAccumulator``). ``norms`` (over the same
-    rows) adds debiased CKA, ``knn`` (joint rows of a subsample, ``knn.knn_rows``) mutual k-NN.
+    rows) adds debiased CKA, ``knn`` (joint rows of a subsample, ``knn.knn_rows``) mutual k-NN;
+    ``eig``: each network's ``source_eig`` of these moments, when already known.
     One eigendecomposition per network, one SVD per pair and measure."""
     names = list(slices)
     n = int(moments.n)
     if n < 2:
         raise AffeqError(f"similarity needs at least 2 images, got {n}", "use more images")
     k = len(names)
-    eig = {m: source_eig(moments, slices[m], rcond) for m in names}
+    eig = dict(eig) if eig is not None else {m: source_eig(moments, slices[m], rcond)
+                                             for m in names}
     white = {m: _whitener(eig[m]) for m in names}
     top = {m: _top_variance(eig[m], SVCCA_VARIANCE) for m in names}
     tr = {m: float(np.trace(moments.scatter(slices[m], slices[m]))) for m in names}
@@ -274,11 +277,12 @@ def similarity(source: Any, models: str | Sequence[str] | None = None, *,
     sl = model_slices(rows.names, rows.dims())
     cross = {"null": PermutedCross(sl, permutations)} if permutations else {}
     acc, norms = accumulate_joint(rows, device, progress, executor, cross)
+    eig = {m: source_eig(acc, s) for m, s in sl.items()}  # a permutation keeps each network's
     table = similarity_from_moments(acc, sl, norms, source=rows.describe(),
-                                    knn=knn_rows(rows, {}))
+                                    knn=knn_rows(rows, {}), eig=eig)
     if cross:
         table.null = null_stats(acc, cross["null"], table.measures(),
-                                lambda m: similarity_from_moments(m, sl).measures())
+                                lambda m: similarity_from_moments(m, sl, eig=eig).measures())
     return table
 
 
