@@ -211,8 +211,8 @@ def test_extract_killed_driver_resumes_identically(env, crops, cluster, local_st
         except (FileNotFoundError, json.JSONDecodeError):
             return False
 
-    _driver(["extract", *_common(env, crops), "--out", str(out), "--dtype", "float32"],
-            cluster, committed)
+    _driver(["extract", *_common(env, crops), "--out", str(out), "--dtype", "float32",
+             "--commit-every", "0"], cluster, committed)  # a commit after every shard
     res = extract(MODELS, crops, out, dtype="float32", images=_opts(env), executor=_ray())
     assert res.resumed_from > 0
     assert_same_store(local_store, res.path)

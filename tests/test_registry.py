@@ -267,6 +267,7 @@ def test_models_all_marks_weights_in_the_local_cache(tmp_path, monkeypatch) -> N
     state = build_model(spec, random_weights=True).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, snap / "model.safetensors")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # affeq-rt reads the variable when asked
     rows = {r.name: r for r in list_resolvable("regnety_00*")}
     assert rows[spec.arch].weights_offline
     assert not rows["regnety_004.pycls_in1k"].weights_offline

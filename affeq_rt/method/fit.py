@@ -141,12 +141,12 @@ def _curve_recorder(ctx: FitContext) -> CurveRecorder | None:
 
 def _context(rows: RowSource, opt: FitOptions) -> FitContext:
     """What every method sees of this fit."""
-    names = rows.names
+    names, n = rows.names, rows.n  # the data first: a missing folder is refused before exports
     if len(names) < 2:
         raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
     slices, local = model_slices(names, rows.dims()), isinstance(opt.executor, LocalExecutor)
     groups, found = fit_groups(rows, slices, opt.dedup)  # file names + near-duplicates
-    mask = holdout_mask(rows.n, opt.holdout, opt.seed, groups)
+    mask = holdout_mask(n, opt.holdout, opt.seed, groups)
     return FitContext(rows, names, rows.dims(), slices, rows.heads(), mask, groups,
                       source_labels(rows), opt, local, None, found)
 
