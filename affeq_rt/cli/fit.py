@@ -12,7 +12,9 @@ from affeq_rt.cli.options import (
     Device,
     ExecutorName,
     ExportRoot,
+    FitSeed,
     GpusPerWorker,
+    Iterations,
     Labels,
     MaxImages,
     Meta,
@@ -58,8 +60,7 @@ def run(
     max_images: MaxImages = None,
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Fraction held out for R² (and ridge's λ).")] = 0.1,
-    seed: Annotated[int, typer.Option(
-        "--seed", help="Seed of the held-out split and Adam batches.")] = 0,
+    seed: FitSeed = 0,
     batch_size: BatchSize = 32,
     workers: Workers = None,
     preprocessing: Preprocessing = "exact",
@@ -71,8 +72,7 @@ def run(
     export_root: ExportRoot = None,
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", help="Checkpoint the accumulators every N images.")] = 20000,
-    iterations: Annotated[int, typer.Option(
-        "--iterations", help="Adam steps (method adam).")] = 200,
+    iterations: Iterations = 200,
     lr: Annotated[float, typer.Option(
         "--lr", help="Adam initial learning rate (method adam).")] = 0.1,
     executor: ExecutorName = "local",
