@@ -26,8 +26,8 @@ class Worker:
     def start(self) -> int:
         """Open what the rows need now (all workers in parallel, before any shard) and return
         this worker's process id (the tests kill workers by it)."""
-        nets = getattr(self.rows, "networks", None)  # an image source: export check, sessions
-        del nets
+        if hasattr(type(self.rows), "networks"):  # an image source: export check, sessions
+            _ = self.rows.networks
         return os.getpid()
 
     def run_shard(self, start: int, stop: int, templates: Mapping[str, Reducer]
