@@ -181,17 +181,17 @@ def test_resume_keeps_the_points_and_the_bits(tmp_path: Path) -> None:
     ident = {"test": 1}
     # the uninterrupted run checkpoints at the same data positions (saving flushes the blocks)
     whole = _gram(mask, sizes, score)
-    run_pass(src, {"gram": whole}, checkpoint=PassCheckpoint(tmp_path / "ck0", ident),
-             checkpoint_every=4096)
+    run_pass(src, {"gram": whole}, checkpoint=PassCheckpoint(tmp_path / "ck0", ident, 4096),
+             shard=4096)
     src.stop_at = 8192  # after the checkpoints at 4096 and 8192 and the 5000 point
     with pytest.raises(KeyboardInterrupt):
         run_pass(src, {"gram": _gram(mask, sizes, score)},
-                 checkpoint=PassCheckpoint(tmp_path / "ck", ident), checkpoint_every=4096)
+                 checkpoint=PassCheckpoint(tmp_path / "ck", ident, 4096), shard=4096)
     src.stop_at = None
-    ck = PassCheckpoint(tmp_path / "ck", ident)
+    ck = PassCheckpoint(tmp_path / "ck", ident, 4096)
     assert ck.done == 8192
     resumed = _gram(mask, sizes, score)
-    run_pass(src, {"gram": resumed}, checkpoint=ck, checkpoint_every=4096)
+    run_pass(src, {"gram": resumed}, checkpoint=ck, shard=4096)
     assert int((~mask).sum()) > 9000
     assert [p["images"] for p in resumed.points] == sizes
     assert resumed.points == whole.points  # the same numbers, to the bit

@@ -156,9 +156,9 @@ def test_signatures_reducer_sharded_and_resumed_equal_one_pass(tmp_path: Path) -
     run_pass(src, {"s": one})
     sharded = Signatures(sl)
     run_locally(src, {"s": sharded}, [(0, 4096), (4096, 8000)])
-    ck = PassCheckpoint(tmp_path / "p", {"k": 1})
+    ck = PassCheckpoint(tmp_path / "p", {"k": 1}, every=4096)
     first = Signatures(sl)
-    run_pass(src, {"s": first}, checkpoint=ck, checkpoint_every=4096, shard=4096)
+    run_pass(src, {"s": first}, checkpoint=ck, shard=4096)
     resumed = Signatures(sl)
     PassCheckpoint(tmp_path / "p", {"k": 1}).restore({"s": resumed})
     for other in (sharded, resumed):

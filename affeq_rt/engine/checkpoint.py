@@ -52,11 +52,14 @@ def _split(states: Mapping[str, State]) -> tuple[dict[str, np.ndarray], dict[str
 
 
 class PassCheckpoint:
-    """The checkpoint of one resumable pass in ``folder``; ``identity`` is what it must match."""
+    """The checkpoint of one resumable pass in ``folder``; ``identity`` is what it must match.
+    It commits when a shard ends on or past a multiple of ``every`` samples, and at the end."""
 
-    def __init__(self, folder: str | Path, identity: Mapping[str, Any]) -> None:
+    def __init__(self, folder: str | Path, identity: Mapping[str, Any], every: int = 20000
+                 ) -> None:
         self.folder = Path(folder)
         self.identity = dict(identity)
+        self.every = max(int(every), 1)
         self.record: dict[str, Any] | None = None
         mf = self.folder / MANIFEST
         if mf.is_file():
@@ -83,6 +86,11 @@ class PassCheckpoint:
     def shard(self) -> int | None:
         """The shard size the pass started with (a resumed pass keeps its grid)."""
         return int(self.record["shard"]) if self.record else None
+
+    def due(self, last: int, stop: int, n: int) -> bool:
+        """Commit after a shard ending at ``stop``: past the next multiple of ``every``, or the
+        end (positions fixed by the data, never the clock: a resume replays the same grid)."""
+        return stop // self.every > last // self.every or stop == n
 
     def restore(self, reducers: Mapping[str, Reducer]) -> None:
         """Load the saved state into ``reducers`` (fresh ones); nothing when none is saved."""

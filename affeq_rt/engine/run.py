@@ -1,21 +1,52 @@
 """``run_pass``: one resumable pass of reducers over rows, on any executor.
 
-The grid is fixed by the data, never the clock: shards are multiples of the rows' ``grain``, and a
-checkpoint is committed when a shard ends on or past a multiple of ``checkpoint_every`` (and at
-the end), so a resumed pass feeds exactly the chunks an uninterrupted one would have after the
-same point. Saving flushes any buffered sums (the Gram's blocks), which is why the positions must
-not depend on timing. A Ctrl-C leaves the last committed checkpoint; the rerun resumes from it.
+The grid is fixed by the data, never the clock: shards are multiples of the rows' ``grain``. After
+every shard the pass asks its checkpoint whether a commit is ``due`` and saves then (and at the
+end). ``PassCheckpoint`` commits when a shard ends on or past a multiple of its ``every``, so a
+resumed pass feeds exactly the chunks an uninterrupted one would have after the same point (saving
+flushes buffered sums, which is why those positions must not depend on timing). An output that is
+its own checkpoint (a feature store: ``method.extract``) may commit by the clock, since what it
+saves is the rows themselves. A Ctrl-C leaves the last committed checkpoint; the rerun resumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from affeq_rt.engine.checkpoint import PassCheckpoint
 from affeq_rt.engine.executor import Executor, LocalExecutor, grid, on_grid
 from affeq_rt.engine.reducer import Reducer, Rows
 from affeq_rt.progress import Progress, or_silent
+
+
+class Checkpoint(Protocol):
+    """Where a pass resumes from and how it commits (``engine.checkpoint.PassCheckpoint``)."""
+
+    @property
+    def done(self) -> int:
+        """Samples the saved state covers (0: start afresh)."""
+        ...
+
+    @property
+    def shard(self) -> int | None:
+        """The shard size the saved pass ran with (None: none saved; a resume keeps its grid)."""
+        ...
+
+    def restore(self, reducers: Mapping[str, Reducer]) -> None:
+        """Load the saved state into fresh ``reducers``."""
+        ...
+
+    def due(self, last: int, stop: int, n: int) -> bool:
+        """Whether to commit after a shard ended at ``stop`` (the previous one at ``last``)."""
+        ...
+
+    def save(self, reducers: Mapping[str, Reducer], done: int, shard: int) -> None:
+        """Commit the reducers' states covering samples ``0…done``."""
+        ...
+
+
+SHARD = 20000  # samples per shard when neither the caller nor the executor says
 
 
 @dataclass
@@ -28,20 +59,16 @@ class Pass:
 
 
 def run_pass(rows: Rows, reducers: Mapping[str, Reducer], *, executor: Executor | None = None,
-             checkpoint: PassCheckpoint | None = None, checkpoint_every: int = 20000,
-             shard: int | None = None, on_commit: Callable[[int], None] | None = None,
-             progress: Progress | None = None, task: str = "pass", start: int = 0) -> Pass:
+             checkpoint: Checkpoint | None = None, shard: int | None = None,
+             progress: Progress | None = None, task: str = "pass") -> Pass:
     """Bring ``reducers`` (fresh) over every sample of ``rows``.
 
-    ``shard``: samples per shard (None: the executor's ``shard_size``, else ``checkpoint_every``),
+    ``shard``: samples per shard (None: the executor's ``shard_size``, else :data:`SHARD`),
     rounded up to the rows' grain; a resumed checkpoint keeps the grid it was started with.
-    ``on_commit(stop)`` is called after every shard, after the checkpoint (if any) is saved.
-    ``start``: the samples the reducers already cover without a checkpoint (an output that is
-    its own checkpoint, as a feature store is).
     """
     ex = executor if executor is not None else LocalExecutor()
-    every = max(int(checkpoint_every), 1)
-    size = shard or ex.shard_size or every
+    size = shard or ex.shard_size or SHARD
+    start = 0
     if checkpoint is not None:
         checkpoint.restore(reducers)
         start = checkpoint.done
@@ -54,11 +81,9 @@ def run_pass(rows: Rows, reducers: Mapping[str, Reducer], *, executor: Executor 
 
     def commit(stop: int) -> None:
         nonlocal last
-        if checkpoint is not None and (stop // every > last // every or stop == n):
+        if checkpoint is not None and checkpoint.due(last, stop, n):
             checkpoint.save(reducers, stop, size)
         last = stop
-        if on_commit is not None:
-            on_commit(stop)
 
     ex.run(rows, reducers, grid(start, n, size), commit, bar)
     bar.done()

@@ -157,6 +157,32 @@ class StoreWriterReducer:
             self.parts[m] = [x]
 
 
+class StoreCommits:
+    """The store as its own checkpoint (``engine.run.Checkpoint``): the pass starts at its
+    committed sample and commits its rows at most every ``seconds`` (and at the end). Clock-timed
+    commits are safe here: what is saved is the rows themselves, never a buffered sum."""
+
+    def __init__(self, store: StoreWriterReducer, seconds: float) -> None:
+        if store.writer is None:
+            raise InternalError("StoreCommits needs the reducer that writes the store")
+        self.store, self.writer, self.seconds = store, store.writer, float(seconds)
+        self.done, self.shard = self.writer.samples_done, None
+        self._last = time.perf_counter()
+
+    def restore(self, reducers: Mapping[str, Any]) -> None:
+        """Nothing to load: the writer already stands at the committed rows."""
+
+    def due(self, last: int, stop: int, n: int) -> bool:  # noqa: ARG002 - the protocol
+        """Every ``seconds`` of wall clock, and at the end."""
+        return time.perf_counter() - self._last >= self.seconds or stop == n
+
+    def save(self, reducers: Mapping[str, Any], done: int,  # noqa: ARG002 - the protocol
+             shard: int) -> None:  # noqa: ARG002
+        """Commit the rows written so far and the samples found unreadable."""
+        self.writer.commit(done, self.store.rows, self.store.take_skipped())
+        self._last = time.perf_counter()
+
+
 def check_image_options(opt: ImageOptions, dtype: str | None = None,
                         max_images: int | None = None) -> None:
     """AffeqError for a setting no run can use, before any export, decoding or file is made."""
@@ -184,6 +210,34 @@ def check_labels(src: DataSource, classes: int) -> None:
                          "fix the label file: labels are class indices of the networks' heads")
 
 
+def _open_writer(rows: ImageSource, out: str | os.PathLike, dtype: str) -> StoreWriter:
+    """The store's writer (created, or reopened to resume), described from ``rows``."""
+    src, nets = rows.data, rows.networks
+    if isinstance(rows, StageSource):  # every network's stages, then the network
+        heads, dims, specs, exports = rows.head_files(), rows.dims(), rows.specs(), rows.exports()
+    else:
+        heads = {n.name: load_head(n.head_path) for n in nets}
+        dims, specs = {n.name: n.dim for n in nets}, {n.name: spec_dict(n.spec) for n in nets}
+        exports = {n.name: n.onnx_sha256 for n in nets}
+    cfg = StoreConfig(models=rows.names, dims=dims, specs=specs, exports=exports,
+                      data=src.describe(), dtype=dtype, batch_size=rows.options.batch_size,
+                      pipeline=resolve_pipeline(rows.options.pipeline))
+    return StoreWriter(out, cfg, heads)
+
+
+def _finish(writer: StoreWriter, store: StoreWriterReducer, rows: ImageSource,
+            run: dict[str, Any]) -> None:
+    """Commit the tail, refuse a store without rows, and finalise with the run's record."""
+    src = rows.data
+    if writer.samples_done != len(src):  # empty tail (start == len) or nothing to do
+        writer.commit(len(src), store.rows, store.take_skipped())
+    if writer.rows == 0:
+        first = writer.skipped[0] if writer.skipped else {"path": "?", "reason": "?"}
+        writer.discard()  # no rows: no state worth resuming; the corrected command starts over
+        raise AffeqError(f"none of the {len(src)} images could be read (e.g. {first['path']}: "
+                         f"{first['reason']})", "check --data")
+    writer.finalise(src.samples, {"run": run})
+
 
 def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
             out: str | os.PathLike, *, dtype: str = "float16", images: ImageOptions | None = None,
@@ -209,49 +263,22 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
         raise AffeqError(f"--out {out} is a file, not a feature store folder",
                          "choose a new folder for --out")
     rows = (StageSource if stages else ImageSource)(data, models, opt, max_images)
-    src = rows.data
-    check_labels(src, min(s.num_classes - s.label_offset
-                          for s in map(get_spec, parse_models(models))))
-    names, nets = rows.names, rows.networks
-    if isinstance(rows, StageSource):  # every network's stages, then the network
-        heads, dims, specs, exports = rows.head_files(), rows.dims(), rows.specs(), rows.exports()
-    else:
-        heads = {n.name: load_head(n.head_path) for n in nets}
-        dims, specs = {n.name: n.dim for n in nets}, {n.name: spec_dict(n.spec) for n in nets}
-        exports = {n.name: n.onnx_sha256 for n in nets}
-    cfg = StoreConfig(models=names, dims=dims, specs=specs, exports=exports, data=src.describe(),
-                      dtype=dtype, batch_size=opt.batch_size,
-                      pipeline=resolve_pipeline(opt.pipeline))
-    writer = StoreWriter(out, cfg, heads)
+    check_labels(rows.data, min(s.num_classes - s.label_offset
+                                for s in map(get_spec, parse_models(models))))
+    writer = _open_writer(rows, out, dtype)
     if writer.already_complete:
-        return ExtractResult(Path(out), names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
+        return ExtractResult(Path(out), rows.names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
     bs = writer.cfg.batch_size  # a resumed store keeps its batch grid
     rows.options = replace(opt, batch_size=bs)
     start = writer.samples_done
-    store = StoreWriterReducer({m: cfg.dims[m] for m in names}, writer)
+    store = StoreWriterReducer({m: writer.cfg.dims[m] for m in rows.names}, writer)
     ex = executor if executor is not None else LocalExecutor()
-    t0 = last_commit = time.perf_counter()
-
-    def commit(stop: int) -> None:
-        nonlocal last_commit
-        now = time.perf_counter()
-        if now - last_commit >= commit_every or stop == len(src):
-            writer.commit(stop, store.rows, store.take_skipped())
-            last_commit = now
-
-    run_pass(rows, {"store": store}, executor=ex, on_commit=commit, progress=progress,
+    t0 = time.perf_counter()
+    run_pass(rows, {"store": store}, executor=ex, checkpoint=StoreCommits(store, commit_every),
              shard=ex.shard_size or (bs if isinstance(ex, LocalExecutor) else EXTRACT_SHARD),
-             task="extract", start=start)
+             progress=progress, task="extract")
     seconds = time.perf_counter() - t0
-    rate = (len(src) - start) / seconds if seconds > 0 else 0.0  # this run's images only
-    if writer.samples_done != len(src):  # empty tail (start == len) or nothing to do
-        writer.commit(len(src), store.rows, store.take_skipped())
-    if writer.rows == 0:
-        first = writer.skipped[0] if writer.skipped else {"path": "?", "reason": "?"}
-        writer.discard()  # no rows: no state worth resuming; the corrected command starts over
-        raise AffeqError(f"none of the {len(src)} images could be read (e.g. {first['path']}: "
-                         f"{first['reason']})", "check --data")
-    writer.finalise(src.samples, {"run": {"seconds": seconds, "images_per_s": rate,
-                                          "batch_size": bs, "workers": opt.workers,
-                                          "provider": opt.provider}})
-    return ExtractResult(Path(out), names, writer.rows, writer.skipped, seconds, rate, start)
+    rate = (len(rows.data) - start) / seconds if seconds > 0 else 0.0  # this run's images only
+    _finish(writer, store, rows, {"seconds": seconds, "images_per_s": rate, "batch_size": bs,
+                                  "workers": opt.workers, "provider": opt.provider})
+    return ExtractResult(Path(out), rows.names, writer.rows, writer.skipped, seconds, rate, start)

@@ -181,7 +181,8 @@ def _checkpoint(strat: FitMethod, ctx: FitContext, out: Any) -> PassCheckpoint |
     o = ctx.options
     return PassCheckpoint(Path(str(out) + ".partial"),
                           {**ident, "holdout": o.holdout, "seed": o.seed, "needs": strat.needs,
-                           "similarity": bool(o.similarity), "dedup": o.dedup})
+                           "similarity": bool(o.similarity), "dedup": o.dedup},
+                          every=o.checkpoint_every)
 
 
 @dataclass
@@ -201,8 +202,9 @@ def _pass(ctx: FitContext, red: dict[str, Reducer], ckpt: PassCheckpoint | None,
     if not red:
         return _Extras()
     t1 = time.perf_counter()
-    p = run_pass(ctx.rows, red, executor=ctx.options.executor, checkpoint=ckpt,
-                 checkpoint_every=ctx.options.checkpoint_every, progress=progress, task="fit")
+    ex = ctx.options.executor
+    p = run_pass(ctx.rows, red, executor=ex, checkpoint=ckpt, progress=progress, task="fit",
+                 shard=ex.shard_size or ctx.options.checkpoint_every)
     dt = time.perf_counter() - t1
     return _Extras(resumed=p.resumed_from, rate=(p.done - p.resumed_from) / dt if dt > 0 else 0.0,
                    skipped=red["skipped"].items)
