@@ -149,7 +149,8 @@ class TinyParts:
               spec_a: BackboneSpec | None = None, **options) -> Path:
         """Build the hybrid; keyword arguments are ``HybridOptions`` fields."""
         return build_from_parts(self.hybrid_parts(spec_a), self.map, out,
-                                HybridOptions(**options), accuracy=accuracy)
+                                HybridOptions(**options),
+                                extra_meta=None if accuracy is None else {"accuracy": accuracy})
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("tritonclient")
 
 from affeq_rt.deploy.triton import (  # noqa: E402
+    Serving,
     make_config,
     model_config_pb2,
     onnx_io,
@@ -36,7 +37,7 @@ def hybrid(tmp_path_factory) -> Path:
 
 def test_config_parses_with_triton_schema(hybrid: Path) -> None:
     ins, outs = onnx_io(hybrid)
-    text = make_config("tiny", ins, outs, max_batch_size=16, tensorrt=True, fp16=True)
+    text = make_config("tiny", ins, outs, Serving(max_batch_size=16, tensorrt=True, fp16=True))
     cfg = validate_config(text, hybrid)
     pb2 = model_config_pb2()
     assert isinstance(cfg, pb2.ModelConfig)
@@ -85,9 +86,10 @@ def test_repository_layout_and_force(hybrid: Path, tmp_path: Path) -> None:
     assert (m.name, m.version, m.path) == ("tiny", "1", folder / "1" / "model.onnx")
     before = (folder / "config.pbtxt").read_text()
     with pytest.raises(AffeqError, match="already exists.*--force"):
-        write_model_repository(repo, "tiny", hybrid, labels=labels, max_batch_size=4)
+        write_model_repository(repo, "tiny", hybrid, labels=labels, serving=Serving(4))
     assert (folder / "config.pbtxt").read_text() == before
-    write_model_repository(repo, "tiny", hybrid, labels=labels, max_batch_size=4, force=True)
+    write_model_repository(repo, "tiny", hybrid, labels=labels, serving=Serving(4),
+                           force=True)
     assert "max_batch_size: 4" in (folder / "config.pbtxt").read_text()
     assert sorted(p.name for p in repo.iterdir()) == ["tiny"]  # no temp or backup folders left
 

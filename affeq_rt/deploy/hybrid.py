@@ -41,7 +41,7 @@ from affeq_rt.deploy.metadata import (
     set_metadata,
     stamp_checksum,
 )
-from affeq_rt.deploy.triton import check_repo_target, write_model_repository
+from affeq_rt.deploy.triton import Serving, check_repo_target, write_model_repository
 from affeq_rt.deploy.verify import reference_logits, verification_inputs, verify
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, check_free_space
@@ -71,6 +71,11 @@ class HybridOptions:
     model_name: str | None = None
     tensorrt: bool = False
     max_batch_size: int = 32
+
+    @property
+    def serving(self) -> Serving:
+        """How the repository's Triton serves the hybrid."""
+        return Serving(max_batch_size=self.max_batch_size, tensorrt=self.tensorrt, fp16=self.fp16)
 
 
 @dataclass(frozen=True)
@@ -136,25 +141,25 @@ def _complete_repo(out_path: Path, amap: AffineMap, options: HybridOptions, name
         raise AffeqError(f"output {out_path} already exists", "pass --force to replace it")
     or_silent(progress).step(f"{out_path} is complete; writing its missing Triton repository")
     write_model_repository(options.server_repo, name, out_path, labels=meta.get("labels"),
-                           force=False, max_batch_size=options.max_batch_size,
-                           tensorrt=options.tensorrt, fp16=options.fp16)
+                           force=False, serving=options.serving)
     return out_path
 
 
 def build_hybrid(amap: AffineMap, a: ExportedBackbone, b: ExportedBackbone, *,
                  out: str | os.PathLike | None = None, options: HybridOptions = HybridOptions(),
-                 accuracy: Any = None, extra_meta: Mapping[str, Any] | None = None,
+                 extra_meta: Mapping[str, Any] | None = None,
                  verify_images: Sequence[str | os.PathLike] = (),
                  progress: Progress | None = None) -> Path:
     """Compose, verify and write the hybrid ``a → amap → b``'s classifier; return its path.
 
     ``out`` None: ``<model name>.onnx``. Refuses an existing ``out`` (or repository model folder)
     unless ``options.force``; nothing is written unless verification (on ``verify_images``, else
-    scikit-image's photos) passes. ``extra_meta`` joins the file's metadata.
+    scikit-image's photos) passes. ``extra_meta`` joins the file's metadata (``accuracy`` there
+    replaces the map's own figure).
     """
     return build_from_parts(HybridParts.from_exports(a, b), amap, out, options,
-                            accuracy=accuracy, extra_meta=extra_meta,
-                            verify_images=verify_images, progress=progress)
+                            extra_meta=extra_meta, verify_images=verify_images,
+                            progress=progress)
 
 
 def output_path(src: str, dst: str, out: str | os.PathLike | None,
@@ -170,10 +175,9 @@ def output_path(src: str, dst: str, out: str | os.PathLike | None,
 
 
 def _metadata(parts: HybridParts, amap: AffineMap, n_classes: int, options: HybridOptions,
-              accuracy: Any, extra_meta: Mapping[str, Any] | None) -> dict[str, Any]:
+              extra_meta: Mapping[str, Any] | None) -> dict[str, Any]:
     stats = dict(amap.stats)
-    acc = accuracy if accuracy is not None else next(
-        (stats[k] for k in ("top1", "accuracy", "val_top1") if k in stats), None)
+    acc = next((stats[k] for k in ("top1", "accuracy", "val_top1") if k in stats), None)
     b = parts.target
     labels = label_names(b.num_classes, b.label_offset)
     if len(labels) != n_classes:
@@ -189,33 +193,21 @@ def _metadata(parts: HybridParts, amap: AffineMap, n_classes: int, options: Hybr
     }
 
 
-def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike | None,
-                     options: HybridOptions = HybridOptions(), *, accuracy: Any = None,
-                     extra_meta: Mapping[str, Any] | None = None,
-                     verify_images: Sequence[str | os.PathLike] = (),
-                     progress: Progress | None = None) -> Path:
-    """:func:`build_hybrid` from its parts as arrays and paths (what it is given by tests and
-    benchmarks that make their own graphs)."""
+def _compose(parts: HybridParts, amap: AffineMap, out_path: Path, options: HybridOptions,
+             say: Any) -> tuple[Any, Head, int]:
+    """The hybrid's graph (A's features, then B's head with the map folded in), B's folded head
+    and the bytes the file needs, after the checks that come before any work."""
     import onnx
 
-    say = or_silent(progress).step
-    a_spec, b_spec = parts.source, parts.target
-    src, dst = a_spec.name, b_spec.name
-    name = options.model_name or default_model_name(src, dst, options.fp16)
-    out_path = output_path(src, dst, out, options)
-    check_map(amap, a_spec, b_spec)
-    if _repo_pending(out_path, options, name):
-        return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
+    src, dst = parts.source.name, parts.target.name
     if parts.head.dim != amap.weight.shape[0]:
         raise AffeqError(f"{dst}'s head is {parts.head.weight.shape}, the map {amap.key} gives "
                          f"{amap.weight.shape[0]} features", f"re-export {dst} or refit the map")
     folded = fold_head(amap, parts.head)
-    w_fold, b_fold = folded.weight, folded.bias
     # The file holds A's graph and the folded head (float32: an upper bound for --fp16); checked
     # before composing (the Triton repository checks its own copy).
-    need = parts.features_path.stat().st_size + w_fold.size * 4
+    need = parts.features_path.stat().st_size + folded.weight.size * 4
     check_free_space(out_path.parent, need, f"the hybrid {out_path}")
-
     say("composing the graph")
     try:
         features = onnx.load(str(parts.features_path))
@@ -223,18 +215,26 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
         raise AffeqError(f"{parts.features_path} is not a readable ONNX model "
                          f"({e.__class__.__name__})", f"re-export it: affeq-rt export {src}"
                          ) from None
-    model = compose_hybrid(features, w_fold, b_fold, a_spec.preprocessing,
+    model = compose_hybrid(features, folded.weight, folded.bias, parts.source.preprocessing,
                            options.with_preprocessing, options.min_opset)
-    if options.fp16:
-        model = half_model(model)
-    meta = _metadata(parts, amap, w_fold.shape[0], options, accuracy, extra_meta)
-    meta["map_sha256"] = map_sha256(amap)
+    return (half_model(model) if options.fp16 else model), folded, need
 
-    say("verifying against the separate parts")
-    x, x_u8, names = verification_inputs(a_spec, paths=verify_images)
+
+def _reference(parts: HybridParts, amap: AffineMap, options: HybridOptions,
+               verify_images: Sequence[str | os.PathLike]) -> tuple[Any, Any, list[str]]:
+    """What the hybrid must reproduce: ``C_B(M·F_A(x))`` from the separate parts, the hybrid's
+    input for the same images (uint8 with in-graph preprocessing) and their names."""
+    x, x_u8, names = verification_inputs(parts.source, paths=verify_images)
     ref = reference_logits(parts.features_path, amap.weight, amap.bias, parts.head, x,
                            parts.classifier_path)
-    feed = x_u8 if options.with_preprocessing else x
+    return ref, (x_u8 if options.with_preprocessing else x), names
+
+
+def _write_verified(model: Any, meta: dict[str, Any], out_path: Path, options: HybridOptions,
+                    reference: tuple[Any, Any, list[str]], need: int, say: Any) -> None:
+    """Write ``model`` to ``out_path`` atomically (``need`` bytes), only if it matches the
+    ``reference`` (:func:`_reference`) within the tolerance."""
+    ref, feed, names = reference
     data_name = f"{out_path.name}.data" if too_big_for_memory(model) else None
     with atomic_path(out_path, need=need) as tmp:
         try:
@@ -245,9 +245,10 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
                 f"on {ver.top1_agree}/{ver.top1_checked} clear-margin images")
             if not ver.passed:
                 raise AffeqError(
-                    f"hybrid {src}->{dst} fails verification: max relative error {ver.max_rel:.3g}"
-                    f" (tolerance {ver.tolerance:g}), top-1 agrees on {ver.top1_agree}/"
-                    f"{ver.top1_checked} images", "report this as a bug with the maps file")
+                    f"hybrid {meta['source']}->{meta['target']} fails verification: max relative "
+                    f"error {ver.max_rel:.3g} (tolerance {ver.tolerance:g}), top-1 agrees on "
+                    f"{ver.top1_agree}/{ver.top1_checked} images",
+                    "report this as a bug with the maps file")
             meta["verification"] = ver.to_dict()
             set_metadata(model, meta)
             save_model(model, tmp, data_name)
@@ -256,9 +257,30 @@ def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike
             if data_name is not None:
                 (out_path.parent / data_name).unlink(missing_ok=True)
             raise
+
+
+def build_from_parts(parts: HybridParts, amap: AffineMap, out: str | os.PathLike | None,
+                     options: HybridOptions = HybridOptions(), *,
+                     extra_meta: Mapping[str, Any] | None = None,
+                     verify_images: Sequence[str | os.PathLike] = (),
+                     progress: Progress | None = None) -> Path:
+    """:func:`build_hybrid` from its parts as arrays and paths (what it is given by tests and
+    benchmarks that make their own graphs)."""
+    say = or_silent(progress).step
+    src, dst = parts.source.name, parts.target.name
+    name = options.model_name or default_model_name(src, dst, options.fp16)
+    out_path = output_path(src, dst, out, options)
+    check_map(amap, parts.source, parts.target)
+    if _repo_pending(out_path, options, name):
+        return _complete_repo(out_path, amap, replace(options, model_name=name), name, progress)
+    model, folded, need = _compose(parts, amap, out_path, options, say)
+    meta = _metadata(parts, amap, folded.weight.shape[0], options, extra_meta)
+    meta["map_sha256"] = map_sha256(amap)
+    say("verifying against the separate parts")
+    reference = _reference(parts, amap, options, verify_images)
+    _write_verified(model, meta, out_path, options, reference, need, say)
     if options.server_repo is not None:
         say(f"writing the Triton model repository {options.server_repo}")
         write_model_repository(options.server_repo, name, out_path, labels=meta["labels"],
-                               force=options.force, max_batch_size=options.max_batch_size,
-                               tensorrt=options.tensorrt, fp16=options.fp16)
+                               force=options.force, serving=options.serving)
     return out_path

@@ -123,16 +123,24 @@ def _tensor_block(t: TensorSpec, labels: bool) -> str:
             f'    dims: [ {", ".join(str(d) for d in t.dims)} ]{lab}\n  }}')
 
 
-def make_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                max_batch_size: int = 32, labels: bool = True, tensorrt: bool = False,
-                fp16: bool = False, engine_cache: str | None = None,
-                queue_delay_us: int = 500) -> str:
-    """``config.pbtxt`` text for an ONNX model served by Triton's onnxruntime backend.
+@dataclass(frozen=True)
+class Serving:
+    """How Triton serves a model: batching, and the TensorRT accelerator (FP16 when ``fp16``)
+    with its engine cache at ``engine_cache`` (default ``/tmp/triton-trt-cache/<name>``)."""
 
-    ``labels`` attaches ``labels.txt`` to every output with one value per class;
-    ``tensorrt`` adds the TensorRT execution accelerator (FP16 when ``fp16``) with an engine cache
-    at ``engine_cache`` (default ``/tmp/triton-trt-cache/<name>``).
-    """
+    max_batch_size: int = 32
+    tensorrt: bool = False
+    fp16: bool = False
+    engine_cache: str | None = None
+    queue_delay_us: int = 500
+
+
+def make_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                serving: Serving = Serving(), labels: bool = True) -> str:
+    """``config.pbtxt`` text for an ONNX model served by Triton's onnxruntime backend, as
+    ``serving`` says; ``labels`` attaches ``labels.txt`` to every output with one value per
+    class."""
+    max_batch_size, tensorrt = serving.max_batch_size, serving.tensorrt
     if max_batch_size < 1:
         raise AffeqError(f"max batch size {max_batch_size} < 1", "pass --max-batch-size 1 or more")
     preferred = [b for b in (4, 8, 16, 32, 64) if b <= max_batch_size] or [max_batch_size]
@@ -145,12 +153,12 @@ def make_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
                                   for t in outputs) + "\n]",
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]\n"
-        f"  max_queue_delay_microseconds: {queue_delay_us}\n}}",
+        f"  max_queue_delay_microseconds: {serving.queue_delay_us}\n}}",
         'version_policy: { latest: { num_versions: 1 } }',
     ]
     if tensorrt:
-        cache = engine_cache or f"/tmp/triton-trt-cache/{name}"
-        params = {"precision_mode": "FP16" if fp16 else "FP32",
+        cache = serving.engine_cache or f"/tmp/triton-trt-cache/{name}"
+        params = {"precision_mode": "FP16" if serving.fp16 else "FP32",
                   "max_workspace_size_bytes": str(1 << 30),
                   "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache}
         plist = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}'
@@ -243,9 +251,9 @@ def check_repo_target(repo: str | os.PathLike, name: str, force: bool) -> Path:
 
 def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | os.PathLike,
                            labels: list[str] | None = None, force: bool = False,
-                           max_batch_size: int = 32, tensorrt: bool = False, fp16: bool = False,
-                           engine_cache: str | None = None, version: int = 1) -> Path:
-    """Write ``<repo>/<name>/{config.pbtxt, labels.txt, <version>/model.onnx}``; return the folder.
+                           serving: Serving = Serving(), version: int = 1) -> Path:
+    """Write ``<repo>/<name>/{config.pbtxt, labels.txt, <version>/model.onnx}`` served as
+    ``serving`` says; return the folder.
 
     The folder is assembled beside its final place and renamed in (``fsio.atomic_dir``: files get
     the umask mode, a full disk is one error line, a killed run's temporary folder is removed by
@@ -258,7 +266,7 @@ def write_model_repository(repo: str | os.PathLike, name: str, onnx_path: str | 
     ins, outs = onnx_io(src)
     k = {t.dims[0] for t in outs if len(t.dims) == 1}
     has_labels = bool(labels) and len(k) == 1 and len(labels) == next(iter(k))
-    text = make_config(name, ins, outs, max_batch_size, has_labels, tensorrt, fp16, engine_cache)
+    text = make_config(name, ins, outs, serving, has_labels)
     data = src.parent / f"{src.name}.data"
     need = src.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     with atomic_dir(target, need=need) as tmp:
