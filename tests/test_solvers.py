@@ -176,14 +176,14 @@ def test_naive_truncates_and_pads():
 def test_adam_reduces_the_unit_normalised_loss():
     rng = np.random.default_rng(5)
     a, b = _pair(rng, 3000, 12, 8, noise=0.05)
-    w, bias, st = solvers.adam(a, b, iterations=300, lr=0.01, batch_size=512, seed=0)
+    w, bias, st = solvers.adam(a, b, solvers.AdamSchedule(300, 0.01, batch_size=512))
     assert np.isfinite(w).all()
     assert st["loss_last"] < 0.3 * st["loss_first"]
     # the fitted direction beats the best constant (the mean) on fresh rows
     a2, b2 = a[:500], b[:500]
     assert solvers.unit_loss(w, bias, a2, b2) < solvers.unit_loss(
         np.zeros_like(w), b.mean(0).astype(np.float64), a2, b2)
-    _, _, st01 = solvers.adam(a, b, iterations=20, seed=0)  # the paper's lr 0.1: no NaN
+    _, _, st01 = solvers.adam(a, b, solvers.AdamSchedule(20))  # the paper's lr 0.1: no NaN
     assert np.isfinite(st01["loss_last"])
 
 
@@ -198,7 +198,7 @@ def test_adam_reports_steps_through_progress_and_prints_nothing(
     rng = np.random.default_rng(5)
     a, b = _pair(rng, 200, 6, 4, noise=0.05)
     rec = RecordingProgress()
-    solvers.adam(a, b, iterations=7, batch_size=64, seed=0, progress=rec)
+    solvers.adam(a, b, solvers.AdamSchedule(7, batch_size=64), progress=rec)
     assert rec.calls == [("start", "adam", 7, 0, "step"), *[("advance", 1)] * 7, ("done",)]
     assert capsys.readouterr().out == ""
 

@@ -385,9 +385,9 @@ class Adam(FitMethod):
         train, hold = np.flatnonzero(~ctx.mask), np.flatnonzero(ctx.mask)
         out = []
         for a, t in pairs(ctx.names):
-            w, b, st = solvers.adam(arrays[a], arrays[t], iterations=self.iterations,
-                                    lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                                    rows=train)
+            sched = solvers.AdamSchedule(self.iterations, self.lr, batch_size=self.batch_size,
+                                         seed=self.seed)
+            w, b, st = solvers.adam(arrays[a], arrays[t], sched, rows=train)
             st.update(holdout_images=int(hold.size),
                       r2_holdout=_array_r2(w, b, arrays[a], arrays[t], hold),
                       unit_loss_holdout=(solvers.unit_loss(w, b, np.asarray(arrays[a][hold]),

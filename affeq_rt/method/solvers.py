@@ -12,7 +12,7 @@ they never produce NaN.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -337,65 +337,75 @@ def naive(d_src: int, d_dst: int) -> tuple[np.ndarray, np.ndarray, dict]:
     return w, np.zeros(d_dst), {"truncated": d_src > d_dst, "padded": d_src < d_dst}
 
 
-def adam(x_src: Any, x_dst: Any, iterations: int = 200, lr: float = 0.1,
-         decay: float = 1.0 - 1e-5, batch_size: int = 2048, seed: int = 0,
+@dataclass(frozen=True)
+class AdamSchedule:
+    """The paper's §4.2 optimiser settings: steps, learning rate (decayed by ``decay`` per step),
+    rows per random batch, and the seed of the batch draws."""
+
+    iterations: int = 200
+    lr: float = 0.1
+    decay: float = 1.0 - 1e-5
+    batch_size: int = 2048
+    seed: int = 0
+
+
+def adam(x_src: Any, x_dst: Any, schedule: AdamSchedule = AdamSchedule(),
          rows: np.ndarray | None = None,
          progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The paper's §4.2 fit: minimise the mean Euclidean distance between unit-normalised predicted
-    and true target features with Adam (lr 0.1, decayed by ``decay`` per step, β = 0.9/0.999,
-    ε = 1e-8), on random batches of ``batch_size`` rows streamed from ``x_src``/``x_dst``
-    ([n, d] arrays or store memmaps). ``rows`` restricts training to those row indices
-    (e.g. the non-held-out part). W starts at 0 and b at the target mean, so the first prediction
-    is never the zero vector. ``progress`` counts the steps.
+    and true target features with Adam (``schedule``; β = 0.9/0.999, ε = 1e-8), on random batches
+    streamed from ``x_src``/``x_dst`` ([n, d] arrays or store memmaps). ``rows`` restricts
+    training to those row indices (e.g. the non-held-out part). W starts at 0 and b at the target
+    mean, so the first prediction is never the zero vector. ``progress`` counts the steps.
     """
     import torch
 
-    n_all = int(x_src.shape[0])
-    idx_all = np.arange(n_all) if rows is None else np.asarray(rows)
+    idx_all = np.arange(int(x_src.shape[0])) if rows is None else np.asarray(rows)
     n = idx_all.size
     if n < 2:
         raise AffeqError(f"adam needs at least 2 images, got {n}", "use more images")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(schedule.seed)
     d_a, d_b = int(x_src.shape[1]), int(x_dst.shape[1])
     probe = np.sort(rng.choice(idx_all, size=min(n, 8192), replace=False))
     mu_b = np.asarray(x_dst[probe], np.float64).mean(0)
     w = torch.zeros(d_b, d_a, dtype=torch.float32, requires_grad=True)
     b = torch.tensor(mu_b, dtype=torch.float32, requires_grad=True)
-    bs = min(batch_size, n)
-    losses: list[float] = []
+    bs = min(schedule.batch_size, n)
     threads = torch.get_num_threads()
     if d_a * d_b * bs < 1 << 26:  # small products: thread hand-offs cost more than they save
         torch.set_num_threads(1)
     try:
-        _adam_loop(torch, x_src, x_dst, idx_all, rng, w, b, iterations, lr, decay, bs,
-                   losses, or_silent(progress))
+        losses = _adam_loop(torch, (x_src, x_dst, idx_all), [w, b],
+                            replace(schedule, batch_size=bs), rng, or_silent(progress))
     finally:
         torch.set_num_threads(threads)
     wn = w.detach().double().numpy()
     bn = b.detach().double().numpy()
-    return wn, bn, {"iterations": iterations, "lr": lr, "decay": decay, "batch_size": bs,
-                    "images": n, "loss_first": losses[0], "loss_last": losses[-1],
+    return wn, bn, {"iterations": schedule.iterations, "lr": schedule.lr,
+                    "decay": schedule.decay, "batch_size": bs, "images": n,
+                    "loss_first": losses[0], "loss_last": losses[-1],
                     "loss_min": float(min(losses))}
 
 
-def _adam_loop(torch: Any, x_src: Any, x_dst: Any, idx_all: np.ndarray, rng: Any, w: Any,
-               b: Any, iterations: int, lr: float, decay: float, bs: int, losses: list[float],
-               bar: Progress) -> None:
-    """Adam steps on (w, b) over random batches of ``idx_all``; appends each batch loss."""
-    params = [w, b]
+def _adam_loop(torch: Any, data: tuple[Any, Any, np.ndarray], params: list[Any],
+               sched: AdamSchedule, rng: Any, bar: Progress) -> list[float]:
+    """Adam steps on ``params`` (w, b) over random batches of the rows ``data[2]`` of
+    ``data[0]``/``data[1]``; each batch's loss."""
+    x_src, x_dst, idx_all = data
+    w, b = params
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    n = idx_all.size
-    bar.start("adam", total=iterations, unit="step")
-    for step in range(iterations):
+    n, losses = idx_all.size, []
+    bar.start("adam", total=sched.iterations, unit="step")
+    for step in range(sched.iterations):
         # sampling with replacement keeps a step O(batch) on 1.28M rows; sorted for mmap locality
-        sel = np.sort(idx_all[rng.integers(0, n, size=bs)])
+        sel = np.sort(idx_all[rng.integers(0, n, size=sched.batch_size)])
         xa = torch.from_numpy(np.asarray(x_src[sel], np.float32))
         xb = torch.from_numpy(np.asarray(x_dst[sel], np.float32))
         loss = _unit_distance(xa @ w.T + b, xb).mean()
         grads = torch.autograd.grad(loss, params)
-        lr_t = lr * decay ** step  # exponential decay per iteration (paper §4.2)
+        lr_t = sched.lr * sched.decay ** step  # exponential decay per iteration (paper §4.2)
         with torch.no_grad():  # Adam (Kingma & Ba), TF defaults, written out: no torch.optim import
             for p_, g, a1, a2 in zip(params, grads, m1, m2, strict=True):
                 a1.mul_(beta1).add_(g, alpha=1 - beta1)
@@ -409,6 +419,7 @@ def _adam_loop(torch: Any, x_src: Any, x_dst: Any, idx_all: np.ndarray, rng: Any
         losses.append(lv)
         bar.advance()
     bar.done()
+    return losses
 
 
 def _unit_distance(pred: Any, true: Any) -> Any:
