@@ -23,6 +23,7 @@ from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import open_store
 from affeq_rt.method.evaluate import evaluate
+from affeq_rt.report.controls import controls_text
 from affeq_rt.report.tables import text_table
 from affeq_rt.report.write import fit_extras, write_report
 
@@ -61,6 +62,11 @@ def run(
     similarity: Annotated[Path | None, typer.Option(
         "--similarity", show_default=False, help="similarity.json (affeq-rt similarity) to show "
         "beside the table, correlated with the hybrids' loss.")] = None,
+    controls: Annotated[bool, typer.Option(
+        "--controls", help="Also score the control hybrids the maps hold (fit --controls: noise "
+        "and shuffled-row maps; NETWORK~random features and maps: random weights) in the same "
+        "pass, with real − control margins; a hybrid that does not beat its controls is "
+        "flagged.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Score every hybrid C_B(M F_A) and each network unmapped on a feature store: top-1/top-5, %
@@ -71,11 +77,14 @@ def run(
     store = open_store(features, verify=verify)
     with Display(quiet) as display:
         table = evaluate(store, maps, device=device, models=model_list(models),
-                         overlap_pairs=pairs, progress=display, executor=ex)
+                         overlap_pairs=pairs, progress=display, executor=ex,
+                         controls=controls)
         display.step("writing the report")
         write_report(table, out, title=title, **fit_extras(maps, similarity))
     typer.echo(text_table(table))
     for k, v in table.summary().items():
         typer.echo(f"{k.replace('_', ' ')}: {v:.2f}%")
+    if table.controls is not None:
+        typer.echo(controls_text(table.controls))
     typer.echo(f"{len(table.models)} networks × {table.n} images on {table.device} in "
                f"{table.seconds:.1f}s; report: {out / 'report.html'}")

@@ -31,6 +31,13 @@ from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import MapSet, fold_head, load_maps
 from affeq_rt.io.store import StoreLike, open_store
+from affeq_rt.method.controls import (
+    ControlTally,
+    control_entries,
+    control_name,
+    control_table,
+    real_networks,
+)
 from affeq_rt.method.overlap import default_overlap_pairs, overlap
 from affeq_rt.method.results import EvalTable, ValidationRow
 from affeq_rt.method.rows import StoreSource
@@ -314,7 +321,8 @@ def _labels(st: StoreLike) -> np.ndarray | None:
 def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathLike, *,
              device: str = "auto", models: Sequence[str] | None = None,
              overlap_pairs: Iterable[tuple[str, str]] | None = None,
-             progress: Progress | None = None, executor: Executor | None = None) -> EvalTable:
+             progress: Progress | None = None, executor: Executor | None = None,
+             controls: bool = False) -> EvalTable:
     """The N×N table of a store under a set of maps, with the overlaps of ``overlap_pairs``
     (default: the two most accurate networks both ways; none without labels). Writes nothing.
 
@@ -322,11 +330,16 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     all targets' folded heads stacked). Without labels the table holds agreement only (how often
     the hybrid predicts what the target predicts). ``progress`` counts images. ``executor``
     (None: ``engine.LocalExecutor``) runs the pass, e.g. on ``affeq_rt.cluster.RayExecutor``;
-    the table is the same.
+    the table is the same. ``controls``: the same table for the control sources the maps hold
+    (``method.controls``: ``A~noise``, ``A~shuffled`` from ``fit --controls``; ``A~random`` with
+    the store's ``A~random`` features), scored in the same pass, in ``EvalTable.controls``; control
+    sources are then left out of the table's networks.
     """
     t0 = time.perf_counter()
     st = open_store(store)
     ms = as_mapset(maps)
+    if controls:
+        models = real_networks(models or st.models)
     chosen = _check_inputs(st, ms, models)
     dev = resolve_device(device)
     heads = {m: st.head(m) for m in chosen}
@@ -339,9 +352,15 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     labelled = _labels(st) is not None
     n = int(st.n)
     tally = HeadTally(ms, st, chosen, dev)
+    reducers: dict[str, Any] = {"tally": tally}
+    columns = list(chosen)
+    if controls:  # the control hybrids: one more reducer of the same pass
+        entries = control_entries(ms, chosen, st.models)
+        columns += list(dict.fromkeys(control_name(a, k) for k, a, _ in entries if k == "random"))
+        reducers["controls"] = ControlTally(ms, heads, entries, _run_labels(st), dev)
     try:
         chunk = min(EVAL_CHUNK, getattr(executor, "shard_size", None) or EVAL_CHUNK)
-        run_pass(StoreSource(st, chosen, chunk=chunk), {"tally": tally}, executor=executor,
+        run_pass(StoreSource(st, columns, chunk=chunk), reducers, executor=executor,
                  progress=progress, task="evaluate")
     finally:
         tally.release()
@@ -359,6 +378,9 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
                       seconds=time.perf_counter() - t0,
                       label_offsets={m: heads[m].label_offset for m in chosen},
                       timings={"fold_s": tally.fold_s, "pass_s": tally.pass_s})
+    if controls:
+        table.controls = control_table(chosen, entries, reducers["controls"].joined(), own,
+                                       _labels(st), top1 if labelled else agree)
     if labelled:
         pairs = (default_overlap_pairs(table) if overlap_pairs is None else list(overlap_pairs))
         table.overlaps = [overlap(table, a, b) for a, b in pairs]

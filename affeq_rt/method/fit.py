@@ -25,7 +25,7 @@ from affeq_rt.engine import Executor, LocalExecutor, PassCheckpoint, Reducer, ru
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import output_lock, versions
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
-from affeq_rt.method import quality
+from affeq_rt.method import controls, quality
 from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
 from affeq_rt.method.extract import ImageOptions, check_image_options
 from affeq_rt.method.holdout import after_pass, fit_groups, pass_reducers, summary_lines
@@ -65,6 +65,7 @@ class FitOptions:
     similarity: bool = False  # CKA/CCA/R²/Procrustes of every pair from this fit's Gram state
     dedup: bool = True  # near-duplicate images found and held out together (method.dedup)
     rank: int | None = None  # low-rank's rank (None: chosen on the held-out Gram)
+    controls: bool = False  # noise and shuffled-row control maps from the same pass (controls)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def _reducers(strat: FitMethod, ctx: FitContext, out: Any) -> dict[str, Reducer]
     """The method's statistics, plus held-out rows for the gate on streamed images (not with a
     checkpoint: a resumed run would keep other rows) and the skipped samples."""
     red = {**strat.reducers(ctx), **pass_reducers(ctx, strat.needs)}
+    if ctx.options.controls:  # negative controls: statistics of the same pass (method.controls)
+        red.update(controls.fit_reducers(ctx, strat.needs))
     if red and strat.needs == "gram" and ctx.streamed and ctx.heads is not None and out is None:
         red["heldout"] = HeldOutRows(ctx.mask, quality.QUALITY_ROWS)
     if red:
@@ -181,7 +184,8 @@ def _checkpoint(strat: FitMethod, ctx: FitContext, out: Any) -> PassCheckpoint |
     o = ctx.options
     return PassCheckpoint(Path(str(out) + ".partial"),
                           {**ident, "holdout": o.holdout, "seed": o.seed, "needs": strat.needs,
-                           "similarity": bool(o.similarity), "dedup": o.dedup},
+                           "similarity": bool(o.similarity), "dedup": o.dedup,
+                           **({"controls": True} if o.controls else {})},
                           every=o.checkpoint_every)
 
 
@@ -276,6 +280,8 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
                 ckpt.remove()
             raise
         _gate(maps, strat, ctx, red, choice)
+        if opt.controls:  # after the gate: a control has no features of its own to gate on
+            maps = [*maps, *controls.control_maps(ctx, red)]
         mapset = MapSet(maps, _meta(strat.name, ctx, ex, choice),
                         str(out) if out is not None else "")
         if out is not None:

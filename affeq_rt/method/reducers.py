@@ -425,10 +425,12 @@ def chunk_permutation(k: int, start: int, rows: int) -> np.ndarray:
 
 
 class PermutedCross:
-    """Σ_i x_a,i x_b,π_k(i)ᵀ (float64) for every pair a < b of ``slices`` and k < ``count``."""
+    """Σ_i x_a,i x_b,π_k(i)ᵀ (float64) for every pair a < b of ``slices`` and k < ``count``;
+    ``mask`` (bool [n], optional): samples left out (the shuffled control: training rows only)."""
 
-    def __init__(self, slices: Mapping[str, slice], count: int) -> None:
-        self.slices, self.count = dict(slices), int(count)
+    def __init__(self, slices: Mapping[str, slice], count: int,
+                 mask: np.ndarray | None = None) -> None:
+        self.slices, self.count, self.mask = dict(slices), int(count), mask
         names = list(self.slices)
         self.pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         self.sums = {f"{a}|{b}": np.zeros((self.count, self._w(a), self._w(b)))
@@ -439,11 +441,13 @@ class PermutedCross:
 
     def fresh(self) -> PermutedCross:
         """An empty one."""
-        return PermutedCross(self.slices, self.count)
+        return PermutedCross(self.slices, self.count, self.mask)
 
     def update(self, c: Chunk) -> None:
         """The chunk's permuted cross products (rows with NaN/Inf left out, as the Gram does)."""
         x = np.asarray(c.x, np.float64)
+        if self.mask is not None:
+            x = x[~self.mask[c.index]]
         x = x[np.isfinite(x).all(axis=1)]
         for k in range(self.count):
             xp = x[chunk_permutation(k, c.start, x.shape[0])]

@@ -99,6 +99,7 @@ class EvalTable:
     label_offsets: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # fold_s (float64 folds), pass_s
     overlaps: list[Overlap] = field(default_factory=list)  # the paper's Fig. 5 for chosen pairs
+    controls: Any = None  # method.controls.ControlTable: real − control margins, when asked
 
     def index(self, model: str) -> int:
         """Row/column of ``model``, or an AffeqError naming the known models."""
@@ -187,6 +188,8 @@ class EvalTable:
             out.update(top1=mat(self.top1), top5=mat(self.top5),
                        change_top1=mat(self.change_top1), change_top5=mat(self.change_top5),
                        loss_top1=mat(self.loss_top1))
+        if self.controls is not None:
+            out["controls"] = self.controls.to_dict()
         return out
 
 

@@ -19,6 +19,8 @@ from affeq_rt.io.fsio import (
 from affeq_rt.method.curve import Curve, load_curve
 from affeq_rt.method.results import EvalTable
 from affeq_rt.method.similarity import SimilarityTable, load_similarity, loss_correlations
+from affeq_rt.report.controls import TITLE as CONTROLS_TITLE
+from affeq_rt.report.controls import controls_html, controls_markdown
 from affeq_rt.report.curve import TITLE as CURVE_TITLE
 from affeq_rt.report.curve import curve_html, curve_paths, curve_png
 from affeq_rt.report.figures import heatmap_png, overlap_png
@@ -73,6 +75,8 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
         md = f"# {title}\n\n" + markdown_table(table)
         if overlaps:
             md += "\n## Overlap of correct images (paper Fig. 5)\n\n" + overlap_markdown(overlaps)
+        if table.controls is not None:  # method.controls: real − control margins
+            md += f"\n## {CONTROLS_TITLE}\n\n" + controls_markdown(table.controls)
         for note in notes:
             md += f"\n{note}\n"
         write_bytes_atomic(paths["markdown"], md.encode())
@@ -102,6 +106,8 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
                 paths["overlap"] = d / "overlap.png"
                 write_bytes_atomic(paths["overlap"], ov)
         fit_sections = []
+        if table.controls is not None:
+            fit_sections.append((CONTROLS_TITLE, controls_html(table.controls)))
         if similarity is not None:
             fit_sections.append((SIMILARITY_TITLE, similarity_html(similarity, table)))
         if curve is not None:

@@ -1,0 +1,272 @@
+"""Issue 22 item 2: negative controls of the hybrid table (``method.controls``), each against an
+independent direct implementation over materialised rows.
+
+- shuffled: A's training rows paired with B's through the within-chunk permutation 0, then numpy
+  ``lstsq`` of [A, 1] → B_π;
+- noise: the clustered noise rows materialised (``fit_noise`` with the target's float64 argmax),
+  scaled to A's training mean and standard deviation, then ``lstsq``;
+- the evaluation: every control hybrid's class recomputed in float64 from the map and B's head.
+
+Tolerances. The maps are solved in float64 from Gram moments (eigen cut-off at d·eps64) and stored
+in float32; ``lstsq`` solves the same least squares from the rows. Both float64 solutions agree to
+κ(S_AA)·eps64 relative (κ ≲ 1e4 for these features: ≲ 1e-11), far below the float32 rounding of
+the stored map, ≤ 2⁻²⁴ ≈ 6e-8 of each entry: so ``atol = 2e-7·max|W|`` (3 float32 ulps at the
+largest entry); a map moved by one mismatched row pair or one noise row is off by ≳ 1e-3 of max|W|.
+Predictions: ``core.evaluate_heads`` scores float32 products (relative error ≲ d·2⁻²⁴ ≈ 2e-6 of
+the logit scale for d ≤ 40), so classes must match wherever the float64 top-2 margin exceeds 1e-4
+of the logit scale, and the scores may differ by the near-ties only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from affeq_rt.cluster.worker import run_locally
+from affeq_rt.errors import AffeqError
+from affeq_rt.io.heads import Head
+from affeq_rt.io.store import ArrayStore
+from affeq_rt.method import evaluate as evaluate_mod
+from affeq_rt.method import fit as fit_mod
+from affeq_rt.method.controls import (
+    BLOCK,
+    ControlTally,
+    NoiseCross,
+    control_entries,
+    eval_noise,
+    fit_noise,
+    pair_seed,
+    predicted,
+)
+from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.fit import FitOptions, fit
+from affeq_rt.method.methods import holdout_mask
+from affeq_rt.method.reducers import chunk_permutation
+from affeq_rt.method.rows import CHUNK, StoreSource
+
+K = 10
+
+
+def _data(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Two 'networks' reading one latent class structure (ReLU features), and a third unrelated
+    one of A's width (the random-weight stand-in: features of the same inputs through random
+    weights carry less class structure)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    centres = np.random.default_rng(99).normal(size=(K, 20)) * 2.0
+    lat = centres[y] + rng.normal(size=(n, 20))
+    proj = np.random.default_rng(100)
+    a = np.maximum(lat @ proj.normal(size=(20, 30)), 0.0)
+    b = np.maximum(lat @ proj.normal(size=(20, 24)), 0.0)
+    r = np.maximum(rng.normal(size=(n, 20)) @ proj.normal(size=(20, 30)), 0.0)
+    return {"a": a.astype(np.float32), "b": b.astype(np.float32),
+            "a~random": r.astype(np.float32)}, y
+
+
+def _heads(feats: dict[str, np.ndarray], y: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A least-squares classifier per network (a real linear head over real features)."""
+    out = {}
+    for m, x in feats.items():
+        z = np.c_[x, np.ones(len(x))]
+        w = np.linalg.lstsq(z, np.eye(K)[y], rcond=None)[0]
+        out[m] = (w[:-1].T.astype(np.float32), w[-1].astype(np.float32))
+    return out
+
+
+N_FIT, N_EVAL = 6000, 1500  # two chunks of the 4,096-row grid: permutations within each chunk
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict:
+    feats, y = _data(N_FIT + N_EVAL)
+    heads = _heads({m: x[:N_FIT] for m, x in feats.items()}, y[:N_FIT])
+    train = ArrayStore({m: x[:N_FIT] for m, x in feats.items()}, heads, y[:N_FIT])
+    test = ArrayStore({m: x[N_FIT:] for m, x in feats.items()}, heads, y[N_FIT:])
+    opt = FitOptions(holdout=0.1, dedup=False, device="cpu", curve="off")
+    res = fit(train, method="ols", options=FitOptions(**{**opt.__dict__, "controls": True}))
+    return {"feats": feats, "y": y, "heads": heads, "train": train, "test": test, "res": res,
+            "opt": opt, "mask": holdout_mask(N_FIT, 0.1, 0)}
+
+
+def _lstsq(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
+    return w[:-1].T, w[-1]
+
+
+def _close(m, w: np.ndarray, b: np.ndarray) -> None:
+    tol = 2e-7 * float(np.abs(w).max())
+    np.testing.assert_allclose(m.weight, w, rtol=0, atol=tol)
+    np.testing.assert_allclose(m.bias, b, rtol=0, atol=2e-7 * float(np.abs(b).max()))
+
+
+def test_shuffled_control_is_lstsq_on_materialised_shuffled_rows(setup) -> None:
+    feats, keep = setup["feats"], ~setup["mask"]
+    pa, pb = [], []  # the mismatched pairs (a_i, b_π(i)): training rows of each chunk, b permuted
+    for s in range(0, N_FIT, CHUNK):
+        rows = np.arange(s, min(s + CHUNK, N_FIT))
+        rows = rows[keep[rows]]
+        pa.append(feats["a"][rows])
+        pb.append(feats["b"][rows][chunk_permutation(0, s, rows.size)])
+    paired = {m: np.concatenate(v).astype(np.float64) for m, v in (("a", pa), ("b", pb))}
+    for a, t in (("a", "b"), ("b", "a")):  # both directions from the same mismatched pairs
+        w, b = _lstsq(paired[a], paired[t])
+        m = setup["res"].maps[f"{a}~shuffled", t]
+        assert m.stats["control"] == "shuffled"
+        assert m.method == "ols"
+        _close(m, w, b)
+
+
+def test_noise_control_is_lstsq_on_materialised_noise_rows(setup) -> None:
+    feats, idx = setup["feats"], np.flatnonzero(~setup["mask"])
+    hb = {m: Head(w, b, 0) for m, (w, b) in setup["heads"].items()}
+    for a, t in (("a", "b"), ("b", "a")):
+        xa = feats[a][idx].astype(np.float64)
+        cls = predicted(hb[t], feats[t][idx])
+        z = fit_noise(pair_seed(a, t), xa.shape[1], idx, cls)
+        rows = xa.mean(0) + xa.std(0) * z  # A's training mean and per-dimension scale
+        w, b = _lstsq(rows, feats[t][idx].astype(np.float64))
+        m = setup["res"].maps[f"{a}~noise", t]
+        _close(m, w, b)
+        seen = np.flatnonzero(np.bincount(cls, minlength=K))
+        assert m.stats["noise_classes"] == seen.tolist()
+        assert m.stats["noise_counts"] == np.bincount(cls, minlength=K)[seen].tolist()
+        # Smith et al.'s effect: the map fits the class-tied noise in-sample
+        assert m.stats["r2_train"] > 0.3, m.stats["r2_train"]
+
+
+def test_real_maps_are_unchanged_by_controls(setup) -> None:
+    plain = fit(setup["train"], method="ols", options=setup["opt"]).maps
+    for key, m in plain.items():
+        np.testing.assert_array_equal(setup["res"].maps[key].weight, m.weight)
+        np.testing.assert_array_equal(setup["res"].maps[key].bias, m.bias)
+    # controls of the networks only (the random-weight source is itself a control)
+    assert set(setup["res"].maps) - set(plain) == {
+        ("a~noise", "b"), ("a~shuffled", "b"), ("b~noise", "a"), ("b~shuffled", "a")}
+
+
+def _direct(setup, kind: str, a: str, t: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 classes, top-2 margin relative to the logit scale) of control hybrid kind:a→t on
+    the evaluation rows, from materialised control features."""
+    feats, maps = setup["feats"], setup["res"].maps
+    m = maps[f"{a}~{kind}", t]
+    idx = np.arange(N_EVAL)
+    x = {"shuffled": lambda: feats[a][N_FIT:], "random": lambda: feats["a~random"][N_FIT:],
+         "noise": lambda: eval_noise(m.stats, m.weight.shape[1], idx)}[kind]()
+    wt, bt = setup["heads"][t]
+    logits = (np.asarray(x, np.float64) @ m.weight.T.astype(np.float64) + m.bias) @ \
+        wt.T.astype(np.float64) + bt
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return logits.argmax(1), (top2[:, 1] - top2[:, 0]) / np.abs(logits).max()
+
+
+def test_evaluate_scores_controls_like_a_direct_loop(setup) -> None:
+    table = evaluate(setup["test"], setup["res"].maps, device="cpu", controls=True)
+    assert table.models == ["a", "b"]  # the random-weight source is a control, not a network
+    c = table.controls
+    y = setup["y"][N_FIT:]
+    entries = control_entries(setup["res"].maps, ["a", "b"], setup["test"].models)
+    assert ("random", "a", "b") in entries
+    assert ("noise", "b", "a") in entries
+    for kind, a, t in entries:
+        want, margin = _direct(setup, kind, a, t)
+        sure = margin > 1e-4
+        i, j = table.models.index(a), table.models.index(t)
+        direct = 100.0 * float((want == y).mean())
+        assert abs(c.score[kind][i, j] - direct) <= 100.0 * (~sure).sum() / N_EVAL, (kind, a, t)
+        assert c.margin[kind][i, j] == pytest.approx(table.top1[i, j] - c.score[kind][i, j])
+    # the real hybrids beat every control; the controls sit near chance (10 classes, balanced:
+    # the best constant guess is ~11 %)
+    assert not c.flagged
+    assert all(v[~np.eye(2, dtype=bool)].all() for v in c.beats.values())
+    for kind in ("noise", "shuffled"):
+        off = c.score[kind][~np.eye(2, dtype=bool)]
+        assert (off <= c.chance.max() + 5.0).all(), (kind, off, c.chance)
+    doc = table.to_dict()["controls"]
+    assert doc["all_beat"]
+    assert doc["flagged"] == []
+    assert set(doc["controls"]) == {"random", "noise", "shuffled"}
+    json.dumps(doc)
+
+
+def test_controls_are_statistics_of_the_same_passes(setup, monkeypatch) -> None:
+    """Pass count: fit with controls runs one pass, evaluate with controls one pass."""
+    calls: list[str] = []
+    for mod in (fit_mod, evaluate_mod):
+        real = mod.run_pass
+        monkeypatch.setattr(mod, "run_pass", lambda rows, *a, _r=real, **k:
+                            calls.append(k.get("task", "?")) or _r(rows, *a, **k))
+    opt = FitOptions(**{**setup["opt"].__dict__, "controls": True})
+    maps = fit(setup["train"], method="ols", options=opt).maps
+    assert calls == ["fit"]
+    evaluate(setup["test"], maps, device="cpu", controls=True)
+    assert calls == ["fit", "evaluate"]
+    evaluate(setup["test"], maps, device="cpu")
+    assert calls == ["fit", "evaluate", "evaluate"]
+
+
+def test_sharded_equals_in_place(setup) -> None:
+    """Fresh reducers per shard (edges off the 256-row noise blocks and the 4,096-row grid),
+    states merged in order, equal the in-place pass: noise sums to float64 summation order (the
+    shards' chunks differ), every control prediction exactly (noise per sample, not per chunk)."""
+    train, maps = setup["train"], setup["res"].maps
+    src = StoreSource(train, ["a", "b"])
+    hb = {m: train.head(m) for m in ("a", "b")}
+    sl = {"a": slice(0, 30), "b": slice(30, 54)}
+    one = NoiseCross(sl, setup["mask"], hb, [("a", "b"), ("b", "a")])
+    parts = one.fresh()
+    fit_mod.run_pass(src, {"n": one})
+    run_locally(src, {"n": parts}, [(0, 1000), (1000, 4500), (4500, N_FIT)])
+    assert one.n == parts.n == int((~setup["mask"]).sum())
+    for k, v in one.sums.items():
+        np.testing.assert_allclose(parts.sums[k], v, rtol=1e-12, atol=1e-9)
+    test = setup["test"]
+    entries = control_entries(maps, ["a", "b"], test.models)
+    labels = np.asarray(test.labels)
+    tal = ControlTally(maps, hb, entries, labels, "cpu")
+    sharded = tal.fresh()
+    rows = StoreSource(test, ["a", "b", "a~random"], chunk=BLOCK * 2)
+    evaluate_mod.run_pass(rows, {"c": tal})
+    run_locally(rows, {"c": sharded}, [(0, 100), (100, 700), (700, N_EVAL)])
+    np.testing.assert_array_equal(tal.joined(), sharded.joined())
+
+
+def test_refusals(setup) -> None:
+    with pytest.raises(AffeqError, match="controls are fitted from the Gram pass"):
+        fit(setup["train"], method="prior-ridge",
+            options=FitOptions(holdout=0.1, dedup=False, controls=True))
+    plain = fit(setup["train"], ["a", "b"], method="ols", options=setup["opt"]).maps
+    with pytest.raises(AffeqError, match="holds no control maps"):
+        evaluate(setup["test"], plain, device="cpu", controls=True)
+    with pytest.raises(AffeqError, match="needs the classifier heads"):
+        fit({"a": setup["feats"]["a"][:500], "b": setup["feats"]["b"][:500]}, method="ols",
+            options=FitOptions(controls=True))
+
+
+def test_cli_flags_a_hybrid_that_does_not_beat_its_controls(setup, tmp_path, capsys) -> None:
+    """A store whose 'network' b is a copy of a shuffled: its hybrids cannot beat the shuffled
+    control. The CLI prints one line naming them; table.json has the field."""
+    from affeq_rt.cli.main import main
+    from affeq_rt.demo.run import write_store
+    from affeq_rt.io.maps import save_maps
+
+    feats, y, heads = setup["feats"], setup["y"], setup["heads"]
+    rng = np.random.default_rng(5)
+    junk = {"a": feats["a"], "b": feats["b"][rng.permutation(len(y))]}
+    spec = {m: {"name": m, "label_offset": 0} for m in junk}
+    train = ArrayStore({m: x[:N_FIT] for m, x in junk.items()}, heads, y[:N_FIT], spec)
+    maps = fit(train, method="ols", options=FitOptions(**{**setup["opt"].__dict__,
+                                                          "controls": True})).maps
+    save_maps(tmp_path / "m.safetensors", maps)
+    store = write_store(tmp_path / "s", ArrayStore({m: x[N_FIT:] for m, x in junk.items()},
+                                                   {m: heads[m] for m in junk}, y[N_FIT:], spec))
+    assert main(["evaluate", "-f", str(store), "--maps", str(tmp_path / "m.safetensors"), "-o",
+                 str(tmp_path / "r"), "--controls", "--quiet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid(s) do NOT beat their controls: " in out
+    assert "b->a" in out
+    doc = json.loads((tmp_path / "r" / "table.json").read_text())
+    assert doc["controls"]["all_beat"] is False
+    assert "b->a" in doc["controls"]["flagged"]
+    assert "Negative controls" in (tmp_path / "r" / "report.html").read_text()
