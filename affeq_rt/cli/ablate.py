@@ -19,10 +19,11 @@ from affeq_rt.cli.options import (
     RandomWeights,
     model_list,
 )
-from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
-from affeq_rt.vis.ablate import ablate
-from affeq_rt.vis.corrupt import SALT_PEPPER_AMOUNTS
+
+#: vis.corrupt.SALT_PEPPER_AMOUNTS as the option's default, written out: importing it loads
+#: NumPy for every command's start-up (tests/test_startup.py checks the two agree).
+AMOUNTS = "0.0005,0.005,0.05,0.2"
 
 
 def run(
@@ -37,7 +38,7 @@ def run(
     labels: Labels = None,
     amounts: Annotated[str, typer.Option(
         "--amounts", help="Salt-and-pepper amounts λ (fraction of H·W·C values), "
-        "comma-separated.")] = ",".join(f"{a:g}" for a in SALT_PEPPER_AMOUNTS),
+        "comma-separated.")] = AMOUNTS,
     max_images: MaxImages = None,
     batch_size: BatchSize = 64,
     seed: NoiseSeed = 0,
@@ -55,6 +56,8 @@ def run(
     mean confidence; writes a table (Markdown/JSON/HTML) and a plot of score against corruption
     strength (networks and hybrids on one figure). MODELS are registry names or export folders.
     """
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.vis.ablate import ablate
     try:
         lam = tuple(float(a) for a in amounts.split(",") if a.strip())
     except ValueError:

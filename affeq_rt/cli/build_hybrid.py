@@ -8,13 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import ExportRoot, Force, Quiet, RandomWeights
-from affeq_rt.cli.progress import Display
-from affeq_rt.deploy.from_names import DATA_FREE, hybrid
-from affeq_rt.deploy.hybrid import HybridOptions
-from affeq_rt.deploy.metadata import read_metadata
-from affeq_rt.method.extract import ImageOptions
-from affeq_rt.method.fit import FitOptions
-from affeq_rt.method.quality import quality_line
 
 
 def run(
@@ -64,6 +57,13 @@ def run(
     data-free logit-pinv map. One Gemm holds W_B·M and W_B·m + c_B; outputs logits and
     probabilities; checked against the separate parts on real photos before the file is written.
     """
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.deploy.from_names import DATA_FREE, hybrid
+    from affeq_rt.deploy.hybrid import HybridOptions
+    from affeq_rt.deploy.metadata import read_metadata
+    from affeq_rt.method.extract import ImageOptions
+    from affeq_rt.method.fit import FitOptions
+    from affeq_rt.method.quality import quality_line
     options = HybridOptions(fp16=fp16, with_preprocessing=with_preprocessing, force=force,
                             server_repo=server_repo, model_name=name, tensorrt=tensorrt,
                             max_batch_size=max_batch_size)

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import ExportRoot, Provider, Quiet, RandomWeights
-from affeq_rt.cli.progress import Display
-from affeq_rt.vis.cam import cam
 
 
 def run(
@@ -39,6 +37,8 @@ def run(
     hybrid's map with each parent's). Needs networks whose classifier follows global average
     pooling (EfficientNet, MobileNetV2, ResNet, Inception…); VGG/AlexNet are refused.
     """
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.vis.cam import cam
     with Display(quiet) as display:
         res = cam(images, src, dst, maps, out=out, top=top, provider=provider,
                   export_root=export_root, random_weights=random_weights, progress=display)

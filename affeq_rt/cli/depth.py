@@ -9,10 +9,11 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import Device, FitSeed, Quiet, model_list
-from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
-from affeq_rt.method.depth import METHODS, layer_analysis
-from affeq_rt.report.depth import cka_text, depth_text, write_depth
+
+#: method.depth.METHODS, written out: importing it loads NumPy for every command's start-up
+#: (tests/test_startup.py checks the two agree).
+METHODS = ("ols", "ridge")
 
 
 def run(
@@ -41,13 +42,18 @@ def run(
     """Where in network A does network B's classifier become usable? For every stage of A, the
     affine map to B's features scored through B's unchanged classifier on held-out images, and
     the linear CKA of every pair of stages; exact, from one pass over the stored rows."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.method.depth import layer_analysis
+    from affeq_rt.method.fit import FitOptions
+    from affeq_rt.report.depth import cka_text, depth_text, write_depth
     names = model_list(models) or []
     if len(names) not in (1, 2):
         raise AffeqError(f"--models takes one or two networks, got {len(names)}",
                          "pass --models A,B (or one name for a network against itself)")
     with Display(quiet) as display:
         la = layer_analysis(features, names[0], names[-1], test=test, method=method,
-                            holdout=holdout, seed=seed, device=device, progress=display)
+                            options=FitOptions(holdout=holdout, seed=seed, device=device),
+                            progress=display)
     typer.echo(depth_text(la))
     typer.echo("")
     typer.echo(cka_text(la))

@@ -8,10 +8,7 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import ExportRoot, Quiet, RandomWeights
-from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
-from affeq_rt.model.weights import set_offline
-from affeq_rt.onnx.export import export_backbone
 
 
 def run(
@@ -33,6 +30,9 @@ def run(
     logits), plus head.safetensors and manifest.json, into EXPORT_ROOT/NAME after checking ONNX
     against the framework. Hub weights are downloaded on first use into the Hugging Face / torch
     hub cache unless HF_HUB_OFFLINE=1 or --offline."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.model.weights import set_offline
+    from affeq_rt.onnx.export import export_backbone
     if offline:
         set_offline()
     if old_out is not None:  # the old spelling, kept hidden and silent for scripts

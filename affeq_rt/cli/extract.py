@@ -27,8 +27,6 @@ from affeq_rt.cli.options import (
     executor_option,
     image_options,
 )
-from affeq_rt.cli.progress import Display
-from affeq_rt.method.extract import extract
 
 
 def run(
@@ -65,6 +63,8 @@ def run(
 
     Rerun the same command after an interruption to finish the store.
     """
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.method.extract import extract
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta, preprocessing)
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)

@@ -30,12 +30,7 @@ from affeq_rt.cli.options import (
     executor_option,
     image_options,
 )
-from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.store import open_store
-from affeq_rt.method.fit import FitOptions, fit
-from affeq_rt.report.curve import curve_text, write_curve
-from affeq_rt.report.similarity import similarity_text, write_similarity
 
 
 def run(
@@ -103,6 +98,11 @@ def run(
 ) -> None:
     """Fit a map for every ordered pair A≠B from one pass over the data; resumable (rerun the
     same command after an interruption)."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.io.store import open_store
+    from affeq_rt.method.fit import FitOptions, fit
+    from affeq_rt.report.curve import curve_text, write_curve
+    from affeq_rt.report.similarity import similarity_text, write_similarity
     if (data is None) == (features is None):
         raise AffeqError("give exactly one of --data and --features",
                          "fit on images (--data DIR) or on a feature store (--features STORE)")

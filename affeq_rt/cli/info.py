@@ -8,10 +8,7 @@ from typing import Any
 import typer
 
 from affeq_rt.cli.options import Json
-from affeq_rt.core.backends import backends
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.fsio import versions
-from affeq_rt.onnx.runtime import PROVIDERS, loadable_providers
 
 
 def providers() -> list[dict[str, Any]]:
@@ -21,6 +18,7 @@ def providers() -> list[dict[str, Any]]:
     :func:`affeq_rt.onnx.runtime.loadable_providers` (a one-node session), not from the list.
     Providers affeq-rt never asks for are shown as listed but not probed (``loads`` None).
     """
+    from affeq_rt.onnx.runtime import PROVIDERS, loadable_providers
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -37,6 +35,8 @@ def providers() -> list[dict[str, Any]]:
 def run(as_json: Json = False) -> None:
     """Show affeq-rt's version and those of the packages that shape results, the compiled
     backends (cpu, cuda) and which onnxruntime providers are listed and really load."""
+    from affeq_rt.core.backends import backends
+    from affeq_rt.io.fsio import versions
     vers = versions()
     bks = [{"name": b.name, "available": b.available, "reason": b.reason} for b in backends()]
     provs = providers()

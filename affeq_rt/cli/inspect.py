@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import Json
-from affeq_rt.deploy.metadata import read_metadata
 from affeq_rt.io.terminal import printable
 
 
@@ -25,6 +24,7 @@ def run(
     Always recomputes the hybrid's recorded checksums first: a corrupt or modified file is one
     error line saying to rebuild it. Text from the file (names, labels) is printed with control
     characters escaped."""
+    from affeq_rt.deploy.metadata import read_metadata
     info = read_metadata(model, verify=True)
     if as_json:  # JSON escapes every control character itself
         typer.echo(json.dumps(info, indent=2, default=str))

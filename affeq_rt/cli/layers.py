@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import ExportRoot, Provider, Quiet, RandomWeights
-from affeq_rt.cli.progress import Display
-from affeq_rt.vis.layers import layers
 
 
 def run(
@@ -33,6 +31,8 @@ def run(
     Layers are chosen automatically, one per stage (the last feature map at each spatial
     resolution), unless named with --layer.
     """
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.vis.layers import layers
     with Display(quiet) as display:
         res = layers(name, image, out=out, names=layer or None, channels=channels,
                      provider=provider, export_root=export_root, random_weights=random_weights,

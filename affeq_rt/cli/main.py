@@ -10,6 +10,7 @@ one line and code, before any command began (:mod:`affeq_rt.cli.signals`).
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import signal
@@ -195,9 +196,23 @@ def _stopped() -> int:
     return code
 
 
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app that runs ``args``: when they start with a command's name, ``app`` with that one
+    command (typer then builds one command's options from its signature, not all of them: issue
+    25's start-up); otherwise ``app`` itself (the command list, click's "No such command")."""
+    if args and not args[0].startswith("-"):
+        for info in app.registered_commands:
+            if info.name == args[0]:
+                one = copy.copy(app)  # same callback and settings, the commands list replaced
+                one.registered_commands = [info]
+                return one
+    return app
+
+
 def _main(argv: list[str] | None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="affeq-rt")
+        rv = _app_for(args)(args=args, standalone_mode=False, prog_name="affeq-rt")
     except (_Interrupted, KeyboardInterrupt, typer.Abort):
         return _stopped()
     except SystemExit as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -16,9 +16,9 @@ from rich.table import Table
 
 from affeq_rt.cli.options import Json
 from affeq_rt.errors import AffeqError
-from affeq_rt.onnx.stages import list_stages, stage_model
-from affeq_rt.registry.resolve import list_resolvable
-from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
+
+if TYPE_CHECKING:  # the library is imported where used: --help stays light (issue 25)
+    from affeq_rt.registry.spec import BackboneSpec
 
 PIPE_WIDTH = 240  # not a terminal and no COLUMNS: every column, one line per model (grep)
 
@@ -53,6 +53,8 @@ def _table(specs: list[BackboneSpec], wide: bool) -> Table:
 def _all(pattern: str | None, as_json: bool) -> None:
     """Every resolvable timm/torchvision name matching ``pattern``: one line each (name, library,
     label set, weights offline, curated), a count on stderr."""
+    from affeq_rt.registry.resolve import list_resolvable
+    from affeq_rt.registry.spec import list_specs
     curated = {s.arch.lower(): s.name for s in list_specs() if s.library != "affeq"}
     curated |= {s.weights.hub.split("/", 1)[1].lower(): s.name for s in list_specs()
                 if s.weights.kind == "hub" and s.weights.hub}
@@ -79,6 +81,7 @@ def _all(pattern: str | None, as_json: bool) -> None:
 def _stages(spec: BackboneSpec) -> None:
     """One line per stage (``affeq-rt depth`` and stage extraction use them), from a shapes-only
     forward; a network without findable stages says why in one line."""
+    from affeq_rt.onnx.stages import list_stages, stage_model
     try:
         stages = list_stages(spec)
     except AffeqError as e:
@@ -111,6 +114,7 @@ def run(
     """List the registered backbones (name, paper name, feature dim, input, library, weights),
     print one model's spec (curated, or resolved from timm/torchvision metadata), or list every
     resolvable name (--all)."""
+    from affeq_rt.registry.spec import get_spec, list_specs
     if all_names:
         _all(name, as_json)
         return

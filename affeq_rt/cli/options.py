@@ -8,13 +8,13 @@ is a flag that prints JSON on stdout; every input file has its own named option.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from affeq_rt.cluster.ray import executor_for
-from affeq_rt.engine import Executor
-from affeq_rt.method.extract import ImageOptions
+if TYPE_CHECKING:  # imported where used: the command line starts without them (issue 25)
+    from affeq_rt.engine import Executor
+    from affeq_rt.method.extract import ImageOptions
 
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
                     "(default $AFFEQ_RT_HOME/exports).")
@@ -107,6 +107,7 @@ def image_options(batch_size: int, workers: int | None, provider: str, random_we
                   export_root: Path | None, labels: Path | None, meta: Path | None,
                   pipeline: str = "exact") -> ImageOptions:
     """The shared image-reading options (``extract``, ``fit --data``) as the library's type."""
+    from affeq_rt.method.extract import ImageOptions
     return ImageOptions(batch_size=batch_size, workers=workers, provider=provider,
                         random_weights=random_weights, export_root=export_root,
                         labels=opt_str(labels), meta=opt_str(meta), pipeline=pipeline)
@@ -115,5 +116,6 @@ def image_options(batch_size: int, workers: int | None, provider: str, random_we
 def executor_option(executor: str, address: str | None, ray_workers: int,
                     gpus_per_worker: float, shard_size: int | None) -> Executor:
     """The executor the ``--executor`` options name (a LocalExecutor or a RayExecutor)."""
+    from affeq_rt.cluster.ray import executor_for
     return executor_for(executor, address=address, workers=ray_workers,
                         gpus_per_worker=gpus_per_worker, shard_size=shard_size)

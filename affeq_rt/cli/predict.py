@@ -8,9 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import ExportRoot, Fp16, Provider, Quiet, Verify
-from affeq_rt.cli.progress import Display
-from affeq_rt.deploy.metadata import read_metadata
-from affeq_rt.deploy.predict import predict
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.terminal import printable
 
@@ -31,6 +28,9 @@ def run(
     onnxruntime provider ran. MODEL is a registry name (exported into the export root on first
     use), an export folder (both use the backbone's own preprocessing) or a hybrid .onnx file
     (uses the preprocessing recorded in its metadata)."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.deploy.metadata import read_metadata
+    from affeq_rt.deploy.predict import predict
     if verify and Path(name).is_file():  # a hybrid: its recorded hashes (exports: always)
         read_metadata(name, verify=True)
     if top < 1:

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import Provider
-from affeq_rt.deploy.serve import serve
 
 
 def run(
@@ -30,5 +29,6 @@ def run(
     tensors). Only the named models are served: repository load/unload are refused. Ctrl-C
     stops.
     """
+    from affeq_rt.deploy.serve import serve
     serve(target, port=port, host=host, grpc_port=grpc_port, provider=provider, name=name,
           announce=typer.echo)

@@ -21,10 +21,6 @@ from affeq_rt.cli.options import (
     executor_option,
     model_list,
 )
-from affeq_rt.cli.progress import Display
-from affeq_rt.io.store import open_store
-from affeq_rt.method.similarity import similarity
-from affeq_rt.report.similarity import similarity_text, write_similarity
 
 
 def run(
@@ -51,6 +47,10 @@ def run(
     """Compare every pair of networks in a feature store: linear and debiased CKA, canonical
     correlations (mean, SVCCA), R² of the OLS map both ways and the orthogonal Procrustes distance,
     exact over every image from one pass (no n×n kernels)."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.io.store import open_store
+    from affeq_rt.method.similarity import similarity
+    from affeq_rt.report.similarity import similarity_text, write_similarity
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     store = open_store(features)
     with Display(quiet) as display:

@@ -9,9 +9,6 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import Device, Json, ModelsSubset, model_list
-from affeq_rt.io.fsio import write_json_atomic
-from affeq_rt.io.store import FeatureStore
-from affeq_rt.method.evaluate import validate
 
 
 def run(
@@ -31,6 +28,9 @@ def run(
     expects; flags a gap larger than the tolerance (wrong preprocessing or label order shows up
     here first) and exits 1 if any network is flagged. The store's checksums are always
     recomputed first (a corrupt or modified store is one error line)."""
+    from affeq_rt.io.fsio import write_json_atomic
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.evaluate import validate
     store = FeatureStore.open(features, verify=True)  # every checksum, before any number
     rows = validate(store, device=device, tolerance=tolerance, models=model_list(models))
     docs = [r.to_dict() for r in rows]
