@@ -19,13 +19,7 @@ from affeq_rt.cli.options import (
     executor_option,
     model_list,
 )
-from affeq_rt.cli.progress import Display
 from affeq_rt.errors import AffeqError
-from affeq_rt.io.store import open_store
-from affeq_rt.method.evaluate import evaluate
-from affeq_rt.report.controls import controls_text
-from affeq_rt.report.tables import text_table
-from affeq_rt.report.write import fit_extras, write_report
 
 
 def _pairs(specs: list[str]) -> list[tuple[str, str]] | None:
@@ -72,6 +66,12 @@ def run(
     """Score every hybrid C_B(M F_A) and each network unmapped on a feature store: top-1/top-5, %
     change from the source's own accuracy (thesis Table 5.2), the paper's Loss_{A,B}, overlap of
     correct images; agreement only when the store has no labels. Writes a report folder."""
+    from affeq_rt.cli.progress import Display
+    from affeq_rt.io.store import open_store
+    from affeq_rt.method.evaluate import evaluate
+    from affeq_rt.report.controls import controls_text
+    from affeq_rt.report.tables import text_table
+    from affeq_rt.report.write import fit_extras, write_report
     pairs = _pairs(pair or [])
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, None)
     store = open_store(features, verify=verify)
