@@ -28,6 +28,7 @@ import affeq_rt.data.loader as loader
 from affeq_rt.demo.photos import FIT_PHOTOS, TEST_PHOTOS, write_views
 from affeq_rt.method.depth import layer_analysis
 from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.fit import FitOptions
 from affeq_rt.report.depth import cka_text, depth_text, write_depth
 
 
@@ -74,7 +75,7 @@ def main() -> None:
         decodes.clear()
         t0 = time.perf_counter()
         la = layer_analysis(t / "fit_stages", models[0], models[-1], test=t / "test_stages",
-                            method=args.method, holdout=args.holdout)
+                            method=args.method, options=FitOptions(holdout=args.holdout))
         runs["analysis"] = {"seconds": time.perf_counter() - t0, "decodes": len(decodes),
                             "rows": la.n, "stages": len(la.models), "test_images": n_test}
     rec["runs"] = runs

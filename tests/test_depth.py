@@ -89,7 +89,7 @@ def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
     only by float64 summation order over 1,198 rows (~1e-13 relative); dropping or double-counting
     one row moves a CKA by ~1e-4."""
     train, _ = stage_stores
-    la = layer_analysis(train, A, B, test=None, holdout=0.1)
+    la = layer_analysis(train, A, B, test=None, options=FitOptions(holdout=0.1))
     st = FeatureStore.open(train)
     assert la.models == [*(f"{A}@s{i}" for i in (1, 2, 3)), A,
                          *(f"{B}@s{i}" for i in (1, 2, 3)), B]
@@ -113,7 +113,8 @@ def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
 def test_depth_curve_rises_and_ends_at_the_ordinary_hybrid(stage_stores: tuple[Path, Path]
                                                            ) -> None:
     train, test = stage_stores
-    la = layer_analysis(train, A, B, test=test, method="ols", holdout=0.1, seed=0)
+    la = layer_analysis(train, A, B, test=test, method="ols",
+                        options=FitOptions(holdout=0.1, seed=0))
     for src, dst in ((A, B), (B, A)):
         c = la.curve(src, dst)
         scores = [p.score for p in c.points]

@@ -123,6 +123,7 @@ def test_whole_two_network_analysis_decodes_each_image_once(env, stage_store, mo
     """Stage extraction, then CKA and both depth curves: the analysis is one pass over stored
     rows, so the images were decoded once each in all (photos have no labels: agreement)."""
     import affeq_rt.method.depth as depth
+    from affeq_rt.method.fit import FitOptions
 
     res, calls = stage_store
     after: list[str] = []
@@ -133,7 +134,7 @@ def test_whole_two_network_analysis_decodes_each_image_once(env, stage_store, mo
     monkeypatch.setattr(depth, "run_pass",
                         lambda rows, *a, **k: passes.append(type(rows).__name__) or
                         real_pass(rows, *a, **k))
-    la = depth.layer_analysis(res.path, *MODELS, holdout=0.3)
+    la = depth.layer_analysis(res.path, *MODELS, options=FitOptions(holdout=0.3))
     assert after == []
     assert passes == ["StoreSource"]
     assert len(calls) == len(set(calls)) == len(list(Path(env["photos"]).iterdir()))

@@ -15,6 +15,7 @@ from affeq_rt.demo import digits
 from affeq_rt.io.heads import load_head
 from affeq_rt.io.store import ArrayStore
 from affeq_rt.method.depth import LayerAnalysis, layer_analysis
+from affeq_rt.method.fit import FitOptions
 from affeq_rt.method.stages import stage_spec
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.stages import ensure_stages, export_stages, stage_model
@@ -59,8 +60,8 @@ def digits_depth(root: Path, seed: int, write_store: Callable[..., Path],
                           source=f"sklearn-digits-{part}-stages")
               for part, y in (("train", data.y_train), ("test", data.y_test))]
     a, b = (f"digits_{x}" for x in PAIR)
-    la = layer_analysis(stores[0], a, b, test=stores[1], method="ols", holdout=0.1, seed=seed,
-                        device="cpu")
+    la = layer_analysis(stores[0], a, b, test=stores[1], method="ols",
+                        options=FitOptions(holdout=0.1, seed=seed, device="cpu"))
     write_depth(la, root / "depth")
     for c in la.curves:
         say(f"layer by layer: {c.source} -> {c.target} top-1 by stage "

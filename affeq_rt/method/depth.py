@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from affeq_rt.core.evaluate import evaluate_heads
-from affeq_rt.engine import Executor, run_pass
+from affeq_rt.engine import run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.io.store import StoreLike, open_store
 from affeq_rt.method import solvers
+from affeq_rt.method.fit import FitOptions
 from affeq_rt.method.methods import holdout_mask
 from affeq_rt.method.reducers import GramReducer, HeldOutRows, RowNorms
 from affeq_rt.method.rows import StoreSource, model_slices, source_groups, source_labels
@@ -209,21 +210,64 @@ def _held_out(test: StoreLike | None, models: Sequence[str], slices: Mapping[str
     return {m: x[:, slices[m]] for m in models}, None if labels is None else labels[idx]
 
 
+def _depth_pass(st: Any, models: list[str], options: FitOptions, with_heldout: bool,
+                progress: Progress | None) -> tuple[StoreSource, dict[str, slice], Any, dict]:
+    """The one Gram pass over every stage of ``models``: the rows, their slices, their labels
+    (None if unlabelled) and the reducers (Gram with row norms; held-out rows if asked)."""
+    rows = StoreSource(st, models)
+    slices = model_slices(models, rows.dims())
+    labels = source_labels(rows)
+    mask = holdout_mask(rows.n, options.holdout, options.seed, source_groups(rows))
+    red: dict[str, Any] = {"gram": GramReducer(slices, mask, options.device, row_norms=True)}
+    if with_heldout:
+        red["heldout"] = HeldOutRows(mask, int(mask.sum()))
+    run_pass(rows, red, executor=options.executor, progress=progress, task="stages")
+    return rows, slices, labels, red
+
+
+def _curve(st: Any, src: str, dst: str, method: str, fit: tuple[Any, Any, dict[str, slice]],
+           scored: tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Head]]
+           ) -> DepthCurve:
+    """The depth curve ``src``→``dst``: one map per stage of ``src`` solved from the Gram
+    (``fit``: train and held-out moments, slices), scored through ``dst``'s head on the
+    ``scored`` rows (rows per model, labels or None, heads)."""
+    train, hold, slices = fit
+    xs, lab, heads = scored
+    dims = {m: sl.stop - sl.start for m, sl in slices.items()}
+    fn = solvers.ols if method == "ols" else solvers.ridge
+    own_pred, _ = _score(xs[dst], heads[dst], np.full(len(xs[dst]), -1))
+    target_own = _score(xs[dst], heads[dst], lab)[1] if lab is not None else 100.0
+    source_own = _score(xs[src], heads[src], lab)[1] if lab is not None else None
+    truth = lab if lab is not None else own_pred
+    points = []
+    for m in (x for x in slices if _stage_info(x, st.spec(x), dims[x])["network"] == src):
+        w, bias, stats = fn(train, slices[m], slices[dst], hold)
+        amap = AffineMap(m, dst, w.astype(np.float32), bias.astype(np.float32), method,
+                         stats)  # stored as fit stores a map: float32
+        pred, score = _score(xs[m], fold_head(amap, heads[dst]), truth)
+        info = _stage_info(m, st.spec(m), dims[m])
+        points.append(DepthPoint(m, info["stage"], info["module"], dims[m], score,
+                                 int(stats.get("rank", dims[m])), stats.get("r2_train"), pred))
+    return DepthCurve(src, dst, method, "top1" if lab is not None else "agreement", points,
+                      target_own, source_own, int(train.n), len(xs[dst]))
+
+
 def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None = None, *,
                    test: StoreLike | str | os.PathLike | None = None, method: str = "ols",
-                   holdout: float = 0.1, seed: int = 0, device: str = "auto",
-                   progress: Progress | None = None,
-                   executor: Executor | None = None) -> LayerAnalysis:
+                   options: FitOptions | None = None,
+                   progress: Progress | None = None) -> LayerAnalysis:
     """Stage × stage CKA of networks ``a`` and ``b`` (``b`` None or ``a``: within one) and the
     depth curves a→b and b→a, from one pass over ``store`` (a stage store or its folder).
 
-    The held-out split is ``fit``'s (``holdout``, ``seed``, whole groups), so each curve's last
-    point is the ordinary hybrid's figure for the same maps. ``test``: a stage store of other
-    images to score on (then every point is scored on all of its rows)."""
+    The held-out split is ``fit``'s (``options``: ``holdout``, ``seed``, whole groups; also its
+    ``device`` and ``executor``), so each curve's last point is the ordinary hybrid's figure for
+    the same maps. ``test``: a stage store of other images to score on (then every point is
+    scored on all of its rows)."""
+    o = options or FitOptions()
     if method not in METHODS:
         raise AffeqError(f"the depth curve solves maps from the Gram: method {method!r} is not "
                          "one of them", f"use --method {' or '.join(METHODS)}")
-    holdout_mask(0, holdout)  # AffeqError for a bad fraction, before any work
+    holdout_mask(0, o.holdout)  # AffeqError for a bad fraction, before any work
     st = open_store(store)
     tst = open_store(test) if test is not None else None
     nets, models = _networks(st, a, b)
@@ -232,44 +276,15 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
         if missing:
             raise AffeqError(f"the test store lacks {', '.join(missing[:3])}",
                              "extract the test images with the same --models and --stages")
-    rows = StoreSource(st, models)
-    dims = rows.dims()
-    slices = model_slices(models, dims)
-    labels = source_labels(rows)
-    mask = holdout_mask(rows.n, holdout, seed, source_groups(rows))
-    red: dict[str, Any] = {"gram": GramReducer(slices, mask, device, row_norms=True)}
-    if tst is None:
-        red["heldout"] = HeldOutRows(mask, int(mask.sum()))
-    run_pass(rows, red, executor=executor, progress=progress, task="stages")
+    rows, slices, labels, red = _depth_pass(st, models, o, tst is None, progress)
     g: GramReducer = red["gram"]
     both = g.train + g.holdout if int(g.holdout.n) else g.train
     cka, deb = linear_cka(both, slices, g.norms)
     xs, lab = _held_out(tst, models, slices, red, labels)
-    heads = {n: st.head(n) for n in nets}
-    hold = g.holdout if int(g.holdout.n) > 0 else None
-    fn = solvers.ols if method == "ols" else solvers.ridge
-    curves = []
-    for src in nets:
-        for dst in nets:
-            if src == dst and len(nets) > 1:
-                continue
-            own_pred, _ = _score(xs[dst], heads[dst], np.full(len(xs[dst]), -1))
-            target_own = (_score(xs[dst], heads[dst], lab)[1] if lab is not None else 100.0)
-            source_own = _score(xs[src], heads[src], lab)[1] if lab is not None else None
-            truth = lab if lab is not None else own_pred
-            points = []
-            for m in (x for x in models if _stage_info(x, st.spec(x), dims[x])["network"]
-                      == src):
-                w, bias, stats = fn(g.train, slices[m], slices[dst], hold)
-                amap = AffineMap(m, dst, w.astype(np.float32), bias.astype(np.float32), method,
-                                 stats)  # stored as fit stores a map: float32
-                pred, score = _score(xs[m], fold_head(amap, heads[dst]), truth)
-                info = _stage_info(m, st.spec(m), dims[m])
-                points.append(DepthPoint(m, info["stage"], info["module"], dims[m], score,
-                                         int(stats.get("rank", dims[m])), stats.get("r2_train"),
-                                         pred))
-            curves.append(DepthCurve(src, dst, method, "top1" if lab is not None else "agreement",
-                                     points, target_own, source_own, int(g.train.n),
-                                     len(xs[dst])))
+    fit = (g.train, g.holdout if int(g.holdout.n) > 0 else None, slices)
+    scored = (xs, lab, {n: st.head(n) for n in nets})
+    curves = [_curve(st, src, dst, method, fit, scored) for src in nets for dst in nets
+              if src != dst or len(nets) == 1]
+    dims = rows.dims()
     return LayerAnalysis(nets, models, {m: _stage_info(m, st.spec(m), dims[m]) for m in models},
                          int(both.n), cka, curves, rows.describe(), deb)
