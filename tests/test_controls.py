@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from affeq_rt.cluster.worker import run_locally
+from affeq_rt.engine import LocalExecutor
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.store import ArrayStore
@@ -191,19 +192,22 @@ def test_evaluate_scores_controls_like_a_direct_loop(setup) -> None:
 
 
 def test_controls_are_statistics_of_the_same_passes(setup, monkeypatch) -> None:
-    """Pass count: fit with controls runs one pass, evaluate with controls one pass."""
+    """Pass count, at the engine's one method (``Executor.run``): fit with controls runs one pass,
+    evaluate with controls one pass (as without)."""
     calls: list[str] = []
-    for mod in (fit_mod, evaluate_mod):
-        real = mod.run_pass
-        monkeypatch.setattr(mod, "run_pass", lambda rows, *a, _r=real, **k:
-                            calls.append(k.get("task", "?")) or _r(rows, *a, **k))
+    real = LocalExecutor.run
+    monkeypatch.setattr(LocalExecutor, "run", lambda self, rows, reducers, *a, **k:
+                        calls.append(",".join(sorted(reducers))) or real(self, rows, reducers,
+                                                                         *a, **k))
     opt = FitOptions(**{**setup["opt"].__dict__, "controls": True})
     maps = fit(setup["train"], method="ols", options=opt).maps
-    assert calls == ["fit"]
+    assert len(calls) == 1
+    assert "controls_noise" in calls[0]
+    assert "controls_shuffled" in calls[0]
     evaluate(setup["test"], maps, device="cpu", controls=True)
-    assert calls == ["fit", "evaluate"]
+    assert calls[1:] == ["controls,tally"]
     evaluate(setup["test"], maps, device="cpu")
-    assert calls == ["fit", "evaluate", "evaluate"]
+    assert calls[2:] == ["tally"]
 
 
 def test_sharded_equals_in_place(setup) -> None:
