@@ -51,6 +51,19 @@ def test_ablate_help() -> None:
     assert main(["ablate", "--help"]) == 0
 
 
+@pytest.mark.parametrize(("flag", "said"), [("--batch-size", "batch size must be positive"),
+                                            ("--max-images", "--max-images must be positive")])
+def test_ablate_bad_image_options_one_line(flag: str, said: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """A batch size or image count of 0 is one line (exit 1) before any network opens."""
+    rc = main(["ablate", "--models", "no_such_net", "--data", str(tmp_path), "--out",
+               str(tmp_path / "o"), flag, "0", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1
+    assert said in err[0]
+
+
 @pytest.fixture(scope="module")
 def miniature(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The demo's digits miniature (quick) and its held-out digits written as PNG class folders
@@ -152,6 +165,7 @@ def test_ablate_unlabelled_logit_pinv_hybrids(random_digit_nets: list[Path],
     from PIL import Image
 
     from affeq_rt.io.maps import AffineMap, MapSet
+    from affeq_rt.method.extract import ImageOptions
     from affeq_rt.method.solvers import logit_pinv
     from affeq_rt.onnx.exported import ExportedBackbone
     from affeq_rt.report.vis_sections import robustness_report_section
@@ -190,8 +204,8 @@ def test_ablate_unlabelled_logit_pinv_hybrids(random_digit_nets: list[Path],
         def step(self, message: str) -> None:
             events.append(("step", message))
 
-    t = ablate(random_digit_nets, data, MapSet(maps), out=tmp_path / "o", provider="cpu",
-               batch_size=5, progress=Recorder())
+    t = ablate(random_digit_nets, data, MapSet(maps), out=tmp_path / "o",
+               images=ImageOptions(provider="cpu", batch_size=5), progress=Recorder())
     assert ("start", ("ablations", 12, 0, "img")) in events
     assert [v for k, v in events if k == "advance"] == [5, 5, 2]
     assert events[-1] == ("done", None)

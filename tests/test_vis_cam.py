@@ -13,6 +13,7 @@ import pytest
 from affeq_rt.cli.main import main
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
+from affeq_rt.method.extract import ImageOptions
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.onnx.spatial import open_spatial
@@ -150,6 +151,45 @@ def test_unreadable_image_and_foreign_maps(digit_exports: dict[str, Path], tmp_p
     assert rc == 1
     assert len(err) == 1
     assert "has no map digits_resnet_small->digits_inception_small" in err[0]
+
+
+def test_cam_roles_of_a_digits_hybrid(digit_exports: dict[str, Path], tmp_path: Path) -> None:
+    """The API on a hybrid resnet_small → inception_small (logit-pinv map): each role's maps are
+    its own head on its own spatial map, bit for bit (the hybrid's: B's head folded into the map,
+    on A's map); the classes are the hybrid's top ones; files and labels are written."""
+    from PIL import Image
+
+    from affeq_rt.data.preprocess import load_image, preprocess
+    from affeq_rt.method.solvers import logit_pinv
+
+    pa, pb = digit_exports["resnet_small"], digit_exports["inception_small"]
+    a, b = ExportedBackbone(pa), ExportedBackbone(pb)
+    ha, hb = a.classifier_head(), b.classifier_head()
+    w, bias, _ = logit_pinv(ha, hb)
+    m = AffineMap(a.name, b.name, w.astype(np.float32), bias.astype(np.float32), "logit-pinv")
+    img = tmp_path / "x.png"
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(img)
+    res = cam([img], pa, pb, MapSet([m]), out=tmp_path / "o", top=2,
+              options=ImageOptions(provider="cpu"))
+    assert res.labels == {"src": a.name, "dst": b.name, "hybrid": f"{a.name}→{b.name}"}
+    im = res.images[0]
+    x = load_image(img)
+    fa = open_spatial(a, "cpu").run(preprocess(x, a.spec)[None])[0][0]
+    fb = open_spatial(b, "cpu").run(preprocess(x, b.spec)[None])[0][0]
+    hh = hybrid_head(m, hb)
+    z = hh.weight @ fa.astype(np.float64).mean(axis=(1, 2)) + hh.bias
+    assert im.classes == [int(c) for c in np.argsort(-z, kind="stable")[:2]]
+    for role, (f, wt) in {"src": (fa, ha.weight), "dst": (fb, hb.weight),
+                          "hybrid": (fa, hh.weight)}.items():
+        np.testing.assert_array_equal(im.maps[role], class_activation_maps(f, wt, im.classes))
+    # W_B·M = W_B W_B⁺ W_A = W_A (K = 10 ≤ 72 rows of full rank) up to M's float32 rounding
+    # (relative 6e-8 times W_B's condition number): the hybrid's map is A's but for ~1e-6 of
+    # its size, so 1 − r ≈ (1e-6)²; 1e-6 leaves room
+    assert im.correlation["src"] == pytest.approx(1.0, abs=1e-6)
+    doc = json.loads((tmp_path / "o" / "cam.json").read_text())
+    assert doc["labels"] == res.labels
+    assert (tmp_path / "o" / "00_x.png").is_file()
 
 
 def test_cam_help() -> None:
@@ -295,7 +335,7 @@ def test_cam_localises_a_small_cat(lite0_export: Path, photo_files: dict[str, Pa
     rng = np.random.default_rng(0)
     for at in ((130, 30), (340, 280)):
         p, box = _small_cat(photo_files["chelsea"], tmp_path, at)
-        res = cam([p], lite0_export, top=3, provider="cpu")
+        res = cam([p], lite0_export, top=3, options=ImageOptions(provider="cpu"))
         im = res.images[0]
         assert im.classes[0] in CAT_CLASSES
         cats = [k for k, c in enumerate(im.classes) if c in CAT_CLASSES]

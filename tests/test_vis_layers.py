@@ -13,9 +13,12 @@ from PIL import Image
 from affeq_rt.cli.main import main
 from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.errors import AffeqError
+from affeq_rt.method.extract import ImageOptions
 from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.spatial import open_spatial
 from affeq_rt.vis.layers import layers
+
+CPU = ImageOptions(provider="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def image(tmp_path: Path) -> Path:
 def test_one_layer_per_stage(resnet_small: Path, image: Path, tmp_path: Path) -> None:
     """Stages 14×14 then 7×7; the last is spatial.onnx's map (the GAP input) to rounding; the
     strongest channels are sorted by mean activation; PNG/HTML/JSON written."""
-    res = layers(resnet_small, image, out=tmp_path / "o", channels=4, provider="cpu")
+    res = layers(resnet_small, image, out=tmp_path / "o", channels=4, options=CPU)
     assert [v.shape[1:] for v in res.layers] == [(14, 14), (7, 7)]
     last = res.layers[-1]
     exp = ExportedBackbone(resnet_small)
@@ -66,11 +69,11 @@ def test_one_layer_per_stage(resnet_small: Path, image: Path, tmp_path: Path) ->
 def test_named_layer_and_errors(resnet_small: Path, image: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture) -> None:
     """A named layer is used as given; an unknown one and an unreadable image are one line."""
-    first = layers(resnet_small, image, provider="cpu").layers[0].name
-    res = layers(resnet_small, image, names=[first], provider="cpu")
+    first = layers(resnet_small, image, options=CPU).layers[0].name
+    res = layers(resnet_small, image, names=[first], options=CPU)
     assert [v.name for v in res.layers] == [first]
     with pytest.raises(AffeqError, match="closest"):
-        layers(resnet_small, image, names=[first + "x"], provider="cpu")
+        layers(resnet_small, image, names=[first + "x"], options=CPU)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     assert main(["layers", str(resnet_small), str(bad), "--out", str(tmp_path / "o"), "-q"]) == 1

@@ -17,6 +17,7 @@ from affeq_rt.cli.options import (
     Provider,
     Quiet,
     RandomWeights,
+    image_options,
     model_list,
 )
 from affeq_rt.errors import AffeqError
@@ -57,7 +58,7 @@ def run(
     strength (networks and hybrids on one figure). MODELS are registry names or export folders.
     """
     from affeq_rt.cli.progress import Display
-    from affeq_rt.vis.ablate import ablate
+    from affeq_rt.vis.ablate import AblateOptions, ablate
     try:
         lam = tuple(float(a) for a in amounts.split(",") if a.strip())
     except ValueError:
@@ -67,11 +68,10 @@ def run(
         raise AffeqError(f"--amounts {amounts!r} has values outside (0, 1]",
                          "λ is a fraction of the image's values")
     names = model_list(models) or []
+    opt = AblateOptions(amounts=lam, max_images=max_images, seed=seed)
+    img = image_options(batch_size, None, provider, random_weights, export_root, labels, None)
     with Display(quiet) as display:
-        table = ablate(names, data, maps, out=out, labels=None if labels is None else str(labels),
-                       amounts=lam, max_images=max_images, batch_size=batch_size, seed=seed,
-                       provider=provider, export_root=export_root,
-                       random_weights=random_weights, progress=display)
+        table = ablate(names, data, maps, out=out, options=opt, images=img, progress=display)
     typer.echo(f"{table.n} images, {table.measure} % (mean confidence)")
     typer.echo(table.markdown())
     for p in table.files.values():

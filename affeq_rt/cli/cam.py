@@ -38,8 +38,9 @@ def run(
     pooling (EfficientNet, MobileNetV2, ResNet, Inception…); VGG/AlexNet are refused.
     """
     from affeq_rt.cli.progress import Display
+    from affeq_rt.method.extract import ImageOptions
     from affeq_rt.vis.cam import cam
+    opt = ImageOptions(provider=provider, export_root=export_root, random_weights=random_weights)
     with Display(quiet) as display:
-        res = cam(images, src, dst, maps, out=out, top=top, provider=provider,
-                  export_root=export_root, random_weights=random_weights, progress=display)
+        res = cam(images, src, dst, maps, out=out, top=top, options=opt, progress=display)
     typer.echo(res.summary())

@@ -32,10 +32,11 @@ def run(
     resolution), unless named with --layer.
     """
     from affeq_rt.cli.progress import Display
+    from affeq_rt.method.extract import ImageOptions
     from affeq_rt.vis.layers import layers
+    opt = ImageOptions(provider=provider, export_root=export_root, random_weights=random_weights)
     with Display(quiet) as display:
-        res = layers(name, image, out=out, names=layer or None, channels=channels,
-                     provider=provider, export_root=export_root, random_weights=random_weights,
+        res = layers(name, image, out=out, names=layer or None, channels=channels, options=opt,
                      progress=display)
     typer.echo(f"{res.network}: {len(res.layers)} of {res.available} feature maps")
     for v in res.layers:

@@ -48,8 +48,8 @@ def spec_for(arch: str, weights_file: str | None = None) -> BackboneSpec:
                                   source=f"demo spec {arch}")
 
 
-def build(arch: str) -> Any:
-    """A fresh (untrained) demo network: ``features`` (image → [N, d]) then ``head`` (Linear)."""
+def _split_class() -> Any:
+    """The ``Split`` module class (torch is imported here, on first use)."""
     import torch
     from torch import nn
 
@@ -74,10 +74,16 @@ def build(arch: str) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.features(x))
 
-    class Basic(nn.Module):
-        """He et al.'s basic residual block (two 3×3 convs), projection shortcut when needed."""
+    return Split
 
-        def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+
+def _basic_block(cin: int, cout: int, stride: int = 1) -> Any:
+    """He et al.'s basic residual block (two 3×3 convs), projection shortcut when needed."""
+    import torch
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self) -> None:
             super().__init__()
             self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
             self.b1 = nn.BatchNorm2d(cout)
@@ -90,16 +96,21 @@ def build(arch: str) -> Any:
             y = torch.relu(self.b1(self.c1(x)))
             return torch.relu(self.b2(self.c2(y)) + self.short(x))
 
+    return Basic()
+
+
+def _inception_module(cin: int, c1: int, c3: int, c5: int, cp: int) -> Any:
+    """Inception module with dimension reductions: 1×1 | 1×1→3×3 | 1×1→5×5 | pool→1×1."""
+    import torch
+    from torch import nn
+
+    def cbr(a: int, b: int, k: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(a, b, k, padding=k // 2, bias=False),
+                             nn.BatchNorm2d(b), nn.ReLU())
+
     class Module(nn.Module):
-        """Inception module with dimension reductions: 1×1 | 1×1→3×3 | 1×1→5×5 | pool→1×1."""
-
-        def __init__(self, cin: int, c1: int, c3: int, c5: int, cp: int) -> None:
+        def __init__(self) -> None:
             super().__init__()
-
-            def cbr(a: int, b: int, k: int) -> nn.Sequential:
-                return nn.Sequential(nn.Conv2d(a, b, k, padding=k // 2, bias=False),
-                                     nn.BatchNorm2d(b), nn.ReLU())
-
             self.b1 = cbr(cin, c1, 1)
             self.b3 = nn.Sequential(cbr(cin, c3 // 2, 1), cbr(c3 // 2, c3, 3))
             self.b5 = nn.Sequential(cbr(cin, c5 // 2, 1), cbr(c5 // 2, c5, 5))
@@ -108,28 +119,38 @@ def build(arch: str) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
 
+    return Module()
+
+
+def _features(arch: str) -> Any:
+    """The feature extractor of ``arch``: image [N, 3, 28, 28] → [N, FEATURE_DIMS[arch]]."""
+    from torch import nn
+
     if arch == "lenet5":
         # The course notes' LeNet5 (conv5-pool-conv5-pool, 256→120→84→10) on 3×28×28 inputs.
-        feats = nn.Sequential(
+        return nn.Sequential(
             nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
             nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
-    elif arch == "resnet_small":
+    if arch == "resnet_small":
         # stride-2 stem (14×14), a basic block, a downsampling block (7×7), global average pool
-        feats = nn.Sequential(
+        return nn.Sequential(
             nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            Basic(16, 16), Basic(16, 48, stride=2),
+            _basic_block(16, 16), _basic_block(16, 48, stride=2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    elif arch == "inception_small":
+    if arch == "inception_small":
         # stride-2 stem (14×14), Inception module (56 ch), max-pool (7×7), module (72 ch), GAP
-        feats = nn.Sequential(
+        return nn.Sequential(
             nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            Module(16, 16, 24, 8, 8), nn.MaxPool2d(2, 2),
-            Module(56, 24, 24, 12, 12),
+            _inception_module(16, 16, 24, 8, 8), nn.MaxPool2d(2, 2),
+            _inception_module(56, 24, 24, 12, 12),
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    else:
-        raise AffeqError(f"unknown demo architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
-    net = Split(feats, FEATURE_DIMS[arch])
+    raise AffeqError(f"unknown demo architecture {arch!r}", f"use one of {', '.join(ARCHS)}")
+
+
+def build(arch: str) -> Any:
+    """A fresh (untrained) demo network: ``features`` (image → [N, d]) then ``head`` (Linear)."""
+    net = _split_class()(_features(arch), FEATURE_DIMS[arch])
     net.feature_info = [{"module": m} for m in STAGES[arch]]  # as timm lists its stages
     return net
 

@@ -16,7 +16,7 @@ import html
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, writ
 from affeq_rt.io.maps import save_maps
 from affeq_rt.io.store import ArrayStore, StoreConfig, StoreWriter
 from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.extract import ImageOptions
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.method.results import EvalTable
 from affeq_rt.onnx.export import export_split
@@ -40,7 +41,7 @@ from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import get_spec
 from affeq_rt.report import html_table, text_table, write_report
 from affeq_rt.report.vis_sections import cam_report_section, robustness_report_section
-from affeq_rt.vis.ablate import ablate
+from affeq_rt.vis.ablate import ABLATE_IMAGES, AblateOptions, ablate
 from affeq_rt.vis.cam import cam
 
 DIGIT_METHODS = ("ols", "logit-pinv", "naive")
@@ -250,7 +251,8 @@ def vis_sections(root: Path, photo_info: Mapping[str, Any] | None, export_root: 
         say("robustness: ablations of the digits networks and their OLS hybrids")
         nets = [root / "digits" / "exports" / f"digits_{a}" for a in digits.ARCHS]
         t = ablate(nets, folder, root / "digits" / "maps_ols.safetensors",
-                   out=root / "digits" / "ablation", provider="cpu", seed=seed)
+                   out=root / "digits" / "ablation", options=AblateOptions(seed=seed),
+                   images=replace(ABLATE_IMAGES, provider="cpu"))
         out.append(robustness_report_section(t, "Digits miniature (labelled): grayscale and "
                    "channel shuffles are identities on grey digits, so those columns equal "
                    "clean exactly."))
@@ -266,12 +268,14 @@ def vis_sections(root: Path, photo_info: Mapping[str, Any] | None, export_root: 
             hmaps = pdir / f"maps_{src}_to_{dst}.safetensors"
             mp = hmaps if hmaps.is_file() else photo_info["maps"]["logit-pinv"]
             say(f"cam: {src}, {dst} and the hybrid on chelsea")
-            c = cam([chelsea], src, dst, mp, out=pdir / "cam", export_root=export_root)
+            c = cam([chelsea], src, dst, mp, out=pdir / "cam",
+                    options=ImageOptions(export_root=export_root))
             out.insert(0, cam_report_section(c, f"Maps: {Path(mp).name}."))
             say("robustness: ablations of the photo networks on the test photos' views")
             t = ablate([src, dst], pdir / "views" / "test",
                        photo_info["maps"][ph.DEFAULT_FEW_DATA], out=pdir / "ablation",
-                       max_images=24, export_root=export_root, seed=seed)
+                       options=AblateOptions(max_images=24, seed=seed),
+                       images=replace(ABLATE_IMAGES, export_root=export_root))
             out.append(robustness_report_section(t, "Test photo views, never seen by the maps "
                        "(no labels: agreement with each network's own clean prediction); "
                        f"{ph.DEFAULT_FEW_DATA} maps."))
@@ -280,23 +284,12 @@ def vis_sections(root: Path, photo_info: Mapping[str, Any] | None, export_root: 
     return out
 
 
-def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: bool = True,
-             seed: int = 0, export_root: str | None = None,
-             say: Callable[[str], None] = print) -> DemoResult:
-    """The whole demo; writes ``out/report/report.html`` (one self-contained page) and
-    ``out/report/demo.json`` (every number). ``quick``: 4 training epochs and 12 views per photo
-    instead of 12 and 30."""
-    t0 = time.perf_counter()
-    root = ensure_writable_dir(out)
-    tables, acc = run_digits(root / "digits", quick=quick, seed=seed, say=say)
-    res = DemoResult(out=root, report=root / "report" / "report.html", digits=tables,
-                     digit_accuracy=acc)
+def _digit_sections(tables: Mapping[str, EvalTable]) -> tuple[str, list[tuple[str, str]]]:
+    """The report's note on the digits part and its logit-pinv and naive sections."""
     ols = tables["ols"]
-    notes = [
-        f"Digits miniature: {len(ols.models)} networks trained here on scikit-learn's digits "
-        f"({', '.join(ols.models)}), exported to ONNX (export_split), features from onnxruntime; "
-        f"maps fitted on the training digits, scored on {ols.n} held-out digits.",
-    ]
+    note = (f"Digits miniature: {len(ols.models)} networks trained here on scikit-learn's digits "
+            f"({', '.join(ols.models)}), exported to ONNX (export_split), features from "
+            f"onnxruntime; maps fitted on the training digits, scored on {ols.n} held-out digits.")
     extra: list[tuple[str, str]] = []
     for method in DIGIT_METHODS[1:]:
         t = tables[method]
@@ -304,72 +297,87 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
                               "hybrid reproduces the source's own logits, so no penalty",
                 "naive": naive_caption(t)}[method]
         extra.append((f"Digits, {method} maps", _section_table(t, what)))
-    if photos:
-        views = 12 if quick else 30
-        try:
-            pres = ph.run_photos(root / "photos", views, export_root=export_root, seed=seed,
-                                 say=say)
-        except AffeqError as e:
-            res.notes.append(f"photo part skipped: {e}")
-            say(f"photos: skipped ({e})")
-            pres = None
-        if pres is not None:
-            res.photos = pres["tables"]
-            res.photo_info = {k: v for k, v in pres.items() if k != "tables"}
-            note, rows = photo_note(pres)
-            notes.append(note)
-            res.photo_info["side_by_side"] = rows
-            extra.append(("Photos: estimators side by side on unseen photos",
-                          photo_comparison_html(rows)))
-            for key, t in res.photos.items():
-                extra.append((f"Photos (agreement on unseen photos), {key} maps",
-                               _section_table(t, PHOTO_CAPTIONS[key])))
-            if hybrid:
-                try:
-                    src, dst = "efficientnet_lite0", "mobilenet_v2"
-                    say(f"hybrid: fitting {src}->{dst} (method auto) on the fit photos' views and "
-                        "building the ONNX model")
-                    mpath, summary = ph.fit_for_hybrid(root / "photos", pres["stores"], src, dst,
-                                                       seed)
-                    say(summary)
-                    res.hybrid = ph.hybrid_on_chelsea(root / "photos", mpath, src, dst,
-                                                      export_root=export_root)
-                    res.hybrid["fit_summary"] = summary
-                except (AffeqError, ImportError) as e:
-                    res.notes.append(f"hybrid skipped: {e}")
-                    say(f"hybrid: skipped ({e})")
-                if res.hybrid:
-                    h = res.hybrid
-                    extra.append(("Hybrid model on chelsea", (
-                        f"<p>{html.escape(h['path'])}: C<sub>{h['dst']}</sub>(M F<sub>{h['src']}"
-                        f"</sub>(chelsea)) → <b>{html.escape(h['top1_name'])}</b> (class "
-                        f"{h['top1']}, p = {h['top1_prob']:.3f}); {html.escape(h['src'])} alone: "
-                        f"{html.escape(h['src_own_name'])}; {html.escape(h['dst'])} alone: "
-                        f"{html.escape(h['dst_own_name'])}. Its map was fitted with "
-                        "<code>fit --method auto</code> on the fit photos only: chelsea is a "
-                        "photo it never saw.</p><pre>" + html.escape(h["fit_summary"]) +
-                        "</pre>")))
-    extra += vis_sections(root, res.photo_info if res.photos else None, export_root, seed, say)
-    try:  # issue 26: where in one digits network the other's classifier becomes usable
-        extra.append(digits_depth(root / "digits", seed, write_store, say)[1])
+    return note, extra
+
+
+def _hybrid_part(root: Path, pres: Mapping[str, Any], res: DemoResult,
+                 export_root: str | None, seed: int,
+                 say: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Fit lite0 → MobileNetV2 (method auto) on the fit photos, build the hybrid and run it on
+    chelsea (``res.hybrid``); its report section, or none when skipped."""
+    try:
+        src, dst = "efficientnet_lite0", "mobilenet_v2"
+        say(f"hybrid: fitting {src}->{dst} (method auto) on the fit photos' views and "
+            "building the ONNX model")
+        mpath, summary = ph.fit_for_hybrid(root / "photos", pres["stores"], src, dst, seed)
+        say(summary)
+        res.hybrid = ph.hybrid_on_chelsea(root / "photos", mpath, src, dst,
+                                          export_root=export_root)
+        res.hybrid["fit_summary"] = summary
     except (AffeqError, ImportError) as e:
-        say(f"layer by layer: skipped ({e})")
-    res.notes = notes + res.notes
-    res.seconds = time.perf_counter() - t0
-    paths = write_report(ols, root / "report", title="affeq-rt demo: digits miniature (OLS maps)"
-                         " and real networks on photos", notes=res.notes, extra_sections=extra)
-    doc: dict[str, Any] = {"digits": {m: t.to_dict() for m, t in tables.items()},
-                           "digit_accuracy": acc, "seconds": res.seconds, "quick": quick,
+        res.notes.append(f"hybrid skipped: {e}")
+        say(f"hybrid: skipped ({e})")
+    if not res.hybrid:
+        return []
+    h = res.hybrid
+    return [("Hybrid model on chelsea", (
+        f"<p>{html.escape(h['path'])}: C<sub>{h['dst']}</sub>(M F<sub>{h['src']}"
+        f"</sub>(chelsea)) → <b>{html.escape(h['top1_name'])}</b> (class "
+        f"{h['top1']}, p = {h['top1_prob']:.3f}); {html.escape(h['src'])} alone: "
+        f"{html.escape(h['src_own_name'])}; {html.escape(h['dst'])} alone: "
+        f"{html.escape(h['dst_own_name'])}. Its map was fitted with "
+        "<code>fit --method auto</code> on the fit photos only: chelsea is a "
+        "photo it never saw.</p><pre>" + html.escape(h["fit_summary"]) + "</pre>"))]
+
+
+def _photo_part(root: Path, res: DemoResult, quick: bool, hybrid: bool,
+                export_root: str | None, seed: int, say: Callable[[str], None]
+                ) -> tuple[list[str], list[tuple[str, str]]]:
+    """The photos (and with ``hybrid`` the hybrid) into ``res``: the report's notes and
+    sections (none when the photo part is skipped: ``res.notes`` says why)."""
+    try:
+        pres = ph.run_photos(root / "photos", 12 if quick else 30, export_root=export_root,
+                             seed=seed, say=say)
+    except AffeqError as e:
+        res.notes.append(f"photo part skipped: {e}")
+        say(f"photos: skipped ({e})")
+        return [], []
+    res.photos = pres["tables"]
+    res.photo_info = {k: v for k, v in pres.items() if k != "tables"}
+    note, rows = photo_note(pres)
+    res.photo_info["side_by_side"] = rows
+    extra = [("Photos: estimators side by side on unseen photos", photo_comparison_html(rows))]
+    for key, t in res.photos.items():
+        extra.append((f"Photos (agreement on unseen photos), {key} maps",
+                      _section_table(t, PHOTO_CAPTIONS[key])))
+    if hybrid:
+        extra += _hybrid_part(root, pres, res, export_root, seed, say)
+    return [note], extra
+
+
+def _write_demo_report(res: DemoResult, extra: list[tuple[str, str]], quick: bool) -> None:
+    """``report/report.html`` (``res.report``) and ``report/demo.json`` (every number)."""
+    ols = res.digits["ols"]
+    paths = write_report(ols, res.out / "report", title="affeq-rt demo: digits miniature (OLS "
+                         "maps) and real networks on photos", notes=res.notes,
+                         extra_sections=extra)
+    doc: dict[str, Any] = {"digits": {m: t.to_dict() for m, t in res.digits.items()},
+                           "digit_accuracy": res.digit_accuracy, "seconds": res.seconds,
+                           "quick": quick,
                            "photos": {m: t.to_dict() for m, t in res.photos.items()},
                            "photo_info": res.photo_info, "hybrid": res.hybrid, "notes": res.notes}
-    write_json_atomic(root / "report" / "demo.json", doc)
+    write_json_atomic(res.out / "report" / "demo.json", doc)
     res.report = paths["html"]
+
+
+def _say_results(res: DemoResult, say: Callable[[str], None]) -> None:
+    """The tables, the side-by-side comparison, the hybrid and where the report is."""
     say("")
     say("digits, held-out top-1 (OLS maps):")
-    say(text_table(ols))
+    say(text_table(res.digits["ols"]))
     for method in DIGIT_METHODS[1:]:
         say(f"\ndigits, {method} maps:")
-        say(text_table(tables[method]))
+        say(text_table(res.digits[method]))
     for method, t in res.photos.items():
         say(f"\nphotos, {method} (agreement with the target's own prediction):")
         say(text_table(t))
@@ -384,4 +392,32 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
             f"alone: {h['dst_own_name']}. Its map (fit --method auto) was fitted on the fit "
             "photos only: chelsea is a photo it never saw")
     say(f"\nreport: {res.report}  (finished in {res.seconds:.0f}s)")
+
+
+def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: bool = True,
+             seed: int = 0, export_root: str | None = None,
+             say: Callable[[str], None] = print) -> DemoResult:
+    """The whole demo; writes ``out/report/report.html`` (one self-contained page) and
+    ``out/report/demo.json`` (every number). ``quick``: 4 training epochs and 12 views per photo
+    instead of 12 and 30."""
+    t0 = time.perf_counter()
+    root = ensure_writable_dir(out)
+    tables, acc = run_digits(root / "digits", quick=quick, seed=seed, say=say)
+    res = DemoResult(out=root, report=root / "report" / "report.html", digits=tables,
+                     digit_accuracy=acc)
+    note, extra = _digit_sections(tables)
+    notes = [note]
+    if photos:
+        photo_notes, photo_extra = _photo_part(root, res, quick, hybrid, export_root, seed, say)
+        notes += photo_notes
+        extra += photo_extra
+    extra += vis_sections(root, res.photo_info if res.photos else None, export_root, seed, say)
+    try:  # issue 26: where in one digits network the other's classifier becomes usable
+        extra.append(digits_depth(root / "digits", seed, write_store, say)[1])
+    except (AffeqError, ImportError) as e:
+        say(f"layer by layer: skipped ({e})")
+    res.notes = notes + res.notes
+    res.seconds = time.perf_counter() - t0
+    _write_demo_report(res, extra, quick)
+    _say_results(res, say)
     return res

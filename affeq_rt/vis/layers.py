@@ -9,12 +9,15 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from affeq_rt.data.preprocess import crop, load_image, preprocess
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
+from affeq_rt.method.extract import ImageOptions
+from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.spatial import _onnx, default_stages, float_tensors, open_with_outputs
 from affeq_rt.progress import Progress, or_silent
 from affeq_rt.vis.common import resolve_export
@@ -22,22 +25,10 @@ from affeq_rt.vis.figures import img_tag, layers_png, page
 from affeq_rt.vis.results import LayerView, LayerViews
 
 
-def layers(network: str | os.PathLike, image: str | os.PathLike, *,
-           out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
-           channels: int = 6, provider: str = "auto",
-           export_root: str | os.PathLike | None = None, random_weights: bool = False,
-           progress: Progress | None = None) -> LayerViews:
-    """Run ``network`` on ``image`` and collect the chosen layers' outputs; with ``out`` writes
-    ``layers.png``, ``layers.html`` and ``layers.json``. ``names``: ONNX tensor names of
-    ``features.onnx`` (default: one per stage); an unknown name raises AffeqError with the
-    closest ones."""
-    if channels < 0:
-        raise AffeqError(f"--channels must be ≥ 0, got {channels}",
-                         "pass the number of strongest channels to show (0: the mean only)")
-    img = load_image(image)
-    prog = or_silent(progress)
-    prog.step(f"opening {network}")
-    exp = resolve_export(network, export_root, random_weights)
+def _run_all(exp: ExportedBackbone, img: Any, provider: str, prog: Progress
+             ) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]]]:
+    """One run with every float tensor of ``features.onnx`` as an output: the 4-D ones' arrays
+    [C, h, w] and (name, shape) in graph order."""
     candidates = float_tensors(_onnx().load(str(exp.features_path)))
     prog.step(f"running {exp.name} with {len(candidates)} intermediate outputs")
     with tempfile.TemporaryDirectory(prefix="affeq_rt-layers-") as tmp:
@@ -49,6 +40,43 @@ def layers(network: str | os.PathLike, image: str | os.PathLike, *,
     if not tensors:
         raise AffeqError(f"{exp.name}'s features graph has no 4-D feature maps",
                          "layer views need a convolutional network")
+    return arrays, tensors
+
+
+def _write_layers(res: LayerViews, tensors: Sequence[tuple[str, tuple[int, ...]]], channels: int,
+                  out: Path) -> dict[str, Path]:
+    """``layers.png``, ``layers.html`` and ``layers.json`` (every 4-D tensor) in ``out``."""
+    o = ensure_writable_dir(out)
+    png = layers_png(res)
+    write_bytes_atomic(o / "layers.png", png)
+    body = (f"<p>{len(res.layers)} of {len(tensors)} feature maps of {res.network} on "
+            f"{Path(res.image).name}: per layer the channel mean and the {channels} channels "
+            "with the largest mean activation, each scaled to [0, 1].</p>" +
+            img_tag(png, "layers"))
+    write_bytes_atomic(o / "layers.html", page(f"Layers of {res.network}", body).encode())
+    write_json_atomic(o / "layers.json", {**res.to_dict(),
+                                          "tensors": [[n, list(s)] for n, s in tensors]})
+    return {"png": o / "layers.png", "html": o / "layers.html", "json": o / "layers.json"}
+
+
+def layers(network: str | os.PathLike, image: str | os.PathLike, *,
+           out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
+           channels: int = 6, options: ImageOptions | None = None,
+           progress: Progress | None = None) -> LayerViews:
+    """Run ``network`` on ``image`` and collect the chosen layers' outputs; with ``out`` writes
+    ``layers.png``, ``layers.html`` and ``layers.json``. ``names``: ONNX tensor names of
+    ``features.onnx`` (default: one per stage); an unknown name raises AffeqError with the
+    closest ones. ``options``: its provider, export root and random weights are used (the image
+    is read with the network's exact transform)."""
+    if channels < 0:
+        raise AffeqError(f"--channels must be ≥ 0, got {channels}",
+                         "pass the number of strongest channels to show (0: the mean only)")
+    opt = options or ImageOptions()
+    img = load_image(image)
+    prog = or_silent(progress)
+    prog.step(f"opening {network}")
+    exp = resolve_export(network, opt.export_root, opt.random_weights)
+    arrays, tensors = _run_all(exp, img, opt.provider, prog)
     shapes = dict(tensors)
     chosen = list(names) if names else default_stages(tensors)
     for n in chosen:
@@ -65,16 +93,5 @@ def layers(network: str | os.PathLike, image: str | os.PathLike, *,
         views.append(LayerView(n, shapes[n], a.mean(axis=0), top, a[top]))
     res = LayerViews(exp.name, str(image), crop(img, exp.spec), views, len(tensors))
     if out is not None:
-        o = ensure_writable_dir(Path(out))
-        png = layers_png(res)
-        write_bytes_atomic(o / "layers.png", png)
-        body = (f"<p>{len(views)} of {len(tensors)} feature maps of {exp.name} on "
-                f"{Path(str(image)).name}: per layer the channel mean and the {channels} channels "
-                "with the largest mean activation, each scaled to [0, 1].</p>" +
-                img_tag(png, "layers"))
-        write_bytes_atomic(o / "layers.html", page(f"Layers of {exp.name}", body).encode())
-        write_json_atomic(o / "layers.json", {**res.to_dict(),
-                                              "tensors": [[n, list(s)] for n, s in tensors]})
-        res.files = {"png": o / "layers.png", "html": o / "layers.html",
-                     "json": o / "layers.json"}
+        res.files = _write_layers(res, tensors, channels, Path(out))
     return res
