@@ -1,10 +1,15 @@
 """Benchmark: whole-process start-up of ``affeq-rt predict`` on a cached export, against a minimal
 onnxruntime script doing the same (Pillow preprocessing, the export's two graphs, argmax), and
-``affeq-rt --help``; interleaved, best of ``--repeats``, wall seconds and peak memory:
+``affeq-rt --help``, beside a bare ``python -c pass`` (the interpreter's own start-up); interleaved,
+best of ``--repeats``, wall seconds and peak memory:
 
     python bench/startup.py --model efficientnet_lite0 --repeats 5
+    python bench/startup.py --compare /tmp/old   # also an older source tree, in the same run
 
-The export must be cached (``affeq-rt export NAME`` first). Prints a JSON record.
+``--compare SRC`` times ``predict`` and ``--help`` of the affeq_rt package in SRC (e.g.
+``git archive REV affeq_rt models pyproject.toml | tar -x -C SRC``, with the installed compiled
+``_core*.so`` linked into SRC/affeq_rt) instead of the installed one. The export must be cached
+(``affeq-rt export NAME`` first). Prints a JSON record.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+#: ``python -c LAUNCH SRC ARGS…``: ``python -m affeq_rt ARGS…`` with the package taken from SRC
+#: (the editable install's finder, which would always answer with the checkout, is dropped).
+LAUNCH = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path "
+          "if not type(f).__module__.startswith('_editable')]; "
+          "sys.path.insert(0, sys.argv.pop(1)); "
+          "runpy.run_module('affeq_rt', run_name='__main__', alter_sys=True)")
 
 MINIMAL = '''
 import sys, numpy as np, onnxruntime as ort
@@ -51,10 +63,20 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    """The CPU's model name (what ``lscpu`` prints as Model name) and the logical CPU count."""
+    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} CPUs"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare", type=Path, default=None, metavar="SRC",
+                    help="also time predict and --help of the affeq_rt source tree in SRC")
     args = ap.parse_args()
 
     from PIL import Image
@@ -76,18 +98,32 @@ def main() -> None:
                             str(p.input_size), str(p.crop_pct), p.interpolation,
                             repr(list(p.mean)), repr(list(p.std))],
             "affeq_help": [sys.executable, "-m", "affeq_rt", "--help"],
+            "python_bare": [sys.executable, "-c", "pass"],
         }
+        if args.compare is not None:
+            src = str(args.compare.resolve())
+            cmds["compare_predict"] = [sys.executable, "-c", LAUNCH, src, "predict", args.model,
+                                       str(img)]
+            cmds["compare_help"] = [sys.executable, "-c", LAUNCH, src, "--help"]
+        load_before = os.getloadavg()[0]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
         for _ in range(args.repeats):
             for k, c in cmds.items():
                 runs[k].append(run(c))
     best = {k: (min(w for w, _ in v), max(m for _, m in v)) for k, v in runs.items()}
-    rec = {"model": args.model, "repeats": args.repeats, "load": os.getloadavg()[0],
-           "machine": platform.processor() or platform.machine(),
+    rec = {"model": args.model, "repeats": args.repeats,
+           "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+           "machine": cpu_model(),
            **{k: {"wall_s": round(w, 3), "peak_mib": round(m)} for k, (w, m) in best.items()},
            "predict_vs_minimal_wall": round(best["affeq_predict"][0] / best["minimal_ort"][0], 2),
            "predict_vs_minimal_memory": round(best["affeq_predict"][1] / best["minimal_ort"][1],
                                               2)}
+    if args.compare is not None:
+        rec["compare"] = str(args.compare)
+        rec["compare_predict_vs_minimal_wall"] = round(
+            best["compare_predict"][0] / best["minimal_ort"][0], 2)
+        rec["compare_help_vs_help_wall"] = round(
+            best["compare_help"][0] / best["affeq_help"][0], 2)
     print(json.dumps(rec, indent=2))
 
 
