@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from affeq_rt.progress import Progress
     from affeq_rt.registry.spec import BackboneSpec, get_spec, list_specs
     from affeq_rt.report.write import write_report
-    from affeq_rt.vis.ablate import ablate
+    from affeq_rt.vis.ablate import AblateOptions, ablate
     from affeq_rt.vis.cam import cam
     from affeq_rt.vis.layers import layers
 
@@ -97,6 +97,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "get_spec": ("affeq_rt.registry.spec", "get_spec"),
     "list_specs": ("affeq_rt.registry.spec", "list_specs"),
     "write_report": ("affeq_rt.report.write", "write_report"),
+    "AblateOptions": ("affeq_rt.vis.ablate", "AblateOptions"),
     "ablate": ("affeq_rt.vis.ablate", "ablate"),
     "cam": ("affeq_rt.vis.cam", "cam"),
     "layers": ("affeq_rt.vis.layers", "layers"),
@@ -122,6 +123,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AblateOptions",
     "AffeqError",
     "AffineMap",
     "BackboneSpec",
