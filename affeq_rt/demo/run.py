@@ -26,6 +26,7 @@ from affeq_rt.data.preprocess import sample_photo
 from affeq_rt.data.readers import Sample
 from affeq_rt.demo import digits
 from affeq_rt.demo import photos as ph
+from affeq_rt.demo.controls import digits_controls, photo_controls
 from affeq_rt.demo.depth import digits_depth
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
@@ -40,6 +41,8 @@ from affeq_rt.onnx.exported import ExportedBackbone
 from affeq_rt.onnx.runtime import create_session
 from affeq_rt.registry.spec import get_spec
 from affeq_rt.report import html_table, text_table, write_report
+from affeq_rt.report.controls import TITLE as CONTROLS_TITLE
+from affeq_rt.report.controls import controls_html, controls_text
 from affeq_rt.report.vis_sections import cam_report_section, robustness_report_section
 from affeq_rt.vis.ablate import ABLATE_IMAGES, AblateOptions, ablate
 from affeq_rt.vis.cam import cam
@@ -58,6 +61,7 @@ class DemoResult:
     photos: dict[str, EvalTable] = field(default_factory=dict)
     photo_info: dict[str, Any] = field(default_factory=dict)
     hybrid: dict[str, Any] | None = None
+    controls: dict[str, EvalTable] = field(default_factory=dict)  # part → table with controls
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -300,6 +304,30 @@ def _digit_sections(tables: Mapping[str, EvalTable]) -> tuple[str, list[tuple[st
     return note, extra
 
 
+def _controls_part(res: DemoResult, part: str, make: Callable[[], EvalTable], what: str,
+                   say: Callable[[str], None]) -> list[tuple[str, str]]:
+    """One part's hybrid table beside its negative controls (``demo.controls``) into
+    ``res.controls``; its report section, or none when skipped."""
+    try:
+        res.controls[part] = make()
+    except (AffeqError, ImportError) as e:
+        res.notes.append(f"{part} controls skipped: {e}")
+        say(f"controls ({part}): skipped ({e})")
+        return []
+    return [(f"{CONTROLS_TITLE} ({part})",
+             f"<p class='note'>{html.escape(what)}</p>"
+             + controls_html(res.controls[part].controls))]
+
+
+DIGIT_CONTROLS = ("Digits miniature, OLS maps, held-out top-1. Random weights: the three "
+                  "architectures untrained (features of the same digits); their maps fitted on "
+                  "the same training digits.")
+PHOTO_CONTROLS = ("Real-weight photo networks (efficientnet_lite0, mobilenet_v2), ridge maps "
+                  "fitted on the fit photos' views, agreement with the target's own prediction on "
+                  "the unseen test photos. Random weights: the same architectures exported with "
+                  "random weights (an extra extraction of the views).")
+
+
 def _hybrid_part(root: Path, pres: Mapping[str, Any], res: DemoResult,
                  export_root: str | None, seed: int,
                  say: Callable[[str], None]) -> list[tuple[str, str]]:
@@ -350,6 +378,8 @@ def _photo_part(root: Path, res: DemoResult, quick: bool, hybrid: bool,
     for key, t in res.photos.items():
         extra.append((f"Photos (agreement on unseen photos), {key} maps",
                       _section_table(t, PHOTO_CAPTIONS[key])))
+    extra += _controls_part(res, "photos", lambda: photo_controls(
+        root / "photos", pres["stores"], seed=seed, say=say), PHOTO_CONTROLS, say)
     if hybrid:
         extra += _hybrid_part(root, pres, res, export_root, seed, say)
     return [note], extra
@@ -365,7 +395,8 @@ def _write_demo_report(res: DemoResult, extra: list[tuple[str, str]], quick: boo
                            "digit_accuracy": res.digit_accuracy, "seconds": res.seconds,
                            "quick": quick,
                            "photos": {m: t.to_dict() for m, t in res.photos.items()},
-                           "photo_info": res.photo_info, "hybrid": res.hybrid, "notes": res.notes}
+                           "photo_info": res.photo_info, "hybrid": res.hybrid, "notes": res.notes,
+                           "controls": {k: t.controls.to_dict() for k, t in res.controls.items()}}
     write_json_atomic(res.out / "report" / "demo.json", doc)
     res.report = paths["html"]
 
@@ -385,6 +416,9 @@ def _say_results(res: DemoResult, say: Callable[[str], None]) -> None:
         say("\nphotos, estimators side by side on unseen photos (agreement with the target's "
             "own prediction, %, over the ordered pairs):")
         say(photo_comparison_text(res.photo_info["side_by_side"]))
+    for part, t in res.controls.items():
+        say(f"\n{part}, hybrids beside their negative controls:")
+        say(controls_text(t.controls))
     if res.hybrid:
         h = res.hybrid
         say(f"\nhybrid {h['src']} -> {h['dst']} ({h['path']}) on chelsea: {h['top1_name']} "
@@ -406,6 +440,8 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
     res = DemoResult(out=root, report=root / "report" / "report.html", digits=tables,
                      digit_accuracy=acc)
     note, extra = _digit_sections(tables)
+    extra += _controls_part(res, "digits", lambda: digits_controls(root / "digits", seed, say),
+                            DIGIT_CONTROLS, say)
     notes = [note]
     if photos:
         photo_notes, photo_extra = _photo_part(root, res, quick, hybrid, export_root, seed, say)
