@@ -249,23 +249,24 @@ def test_refusals(setup) -> None:
 
 
 def test_cli_flags_a_hybrid_that_does_not_beat_its_controls(setup, tmp_path, capsys) -> None:
-    """A store whose 'network' b is a copy of a shuffled: its hybrids cannot beat the shuffled
-    control. The CLI prints one line naming them; table.json has the field."""
+    """``fit --controls`` then ``evaluate --controls`` on stores whose 'network' b is a shuffled
+    copy of b: its hybrids cannot beat the shuffled control. The CLI prints one line naming them;
+    table.json has the field, the report the section."""
     from affeq_rt.cli.main import main
     from affeq_rt.demo.run import write_store
-    from affeq_rt.io.maps import save_maps
 
     feats, y, heads = setup["feats"], setup["y"], setup["heads"]
     rng = np.random.default_rng(5)
     junk = {"a": feats["a"], "b": feats["b"][rng.permutation(len(y))]}
     spec = {m: {"name": m, "label_offset": 0} for m in junk}
-    train = ArrayStore({m: x[:N_FIT] for m, x in junk.items()}, heads, y[:N_FIT], spec)
-    maps = fit(train, method="ols", options=FitOptions(**{**setup["opt"].__dict__,
-                                                          "controls": True})).maps
-    save_maps(tmp_path / "m.safetensors", maps)
-    store = write_store(tmp_path / "s", ArrayStore({m: x[N_FIT:] for m, x in junk.items()},
-                                                   {m: heads[m] for m in junk}, y[N_FIT:], spec))
-    assert main(["evaluate", "-f", str(store), "--maps", str(tmp_path / "m.safetensors"), "-o",
+    hd = {m: heads[m] for m in junk}
+    for part, rows in (("fit", slice(0, N_FIT)), ("test", slice(N_FIT, None))):
+        write_store(tmp_path / part, ArrayStore({m: x[rows] for m, x in junk.items()}, hd,
+                                                y[rows], spec), source=part)
+    maps = str(tmp_path / "m.safetensors")
+    assert main(["fit", "-f", str(tmp_path / "fit"), "--method", "ols", "--controls", "-o", maps,
+                 "--quiet", "--no-curve"]) == 0
+    assert main(["evaluate", "-f", str(tmp_path / "test"), "--maps", maps, "-o",
                  str(tmp_path / "r"), "--controls", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "hybrid(s) do NOT beat their controls: " in out

@@ -86,6 +86,11 @@ def run(
         "--similarity", help="Also CKA, debiased CKA, CCA, SVCCA, R² and Procrustes of every "
         "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
         "evaluate --maps MAPS shows.")] = False,
+    controls: Annotated[bool, typer.Option(
+        "--controls", help="Also fit negative controls from the same pass (Gram methods): per "
+        "pair a map from clustered noise tied to the target's class and one from mismatched "
+        "(shuffled) image pairs, saved as NETWORK~noise/NETWORK~shuffled pairs; evaluate "
+        "--controls scores them.")] = False,
     no_dedup: Annotated[bool, typer.Option(
         "--no-dedup", help="Do not look for near-duplicate images (crops, flips, re-encodings "
         "of one photo, found from the networks' features) to hold out and cross-validate "
@@ -116,7 +121,7 @@ def run(
                          executor=executor_option(executor, address, ray_workers,
                                                   gpus_per_worker, shard_size),
                          curve="off" if no_curve else curve, similarity=similarity,
-                         dedup=not no_dedup, rank=rank)
+                         dedup=not no_dedup, rank=rank, controls=controls)
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta, preprocessing)
     with Display(quiet) as display:
