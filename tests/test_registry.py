@@ -3,6 +3,8 @@ with the library's own pretrained config and architecture."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from affeq_rt.cli.main import main
@@ -285,3 +287,34 @@ def test_models_cli_shows_resolved_spec(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["models", "vit_base_patch16_224.augreg_in21k"]) == 1
     assert "--other-labels" in capsys.readouterr().err
     assert main(["models", "vit_base_patch16_224.augreg_in21k", "--other-labels"]) == 0
+
+
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("mean", [float("nan"), 0.456, 0.406], "mean [nan, 0.456, 0.406]"),
+    ("std", [0.229, float("inf"), 0.225], "std [0.229, inf, 0.225]"),
+    ("crop_pct", float("nan"), "crop_pct nan"),
+])
+def test_a_non_finite_preprocessing_in_a_spec_file_is_one_line(tmp_path, field, value,
+                                                               shown) -> None:
+    """A user's spec file ($AFFEQ_RT_MODELS) with ``NaN`` or ``Infinity`` (JSON parses both) in
+    its mean, std or crop_pct is refused by ``Preprocessing.validate`` in one line naming the
+    file and the field, exit 1, nothing exported (issue 23: a NaN mean passed every check and an
+    infinite std passed ``std > 0``)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reg = tmp_path / "models"
+    reg.mkdir()
+    spec = json.loads((Path(__file__).parents[1] / "models" / "mobilenet_v2.json").read_text())
+    spec[field] = value
+    (reg / "mobilenet_v2.json").write_text(json.dumps(spec))  # NaN / Infinity literals
+    r = subprocess.run([sys.executable, "-m", "affeq_rt.cli.main", "export", "mobilenet_v2",
+                        "--random-weights", "--export-root", str(tmp_path / "exports")],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AFFEQ_RT_MODELS": str(reg)})
+    assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
+    assert r.stderr.splitlines() == [f"error: {reg / 'mobilenet_v2.json'}: {shown} must be "
+                                     "finite numbers; fix the spec file"], r.stderr
+    assert not (tmp_path / "exports").exists()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,10 +68,7 @@ def hybrid_preprocessing(meta: Mapping[str, Any], path: str | os.PathLike) -> \
     if not isinstance(rec, Mapping):
         raise AffeqError(f"{path} records no preprocessing (not a hybrid, or an older one)",
                          "rebuild it with affeq-rt build-hybrid")
-    pre = Preprocessing.from_dict(rec, source=f"{path} preprocessing metadata")
-    if not all(math.isfinite(v) for v in (*pre.mean, *pre.std)):  # NaN passed validate()
-        raise AffeqError(f"{path} preprocessing metadata: mean {list(pre.mean)} / std "
-                         f"{list(pre.std)} are not all finite numbers", REBUILD)
+    pre = Preprocessing.from_dict(rec, source=f"{path} preprocessing metadata", fix=REBUILD)
     return pre, bool(rec.get("in_graph", False))
 
 

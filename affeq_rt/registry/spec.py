@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -76,13 +77,14 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessing") -> Preprocessing:
+    def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessing",
+                  fix: str = "fix the spec file") -> Preprocessing:
         """From a JSON form with ``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
         ``std`` (a registry spec, a hybrid's metadata); AffeqError names a bad field."""
         with json_fields(source, "the formats"):
             p = cls(int(d["input_size"]), float(d["crop_pct"]), str(d["interpolation"]),
                     tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
-        p.validate(source)
+        p.validate(source, fix)
         return p
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,8 +93,17 @@ class Preprocessing:
                 "interpolation": self.interpolation, "mean": list(self.mean),
                 "std": list(self.std)}
 
-    def validate(self, source: str = "preprocessing") -> None:
-        """Check ranges and enumerations; raise AffeqError naming the field."""
+    def validate(self, source: str = "preprocessing", fix: str = "fix the spec file") -> None:
+        """Check ranges, enumerations and that every number is finite (JSON's ``NaN`` and
+        ``Infinity`` parse, and a NaN passes every comparison's negation); raise AffeqError
+        naming the field. The one place a preprocessing is checked (registry specs, library
+        metadata, a hybrid's record)."""
+        bad = [f"{name} {list(v) if isinstance(v, tuple) else v}"
+               for name, v in (("mean", self.mean), ("std", self.std),
+                               ("crop_pct", self.crop_pct))
+               if not all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,)))]
+        if bad:
+            raise AffeqError(f"{source}: {' and '.join(bad)} must be finite numbers", fix)
         checks = [
             (self.interpolation in INTERPOLATIONS,
              f"interpolation {self.interpolation!r} not in {INTERPOLATIONS}"),
@@ -103,7 +114,7 @@ class Preprocessing:
         ]
         for ok, msg in checks:
             if not ok:
-                raise AffeqError(f"{source}: {msg}", "fix the spec file")
+                raise AffeqError(f"{source}: {msg}", fix)
 
 
 @dataclass(frozen=True)
