@@ -298,3 +298,32 @@ def test_digits_miniature_hybrids_beat_their_controls(tmp_path) -> None:
     for kind in ("noise", "shuffled"):
         assert (c.score[kind][off] <= c.chance.max() + 5.0).all(), (kind, c.score[kind])
     assert (c.margin["random"][off] > 0).all()
+
+
+def test_one_place_answers_real_and_how_large(setup, tmp_path) -> None:
+    """Issue 22 item 6: the report's table per pair holds the worst control margin (the smallest
+    over the kinds), the permutation-calibrated CKA and its p-value, R² and mutual k-NN, each the
+    number its own result holds."""
+    from affeq_rt.method.similarity import similarity
+    from affeq_rt.report.write import write_report
+
+    table = evaluate(setup["test"], setup["res"].maps, device="cpu", controls=True)
+    sim = similarity(setup["test"], ["a", "b"], device="cpu", permutations=3)
+    write_report(table, tmp_path / "r", similarity=sim, figures=False)
+    doc = json.loads((tmp_path / "r" / "table.json").read_text())["answer"]
+    assert doc["question"] == "Is this equivalence real, and how large?"
+    rows = {r["pair"]: r for r in doc["pairs"]}
+    assert set(rows) == {"a->b", "b->a"}
+    c, null = table.controls, sim.null["measures"]["cka"]
+    for pair, (i, j) in (("a->b", (0, 1)), ("b->a", (1, 0))):
+        r = rows[pair]
+        worst = min((k for k in c.kinds if np.isfinite(c.margin[k][i, j])),  # b has no ~random
+                    key=lambda k, i=i, j=j: c.margin[k][i, j])
+        assert r["control"] == worst
+        assert r["control_margin"] == pytest.approx(c.margin[worst][i, j])
+        assert r["real"] is True
+        assert r["cka_calibrated"] == pytest.approx(null["calibrated"][i, j])
+        assert r["cka_p"] == pytest.approx(null["p"][i, j])
+        assert r["r2"] == pytest.approx(sim.r2[i, j])
+        assert r["mutual_knn"] == pytest.approx(sim.mutual_knn[i, j])
+    assert "Is this equivalence real" in (tmp_path / "r" / "report.html").read_text()

@@ -50,6 +50,7 @@ def run(
     from affeq_rt.cli.progress import Display
     from affeq_rt.io.store import open_store
     from affeq_rt.method.similarity import similarity
+    from affeq_rt.report.answer import answer_rows, answer_text
     from affeq_rt.report.similarity import similarity_text, write_similarity
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     store = open_store(features)
@@ -57,6 +58,7 @@ def run(
         sim = similarity(store, model_list(models), max_images=max_images, device=device,
                          progress=display, executor=ex, permutations=permutations)
     typer.echo(similarity_text(sim))
+    typer.echo("\n" + answer_text(answer_rows(None, sim)))  # per pair, in one place (issue 22)
     if out is not None:
         paths = write_similarity(sim, out)
         typer.echo(f"written: {paths['json']}, {paths['markdown'].name}, {paths['csv'].name}")

@@ -19,6 +19,7 @@ from affeq_rt.io.fsio import (
 from affeq_rt.method.curve import Curve, load_curve
 from affeq_rt.method.results import EvalTable
 from affeq_rt.method.similarity import SimilarityTable, load_similarity, loss_correlations
+from affeq_rt.report.answer import QUESTION, answer_html, answer_rows, answer_text
 from affeq_rt.report.controls import TITLE as CONTROLS_TITLE
 from affeq_rt.report.controls import controls_html, controls_markdown
 from affeq_rt.report.curve import TITLE as CURVE_TITLE
@@ -75,6 +76,10 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
         md = f"# {title}\n\n" + markdown_table(table)
         if overlaps:
             md += "\n## Overlap of correct images (paper Fig. 5)\n\n" + overlap_markdown(overlaps)
+        answer = (answer_rows(table, similarity)
+                  if table.controls is not None or similarity is not None else [])
+        if answer:  # issue 22: controls, calibrated similarity, family gaps, k-NN in one place
+            md += f"\n## {QUESTION}\n\n```\n{answer_text(answer)}\n```\n"
         if table.controls is not None:  # method.controls: real − control margins
             md += f"\n## {CONTROLS_TITLE}\n\n" + controls_markdown(table.controls)
         for note in notes:
@@ -91,6 +96,8 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
             doc["similarity_vs_loss"] = loss_correlations(similarity, table)
         if curve is not None:  # the maps' data-efficiency curve (method.curve)
             doc["curve"] = curve.to_dict()
+        if answer:
+            doc["answer"] = {"question": QUESTION, "pairs": answer}
         write_json_atomic(paths["json"], json.loads(json.dumps(doc, default=jsonable)))
         _save_npy(paths["pred"], table.pred)
         if table.correct is not None:
@@ -105,7 +112,7 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
                 ov = overlap_png(overlaps)
                 paths["overlap"] = d / "overlap.png"
                 write_bytes_atomic(paths["overlap"], ov)
-        fit_sections = []
+        fit_sections = [(QUESTION, answer_html(answer))] if answer else []
         if table.controls is not None:
             fit_sections.append((CONTROLS_TITLE, controls_html(table.controls)))
         if similarity is not None:
