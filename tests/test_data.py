@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affeq_rt.data.loader import SLOT_PREFIX, distinct_specs, iter_batches
+from affeq_rt.data.loader import distinct_specs, iter_batches
 from affeq_rt.data.preprocess import load_image, preprocess
 from affeq_rt.data.readers import (
     discover,
@@ -26,6 +27,7 @@ from affeq_rt.registry.spec import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
+from procs import children, gone_within  # noqa: E402
 
 # Well-known ImageNet-1k facts (sorted-wnid class index, as timm/torchvision models predict):
 TENCH, GOLDFISH, SEA_SNAKE, KIT_FOX, TABBY = "n01440764", "n01443537", "n01751748", "n02119789", \
@@ -228,43 +230,67 @@ def test_loader_is_byte_identical_across_workers_and_resume(tmp_path, pipeline):
     assert rows(1) == ref
     assert rows(2) == ref
     assert rows(2, start=6) == {b: ref[b] for b in (6, 9)}
-    # a consumer that stops early unlinks its shared-memory slots too
+    # a consumer that stops early leaves no decode process and no slot open
     it = iter_batches(src.samples, specs, batch_size=3, workers=2, pipeline=pipeline)
     next(it)
+    assert len(children(os.getpid())) == 2  # the workers
+    assert _open_slots() == 4  # 2·workers slots
     it.close()
-    shm = Path("/dev/shm")
-    if shm.is_dir():
-        assert not list(shm.glob(f"{SLOT_PREFIX}{os.getpid()}_*"))
+    assert children(os.getpid()) == []
+    assert _open_slots() == 0
 
 
-@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm")
-def test_slots_of_a_killed_loader_are_removed_by_the_next(tmp_path):
-    """A loader killed with its resource tracker (a process-group SIGKILL) leaves its slots in
-    /dev/shm; the next loader with workers unlinks those of dead processes, never a live one's."""
+def _open_slots() -> int:
+    """This process's open decode slots (anonymous memory files; an mmap holds its own fd)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith("/memfd:affeq-rt-slot"):
+                inodes.add(fd.stat().st_ino)
+    return len(inodes)
+
+
+KILLED_LOADER = """
+import sys, time
+from affeq_rt.data.readers import discover
+from affeq_rt.data.loader import iter_batches
+from affeq_rt.registry.spec import Preprocessing
+spec = Preprocessing(**eval(sys.argv[2]))
+for b in iter_batches(discover(sys.argv[1]).samples * 50, [spec], batch_size=2, workers=2):
+    print(b.start, flush=True)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_killed_loader_leaves_no_decode_process_and_nothing_in_dev_shm(tmp_path):
+    """A loader killed with SIGKILL (its whole process group): its decode processes, in a
+    session of their own, exit at their pipe's EOF; its slots have no name, so nothing is left
+    in /dev/shm (issue 23; named slots used to be left there, 26 on one machine)."""
+    import signal
     import subprocess
-    from multiprocessing import resource_tracker, shared_memory
 
-    from affeq_rt.data.loader import clean_stale_slots
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)  # exited: its pid names a dead loader (until reused)
-    made = []
-    for pid in (dead_pid, os.getppid()):  # a dead process's slot and a live one's
-        m = shared_memory.SharedMemory(f"{SLOT_PREFIX}{pid}_test{os.getpid()}", create=True,
-                                       size=16)
-        resource_tracker.unregister(m._name, "shared_memory")  # left behind on purpose
-        m.close()
-        made.append(m.name)
+    photos.write_photos(tmp_path, count=4, corrupt=False)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_LOADER, str(tmp_path),
+                             repr(vars(SPEC_B))], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        photos.write_photos(tmp_path, count=2, corrupt=False)
-        list(iter_batches(discover(tmp_path).samples, [SPEC_B], batch_size=2, workers=1))
-        assert not Path("/dev/shm", made[0]).exists()
-        assert Path("/dev/shm", made[1]).exists()  # its process lives: kept
-        assert made[1] not in clean_stale_slots()
+        assert proc.stdout.readline().strip() == "0", "the loader never yielded"
+        workers = children(proc.pid)
+        assert len(workers) == 2, workers
+        shm = sorted(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else []
+        assert not [n for n in shm if str(proc.pid) in n]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # A decode process notices at its next read or write of the pipe: at once when idle,
+        # after its batch (2 small photos, ~0.1 s) when busy; 10 s leaves room for a loaded
+        # machine.
+        assert gone_within(workers, 10) == [], "a decode process outlived its loader"
     finally:
-        for name in made:
-            Path("/dev/shm", name).unlink(missing_ok=True)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_default_workers_is_in_process_on_small_machines():

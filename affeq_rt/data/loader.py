@@ -4,23 +4,33 @@ One tensor per :class:`~affeq_rt.registry.spec.Preprocessing` (``preprocess_key`
 batches of sample indices so that a resumed run sees exactly the same batches as an uninterrupted
 one. Unreadable files are skipped and reported, never fatal.
 
-Worker processes (issue 25) write uint8 crops straight into shared-memory slots and return only
+Decode processes (issue 25) write uint8 crops straight into shared-memory slots and return only
 which samples were readable; the consumer normalises each batch once, vectorised
 (``normalize_batch``). Every worker count runs the same per-image code and the same normalisation,
 so the tensors (and the stores written from them) are byte-identical for a fixed pipeline.
+
+The decode processes are the loader's own (:class:`_Decoders`, issue 23), not a
+``multiprocessing.Pool``: they run in a session of their own, so a stop signal sent to the
+command's process group reaches only the loader, which kills them; one pipe each, no shared lock
+a dying process could leave taken; slots are anonymous memory files, so nothing is left in
+/dev/shm whatever is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import multiprocessing as mp
 import os
-import secrets
 import signal
-import threading
+import subprocess
+import sys
+import tempfile
+import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
@@ -43,8 +53,6 @@ from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 MIN_CPUS_FOR_WORKERS = 4
 #: Most decode processes ``workers=None`` starts (more rarely pay: one consumer normalises).
 MAX_AUTO_WORKERS = 8
-#: Shared-memory slots are named ``<prefix><pid>_<random>`` (/dev/shm on Linux).
-SLOT_PREFIX = "affeq_"
 
 
 @dataclass
@@ -59,53 +67,123 @@ class Batch:
     skipped: list[tuple[int, str, str]]  # (sample index, path, reason)
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C reaches the whole process group; only the main process acts on it (a worker dying of
-    it mid-task lost its batch and left the main process waiting)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _worker_init(pipeline: str) -> None:
-    """Worker initializer: SIGINT ignored; with the torchvision pipeline, torch on one thread (the
-    workers are the parallelism; torch's own pool would oversubscribe the cores)."""
-    _ignore_sigint()
+    """In a decode process: with the torchvision pipeline, torch on one thread (the processes are
+    the parallelism; torch's own pool would oversubscribe the cores)."""
     if pipeline == "torchvision":
         tv = _torchvision()
         if tv is not None:
             tv[0].set_num_threads(1)
 
 
-def _start_pool(ctx: Any, workers: int, pipeline: str = "exact") -> Any:
-    """A spawn pool whose workers never see Ctrl-C, not even while they start up.
+#: What a decode process runs: the loader's ``sys.path`` (the first message, before anything of
+#: affeq_rt is imported), then :func:`_work`. An EOF first (the loader stopped while this one
+#: started) is a quiet exit.
+_BOOT = """\
+import sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+try:
+    sys.path[:] = conn.recv()
+except (EOFError, OSError):
+    raise SystemExit(0)
+from affeq_rt.data.loader import _work
+_work(conn)
+"""
 
-    A Ctrl-C reaches the whole process group. A blocked mask is not enough (the spawned
-    interpreter got SIGINT while it re-imported the CLI and printed a KeyboardInterrupt
-    traceback), but an *ignored* SIGINT survives exec and Python then installs no handler of its
-    own: so SIGINT is ignored here for the few milliseconds the pool takes to start. A Ctrl-C
-    already pending is delivered first (the pool is not started); one that arrives during the start
-    itself is lost (press it again). Outside the main thread (signal dispositions are the main
-    thread's) the workers rely on :func:`_worker_init` alone.
+
+def _signal_name(code: int | None) -> str:
+    """How a decode process ended, from its return code."""
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _Decoders:
+    """``n`` decode processes in a session of their own, one pipe each, stopped only by the loader.
+
+    A stop signal to the loader's process group (a terminal's Ctrl-C, a closed terminal's SIGHUP,
+    ``kill -TERM -PGID`` from a service manager) never reaches them, and they share no lock with
+    the loader that a signal could leave taken (issue 23: ``multiprocessing.Pool`` workers died of
+    a group SIGTERM holding the task queue's lock, and ``Pool.terminate`` then waited for that lock
+    forever). Nothing in the loader's signal handling changes while they start, so a stop signal
+    then is neither lost nor a traceback: it stops the loader, which kills what it started. The
+    loader kills them when it stops, finished or not; if it dies, each exits at its pipe's EOF.
     """
-    def start() -> Any:
-        return ctx.Pool(workers, initializer=_worker_init, initargs=(pipeline,))
 
-    if threading.current_thread() is not threading.main_thread():
-        return start()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pool = None
-    try:
-        if signal.SIGINT not in signal.sigpending():
-            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def __init__(self, n: int, init: tuple[Any, ...], fds: Sequence[int]) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        try:
+            for _ in range(n):
+                mine, theirs = mp.Pipe()
+                self.conns.append(mine)
+                try:
+                    fd = theirs.fileno()
+                    self.procs.append(subprocess.Popen(
+                        [sys.executable, "-c", _BOOT, str(fd)], pass_fds=(fd, *fds),
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        start_new_session=True))
+                finally:
+                    theirs.close()
+                mine.send(list(sys.path))
+                mine.send(init)
+        except BaseException:
+            self.stop()
+            raise
+
+    def send(self, w: int, task: tuple[int, list[str], int]) -> None:
+        """Hand ``task`` (batch start, its paths, its slot) to idle process ``w``."""
+        try:
+            self.conns[w].send(task)
+        except OSError:
+            raise self._died(w, task[0], len(task[1])) from None
+
+    def answers(self, busy: dict[int, tuple[int, int]]) -> list[tuple[int, tuple]]:
+        """Wait until a busy process answers: (process, (start, ok, skipped, slot)) for each that
+        did. ``busy`` maps a process to its batch's (start, size)."""
+        ready = wait([self.conns[w] for w in busy])
+        out = []
+        for w in list(busy):
+            if self.conns[w] not in ready:
+                continue
             try:
-                pool = start()
-            finally:
-                signal.signal(signal.SIGINT, handler)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C is delivered here
-    if pool is None:
-        raise KeyboardInterrupt
-    return pool
+                res = self.conns[w].recv()
+            except (EOFError, OSError):
+                raise self._died(w, *busy[w]) from None
+            if isinstance(res[0], str):
+                raise InternalError(f"a decode process failed:\n{res[1]}")
+            out.append((w, res))
+        return out
 
+    def _died(self, w: int, start: int, size: int) -> AffeqError:
+        """The error for process ``w`` gone while it decoded images [start, start+size)."""
+        try:
+            code: int | None = self.procs[w].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return AffeqError(f"a decode process (pid {self.procs[w].pid}) {_signal_name(code)} "
+                          f"while decoding images {start + 1}-{start + size}",
+                          "if the machine ran out of memory, pass a smaller --workers or "
+                          "--batch-size; rerun the same command to resume")
+
+    def stop(self) -> None:
+        """Close every pipe, kill every process (a batch in flight is not waited for; they hold
+        nothing to save) and reap them. A second signal meanwhile leaves none behind: each
+        exits at its pipe's EOF."""
+        for c in self.conns:
+            c.close()
+        for p in self.procs:
+            if p.returncode is None:
+                with contextlib.suppress(OSError):
+                    p.kill()
+        for p in self.procs:
+            p.wait()
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
@@ -163,55 +241,39 @@ def _fill(start: int, paths: Sequence[str], keys: Sequence[Preprocessing], pipel
     return ok, skipped
 
 
-def _slot_name() -> str:
-    """A fresh shared-memory name that says whose it is (≤ 31 characters, macOS's limit)."""
-    return f"{SLOT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
-
-
-def clean_stale_slots(folder: str = "/dev/shm") -> list[str]:
-    """Unlink the slots of loaders whose process is gone (Linux keeps POSIX shared memory in
-    ``folder``); the names removed. A loader unlinks its own slots when it stops, and the resource
-    tracker does when the loader is killed; only a kill of both (a whole process group, say)
-    leaves them, and the next loader removes them here."""
-    removed = []
+def _slot(size: int) -> tuple[int, mmap.mmap]:
+    """An anonymous shared memory file of ``size`` bytes and its mapping. It has no name, so
+    nothing is left behind whatever kills the processes holding it (the kernel frees it with the
+    last one)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("affeq-rt-slot")  # close-on-exec; passed to the decoders by number
+    else:
+        with tempfile.TemporaryFile() as f:  # removed from its folder at once
+            fd = os.dup(f.fileno())
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(SLOT_PREFIX)]
-    except OSError:
-        return removed  # no /dev/shm (macOS, Windows): nothing to look at
-    for name in names:
-        pid = name[len(SLOT_PREFIX):].split("_", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or another user's): its slots are in use
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(name)
-        except OSError:
-            pass  # gone meanwhile, or not ours to remove
-    return removed
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-_ATTACHED: dict[str, shared_memory.SharedMemory] = {}  # a worker's open slots, by name
-
-
-def _prepare(args: tuple[int, list[str], list[Preprocessing], str, str, int, int]
-             ) -> tuple[int, list[bool], list[tuple[int, str, str]], int]:
-    """Worker: fill shared-memory slot ``name`` (laid out for ``rows`` samples per key, like the
-    consumer's views) with one batch's uint8 crops; only the flags, the skipped samples and the
-    slot travel back."""
-    start, paths, keys, pipeline, name, slot, rows = args
-    shm = _ATTACHED.get(name)
-    if shm is None:
-        shm = _ATTACHED[name] = shared_memory.SharedMemory(name=name)
-    ok, skipped = _fill(start, paths, keys, pipeline, _slot_views(shm.buf, keys, rows))
-    return start, ok, skipped, slot
-
+def _work(conn: Connection) -> None:
+    """A decode process: map the slots, then fill one batch per task until the pipe closes.
+    Only the readable flags, the skipped samples and the slot travel back."""
+    try:
+        pipeline, keys, rows, size, fds = conn.recv()
+        _worker_init(pipeline)
+        views = [_slot_views(mmap.mmap(fd, size), keys, rows) for fd in fds]
+        while True:
+            start, paths, slot = conn.recv()
+            ok, skipped = _fill(start, paths, keys, pipeline, views[slot])
+            conn.send((start, ok, skipped, slot))
+    except (EOFError, OSError):
+        return  # the loader closed the pipe (finished, stopped or gone): nothing to report
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("failed", traceback.format_exc()))
 
 def distinct_specs(specs: Sequence[BackboneSpec | Preprocessing]) -> list[Preprocessing]:
     """One :class:`Preprocessing` per distinct ``preprocess_key``, in first-seen order."""
@@ -225,12 +287,13 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
     """Yield batches of samples ``[b*batch_size, (b+1)*batch_size)`` from ``start`` (a multiple of
     ``batch_size``), each image decoded once and preprocessed once per distinct spec.
 
-    ``workers`` > 0 uses that many spawned processes, each writing uint8 crops into one of
+    ``workers`` > 0 uses that many decode processes, each writing uint8 crops into one of
     ``prefetch`` shared-memory slots (default 2·workers) so memory stays flat on 1.28M images; 0
     decodes in this process; None picks :func:`default_workers`. ``pipeline`` is how files are
     decoded and resized (``preprocess.PIPELINES``; ``exact`` reproduces timm's eval transform).
-    Workers ignore SIGINT; when the consumer stops (Ctrl-C, an error, ``close()``) the pool is
-    terminated at once, without waiting for the batches in flight.
+    Stop signals to the process group never reach the decode processes; when the consumer stops
+    (a signal, an error, ``close()``) they are killed at once, without waiting for the batches in
+    flight. One that dies on its own (the OOM killer) is a one-line error naming its images.
     """
     if batch_size <= 0:
         raise AffeqError(f"batch size must be positive, got {batch_size}", "pass --batch-size ≥ 1")
@@ -259,43 +322,50 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
 
 def _pooled(paths: list[str], keys: list[Preprocessing], pipeline: str, batch_size: int,
             grid: range, workers: int, depth: int, to_batch: Any) -> Iterator[Batch]:
-    """:func:`iter_batches` with ``workers`` spawned processes and ``depth`` shared slots."""
-    ctx = mp.get_context("spawn")  # never fork a process holding onnxruntime/torch threads
+    """:func:`iter_batches` with ``workers`` decode processes and ``depth`` shared slots: each
+    idle process gets the next batch while a slot is free; batches are yielded in order."""
     size = max(slot_bytes(keys, batch_size), 1)
-    clean_stale_slots()
-    slots: list[shared_memory.SharedMemory] = []
-    views: list[list[np.ndarray]] = []  # numpy views pin the buffers: cleared before close()
-    pool = None
+    fds: list[int] = []
+    maps: list[mmap.mmap] = []
+    views: list[list[np.ndarray]] = []  # numpy views pin the mappings: cleared before close()
+    decoders = None
     try:
         for _ in range(depth):
-            slots.append(shared_memory.SharedMemory(_slot_name(), create=True, size=size))
-            views.append(_slot_views(slots[-1].buf, keys, batch_size))
-        free = deque(range(depth))
-        pool = _start_pool(ctx, workers, pipeline)
-        pending: deque = deque()
-
-        def collect() -> Batch:
-            b, ok, skipped, slot = pending.popleft().get()
-            batch = to_batch(b, ok, skipped, views[slot])  # copies out: the slot is free again
-            free.append(slot)
-            return batch
-
-        for b in grid:
-            if not free:
-                yield collect()
-            slot = free.popleft()
-            task = (b, paths[b:b + batch_size], keys, pipeline, slots[slot].name, slot,
-                    batch_size)
-            pending.append(pool.apply_async(_prepare, (task,)))
-        while pending:
-            yield collect()
-        pool.close()
-        pool.join()
+            fd, m = _slot(size)
+            fds.append(fd)
+            maps.append(m)
+            views.append(_slot_views(m, keys, batch_size))
+        decoders = _Decoders(workers, (pipeline, keys, batch_size, size, fds), fds)
+        free, idle = deque(range(depth)), deque(range(workers))
+        busy: dict[int, tuple[int, int]] = {}  # process -> (batch start, batch size)
+        done: dict[int, tuple[list[bool], list, int]] = {}  # batch start -> its answer
+        order: deque[int] = deque()  # batches handed out, in grid order
+        todo = iter(grid)
+        nxt = next(todo, None)
+        while nxt is not None or order:
+            while nxt is not None and idle and free:
+                w, slot = idle.popleft(), free.popleft()
+                task = (nxt, paths[nxt:nxt + batch_size], slot)
+                busy[w] = (nxt, len(task[1]))
+                decoders.send(w, task)
+                order.append(nxt)
+                nxt = next(todo, None)
+            if order[0] in done:
+                b = order.popleft()
+                ok, skipped, slot = done.pop(b)
+                batch = to_batch(b, ok, skipped, views[slot])  # copies out: the slot is free
+                free.append(slot)
+                yield batch
+                continue
+            for w, (b, ok, skipped, slot) in decoders.answers(busy):
+                del busy[w]
+                idle.append(w)
+                done[b] = (ok, skipped, slot)
     finally:
-        if pool is not None:
-            pool.terminate()  # a no-op after close/join; otherwise stops the workers now
-            pool.join()
+        if decoders is not None:
+            decoders.stop()
         views.clear()
-        for m in slots:
+        for m in maps:
             m.close()
-            m.unlink()
+        for fd in fds:
+            os.close(fd)
