@@ -269,7 +269,7 @@ def test_cli_flags_a_hybrid_that_does_not_beat_its_controls(setup, tmp_path, cap
     assert main(["evaluate", "-f", str(tmp_path / "test"), "--maps", maps, "-o",
                  str(tmp_path / "r"), "--controls", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "hybrid(s) do NOT beat their controls: " in out
+    assert "hybrid(s) do NOT beat their controls or chance: " in out
     assert "b->a" in out
     doc = json.loads((tmp_path / "r" / "table.json").read_text())
     assert doc["controls"]["all_beat"] is False
@@ -327,3 +327,23 @@ def test_one_place_answers_real_and_how_large(setup, tmp_path) -> None:
         assert r["r2"] == pytest.approx(sim.r2[i, j])
         assert r["mutual_knn"] == pytest.approx(sim.mutual_knn[i, j])
     assert "Is this equivalence real" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_hybrid_below_chance_is_flagged_whatever_its_controls() -> None:
+    """The photo case measured in the demo (ridge on 420 views, 120 test views): lite0 → mobilenet
+    agrees 15.0 % with the target while every control agrees 0.0 % (their maps predict the fit
+    photos' classes), but the target's most frequent prediction covers 23.3 %: below a guess that
+    ignores the image, so flagged. 2 SE of 15 % vs 23.3 % over 120 views is 10.1 points; the other
+    hybrid, 40 %, clears chance by 16.7 > 2 SE (11.8)."""
+    from affeq_rt.method.controls import ControlTable
+    from affeq_rt.report.controls import controls_text
+
+    zero = np.array([[np.nan, 0.0], [0.0, np.nan]])
+    ct = ControlTable(["lite0", "mnv2"], 120, "agreement", np.array([[100.0, 15.0],
+                                                                     [40.0, 100.0]]),
+                      {"noise": zero, "shuffled": zero}, np.array([23.3, 23.3]))
+    assert ct.beats["noise"][0, 1]
+    assert not ct.beats_chance[0, 1]
+    assert ct.beats_chance[1, 0]
+    assert ct.flagged == ["lite0->mnv2"]
+    assert "DOES NOT beat chance" in controls_text(ct)

@@ -461,8 +461,10 @@ class ControlTable:
     ``real`` [N, N] the hybrids' score in %; ``score[kind]`` the control hybrids' (NaN where absent,
     and on the diagonal); ``margin[kind]`` = real − control (points); ``beats[kind]`` whether the
     margin clears :data:`BEAT_SE` standard errors; ``chance[B]`` the best constant guess for target
-    B (the most frequent label, or B's most frequent prediction); ``flagged`` the hybrids A->B that
-    do not beat every control present."""
+    B (the most frequent label, or B's most frequent prediction) and ``beats_chance`` whether the
+    hybrid clears it by the same rule (a hybrid below a guess that ignores the image shows no
+    equivalence, whatever its controls score); ``flagged`` the hybrids A->B that do not beat every
+    control present, or chance."""
 
     models: list[str]
     n: int
@@ -473,6 +475,7 @@ class ControlTable:
     margin: dict[str, np.ndarray] = field(default_factory=dict)
     beats: dict[str, np.ndarray] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
+    beats_chance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.margin:
@@ -481,11 +484,15 @@ class ControlTable:
             se = {k: _se(self.real, s, self.n) for k, s in self.score.items()}
             self.beats = {k: np.where(np.isfinite(s), self.margin[k] > BEAT_SE * se[k], True)
                           for k, s in self.score.items()}
+        if self.beats_chance is None:
+            guess = np.broadcast_to(self.chance[None, :], self.real.shape)
+            self.beats_chance = self.real - guess > BEAT_SE * _se(self.real, guess, self.n)
         if not self.flagged:
             off = ~np.eye(len(self.models), dtype=bool)
             self.flagged = [f"{a}->{b}" for i, a in enumerate(self.models)
                             for j, b in enumerate(self.models)
-                            if off[i, j] and not all(bool(v[i, j]) for v in self.beats.values())]
+                            if off[i, j] and not (all(bool(v[i, j]) for v in self.beats.values())
+                                                  and bool(self.beats_chance[i, j]))]
 
     @property
     def kinds(self) -> list[str]:
@@ -498,10 +505,11 @@ class ControlTable:
         if not self.flagged:
             worst = min(float(np.nanmin(np.where(np.eye(len(self.models), dtype=bool), np.nan,
                                                  self.margin[k]))) for k in self.kinds)
-            return (f"controls ({kinds}): every hybrid beats its controls ({self.measure}; "
-                    f"smallest margin {worst:+.1f} points)")
-        return (f"controls ({kinds}): {len(self.flagged)} hybrid(s) do NOT beat their controls: "
-                + ", ".join(self.flagged[:6]) + (" …" if len(self.flagged) > 6 else ""))
+            return (f"controls ({kinds}): every hybrid beats its controls and chance "
+                    f"({self.measure}; smallest margin {worst:+.1f} points)")
+        return (f"controls ({kinds}): {len(self.flagged)} hybrid(s) do NOT beat their controls "
+                "or chance: " + ", ".join(self.flagged[:6])
+                + (" …" if len(self.flagged) > 6 else ""))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
@@ -514,6 +522,7 @@ class ControlTable:
                 "meanings": {k: MEANINGS[k] for k in self.kinds},
                 "beat_rule": f"real - control > {BEAT_SE:g} standard errors of the difference",
                 "real": mat(self.real), "chance": [float(v) for v in self.chance],
+                "beats_chance": mat(self.beats_chance),
                 "controls": {k: {"score": mat(self.score[k]), "margin": mat(self.margin[k]),
                                  "beats": mat(self.beats[k])} for k in self.kinds},
                 "flagged": list(self.flagged), "all_beat": not self.flagged}

@@ -25,6 +25,7 @@ def _rows(ct: ControlTable) -> list[list[str]]:
                 row.append("–" if not np.isfinite(s) else f"{s:.1f} ({m:+.1f})")
             row.append(f"{ct.chance[j]:.1f}")
             row.append("beats its controls" if f"{a}->{b}" not in ct.flagged
+                       else "DOES NOT beat chance" if not ct.beats_chance[i, j]
                        else "DOES NOT beat its controls")
             out.append(row)
     return out
@@ -41,7 +42,8 @@ def _caption(ct: ControlTable) -> str:
     return (f"The same {len(ct.models)}×{len(ct.models)} evaluation on {ct.n} images for control "
             f"sources ({kinds}), each map fitted by least squares on the same fitting images and "
             "scored through the same target head. Margin = real − control, in points; a hybrid "
-            "beats a control when the margin exceeds 2 standard errors of the difference. "
+            "beats a control (and chance) when the margin exceeds 2 standard errors of the "
+            "difference. "
             "Chance: the best constant guess for the target (its most frequent "
             f"{'label' if ct.measure == 'top1' else 'prediction'}).")
 
