@@ -214,21 +214,27 @@ def similarity_from_moments(moments: Moments, slices: Mapping[str, slice],
     if norms is not None:
         deb = _debiased_cka(norms.centred_products(moments), xty, np.array([tr[m] for m in names]),
                             n)
-    warnings = []
     ranks = {m: eig[m].rank for m in names}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            trivial = ranks[a] + ranks[b] - (n - 1)
-            if trivial > 0:
-                warnings.append(f"{a}, {b}: {n} images for ranks {ranks[a]} + {ranks[b]}: at "
-                                f"least {trivial} canonical correlations are 1 whatever the "
-                                "networks (CCA and R² need more images than dimensions)")
     return SimilarityTable(
         models=names, n=n, cka=cka, cca_mean=cca_mean, svcca=svcca, r2=r2, procrustes=proc,
         cka_debiased=deb, cca=cca, ranks=ranks,
         mutual_knn=None if knn is None else mutual_knn_table(knn, slices),
-        dims={m: slices[m].stop - slices[m].start for m in names}, warnings=warnings,
-        source=dict(source or {}))
+        dims={m: slices[m].stop - slices[m].start for m in names},
+        warnings=_rank_warnings(ranks, n), source=dict(source or {}))
+
+
+def _rank_warnings(ranks: Mapping[str, int], n: int) -> list[str]:
+    """One line per pair whose ranks exceed what ``n`` images can tell apart: at least
+    ``rank_a + rank_b − (n − 1)`` canonical correlations are then 1 whatever the networks."""
+    names, out = list(ranks), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            trivial = ranks[a] + ranks[b] - (n - 1)
+            if trivial > 0:
+                out.append(f"{a}, {b}: {n} images for ranks {ranks[a]} + {ranks[b]}: at "
+                           f"least {trivial} canonical correlations are 1 whatever the "
+                           "networks (CCA and R² need more images than dimensions)")
+    return out
 
 
 def _debiased_cka(c4: np.ndarray, xty: np.ndarray, tr: np.ndarray, n: int) -> np.ndarray | None:

@@ -119,6 +119,48 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
+def _compare(tmp: Path, x: np.ndarray, ref: dict[str, Any], spec: BackboneSpec,
+             model_name: str, tolerance: float) -> tuple[float, float]:
+    """onnxruntime's logits and features from the written graphs against torch's (``ref``:
+    logits, features, split logits, split error); AffeqError beyond ``tolerance``."""
+    fs = create_session(tmp / "features.onnx", provider="cpu")
+    cs = create_session(tmp / "classifier.onnx", provider="cpu")
+    got_feats = fs.run(x, batch_size=len(x))
+    got = cs.run(got_feats, batch_size=len(x)).astype(np.float64)
+    max_rel = _rel(got, ref["logits"].double().numpy())
+    # Features too: a head that random init leaves at zero (MLP-Mixer, torchvision ViT)
+    # gives constant logits, which would make the logit check vacuous.
+    feat_rel = _rel(got_feats.astype(np.float64), ref["features"].double().numpy())
+    split_rel = ref["split_rel"]
+    bad_split = not split_rel <= tolerance
+    for what, err in (("logits", max_rel), ("features", feat_rel)):
+        if not np.isfinite(err) or err > tolerance:
+            why = (f" because {model_name} is not its classifier applied to its pre-logits (in "
+                   f"torch too: {split_rel:.3g}), so it cannot be split exactly"
+                   if bad_split else "")
+            raise AffeqError(f"{spec.name}: ONNX {what} differ from torch by {err:.3g} "
+                             f"(relative, tolerance {tolerance:g}){why}",
+                             "pick another model; the export was not written" if bad_split
+                             else "the export was not written; report it")
+    check_split(model_name, ref["logits"], ref["split_logits"], tolerance)
+    return max_rel, feat_rel
+
+
+def _torch_reference(model: Any, features: Any, head: Any, spec: BackboneSpec,
+                     xt: Any) -> dict[str, Any]:
+    """The framework's own logits (the reference of every check), features, and the split's
+    logits ``head(features(x))`` with their error; the shapes checked against ``spec``."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(xt)
+        feats = features(xt)
+        _check_shapes(spec, int(feats.shape[1]), int(head.out_features), tuple(logits.shape))
+        split_logits = head(feats)
+    return {"logits": logits, "features": feats, "split_logits": split_logits,
+            "split_rel": split_error(logits, split_logits)}  # the family's split rule holds?
+
+
 def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.PathLike, *,
                  weights_info: Mapping[str, Any] | None = None,
                  inputs: tuple[np.ndarray, list[str]] | None = None, tolerance: float = EXPORT_RTOL,
@@ -142,19 +184,14 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
     check_free_space(out.parent, need, f"the export {out}")
     x, names = inputs if inputs is not None else check_inputs(spec)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    with torch.no_grad():  # the framework's own logits are the reference for every check
-        ref_t = model(xt)
-        feats_t = features(xt)
-        d, k = int(feats_t.shape[1]), int(head.out_features)
-        _check_shapes(spec, d, k, tuple(ref_t.shape))
-        split_logits = head(feats_t)
-        split_rel = split_error(ref_t, split_logits)  # the family's split rule holds?
-    feats = feats_t[:2]
+    ref = _torch_reference(model, features, head, spec, xt)
+    d, k = int(ref["features"].shape[1]), int(head.out_features)
     with atomic_dir(out, need=need) as tmp:
         say("exporting features.onnx")
         _onnx_export(features, xt[:2], tmp / "features.onnx", "image", "features", opset)
         say("exporting classifier.onnx")
-        _onnx_export(head, feats, tmp / "classifier.onnx", "features", "logits", opset)
+        _onnx_export(head, ref["features"][:2], tmp / "classifier.onnx", "features", "logits",
+                     opset)
         w = head.weight.detach().float().numpy()
         b = (head.bias.detach().float().numpy() if head.bias is not None
              else np.zeros(k, np.float32))
@@ -163,27 +200,7 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
         for f in ("features.onnx", "classifier.onnx"):
             _check_onnx(tmp / f)
         say(f"comparing onnxruntime with torch on {len(names)} inputs")
-        ref = ref_t.double().numpy()
-        fs = create_session(tmp / "features.onnx", provider="cpu")
-        cs = create_session(tmp / "classifier.onnx", provider="cpu")
-        got_feats = fs.run(x, batch_size=len(x))
-        got = cs.run(got_feats, batch_size=len(x)).astype(np.float64)
-        max_rel = _rel(got, ref)
-        # Features too: a head that random init leaves at zero (MLP-Mixer, torchvision ViT)
-        # gives constant logits, which would make the logit check vacuous.
-        feat_rel = _rel(got_feats.astype(np.float64), feats_t.double().numpy())
-        bad_split = not split_rel <= tolerance
-        for what, err in (("logits", max_rel), ("features", feat_rel)):
-            if not np.isfinite(err) or err > tolerance:
-                why = (f" because {type(model).__name__} is not its classifier applied to its "
-                       f"pre-logits (in torch too: {split_rel:.3g}), so it cannot be split exactly"
-                       if bad_split else "")
-                raise AffeqError(f"{spec.name}: ONNX {what} differ from torch by {err:.3g} "
-                                 f"(relative, tolerance {tolerance:g}){why}",
-                                 "pick another model; the export was not written" if bad_split
-                                 else "the export was not written; report it")
-        check_split(type(model).__name__, ref_t, split_logits, tolerance)
-        del fs, cs
+        max_rel, feat_rel = _compare(tmp, x, ref, spec, type(model).__name__, tolerance)
         manifest = {
             "spec": spec.to_dict(),
             "weights": dict(weights_info or {"source": "unknown"}),
@@ -195,7 +212,8 @@ def export_split(model: torch.nn.Module, spec: BackboneSpec, out_dir: str | os.P
             "checksums": {f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp))
                           if (tmp / f).is_file() and not f.startswith(".")},
             "export_error": {"max_rel": max_rel, "features_max_rel": feat_rel,
-                             "split_max_rel": split_rel, "tolerance": tolerance, "inputs": names,
+                             "split_max_rel": ref["split_rel"], "tolerance": tolerance,
+                             "inputs": names,
                              "measure": "max|ort - torch| / max|torch| over logits"},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
