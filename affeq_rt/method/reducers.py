@@ -256,37 +256,19 @@ class GramReducer:
             self.norms.load(st)
 
 
-class HeldOutRows:
-    """The first ``limit`` held-out rows (``mask`` by sample index) and their sample indices."""
+class KeptRows:
+    """Rows of the pass kept in memory with their sample indices: what :class:`HeldOutRows` and
+    :class:`AllRows` share (the kept rows, forgetting some, the state)."""
 
-    def __init__(self, mask: np.ndarray, limit: int) -> None:
-        self.mask, self.limit = mask, int(limit)
+    def __init__(self) -> None:
         self.x: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         self.count = 0
 
-    def fresh(self) -> HeldOutRows:
-        """An empty one with the same mask and limit."""
-        return HeldOutRows(self.mask, self.limit)
-
-    def update(self, c: Chunk) -> None:
-        """Copy the chunk's held-out rows aside, up to the limit."""
-        i = c.index
-        m = self.mask[i]
-        if m.any() and self.count < self.limit:
-            take = np.flatnonzero(m)[:self.limit - self.count]
-            self.x.append(np.array(c.x[take], np.float32))
-            self.index.append(i[take])
-            self.count += take.size
-
-    def merge(self, other: HeldOutRows) -> None:
-        """Append the following shard's rows, up to the limit."""
-        for x, i in zip(other.x, other.index, strict=True):
-            k = min(x.shape[0], self.limit - self.count)
-            if k > 0:
-                self.x.append(x[:k])
-                self.index.append(i[:k])
-                self.count += k
+    def _keep(self, x: np.ndarray, index: np.ndarray) -> None:
+        self.x.append(x)
+        self.index.append(index)
+        self.count += int(x.shape[0])
 
     def drop(self, samples: np.ndarray) -> None:
         """Forget the kept rows of the samples flagged in ``samples`` (bool [n])."""
@@ -314,11 +296,38 @@ class HeldOutRows:
         self.count = int(self.x[0].shape[0]) if self.x else 0
 
 
-class AllRows(HeldOutRows):
+class HeldOutRows(KeptRows):
+    """The first ``limit`` held-out rows (``mask`` by sample index) and their sample indices."""
+
+    def __init__(self, mask: np.ndarray, limit: int) -> None:
+        super().__init__()
+        self.mask, self.limit = mask, int(limit)
+
+    def fresh(self) -> HeldOutRows:
+        """An empty one with the same mask and limit."""
+        return HeldOutRows(self.mask, self.limit)
+
+    def update(self, c: Chunk) -> None:
+        """Copy the chunk's held-out rows aside, up to the limit."""
+        i = c.index
+        m = self.mask[i]
+        if m.any() and self.count < self.limit:
+            take = np.flatnonzero(m)[:self.limit - self.count]
+            self._keep(np.array(c.x[take], np.float32), i[take])
+
+    def merge(self, other: HeldOutRows) -> None:
+        """Append the following shard's rows, up to the limit."""
+        for x, i in zip(other.x, other.index, strict=True):
+            k = min(x.shape[0], self.limit - self.count)
+            if k > 0:
+                self._keep(x[:k], i[:k])
+
+
+class AllRows(KeptRows):
     """Every row of the pass in memory, with its sample index (the few-data estimators)."""
 
     def __init__(self, width: int) -> None:
-        super().__init__(np.ones(0, bool), 0)
+        super().__init__()
         self.width = int(width)
 
     def fresh(self) -> AllRows:
@@ -327,13 +336,12 @@ class AllRows(HeldOutRows):
 
     def update(self, c: Chunk) -> None:
         """Keep the chunk's rows."""
-        self.x.append(np.asarray(c.x, np.float32))
-        self.index.append(c.index)
+        self._keep(np.asarray(c.x, np.float32), c.index)
 
-    def merge(self, other: HeldOutRows) -> None:
+    def merge(self, other: AllRows) -> None:
         """Append the following shard's rows."""
-        self.x += other.x
-        self.index += other.index
+        for x, i in zip(other.x, other.index, strict=True):
+            self._keep(x, i)
 
     def all(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows float32 [m, Σd], sample indices [m])."""
