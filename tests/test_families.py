@@ -231,13 +231,13 @@ def test_vit_to_convnext_hybrid_builds_verifies_serves(family_root: Path,
     from test_hybrid import write_photo_views
     from test_serve import direct, infer, served
 
-    from affeq_rt.deploy.from_names import hybrid
+    from affeq_rt.deploy.from_names import FitOn, hybrid
     from affeq_rt.deploy.hybrid import HybridOptions
     from affeq_rt.deploy.metadata import read_metadata
     from affeq_rt.method.extract import ImageOptions
 
     views = write_photo_views(tmp_path / "views", n_per=1)
-    out = hybrid("vit_small_patch16_224", "convnext_tiny", fit_on=views, method="ols",
+    out = hybrid("vit_small_patch16_224", "convnext_tiny", fit_on=FitOn(views, "ols"),
                  out=tmp_path / "vit2convnext.onnx",
                  options=HybridOptions(server_repo=tmp_path / "repo"),
                  images=ImageOptions(random_weights=True, export_root=family_root))

@@ -270,13 +270,13 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
     """The design card's PNASNet-Large → ResNet-v1-152 (stand-in) with random weights."""
     from test_hybrid import write_photo_views
 
-    from affeq_rt.deploy.from_names import hybrid
+    from affeq_rt.deploy.from_names import FitOn, hybrid
     from affeq_rt.deploy.hybrid import HybridOptions
     from affeq_rt.deploy.metadata import read_metadata
     from affeq_rt.method.extract import ImageOptions
 
     views = write_photo_views(tmp_path / "views", n_per=1)
-    out = hybrid("pnasnet", "resnet_v1_152", fit_on=views, method="ols",
+    out = hybrid("pnasnet", "resnet_v1_152", fit_on=FitOn(views, "ols"),
                  out=tmp_path / "pnas.onnx", options=HybridOptions(server_repo=tmp_path / "repo"),
                  images=ImageOptions(random_weights=True, export_root=tmp_path / "exports"))
     meta = read_metadata(out)["metadata"]

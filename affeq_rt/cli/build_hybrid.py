@@ -58,7 +58,7 @@ def run(
     probabilities; checked against the separate parts on real photos before the file is written.
     """
     from affeq_rt.cli.progress import Display
-    from affeq_rt.deploy.from_names import DATA_FREE, hybrid
+    from affeq_rt.deploy.from_names import DATA_FREE, FitOn, hybrid
     from affeq_rt.deploy.hybrid import HybridOptions
     from affeq_rt.deploy.metadata import read_metadata
     from affeq_rt.method.extract import ImageOptions
@@ -69,9 +69,9 @@ def run(
                             max_batch_size=max_batch_size)
     images = ImageOptions(random_weights=random_weights, export_root=export_root)
     with Display(quiet) as display:
-        path = hybrid(src, dst, maps=maps, fit_on=fit_on, method=method,
-                      fit_options=FitOptions(holdout=holdout), out=out, options=options,
-                      images=images, progress=display)
+        plan = None if fit_on is None else FitOn(fit_on, method, FitOptions(holdout=holdout))
+        path = hybrid(src, dst, maps=maps, fit_on=plan, out=out, options=options, images=images,
+                      progress=display)
     meta = read_metadata(path)["metadata"]
     ver = meta.get("verification", {})
     typer.echo(f"wrote {path}")
