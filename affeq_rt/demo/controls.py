@@ -74,10 +74,12 @@ def digits_controls(out: Path, seed: int = 0, say: Callable[[str], None] = print
 
 def photo_controls(out: Path, stores: dict[str, str],
                    networks: Sequence[str] = PHOTO_NETWORKS, seed: int = 0,
-                   say: Callable[[str], None] = print) -> EvalTable:
-    """The real-weight photo networks' ridge table (agreement on the unseen test photos) with its
-    controls. ``out`` is ``run_photos``'s folder (views and stores); the random-weight exports go
-    to ``out/random_exports`` so the real ones are never replaced."""
+                   say: Callable[[str], None] = print) -> dict[str, EvalTable]:
+    """The real-weight photo networks' hybrids with their controls, agreement on the unseen test
+    photos: ``ridge`` (maps fitted on the fit photos' views: random-weight, noise and shuffled
+    controls) and ``logit-pinv`` (data-free maps through the heads: the random-weight control, the
+    only one a map that reads no image has). ``out`` is ``run_photos``'s folder (views and stores);
+    the random-weight exports go to ``out/random_exports`` so the real ones are never replaced."""
     opened = {p: FeatureStore.open(s) for p, s in stores.items()}
     random: dict[str, dict[str, np.ndarray]] = {}
     heads = {}
@@ -96,7 +98,11 @@ def photo_controls(out: Path, stores: dict[str, str],
                       for m in networks})
     st = _with_random({p: opened[p] for p in ("fit", "test")}, random, heads,
                       {"fit": None, "test": None}, list(networks))
-    maps = fit(st["fit"], method="ridge",
-               options=FitOptions(holdout=0.2, seed=seed, controls=True)).maps
-    save_maps(out / "maps_ridge_controls.safetensors", maps, {"demo": "photos, with controls"})
-    return evaluate(st["test"], maps, device="cpu", controls=True)
+    out_tables = {}
+    for method, opt in (("ridge", FitOptions(holdout=0.2, seed=seed, controls=True)),
+                        ("logit-pinv", FitOptions(holdout=0.0, seed=seed))):
+        maps = fit(st["fit"], method=method, options=opt).maps
+        save_maps(out / f"maps_{method}_controls.safetensors", maps,
+                  {"demo": "photos, with controls"})
+        out_tables[method] = evaluate(st["test"], maps, device="cpu", controls=True)
+    return out_tables
