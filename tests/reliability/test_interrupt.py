@@ -52,10 +52,12 @@ def _fit_cli(env: dict, out: Path, workers: int = 2) -> list[str]:
 
 
 def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int,
-                 timeout: float = 120.0, group: bool = True) -> tuple[float, list[int]]:
+                 timeout: float = 120.0, group: bool = True
+                 ) -> tuple[float, list[int], list[int]]:
     """Send ``sig`` to ``proc``'s process group (or to ``proc`` alone) once ``progress`` counts
     ``at_least`` samples; (the seconds the process took to exit after the signal, the processes
-    it had started, read just before the signal)."""
+    it had started, read just before the signal, those of them still running 0.5 s after it
+    exited: read before anything waits on its output, which they may hold open)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
@@ -76,7 +78,8 @@ def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise AssertionError("still running 60 s after the signal") from None
-            return time.monotonic() - sent, started
+            took = time.monotonic() - sent
+            return took, started, gone_within(started, 0.5)
         if proc.poll() is not None:
             raise AssertionError(f"finished before the signal: {proc.stderr.read()[-2000:]}")
         time.sleep(0.005)
@@ -104,7 +107,7 @@ def _interrupt(cmd: list[str], progress: Path, at_least: int, sig: int,
     ``workers`` decode processes left behind."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    took, started = _signal_when(proc, progress, at_least, sig, group=group)
+    took, started, left = _signal_when(proc, progress, at_least, sig, group=group)
     err = proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
@@ -114,7 +117,7 @@ def _interrupt(cmd: list[str], progress: Path, at_least: int, sig: int,
     assert "Traceback" not in err, err
     assert [ln for ln in err.splitlines() if ln.strip()] == [stop_line(sig)], err
     assert len(started) == workers, f"expected {workers} decode processes, saw {started}"
-    assert gone_within(started, 0.5) == [], "a decode process outlived the run"
+    assert left == [], f"decode processes {left} outlived the run"
     assert _group_gone(proc.pid), "a process of the command's group outlived it"
     return proc.returncode, err
 
@@ -165,6 +168,31 @@ def test_ctrl_c_mid_extract_stops_then_resumes_identically(env, ref_store: Path,
                                                            tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     _interrupt(_cli(env, out), out / "progress.json", at, signal.SIGINT)
+    _resume_extract(env, out, ref_store)
+
+
+@SLOW
+def test_ctrl_c_under_load_stops_within_2_s(env, ref_store: Path, tmp_path: Path) -> None:
+    """Ctrl-C with every usable CPU kept busy by a process of the same priority (a spinning
+    Python, one per CPU) still stops within ``STOP_WITHIN_S`` (issue 23: 2.6-3.4 s under load).
+
+    The bound, argued: after the signal the command does ~0.1 s of its own work (the handler,
+    killing the decode processes, the stop line: measured +0.01-0.07 s on a 2-core machine whose
+    load average was 12-16 from other users) and then the interpreter's own finalisation
+    (0.3-0.45 s there); measured unloaded, 0.4-0.6 s in all. The kernel's fair scheduler shares
+    each core among the runnable tasks, so one busy process per CPU at most halves the
+    command's share: <= 1.2 s, under 2 s with room for the machine's other load (measured with
+    two busy processes on 2 cores: median 0.74 s, max 2.0 s in 10 runs at load 16)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.5)  # the hogs are running
+        out = tmp_path / "loaded"
+        _interrupt(_cli(env, out), out / "progress.json", 4, signal.SIGINT)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
     _resume_extract(env, out, ref_store)
 
 
