@@ -188,6 +188,34 @@ def test_export_offline_is_one_line(tmp_path: Path, flag: tuple[str, ...], varia
            f"{tmp_path / 'hf'}" in lines[0]
 
 
+@pytest.mark.parametrize("command", ["build-hybrid", "extract", "fit", "predict", "cam",
+                                     "layers", "ablate"])
+def test_every_command_that_exports_takes_offline(tmp_path: Path, command: str,
+                                                  photo_files: dict[str, Path]) -> None:
+    """``--offline`` on every command that may export a network (as ``export --offline``): with
+    nothing cached and the variable unset, one line naming the missing file and the cache."""
+    photo = str(photo_files["chelsea"])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chelsea.jpg").write_bytes(Path(photo).read_bytes())
+    out = str(tmp_path / "out")
+    args = {"build-hybrid": ["--src", "pnasnet", "--dst", "resnet_v1_152"],
+            "extract": ["--models", "pnasnet,resnet_v1_152", "--data", str(data), "--out", out],
+            "fit": ["--models", "pnasnet,resnet_v1_152", "--data", str(data), "--out",
+                    out + ".safetensors"],
+            "predict": ["pnasnet", photo],
+            "cam": [photo, "--src", "pnasnet", "--out", out],
+            "layers": ["pnasnet", photo, "--out", out],
+            "ablate": ["--models", "pnasnet", "--data", str(data), "--out", out]}[command]
+    res = _cli(command, *args, "--export-root", str(tmp_path / "exports"), "--offline",
+               env={"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert res.returncode == 1, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert f"model.safetensors of timm/pnasnet5large.tf_in1k are not in the cache " \
+           f"{tmp_path / 'hf'}" in lines[0]
+
+
 @pytest.mark.slow  # huggingface_hub retries 5 times with back-off: about 23 s
 def test_export_online_tries_the_hub_and_fails_in_one_line(tmp_path: Path) -> None:
     """Without the variable the export downloads on first use: here the hub is a closed local

@@ -14,6 +14,7 @@ from affeq_rt.cli.options import (
     MaxImages,
     Models,
     NoiseSeed,
+    Offline,
     Provider,
     Quiet,
     RandomWeights,
@@ -45,6 +46,7 @@ def run(
     seed: NoiseSeed = 0,
     provider: Provider = "auto",
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     random_weights: RandomWeights = False,
     quiet: Quiet = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Force, Quiet, RandomWeights
+from affeq_rt.cli.options import ExportRoot, Force, Offline, Quiet, RandomWeights
 
 
 def run(
@@ -48,6 +48,7 @@ def run(
         "--max-batch-size", help="Triton max_batch_size.")] = 32,
     random_weights: RandomWeights = False,
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:

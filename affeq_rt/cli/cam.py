@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Provider, Quiet, RandomWeights
+from affeq_rt.cli.options import ExportRoot, Offline, Provider, Quiet, RandomWeights
 
 
 def run(
@@ -26,6 +26,7 @@ def run(
                                      "top classes, or A's without --dst).")] = 3,
     provider: Provider = "auto",
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     random_weights: RandomWeights = False,
     quiet: Quiet = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Quiet, RandomWeights
+from affeq_rt.cli.options import ExportRoot, Offline, Quiet, RandomWeights
 from affeq_rt.errors import AffeqError
 
 
@@ -22,19 +22,14 @@ def run(
     old_out: Annotated[Path | None, typer.Option(
         "--out", "-o", hidden=True, help="Deprecated spelling of --export-root.")] = None,
     quiet: Quiet = False,
-    offline: Annotated[bool, typer.Option(
-        "--offline", help="Never download weights (as HF_HUB_OFFLINE=1): a name whose weights "
-        "are not cached is refused.")] = False,
+    _offline: Offline = False,
 ) -> None:
     """Export NAME as features.onnx (image → pooled features) and classifier.onnx (features →
     logits), plus head.safetensors and manifest.json, into EXPORT_ROOT/NAME after checking ONNX
     against the framework. Hub weights are downloaded on first use into the Hugging Face / torch
     hub cache unless HF_HUB_OFFLINE=1 or --offline."""
     from affeq_rt.cli.progress import Display
-    from affeq_rt.model.weights import set_offline
     from affeq_rt.onnx.export import export_backbone
-    if offline:
-        set_offline()
     if old_out is not None:  # the old spelling, kept hidden and silent for scripts
         if export_root is not None:
             raise AffeqError("both --export-root and --out given",

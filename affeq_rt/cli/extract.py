@@ -16,6 +16,7 @@ from affeq_rt.cli.options import (
     MaxImages,
     Meta,
     Models,
+    Offline,
     Preprocessing,
     Provider,
     Quiet,
@@ -47,6 +48,7 @@ def run(
     labels: Labels = None,
     meta: Meta = None,
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     commit_every: Annotated[float, typer.Option(
         "--commit-every", help="Seconds between progress commits.")] = 5.0,
     executor: ExecutorName = "local",

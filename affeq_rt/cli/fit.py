@@ -18,6 +18,7 @@ from affeq_rt.cli.options import (
     Labels,
     MaxImages,
     Meta,
+    Offline,
     Preprocessing,
     Provider,
     Quiet,
@@ -65,6 +66,7 @@ def run(
     labels: Labels = None,
     meta: Meta = None,
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", help="Checkpoint the accumulators every N images.")] = 20000,
     iterations: Iterations = 200,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Provider, Quiet, RandomWeights
+from affeq_rt.cli.options import ExportRoot, Offline, Provider, Quiet, RandomWeights
 
 
 def run(
@@ -22,6 +22,7 @@ def run(
                                           "per layer (0: the channel mean only).")] = 6,
     provider: Provider = "auto",
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     random_weights: RandomWeights = False,
     quiet: Quiet = False,
 ) -> None:

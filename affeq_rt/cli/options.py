@@ -21,6 +21,22 @@ EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAM
 
 ExportRoot = Annotated[Path | None, typer.Option(
     "--export-root", help=EXPORT_ROOT_HELP, show_default=False)]
+
+
+def _go_offline(value: bool) -> bool:
+    """``--offline``: from here on, the run downloads nothing (as ``HF_HUB_OFFLINE=1``)."""
+    if value:
+        from affeq_rt.model.weights import set_offline
+
+        set_offline()
+    return value
+
+
+# Every command that may export a network takes it (name the parameter ``_offline``: the
+# callback does the work). timm/Hugging Face download weights on first use; this refuses.
+Offline = Annotated[bool, typer.Option(
+    "--offline", callback=_go_offline, help="Never download weights (as HF_HUB_OFFLINE=1): a "
+    "network whose weights are not cached is refused in one line.")]
 Provider = Annotated[str, typer.Option(
     "--provider", help="onnxruntime provider: auto|tensorrt|cuda|cpu (auto: the first that "
     "loads).")]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from affeq_rt.cli.options import ExportRoot, Fp16, Provider, Quiet, Verify
+from affeq_rt.cli.options import ExportRoot, Fp16, Offline, Provider, Quiet, Verify
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.terminal import printable
 
@@ -21,6 +21,7 @@ def run(
     provider: Provider = "auto",
     fp16: Fp16 = False,
     export_root: ExportRoot = None,
+    _offline: Offline = False,
     verify: Verify = False,
     quiet: Quiet = False,
 ) -> None:
