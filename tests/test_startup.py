@@ -160,6 +160,7 @@ def test_lazy_names_are_the_typed_imports_and_all_of_the_api() -> None:
     assert affeq_rt.io is importlib.import_module("affeq_rt.io")  # a subpackage on attribute use
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         _ = affeq_rt.no_such_name
+    assert getattr(affeq_rt, "no.such", None) is None  # not a submodule path to import
 
 
 def test_option_defaults_written_out_in_the_cli_are_the_librarys() -> None:
