@@ -119,6 +119,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """Every public name, loaded or not (tab completion, ``dir(affeq_rt)``)."""
     return sorted(set(globals()) | set(_LAZY))
 
 
