@@ -318,6 +318,36 @@ def _labels(st: StoreLike) -> np.ndarray | None:
     return labels
 
 
+def _checked_heads(st: StoreLike, chosen: Sequence[str]) -> dict[str, Head]:
+    """The networks' heads (background rows stripped), refused unless they score the same
+    classes and fit the stored features."""
+    heads = {m: st.head(m) for m in chosen}
+    ks = {m: h.num_classes for m, h in heads.items()}
+    if len(set(ks.values())) > 1:
+        raise AffeqError(f"the networks score different numbers of classes ({ks}) after dropping "
+                         "TF-slim background rows", "check each spec's num_classes/label_offset")
+    for m in chosen:
+        _check_features(st, m, heads[m])
+    return heads
+
+
+def _table(tally: HeadTally, ms: MapSet, chosen: Sequence[str], heads: Mapping[str, Head],
+           labelled: bool, n: int) -> EvalTable:
+    """The N×N table from the pass's tally (top-1/top-5 with labels, agreement always)."""
+    hits1, hits5, pred, correct = tally.result(n)
+    nn = len(chosen)
+    top1 = 100.0 * hits1.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
+    top5 = 100.0 * hits5.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
+    own = pred[np.arange(nn), np.arange(nn)]             # [N, n]: each network's own prediction
+    agree = 100.0 * (pred == own[None, :, :]).mean(axis=2) if n else np.full((nn, nn), np.nan)
+    agree_unmapped = 100.0 * (own[:, None, :] == own[None, :, :]).mean(axis=2) if n else agree
+    return EvalTable(models=list(chosen), n=n, labelled=labelled, top1=top1, top5=top5,
+                     agree=agree, agree_unmapped=agree_unmapped, pred=pred,
+                     correct=correct if labelled else None, pair_info=_pair_info(ms, chosen),
+                     label_offsets={m: heads[m].label_offset for m in chosen},
+                     timings={"fold_s": tally.fold_s, "pass_s": tally.pass_s})
+
+
 def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathLike, *,
              device: str = "auto", models: Sequence[str] | None = None,
              overlap_pairs: Iterable[tuple[str, str]] | None = None,
@@ -342,13 +372,7 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
         models = real_networks(models or st.models)
     chosen = _check_inputs(st, ms, models)
     dev = resolve_device(device)
-    heads = {m: st.head(m) for m in chosen}
-    ks = {m: h.num_classes for m, h in heads.items()}
-    if len(set(ks.values())) > 1:
-        raise AffeqError(f"the networks score different numbers of classes ({ks}) after dropping "
-                         "TF-slim background rows", "check each spec's num_classes/label_offset")
-    for m in chosen:
-        _check_features(st, m, heads[m])
+    heads = _checked_heads(st, chosen)
     labelled = _labels(st) is not None
     n = int(st.n)
     tally = HeadTally(ms, st, chosen, dev)
@@ -364,23 +388,12 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
                  progress=progress, task="evaluate")
     finally:
         tally.release()
-    hits1, hits5, pred, correct = tally.result(n)
-    nn = len(chosen)
-    top1 = 100.0 * hits1.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
-    top5 = 100.0 * hits5.astype(np.float64) / n if labelled else np.full((nn, nn), np.nan)
-    own = pred[np.arange(nn), np.arange(nn)]             # [N, n]: each network's own prediction
-    agree = 100.0 * (pred == own[None, :, :]).mean(axis=2) if n else np.full((nn, nn), np.nan)
-    agree_unmapped = 100.0 * (own[:, None, :] == own[None, :, :]).mean(axis=2) if n else agree
-    table = EvalTable(models=list(chosen), n=n, labelled=labelled, top1=top1, top5=top5,
-                      agree=agree, agree_unmapped=agree_unmapped, pred=pred,
-                      correct=correct if labelled else None,
-                      pair_info=_pair_info(ms, chosen), device=dev,
-                      seconds=time.perf_counter() - t0,
-                      label_offsets={m: heads[m].label_offset for m in chosen},
-                      timings={"fold_s": tally.fold_s, "pass_s": tally.pass_s})
+    table = _table(tally, ms, chosen, heads, labelled, n)
+    table.device, table.seconds = dev, time.perf_counter() - t0
     if controls:
+        own = table.pred[np.arange(len(chosen)), np.arange(len(chosen))]
         table.controls = control_table(chosen, entries, reducers["controls"].joined(), own,
-                                       _labels(st), top1 if labelled else agree)
+                                       _labels(st), table.top1 if labelled else table.agree)
     if labelled:
         pairs = (default_overlap_pairs(table) if overlap_pairs is None else list(overlap_pairs))
         table.overlaps = [overlap(table, a, b) for a, b in pairs]
