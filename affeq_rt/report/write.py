@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,51 @@ def fit_extras(maps: str | Path | object, similarity: str | Path | None = None
     return out
 
 
+def _markdown(table: EvalTable, title: str, notes: Sequence[str], answer: list) -> str:
+    """table.md: the table, the overlaps, the one-place answer, the controls, the notes."""
+    md = f"# {title}\n\n" + markdown_table(table)
+    if table.overlaps:
+        md += "\n## Overlap of correct images (paper Fig. 5)\n\n" + overlap_markdown(table.overlaps)
+    if answer:  # issue 22: controls, calibrated similarity, family gaps, k-NN in one place
+        md += f"\n## {QUESTION}\n\n```\n{answer_text(answer)}\n```\n"
+    if table.controls is not None:  # method.controls: real − control margins
+        md += f"\n## {CONTROLS_TITLE}\n\n" + controls_markdown(table.controls)
+    for note in notes:
+        md += f"\n{note}\n"
+    return md
+
+
+def _json_doc(table: EvalTable, title: str, notes: Sequence[str], answer: list,
+              similarity: SimilarityTable | None, curve: Curve | None) -> dict[str, Any]:
+    """table.json: the table's own numbers and every section's."""
+    doc = table.to_dict()
+    doc["title"] = title
+    doc["notes"] = list(notes)
+    doc["overlaps"] = [o.to_dict() for o in table.overlaps]
+    doc["versions"] = versions()
+    if similarity is not None:  # beside the hybrids: report.similarity, method.similarity
+        doc["similarity"] = similarity.to_dict()
+        doc["similarity_vs_loss"] = loss_correlations(similarity, table)
+    if curve is not None:  # the maps' data-efficiency curve (method.curve)
+        doc["curve"] = curve.to_dict()
+    if answer:
+        doc["answer"] = {"question": QUESTION, "pairs": answer}
+    return json.loads(json.dumps(doc, default=jsonable))
+
+
+def _html_sections(table: EvalTable, answer: list, similarity: SimilarityTable | None,
+                   curve: Curve | None, figures: bool) -> list[tuple[str, str]]:
+    """The page's sections after the table: answer, controls, similarity, curve."""
+    sections = [(QUESTION, answer_html(answer))] if answer else []
+    if table.controls is not None:
+        sections.append((CONTROLS_TITLE, controls_html(table.controls)))
+    if similarity is not None:
+        sections.append((SIMILARITY_TITLE, similarity_html(similarity, table)))
+    if curve is not None:
+        sections.append((CURVE_TITLE, curve_html(curve, curve_png(curve) if figures else None)))
+    return sections
+
+
 def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
                  notes: Sequence[str] = (), extra_sections: Sequence[tuple[str, str]] = (),
                  figures: bool = True, similarity: SimilarityTable | None = None,
@@ -73,32 +119,12 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
         overlaps = table.overlaps
         paths = {"markdown": d / "table.md", "csv": d / "table.csv", "json": d / "table.json",
                  "html": d / "report.html", "pred": d / "pred.npy"}
-        md = f"# {title}\n\n" + markdown_table(table)
-        if overlaps:
-            md += "\n## Overlap of correct images (paper Fig. 5)\n\n" + overlap_markdown(overlaps)
         answer = (answer_rows(table, similarity)
                   if table.controls is not None or similarity is not None else [])
-        if answer:  # issue 22: controls, calibrated similarity, family gaps, k-NN in one place
-            md += f"\n## {QUESTION}\n\n```\n{answer_text(answer)}\n```\n"
-        if table.controls is not None:  # method.controls: real − control margins
-            md += f"\n## {CONTROLS_TITLE}\n\n" + controls_markdown(table.controls)
-        for note in notes:
-            md += f"\n{note}\n"
-        write_bytes_atomic(paths["markdown"], md.encode())
+        write_bytes_atomic(paths["markdown"], _markdown(table, title, notes, answer).encode())
         write_bytes_atomic(paths["csv"], csv_text(table).encode())
-        doc = table.to_dict()
-        doc["title"] = title
-        doc["notes"] = list(notes)
-        doc["overlaps"] = [o.to_dict() for o in overlaps]
-        doc["versions"] = versions()
-        if similarity is not None:  # beside the hybrids: report.similarity, method.similarity
-            doc["similarity"] = similarity.to_dict()
-            doc["similarity_vs_loss"] = loss_correlations(similarity, table)
-        if curve is not None:  # the maps' data-efficiency curve (method.curve)
-            doc["curve"] = curve.to_dict()
-        if answer:
-            doc["answer"] = {"question": QUESTION, "pairs": answer}
-        write_json_atomic(paths["json"], json.loads(json.dumps(doc, default=jsonable)))
+        write_json_atomic(paths["json"], _json_doc(table, title, notes, answer, similarity,
+                                                   curve))
         _save_npy(paths["pred"], table.pred)
         if table.correct is not None:
             paths["correct"] = d / "correct.npy"
@@ -112,15 +138,8 @@ def write_report(table: EvalTable, out: str | Path, *, title: str | None = None,
                 ov = overlap_png(overlaps)
                 paths["overlap"] = d / "overlap.png"
                 write_bytes_atomic(paths["overlap"], ov)
-        fit_sections = [(QUESTION, answer_html(answer))] if answer else []
-        if table.controls is not None:
-            fit_sections.append((CONTROLS_TITLE, controls_html(table.controls)))
-        if similarity is not None:
-            fit_sections.append((SIMILARITY_TITLE, similarity_html(similarity, table)))
-        if curve is not None:
-            fit_sections.append((CURVE_TITLE, curve_html(curve, curve_png(curve) if figures
-                                                         else None)))
         page = html_report(table, overlaps, heat, ov, title, notes,
-                           [*fit_sections, *extra_sections])
+                           [*_html_sections(table, answer, similarity, curve, figures),
+                            *extra_sections])
         write_bytes_atomic(paths["html"], page.encode())
     return {kind: final / p.name for kind, p in paths.items()}
