@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,61 +78,69 @@ def heatmap_png(table: EvalTable) -> bytes:
     return buf.getvalue()
 
 
-def overlap_png(overlaps: Sequence[Overlap]) -> bytes:
-    """Per pair: a 3-circle Venn schematic (A dashed, B dotted, hybrid solid, as in the paper's
-    Fig. 5) with the count of every region, beside a bar breakdown of the 7 regions to scale."""
-    plt = _plt()
+def _venn(ax: Any, o: Overlap) -> None:
+    """The 3-circle schematic of one pair (A dashed, B dotted, hybrid solid), exact counts."""
     from matplotlib.patches import Circle
-    from matplotlib.ticker import MaxNLocator
 
-    rows = max(1, len(overlaps))
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.35]})
     centers = {"A": (-0.55, 0.35), "B": (0.55, 0.35), "H": (0.0, -0.55)}
     styles = {"A": "--", "B": ":", "H": "-"}
     spots = {"A": (-1.05, 0.75), "B": (1.05, 0.75), "H": (0.0, -1.15), "AB": (0.0, 0.9),
              "AH": (-0.72, -0.38), "BH": (0.72, -0.38), "ABH": (0.0, 0.05)}
+    names = {"A": f"A = {o.a}", "B": f"B = {o.b}", "H": f"hybrid {o.a}→{o.b}"}
+    for s, c in centers.items():
+        ax.add_patch(Circle(c, 1.0, facecolor=REGION_COLORS[s], alpha=0.35,
+                            edgecolor="black", linestyle=styles[s], linewidth=1.6))
+    for reg, (x, y) in spots.items():
+        ax.text(x, y, f"{o.regions[reg]}", ha="center", va="center", fontsize=10,
+                fontweight="bold" if reg == "AH" else "normal")
+    ax.text(-1.7, -1.65, f"dashed: {names['A']}\ndotted: {names['B']}\nsolid: {names['H']}",
+            ha="left", va="top", fontsize=8.5, linespacing=1.5)
+    ax.set_xlim(-1.7, 1.7)
+    ax.set_ylim(-2.45, 1.45)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(f"images right, of {o.n}; none right: {o.regions['none']}\n"
+                 "(areas schematic, counts exact)", fontsize=9)
+
+
+def _region_bars(bx: Any, o: Overlap) -> None:
+    """The 7 regions of one pair as bars to scale (an outsized "all three" bar cut, and said)."""
+    from matplotlib.ticker import MaxNLocator
+
+    regs = [g for g in REGIONS if g != "none"]
+    counts = [o.regions[g] for g in regs]
+    ypos = np.arange(len(regs))[::-1]
+    # "all three" usually dwarfs the rest (the paper scaled it down 10x): when it does, its
+    # bar is cut at the axis end and says so, and the other regions are drawn to scale.
+    others = max([c for g, c in zip(regs, counts, strict=True) if g != "ABH"] + [1])
+    xmax = others * 1.45 if o.regions["ABH"] > 2 * others else max(max(counts), 1) * 1.3
+    bx.barh(ypos, np.minimum(counts, xmax), color=[REGION_COLORS[g] for g in regs],
+            edgecolor="black", linewidth=0.5)
+    for yv, cv in zip(ypos, counts, strict=True):
+        label = f"{cv} ({100.0 * cv / max(o.n, 1):.1f}%)"
+        if cv > xmax:
+            bx.text(xmax * 0.98, yv, label + " – bar cut", va="center", ha="right", fontsize=8)
+        else:
+            bx.text(cv, yv, " " + label, va="center", fontsize=8)
+    bx.set_yticks(ypos, [REGION_LABELS[g] for g in regs], fontsize=8)
+    bx.set_xlim(0, xmax)
+    bx.set_xlabel("images")
+    bx.set_title(f"hybrid {o.a}→{o.b}\nfixed {o.fixed} of the {o.n - o.right_b} images "
+                 f"B gets wrong; broken {o.broken}", fontsize=9)
+    bx.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bx.spines[["top", "right"]].set_visible(False)
+
+
+def overlap_png(overlaps: Sequence[Overlap]) -> bytes:
+    """Per pair: a 3-circle Venn schematic (A dashed, B dotted, hybrid solid, as in the paper's
+    Fig. 5) with the count of every region, beside a bar breakdown of the 7 regions to scale."""
+    plt = _plt()
+    rows = max(1, len(overlaps))
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.35]})
     for r, o in enumerate(overlaps):
-        ax = axes[r, 0]
-        names = {"A": f"A = {o.a}", "B": f"B = {o.b}", "H": f"hybrid {o.a}→{o.b}"}
-        for s, c in centers.items():
-            ax.add_patch(Circle(c, 1.0, facecolor=REGION_COLORS[s], alpha=0.35,
-                                edgecolor="black", linestyle=styles[s], linewidth=1.6))
-        for reg, (x, y) in spots.items():
-            ax.text(x, y, f"{o.regions[reg]}", ha="center", va="center", fontsize=10,
-                    fontweight="bold" if reg == "AH" else "normal")
-        ax.text(-1.7, -1.65, f"dashed: {names['A']}\ndotted: {names['B']}\nsolid: {names['H']}",
-                ha="left", va="top", fontsize=8.5, linespacing=1.5)
-        ax.set_xlim(-1.7, 1.7)
-        ax.set_ylim(-2.45, 1.45)
-        ax.set_aspect("equal")
-        ax.axis("off")
-        ax.set_title(f"images right, of {o.n}; none right: {o.regions['none']}\n"
-                     "(areas schematic, counts exact)", fontsize=9)
-        bx = axes[r, 1]
-        regs = [g for g in REGIONS if g != "none"]
-        counts = [o.regions[g] for g in regs]
-        ypos = np.arange(len(regs))[::-1]
-        # "all three" usually dwarfs the rest (the paper scaled it down 10x): when it does, its
-        # bar is cut at the axis end and says so, and the other regions are drawn to scale.
-        others = max([c for g, c in zip(regs, counts, strict=True) if g != "ABH"] + [1])
-        xmax = others * 1.45 if o.regions["ABH"] > 2 * others else max(max(counts), 1) * 1.3
-        bx.barh(ypos, np.minimum(counts, xmax), color=[REGION_COLORS[g] for g in regs],
-                edgecolor="black", linewidth=0.5)
-        for yv, cv in zip(ypos, counts, strict=True):
-            label = f"{cv} ({100.0 * cv / max(o.n, 1):.1f}%)"
-            if cv > xmax:
-                bx.text(xmax * 0.98, yv, label + " – bar cut", va="center", ha="right",
-                        fontsize=8)
-            else:
-                bx.text(cv, yv, " " + label, va="center", fontsize=8)
-        bx.set_yticks(ypos, [REGION_LABELS[g] for g in regs], fontsize=8)
-        bx.set_xlim(0, xmax)
-        bx.set_xlabel("images")
-        bx.set_title(f"hybrid {o.a}→{o.b}\nfixed {o.fixed} of the {o.n - o.right_b} images "
-                     f"B gets wrong; broken {o.broken}", fontsize=9)
-        bx.xaxis.set_major_locator(MaxNLocator(integer=True))
-        bx.spines[["top", "right"]].set_visible(False)
+        _venn(axes[r, 0], o)
+        _region_bars(axes[r, 1], o)
     if not overlaps:
         axes[0, 0].axis("off")
         axes[0, 1].axis("off")
