@@ -138,24 +138,24 @@ class _Decoders:
             raise
 
     def send(self, w: int, task: tuple[int, list[str], int]) -> None:
-        """Hand ``task`` (batch start, its paths, its slot) to idle process ``w``."""
+        """Queue ``task`` (batch start, its paths, its slot) for process ``w``."""
         try:
             self.conns[w].send(task)
         except OSError:
             raise self._died(w, task[0], len(task[1])) from None
 
-    def answers(self, busy: dict[int, tuple[int, int]]) -> list[tuple[int, tuple]]:
+    def answers(self, busy: dict[int, deque[tuple[int, int]]]) -> list[tuple[int, tuple]]:
         """Wait until a busy process answers: (process, (start, ok, skipped, slot)) for each that
-        did. ``busy`` maps a process to its batch's (start, size)."""
-        ready = wait([self.conns[w] for w in busy])
+        did. ``busy`` maps a process to its batches' (start, size), oldest first."""
+        ready = wait([self.conns[w] for w, q in busy.items() if q])
         out = []
-        for w in list(busy):
+        for w, q in busy.items():
             if self.conns[w] not in ready:
                 continue
             try:
                 res = self.conns[w].recv()
             except (EOFError, OSError):
-                raise self._died(w, *busy[w]) from None
+                raise self._died(w, *q[0]) from None
             if isinstance(res[0], str):
                 raise InternalError(f"a decode process failed:\n{res[1]}")
             out.append((w, res))
@@ -322,8 +322,9 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
 
 def _pooled(paths: list[str], keys: list[Preprocessing], pipeline: str, batch_size: int,
             grid: range, workers: int, depth: int, to_batch: Any) -> Iterator[Batch]:
-    """:func:`iter_batches` with ``workers`` decode processes and ``depth`` shared slots: each
-    idle process gets the next batch while a slot is free; batches are yielded in order."""
+    """:func:`iter_batches` with ``workers`` decode processes and ``depth`` shared slots: while a
+    slot is free, the next batch goes to the least busy process (at most ``depth/workers`` queued
+    each, so they keep decoding while the consumer works); batches are yielded in order."""
     size = max(slot_bytes(keys, batch_size), 1)
     fds: list[int] = []
     maps: list[mmap.mmap] = []
@@ -336,17 +337,21 @@ def _pooled(paths: list[str], keys: list[Preprocessing], pipeline: str, batch_si
             maps.append(m)
             views.append(_slot_views(m, keys, batch_size))
         decoders = _Decoders(workers, (pipeline, keys, batch_size, size, fds), fds)
-        free, idle = deque(range(depth)), deque(range(workers))
-        busy: dict[int, tuple[int, int]] = {}  # process -> (batch start, batch size)
+        free = deque(range(depth))
+        per_process = -(-depth // workers)
+        busy: dict[int, deque[tuple[int, int]]] = {w: deque() for w in range(workers)}
         done: dict[int, tuple[list[bool], list, int]] = {}  # batch start -> its answer
         order: deque[int] = deque()  # batches handed out, in grid order
         todo = iter(grid)
         nxt = next(todo, None)
         while nxt is not None or order:
-            while nxt is not None and idle and free:
-                w, slot = idle.popleft(), free.popleft()
+            while nxt is not None and free:
+                w = min(busy, key=lambda k: len(busy[k]))
+                if len(busy[w]) >= per_process:
+                    break
+                slot = free.popleft()
                 task = (nxt, paths[nxt:nxt + batch_size], slot)
-                busy[w] = (nxt, len(task[1]))
+                busy[w].append((nxt, len(task[1])))
                 decoders.send(w, task)
                 order.append(nxt)
                 nxt = next(todo, None)
@@ -358,8 +363,7 @@ def _pooled(paths: list[str], keys: list[Preprocessing], pipeline: str, batch_si
                 yield batch
                 continue
             for w, (b, ok, skipped, slot) in decoders.answers(busy):
-                del busy[w]
-                idle.append(w)
+                busy[w].popleft()
                 done[b] = (ok, skipped, slot)
     finally:
         if decoders is not None:

@@ -26,7 +26,7 @@ from affeq_rt.cli.signals import stop_line
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "data"))
 import photos  # noqa: E402
-from procs import children, gone_within  # noqa: E402
+from procs import alive, children  # noqa: E402
 
 MODELS = photos.E2E_MODELS
 env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
@@ -56,8 +56,9 @@ def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int
                  ) -> tuple[float, list[int], list[int]]:
     """Send ``sig`` to ``proc``'s process group (or to ``proc`` alone) once ``progress`` counts
     ``at_least`` samples; (the seconds the process took to exit after the signal, the processes
-    it had started, read just before the signal, those of them still running 0.5 s after it
-    exited: read before anything waits on its output, which they may hold open)."""
+    it had started, read just before the signal, those of them still running the moment it
+    exited: a loader reaps its decode processes before it exits, so no grace; read before
+    anything waits on its output, which they may hold open)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
@@ -79,7 +80,7 @@ def _signal_when(proc: subprocess.Popen, progress: Path, at_least: int, sig: int
                 proc.wait()
                 raise AssertionError("still running 60 s after the signal") from None
             took = time.monotonic() - sent
-            return took, started, gone_within(started, 0.5)
+            return took, started, alive(started)
         if proc.poll() is not None:
             raise AssertionError(f"finished before the signal: {proc.stderr.read()[-2000:]}")
         time.sleep(0.005)
