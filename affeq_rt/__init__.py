@@ -33,7 +33,7 @@ from affeq_rt.errors import AffeqError, InternalError
 if TYPE_CHECKING:
     from affeq_rt.cluster import RayExecutor
     from affeq_rt.core import GramAccumulator, backends, evaluate_heads, resolve_device
-    from affeq_rt.deploy.from_names import hybrid
+    from affeq_rt.deploy.from_names import FitOn, hybrid
     from affeq_rt.deploy.hybrid import HybridOptions, build_hybrid
     from affeq_rt.deploy.metadata import read_metadata as inspect
     from affeq_rt.deploy.predict import predict
@@ -67,6 +67,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "evaluate_heads": ("affeq_rt.core", "evaluate_heads"),
     "resolve_device": ("affeq_rt.core", "resolve_device"),
     "hybrid": ("affeq_rt.deploy.from_names", "hybrid"),
+    "FitOn": ("affeq_rt.deploy.from_names", "FitOn"),
     "HybridOptions": ("affeq_rt.deploy.hybrid", "HybridOptions"),
     "build_hybrid": ("affeq_rt.deploy.hybrid", "build_hybrid"),
     "inspect": ("affeq_rt.deploy.metadata", "read_metadata"),
@@ -131,6 +132,7 @@ __all__ = [
     "EvalTable",
     "ExportedBackbone",
     "FeatureStore",
+    "FitOn",
     "FitOptions",
     "FitResult",
     "GramAccumulator",
