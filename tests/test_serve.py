@@ -1,4 +1,4 @@
-"""Serving: a real OIP v2 server (MLServer) on 127.0.0.1, queried with Triton's own HTTP client.
+"""Serving: a real OIP v2 server (KServe's) on 127.0.0.1, queried with Triton's own HTTP client.
 
 Each test starts ``affeq-rt serve`` in a subprocess on a free loopback port, waits until the model
 is ready, sends a bounded number of requests with ``tritonclient.http`` (JSON tensors and the
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mlserver")
+pytest.importorskip("kserve")
 th = pytest.importorskip("tritonclient.http")
 pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -171,9 +171,8 @@ def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
         find_models(tmp_path / "broken.onnx")
 
 
-def test_serve_without_mlserver_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Where MLServer cannot be installed (Python 3.13: the serve extra leaves it out) serve says
-    so in one line with the way out; elsewhere it names the extra to install."""
+def test_serve_without_kserve_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the serve extra, serve names the extra to install, in one line."""
     import importlib.util
 
     import affeq_rt.deploy.serve as srv
@@ -181,13 +180,8 @@ def test_serve_without_mlserver_says_why(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlserver" else real(name, *a))
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", sys.version_info[:2])  # "this Python lacks it"
-    with pytest.raises(AffeqError, match=f"does not support Python {here}.*with Triton"):
-        srv.serve(tmp_path / "h.onnx")
-    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", (99, 0))
-    with pytest.raises(AffeqError, match=r"MLServer is not installed.*affeq-rt\[serve\]"):
+                        lambda name, *a: None if name == "kserve" else real(name, *a))
+    with pytest.raises(AffeqError, match=r"kserve package\) is not installed.*affeq-rt\[serve\]"):
         srv.serve(tmp_path / "h.onnx")
 
 
@@ -293,25 +287,36 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
 # The repository API, malformed and oversized requests (JSON and binary) and a bounded load are
 # tests/reliability/test_serve_hostile.py (one server for all of them).
 
-def test_readiness_needs_every_served_model() -> None:
-    """MLServer answers ready with no model loaded; ours answers not ready until all are."""
+def test_readiness_needs_every_served_model(parts, tmp_path: Path) -> None:
+    """KServe's data plane answers ready with no model loaded; ours answers not ready until
+    every served model is in the repository and ready."""
     import asyncio
 
-    from mlserver.handlers import DataPlane
-    from mlserver.registry import MultiModelRegistry
-    from mlserver.settings import Settings
+    from affeq_rt.deploy.oip_runtime import (  # KServe's, as oip_runtime imports them
+        DataPlane,
+        ModelRepository,
+        OnnxModel,
+        ServedDataPlane,
+    )
 
-    from affeq_rt.deploy.oip_runtime import ExpectedDataPlane
-
-    base = DataPlane(settings=Settings(metrics_endpoint=None), model_registry=MultiModelRegistry())
-    assert asyncio.run(base.ready())  # the defect: an empty server is "ready"
-    assert not asyncio.run(ExpectedDataPlane(base, ["tiny"]).ready())
+    assert asyncio.run(DataPlane(ModelRepository()).ready())  # the defect: empty is "ready"
+    repository = ModelRepository()
+    plane = ServedDataPlane(repository, ["tiny", "other"])
+    assert not asyncio.run(plane.ready())
+    model = OnnxModel("tiny", "1", str(parts.build(tmp_path / "h.onnx")))
+    repository.update(model)
+    assert not asyncio.run(plane.ready())  # registered, not loaded
+    model.load()
+    assert not asyncio.run(plane.ready())  # "other" is still missing
+    repository.update(OnnxModel("other", "1", str(tmp_path / "h.onnx")))
+    repository.get_model("other").load()
+    assert asyncio.run(plane.ready())
 
 
 def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:
     """issue 23: ``kill -9`` of serve left its private folder of model links in the temporary
-    folder. The server now writes nothing to disk at all (MLServer's repository is
-    ``NoRepository``): after a kill -9 its TMPDIR is as empty as before it started, and a
+    folder. The server now writes nothing to disk at all (its repository holds the models given
+    and reads no folder): after a kill -9 its TMPDIR is as empty as before it started, and a
     >2 GiB hybrid's ``.data`` beside the file is still found (the session opens the file
     itself)."""
     out = parts.build(tmp_path / "h.onnx")
@@ -325,8 +330,9 @@ def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_the_server_cleanly(parts, tmp_path: Path) -> None:
-    """SIGINT (Ctrl-C): a graceful stop without a traceback (MLServer handed uvicorn a second
-    SIGINT, which forced the exit and logged a CancelledError traceback), exit status 0."""
+    """SIGINT (Ctrl-C): a graceful stop of REST and gRPC without a traceback (MLServer handed
+    uvicorn a second SIGINT, which forced the exit and logged a CancelledError traceback), exit
+    status 0."""
     out = parts.build(tmp_path / "h.onnx")
     log = tmp_path / "server.log"
     exits: list[int] = []
