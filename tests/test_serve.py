@@ -36,13 +36,15 @@ HOST = "127.0.0.1"
 def served(target: Path, log: Path, *extra: str, name: str | None = None,
            timeout: float = 120.0, port: int | None = None, grpc_port: int | None = None,
            stop: int = signal.SIGTERM, env: dict[str, str] | None = None,
-           exits: list[int] | None = None) -> Iterator[th.InferenceServerClient]:
+           exits: list[int] | None = None, host: str | None = HOST
+           ) -> Iterator[th.InferenceServerClient]:
     """Run ``affeq-rt serve target`` on free loopback ports (REST on ``port``, gRPC on
     ``grpc_port`` if given) until the context ends, then stop it with signal ``stop``
-    (``env``: extra environment variables; ``exits`` receives the exit status)."""
+    (``env``: extra environment variables; ``exits`` receives the exit status; ``host=None``:
+    no ``--host``, the default)."""
     port, grpc_port = port or free_port(HOST), grpc_port or free_port(HOST)
     cmd = [sys.executable, "-m", "affeq_rt.cli.main", "serve", str(target), "--port", str(port),
-           "--grpc-port", str(grpc_port), "--host", HOST, *extra]
+           "--grpc-port", str(grpc_port), *(["--host", host] if host else []), *extra]
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
@@ -311,6 +313,37 @@ def test_readiness_needs_every_served_model(parts, tmp_path: Path) -> None:
     repository.update(OnnxModel("other", "1", str(tmp_path / "h.onnx")))
     repository.get_model("other").load()
     assert asyncio.run(plane.ready())
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on TCP ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hexport = local.partition(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                    found.append(addr)
+    return found
+
+
+#: 127.0.0.1 (/proc/net/tcp), ::1 and ::ffff:127.0.0.1 (/proc/net/tcp6), as the kernel writes them
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_default_host_is_loopback_only_rest_and_grpc(parts, tmp_path: Path) -> None:
+    """Without --host, REST and gRPC listen on loopback only (KServe's own ModelServer binds
+    0.0.0.0 and [::], hard-coded; ours binds the address asked for)."""
+    out = parts.build(tmp_path / "h.onnx")
+    port, grpc_port = free_port(HOST), free_port(HOST)
+    with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b", port=port,
+                grpc_port=grpc_port, host=None):
+        rest, grpc = _listening(port), _listening(grpc_port)
+    assert rest, f"nothing listens on {port}"
+    assert grpc, f"nothing listens on {grpc_port}"
+    assert set(rest + grpc) <= LOOPBACK, (rest, grpc)
 
 
 def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:

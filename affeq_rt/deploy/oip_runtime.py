@@ -65,7 +65,7 @@ __all__ = ["build", "configure_logging", "run_servers"]  # configure_logging: KS
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 64
 HEADER_LENGTH = "inference-header-content-length"
-log = logging.getLogger("affeq_rt.serve")
+log = logging.getLogger("kserve.affeq_rt")  # under KServe's logger: its handler and format
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
