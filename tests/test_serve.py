@@ -346,6 +346,27 @@ def test_default_host_is_loopback_only_rest_and_grpc(parts, tmp_path: Path) -> N
     assert set(rest + grpc) <= LOOPBACK, (rest, grpc)
 
 
+def test_an_idle_client_connection_stays_open(parts, tmp_path: Path) -> None:
+    """A pooled client connection idle for longer than uvicorn's default keep-alive (5 s) still
+    answers: tritonclient.http reuses its connections, and failed with "connection closed"
+    between the bursts of bench/serve_throughput.py when the server dropped them."""
+    import http.client
+
+    out = parts.build(tmp_path / "h.onnx")
+    port = free_port(HOST)
+    with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b", port=port):
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            for pause in (0.0, 7.0):  # 7 s: past uvicorn's 5 s, well inside ours
+                time.sleep(pause)
+                conn.request("GET", "/v2/health/ready")  # the same connection both times
+                resp = conn.getresponse()
+                assert resp.status == 200
+                resp.read()
+        finally:
+            conn.close()
+
+
 def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:
     """issue 23: ``kill -9`` of serve left its private folder of model links in the temporary
     folder. The server now writes nothing to disk at all (its repository holds the models given

@@ -65,6 +65,8 @@ __all__ = ["build", "configure_logging", "run_servers"]  # configure_logging: KS
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 64
 HEADER_LENGTH = "inference-header-content-length"
+#: Seconds an idle REST connection stays open (KServe's ModelServer default).
+KEEP_ALIVE_S = 65
 log = logging.getLogger("kserve.affeq_rt")  # under KServe's logger: its handler and format
 
 Scope = MutableMapping[str, Any]
@@ -609,10 +611,12 @@ async def run_servers(plane: ServedDataPlane, repository: LockedRepositoryExtens
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         CheckedServicer(plane, repository), grpc_server)
     grpc_server.add_insecure_port(_address(host, grpc_port))
-    # no access log line per request; log_config=None: kserve.logging configured the loggers
+    # no access log line per request; log_config=None: kserve.logging configured the loggers;
+    # idle connections kept 65 s (KServe's default; uvicorn's 5 s closed pooled client
+    # connections between bursts: tritonclient then failed with "connection closed")
     config = uvicorn.Config(BodyLimit(rest_app(plane, repository)), host=host, port=port,
                             log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=10)
+                            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=10)
     await grpc_server.start()
     try:
         await uvicorn.Server(config).serve()
