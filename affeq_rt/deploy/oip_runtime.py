@@ -241,7 +241,7 @@ class LockedRepositoryExtension(ModelRepositoryExtension):
 # ------------------------------------------------------------------------------------ REST
 
 class _TooLarge(Exception):
-    """Raised inside ``receive`` when a body grows past the limit."""
+    """Raised inside ``receive`` when a body grows past the limit (its message: the 413's)."""
 
 
 async def _reply(send: Send, status: int, error: str) -> None:
@@ -254,8 +254,9 @@ async def _reply(send: Send, status: int, error: str) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes (by Content-Length, or counted as it
-    arrives), 415 for compressed bodies (a server that inflated them would do so unbounded)."""
+    """ASGI middleware: 413 for a body over ``limit`` bytes by its Content-Length, and
+    :class:`_TooLarge` raised from ``receive`` once a body without one passes it (the routes
+    answer 413); 415 for compressed bodies (a server that inflated them would do so unbounded)."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app, self.limit = app, limit
@@ -282,28 +283,17 @@ class BodyLimit:
             await _reply(send, 413, self._message(int(length)))
             return
         seen = 0
-        started = False
 
         async def counted() -> MutableMapping[str, Any]:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
+                if seen > self.limit:  # rest_app's routes answer it: 413
+                    raise _TooLarge(self._message(seen))
             return msg
 
-        async def tracked_send(msg: MutableMapping[str, Any]) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, counted, tracked_send)
-        except _TooLarge:
-            if not started:
-                await _reply(send, 413, self._message(seen))
+        await self.app(scope, counted, send)
 
     def _message(self, size: int) -> str:
         return (f"request body of {size} bytes is over this server's limit of {self.limit} "
@@ -486,6 +476,8 @@ def rest_app(plane: ServedDataPlane, repository: LockedRepositoryExtension) -> S
         async def route(request: Request) -> Response:
             try:
                 return await fn(request)
+            except _TooLarge as e:  # BodyLimit's, raised from inside the body read
+                return JSONResponse({"error": str(e)}, status_code=413)
             except Exception as e:  # every error: one line, the status it stands for
                 return _error(e)
         return route

@@ -13,6 +13,7 @@ traceback; the server log holds no traceback at the end.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -246,6 +247,11 @@ def test_hostile_client(hybrid: tuple[Path, np.ndarray], tmp_path: Path) -> None
             reply = _announce(port, MAX_BODY_BYTES + 1, extra)
             assert reply.startswith("HTTP/1.1 413"), reply[:200]
             assert "over this server's limit" in reply
+        # ---- a body sent without a length (chunked) is refused once the count passes the cap
+        for extra in ("", "\r\nInference-Header-Content-Length: 10"):
+            reply = _chunked(port, MAX_BODY_BYTES + 2**20, extra)
+            assert reply.startswith("HTTP/1.1 413"), reply[:300]
+            assert "over this server's limit" in reply
         # ---- a bounded concurrent load, JSON and binary mixed, every answer checked
         t0 = time.monotonic()
         with ThreadPoolExecutor(LOAD_THREADS) as pool:
@@ -282,6 +288,30 @@ def _one(port: int, x: np.ndarray, i: int) -> np.ndarray:
     assert status == 200, data[:300]
     out = json.loads(data)["outputs"][0]
     return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+def _chunked(port: int, length: int, extra_headers: str) -> str:
+    """Send ``length`` bytes as a chunked body (no Content-Length) in 1 MiB chunks, stopping
+    when the server answers or closes; return what the server replies."""
+    path = f"/v2/models/{NAME}/infer"
+    chunk = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20)
+    with socket.create_connection((HOST, port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
+                  f"{extra_headers}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for _ in range(length // 2**20):
+                s.sendall(chunk)
+            s.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed while the body was still coming
+            pass
+        reply = b""
+        with contextlib.suppress(OSError):
+            while b"over this server's limit" not in reply:  # or until the server closes
+                got = s.recv(65536)
+                if not got:
+                    break
+                reply += got
+    return reply.decode("latin-1")
 
 
 def _announce(port: int, length: int, extra_headers: str) -> str:
