@@ -227,7 +227,7 @@ def test_vit_to_convnext_hybrid_builds_verifies_serves(family_root: Path,
                                                         tmp_path: Path) -> None:
     """A ViT's class-token features through an OLS map into ConvNeXt's classifier (random
     weights, fitted on photo views): builds, verifies against its parts, serves the same logits."""
-    pytest.importorskip("mlserver")
+    pytest.importorskip("kserve")
     from test_hybrid import write_photo_views
     from test_serve import direct, infer, served
 

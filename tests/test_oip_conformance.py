@@ -66,7 +66,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         yield Target(urlsplit(url).netloc or url, os.environ.get("AFFEQ_RT_OIP_GRPC"), model,
                      Path(onnx_file) if onnx_file else None)
         return
-    pytest.importorskip("mlserver")
+    pytest.importorskip("kserve")
     pytest.importorskip("torch")
     from test_hybrid import TinyParts
     from test_serve import HOST, served
@@ -323,7 +323,7 @@ except tg.InferenceServerException as e:
 
 def test_grpc(target: Target, sample: dict[str, np.ndarray],
               json_answer: dict[str, np.ndarray], tmp_path: Path) -> None:
-    """tritonclient.grpc (in a subprocess: its protos and MLServer's clash in one process):
+    """tritonclient.grpc (in a subprocess: its protos and KServe's clash in one process):
     health, metadata, inference equal to the REST JSON answer, an unknown model refused."""
     if importlib.util.find_spec("grpc") is None:  # not imported here: the protos would clash
         pytest.skip("grpcio is not installed (pip install 'tritonclient[grpc]')")

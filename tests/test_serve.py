@@ -1,4 +1,4 @@
-"""Serving: a real OIP v2 server (MLServer) on 127.0.0.1, queried with Triton's own HTTP client.
+"""Serving: a real OIP v2 server (KServe's) on 127.0.0.1, queried with Triton's own HTTP client.
 
 Each test starts ``affeq-rt serve`` in a subprocess on a free loopback port, waits until the model
 is ready, sends a bounded number of requests with ``tritonclient.http`` (JSON tensors and the
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mlserver")
+pytest.importorskip("kserve")
 th = pytest.importorskip("tritonclient.http")
 pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -36,13 +36,15 @@ HOST = "127.0.0.1"
 def served(target: Path, log: Path, *extra: str, name: str | None = None,
            timeout: float = 120.0, port: int | None = None, grpc_port: int | None = None,
            stop: int = signal.SIGTERM, env: dict[str, str] | None = None,
-           exits: list[int] | None = None) -> Iterator[th.InferenceServerClient]:
+           exits: list[int] | None = None, host: str | None = HOST
+           ) -> Iterator[th.InferenceServerClient]:
     """Run ``affeq-rt serve target`` on free loopback ports (REST on ``port``, gRPC on
     ``grpc_port`` if given) until the context ends, then stop it with signal ``stop``
-    (``env``: extra environment variables; ``exits`` receives the exit status)."""
+    (``env``: extra environment variables; ``exits`` receives the exit status; ``host=None``:
+    no ``--host``, the default)."""
     port, grpc_port = port or free_port(HOST), grpc_port or free_port(HOST)
     cmd = [sys.executable, "-m", "affeq_rt.cli.main", "serve", str(target), "--port", str(port),
-           "--grpc-port", str(grpc_port), "--host", HOST, *extra]
+           "--grpc-port", str(grpc_port), *(["--host", host] if host else []), *extra]
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
@@ -171,9 +173,8 @@ def test_serve_rejects_missing_and_foreign_targets(tmp_path: Path) -> None:
         find_models(tmp_path / "broken.onnx")
 
 
-def test_serve_without_mlserver_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Where MLServer cannot be installed (Python 3.13: the serve extra leaves it out) serve says
-    so in one line with the way out; elsewhere it names the extra to install."""
+def test_serve_without_kserve_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the serve extra, serve names the extra to install, in one line."""
     import importlib.util
 
     import affeq_rt.deploy.serve as srv
@@ -181,13 +182,8 @@ def test_serve_without_mlserver_says_why(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlserver" else real(name, *a))
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", sys.version_info[:2])  # "this Python lacks it"
-    with pytest.raises(AffeqError, match=f"does not support Python {here}.*with Triton"):
-        srv.serve(tmp_path / "h.onnx")
-    monkeypatch.setattr(srv, "MLSERVER_PYTHONS", (99, 0))
-    with pytest.raises(AffeqError, match=r"MLServer is not installed.*affeq-rt\[serve\]"):
+                        lambda name, *a: None if name == "kserve" else real(name, *a))
+    with pytest.raises(AffeqError, match=r"kserve package\) is not installed.*affeq-rt\[serve\]"):
         srv.serve(tmp_path / "h.onnx")
 
 
@@ -293,25 +289,88 @@ def test_random_weight_design_card_pair_builds_verifies_serves(tmp_path: Path) -
 # The repository API, malformed and oversized requests (JSON and binary) and a bounded load are
 # tests/reliability/test_serve_hostile.py (one server for all of them).
 
-def test_readiness_needs_every_served_model() -> None:
-    """MLServer answers ready with no model loaded; ours answers not ready until all are."""
+def test_readiness_needs_every_served_model(parts, tmp_path: Path) -> None:
+    """KServe's data plane answers ready with no model loaded; ours answers not ready until
+    every served model is in the repository and ready."""
     import asyncio
 
-    from mlserver.handlers import DataPlane
-    from mlserver.registry import MultiModelRegistry
-    from mlserver.settings import Settings
+    from affeq_rt.deploy.oip_runtime import (  # KServe's, as oip_runtime imports them
+        DataPlane,
+        ModelRepository,
+        OnnxModel,
+        ServedDataPlane,
+    )
 
-    from affeq_rt.deploy.oip_runtime import ExpectedDataPlane
+    assert asyncio.run(DataPlane(ModelRepository()).ready())  # the defect: empty is "ready"
+    repository = ModelRepository()
+    plane = ServedDataPlane(repository, ["tiny", "other"])
+    assert not asyncio.run(plane.ready())
+    model = OnnxModel("tiny", "1", str(parts.build(tmp_path / "h.onnx")))
+    repository.update(model)
+    assert not asyncio.run(plane.ready())  # registered, not loaded
+    model.load()
+    assert not asyncio.run(plane.ready())  # "other" is still missing
+    repository.update(OnnxModel("other", "1", str(tmp_path / "h.onnx")))
+    repository.get_model("other").load()
+    assert asyncio.run(plane.ready())
 
-    base = DataPlane(settings=Settings(metrics_endpoint=None), model_registry=MultiModelRegistry())
-    assert asyncio.run(base.ready())  # the defect: an empty server is "ready"
-    assert not asyncio.run(ExpectedDataPlane(base, ["tiny"]).ready())
+
+def _listening(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on TCP ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hexport = local.partition(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                    found.append(addr)
+    return found
+
+
+#: 127.0.0.1 (/proc/net/tcp), ::1 and ::ffff:127.0.0.1 (/proc/net/tcp6), as the kernel writes them
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_default_host_is_loopback_only_rest_and_grpc(parts, tmp_path: Path) -> None:
+    """Without --host, REST and gRPC listen on loopback only (KServe's own ModelServer binds
+    0.0.0.0 and [::], hard-coded; ours binds the address asked for)."""
+    out = parts.build(tmp_path / "h.onnx")
+    port, grpc_port = free_port(HOST), free_port(HOST)
+    with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b", port=port,
+                grpc_port=grpc_port, host=None):
+        rest, grpc = _listening(port), _listening(grpc_port)
+    assert rest, f"nothing listens on {port}"
+    assert grpc, f"nothing listens on {grpc_port}"
+    assert set(rest + grpc) <= LOOPBACK, (rest, grpc)
+
+
+def test_an_idle_client_connection_stays_open(parts, tmp_path: Path) -> None:
+    """A pooled client connection idle for longer than uvicorn's default keep-alive (5 s) still
+    answers: tritonclient.http reuses its connections, and failed with "connection closed"
+    between the bursts of bench/serve_throughput.py when the server dropped them."""
+    import http.client
+
+    out = parts.build(tmp_path / "h.onnx")
+    port = free_port(HOST)
+    with served(out, tmp_path / "server.log", name="tiny_a_to_tiny_b", port=port):
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            for pause in (0.0, 7.0):  # 7 s: past uvicorn's 5 s, well inside ours
+                time.sleep(pause)
+                conn.request("GET", "/v2/health/ready")  # the same connection both times
+                resp = conn.getresponse()
+                assert resp.status == 200
+                resp.read()
+        finally:
+            conn.close()
 
 
 def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:
     """issue 23: ``kill -9`` of serve left its private folder of model links in the temporary
-    folder. The server now writes nothing to disk at all (MLServer's repository is
-    ``NoRepository``): after a kill -9 its TMPDIR is as empty as before it started, and a
+    folder. The server now writes nothing to disk at all (its repository holds the models given
+    and reads no folder): after a kill -9 its TMPDIR is as empty as before it started, and a
     >2 GiB hybrid's ``.data`` beside the file is still found (the session opens the file
     itself)."""
     out = parts.build(tmp_path / "h.onnx")
@@ -325,8 +384,9 @@ def test_kill_9_leaves_nothing_on_disk(parts, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_the_server_cleanly(parts, tmp_path: Path) -> None:
-    """SIGINT (Ctrl-C): a graceful stop without a traceback (MLServer handed uvicorn a second
-    SIGINT, which forced the exit and logged a CancelledError traceback), exit status 0."""
+    """SIGINT (Ctrl-C): a graceful stop of REST and gRPC without a traceback (MLServer handed
+    uvicorn a second SIGINT, which forced the exit and logged a CancelledError traceback), exit
+    status 0."""
     out = parts.build(tmp_path / "h.onnx")
     log = tmp_path / "server.log"
     exits: list[int] = []

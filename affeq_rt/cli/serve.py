@@ -1,4 +1,4 @@
-"""``affeq-rt serve``: serve a hybrid model (or a Triton repository) over OIP v2 with MLServer."""
+"""``affeq-rt serve``: serve a hybrid model (or a Triton repository) over OIP v2 with KServe."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(
         "or which repository model to serve.")] = None,
     provider: Provider = "auto",
 ) -> None:
-    """Serve a hybrid or a Triton repository over OIP v2 (MLServer) on 127.0.0.1.
+    """Serve a hybrid or a Triton repository over OIP v2 (KServe) on 127.0.0.1.
 
     REST and gRPC speak the protocol Triton speaks; query with tritonclient.http (JSON or binary
     tensors). Only the named models are served: repository load/unload are refused. Ctrl-C

@@ -13,6 +13,7 @@ traceback; the server log holds no traceback at the end.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -21,11 +22,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-pytest.importorskip("mlserver")
+pytest.importorskip("kserve")
+grpc = pytest.importorskip("grpc")
 th = pytest.importorskip("tritonclient.http")
 pytest.importorskip("torch")
 
@@ -210,11 +213,12 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     out = parts.build(public / "h.onnx")
     evil = public / "evil"
     evil.mkdir()
-    (evil / "evil_runtime.py").write_text(
-        f"open({str(base / 'pwned')!r}, 'w').write('x')\nfrom mlserver import MLModel\n"
-        "class Evil(MLModel):\n    async def load(self):\n        return True\n")
+    # what a model server that loads from its folder would import (a KServe custom model,
+    # MLServer's model-settings.json) and read (a Triton config)
+    (evil / "model.py").write_text(f"open({str(base / 'pwned')!r}, 'w').write('x')\n")
     (evil / "model-settings.json").write_text(json.dumps(
-        {"name": "evil", "implementation": "evil_runtime.Evil"}))
+        {"name": "evil", "implementation": "model.Evil"}))
+    (evil / "config.pbtxt").write_text('name: "evil"\nbackend: "python"\n')
     return out, held_out_inputs(parts.spec_a)[0]
 
 
@@ -242,6 +246,11 @@ def test_hostile_client(hybrid: tuple[Path, np.ndarray], tmp_path: Path) -> None
         for extra in ("", "\r\nInference-Header-Content-Length: 10"):
             reply = _announce(port, MAX_BODY_BYTES + 1, extra)
             assert reply.startswith("HTTP/1.1 413"), reply[:200]
+            assert "over this server's limit" in reply
+        # ---- a body sent without a length (chunked) is refused once the count passes the cap
+        for extra in ("", "\r\nInference-Header-Content-Length: 10"):
+            reply = _chunked(port, MAX_BODY_BYTES + 2**20, extra)
+            assert reply.startswith("HTTP/1.1 413"), reply[:300]
             assert "over this server's limit" in reply
         # ---- a bounded concurrent load, JSON and binary mixed, every answer checked
         t0 = time.monotonic()
@@ -281,6 +290,30 @@ def _one(port: int, x: np.ndarray, i: int) -> np.ndarray:
     return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
 
+def _chunked(port: int, length: int, extra_headers: str) -> str:
+    """Send ``length`` bytes as a chunked body (no Content-Length) in 1 MiB chunks, stopping
+    when the server answers or closes; return what the server replies."""
+    path = f"/v2/models/{NAME}/infer"
+    chunk = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20)
+    with socket.create_connection((HOST, port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
+                  f"{extra_headers}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for _ in range(length // 2**20):
+                s.sendall(chunk)
+            s.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed while the body was still coming
+            pass
+        reply = b""
+        with contextlib.suppress(OSError):
+            while b"over this server's limit" not in reply:  # or until the server closes
+                got = s.recv(65536)
+                if not got:
+                    break
+                reply += got
+    return reply.decode("latin-1")
+
+
 def _announce(port: int, length: int, extra_headers: str) -> str:
     """Announce a ``length``-byte body, send one byte, return what the server replies."""
     path = f"/v2/models/{NAME}/infer"
@@ -296,12 +329,21 @@ def _announce(port: int, length: int, extra_headers: str) -> str:
     return reply
 
 
+def _kserve_grpc() -> tuple[Any, Any]:
+    """KServe's gRPC messages module and stub class (imported through oip_runtime, which keeps
+    kserve from parsing pytest's command line)."""
+    import importlib
+
+    from affeq_rt.deploy import oip_runtime
+
+    pb = importlib.import_module("kserve.protocol.grpc.grpc_predict_v2_pb2")
+    return pb, oip_runtime.grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub
+
+
 def _grpc_repository_refused(grpc_port: int) -> None:
-    """The gRPC repository service goes through the same handlers (MLServer's own stubs:
-    tritonclient.grpc's protos clash with MLServer's in one process)."""
-    import grpc
-    from mlserver.grpc import dataplane_pb2 as pb
-    from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+    """The gRPC repository service goes through the same extension (KServe's own stubs:
+    tritonclient.grpc's protos clash with KServe's in one process)."""
+    pb, GRPCInferenceServiceStub = _kserve_grpc()
 
     with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
         stub = GRPCInferenceServiceStub(channel)
@@ -315,10 +357,9 @@ def _grpc_repository_refused(grpc_port: int) -> None:
 
 def _grpc_short_tensor_refused(grpc_port: int) -> None:
     """Raw gRPC tensors of the wrong size, or more raw entries than inputs: INVALID_ARGUMENT in
-    one line (MLServer's converter raised struct.error: INTERNAL, a traceback in the log)."""
-    import grpc
-    from mlserver.grpc import dataplane_pb2 as pb
-    from mlserver.grpc.dataplane_pb2_grpc import GRPCInferenceServiceStub
+    one line (KServe's converter raises IndexError on extra entries, an INTERNAL error; MLServer's
+    raised struct.error on a short one)."""
+    pb, GRPCInferenceServiceStub = _kserve_grpc()
 
     def infer(*raw: bytes) -> None:
         t = pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32",
