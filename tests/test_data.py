@@ -293,6 +293,26 @@ def test_a_killed_loader_leaves_no_decode_process_and_nothing_in_dev_shm(tmp_pat
         proc.stdout.close()
 
 
+def test_a_decode_process_killed_from_outside_is_one_error_naming_its_images(tmp_path):
+    """A decode process that dies on its own (the OOM killer, a stray kill) is one AffeqError
+    naming the signal and its images, not a wait forever (``multiprocessing.Pool`` lost the
+    task and waited); the other process is stopped too."""
+    import signal
+
+    photos.write_photos(tmp_path, count=4, corrupt=False)
+    it = iter_batches(discover(tmp_path).samples * 20, [SPEC_B], batch_size=2, workers=2)
+    next(it)
+    workers = children(os.getpid())
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    with pytest.raises(AffeqError, match=rf"decode process \(pid {workers[0]}\) was killed by "
+                                         r"SIGKILL while decoding images \d+-\d+; .*rerun") as e:
+        for _ in it:
+            pass
+    assert "\n" not in str(e.value)
+    assert children(os.getpid()) == []
+
+
 def test_default_workers_is_in_process_on_small_machines():
     """Up to MIN_CPUS_FOR_WORKERS CPUs the networks already use every core: no decode
     processes; above, half the CPUs, capped."""
