@@ -295,8 +295,8 @@ def test_a_killed_loader_leaves_no_decode_process_and_nothing_in_dev_shm(tmp_pat
 
 def test_a_decode_process_killed_from_outside_is_one_error_naming_its_images(tmp_path):
     """A decode process that dies on its own (the OOM killer, a stray kill) is one AffeqError
-    naming the signal and its images, not a wait forever (``multiprocessing.Pool`` lost the
-    task and waited); the other process is stopped too."""
+    naming the signal and its images, never a wait for its lost batch; the other process is
+    stopped too."""
     import signal
 
     photos.write_photos(tmp_path, count=4, corrupt=False)
