@@ -36,10 +36,10 @@ def test_api_names_are_the_library_functions_the_cli_calls() -> None:
 
 
 def test_import_is_light() -> None:
-    """``import affeq_rt`` must not pull torch, onnx, onnxruntime, matplotlib, cupy or MLServer
+    """``import affeq_rt`` must not pull torch, onnx, onnxruntime, matplotlib, cupy or KServe
     (they load when a call needs them), so a notebook or the CLI starts fast."""
     code = ("import sys, affeq_rt; heavy = ['torch', 'timm', 'onnx', 'onnxruntime', 'matplotlib', "
-            "'cupy', 'mlserver']; print([m for m in heavy if m in sys.modules])")
+            "'cupy', 'kserve']; print([m for m in heavy if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

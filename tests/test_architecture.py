@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("affeq_rt", "affeq_rt.__main__"),
 ]
 # Imports that stay inside functions on purpose: modules that need an optional extra at import
-# time (the compiled CUDA module, absent on CPU builds; the MLServer runtime, the `serve` extra).
+# time (the compiled CUDA module, absent on CPU builds; the KServe runtime, the `serve` extra).
 LAZY_OK = {"affeq_rt._core_cuda", "affeq_rt.deploy.oip_runtime"}
 # Command modules import the library inside the functions that use it: the command line builds
 # every command's --help from the signatures alone, and a command loads only what it runs
