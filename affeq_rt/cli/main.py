@@ -10,9 +10,12 @@ one line and code, before any command began (:mod:`affeq_rt.cli.signals`).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import errno
 import functools
+import os
 import signal
 import sys
 import traceback
@@ -180,13 +183,31 @@ def _usage_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code (see the module docstring for the mapping)."""
+    """Run the CLI and return its exit code (see the module docstring for the mapping).
+
+    As the program (``argv`` None) a run stopped by a signal ends at once after its clean-up:
+    the atexit handlers run and the streams are flushed, then the process exits without the
+    interpreter's own teardown of every loaded module (0.3-0.45 s with torch and onnxruntime
+    loaded, most of a stop on a busy machine; the committed state is already on disk)."""
     previous = _install_stop_handlers()
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         for s, h in (previous or {}).items():
             signal.signal(s, h)  # type: ignore[arg-type]
+    if argv is None and _RECEIVED:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` after the atexit handlers and a flush of stdout/stderr, skipping the
+    interpreter's module teardown."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream
+            stream.flush()
+    os._exit(code)
 
 
 def _stopped() -> int:
