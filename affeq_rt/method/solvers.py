@@ -11,6 +11,7 @@ they never produce NaN.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -210,11 +211,25 @@ def ridge(train: Moments, a: slice, t: slice, holdout: Moments | None,
     return w, b, stats
 
 
+_PINVS: dict[tuple[str, tuple[int, ...], float], tuple[np.ndarray, int]] = {}
+_PINV_CACHE = 8  # heads remembered (an ImageNet head's pseudo-inverse: 10 MB in float64)
+
+
 def head_pinv(w: np.ndarray, rcond: float = 1e-12) -> tuple[np.ndarray, int]:
-    """Pseudo-inverse [d, K] and rank of a head's weight [K, d] from one SVD (float64)."""
-    u, sv, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
-    keep = sv > rcond * (sv[0] if sv.size else 0.0)
-    return (vt[keep].T / sv[keep]) @ u[:, keep].T, int(keep.sum())
+    """Pseudo-inverse [d, K] (read-only) and rank of a head's weight [K, d] from one SVD
+    (float64). The last few are remembered by the weight's bytes: a fit's quality gate, the
+    logit-pinv map and the controls ask for the same heads' (a 1000×1280 SVD takes seconds)."""
+    a = np.ascontiguousarray(w, np.float64)
+    key = (hashlib.sha256(a.tobytes()).hexdigest(), a.shape, float(rcond))
+    if key not in _PINVS:
+        u, sv, vt = np.linalg.svd(a, full_matrices=False)
+        keep = sv > rcond * (sv[0] if sv.size else 0.0)
+        pinv = (vt[keep].T / sv[keep]) @ u[:, keep].T
+        pinv.flags.writeable = False
+        while len(_PINVS) >= _PINV_CACHE:
+            _PINVS.pop(next(iter(_PINVS)))
+        _PINVS[key] = (pinv, int(keep.sum()))
+    return _PINVS[key]
 
 
 def logit_pinv(head_src: Head, head_dst: Head, rcond: float = 1e-12,
