@@ -315,6 +315,32 @@ def test_readiness_needs_every_served_model(parts, tmp_path: Path) -> None:
     assert asyncio.run(plane.ready())
 
 
+def test_an_unexpected_failure_is_a_one_line_500(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure no route expects (a bug behind the route, not a bad request) answers 500 with
+    ``{"error": one line}`` naming the exception; the server log keeps the traceback. The routes
+    run in this process (starlette's test client) over a data plane that fails."""
+    from starlette.testclient import TestClient
+
+    from affeq_rt.deploy.oip_runtime import rest_app
+
+    class Failing:  # the two calls the routes below make of KServe's data plane
+        def metadata(self) -> dict:
+            raise RuntimeError("the plane broke\n  on a second line")
+
+        async def ready(self) -> bool:
+            raise KeyError("nothing registered")
+
+    client = TestClient(rest_app(Failing(), None), raise_server_exceptions=False)  # type: ignore[arg-type]
+    for route, want in (("/v2", "internal error: RuntimeError: the plane broke on a second line"),
+                        ("/v2/health/ready", "internal error: KeyError: 'nothing registered'")):
+        r = client.get(route)
+        assert r.status_code == 500, (route, r.status_code, r.text)
+        assert r.json() == {"error": want}
+        assert "\n" not in r.text
+    assert "Traceback" in caplog.text
+    assert "the plane broke" in caplog.text
+
+
 def _listening(port: int) -> list[str]:
     """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on TCP ``port``."""
     found = []
