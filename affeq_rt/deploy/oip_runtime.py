@@ -408,45 +408,70 @@ def _error(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": _one_line(exc)}, status_code=status)
 
 
-def rest_app(plane: ServedDataPlane, repository: LockedRepositoryExtension) -> Starlette:
-    """The OIP v2 REST routes over KServe's data plane (health, metadata, inference with JSON or
-    binary tensors, the repository extension), each error ``{"error": one line}``."""
+def _guarded(fn: Callable[[Request], Awaitable[Response]]
+             ) -> Callable[[Request], Awaitable[Response]]:
+    """A route whose every error is ``{"error": one line}`` with the status it stands for."""
+    async def route(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except _TooLarge as e:  # BodyLimit's, raised from inside the body read
+            return JSONResponse({"error": str(e)}, status_code=413)
+        except Exception as e:  # every error: one line, the status it stands for
+            return _error(e)
+    return route
 
-    def model(request: Request) -> OnnxModel:
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """404/405 for a path or method the protocol does not have, as one line."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    return JSONResponse({"error": f"{request.method} {request.url.path}: "
+                                  f"{_one_line(getattr(exc, 'detail', 'not found'))}; see "
+                                  "the Open Inference Protocol v2 routes"},
+                        status_code=status)
+
+
+class _Rest:
+    """The OIP v2 REST handlers over one KServe data plane and our locked repository."""
+
+    def __init__(self, plane: ServedDataPlane, repository: LockedRepositoryExtension) -> None:
+        self.plane, self.repository = plane, repository
+
+    def model(self, request: Request) -> OnnxModel:
+        """The served model the path names (and its version, when the path has one)."""
         name = request.path_params["name"]
-        found = plane.get_model_from_registry(name)
+        found = self.plane.get_model_from_registry(name)
         version = request.path_params.get("version")
         if version is not None and version != found.version:
             raise RequestError(404, f"model {name!r} has no version {version!r}; this server "
                                     f"serves version {found.version}")
         return found  # type: ignore[return-value]
 
-    async def server_metadata(_: Request) -> Response:
-        return JSONResponse(plane.metadata())
+    async def server_metadata(self, _: Request) -> Response:
+        return JSONResponse(self.plane.metadata())
 
-    async def live(_: Request) -> Response:
+    async def live(self, _: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def ready(_: Request) -> Response:
-        if await plane.ready():
+    async def ready(self, _: Request) -> Response:
+        if await self.plane.ready():
             return JSONResponse({"ready": True})
         return JSONResponse({"error": "not every served model is ready yet"}, status_code=503)
 
-    async def model_metadata(request: Request) -> Response:
-        return JSONResponse(await plane.model_metadata(model(request).name))
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(await self.plane.model_metadata(self.model(request).name))
 
-    async def model_ready(request: Request) -> Response:
-        name = model(request).name
-        if await plane.model_ready(name):
+    async def model_ready(self, request: Request) -> Response:
+        name = self.model(request).name
+        if await self.plane.model_ready(name):
             return JSONResponse({"name": name, "ready": True})
         raise ModelNotReady(name)
 
-    async def infer(request: Request) -> Response:
-        name = model(request).name
+    async def infer(self, request: Request) -> Response:
+        name = self.model(request).name
         head, tail = split_binary(await request.body(), request.headers.get(HEADER_LENGTH))
         payload = parse_request(head, name)
         attach_binary(payload, tail)
-        response, _ = await plane.infer(name, payload)
+        response, _ = await self.plane.infer(name, payload)
         content, json_length = response.to_rest()
         if json_length is None:
             return Response(json.dumps(content, separators=(",", ":")).encode(),
@@ -454,54 +479,41 @@ def rest_app(plane: ServedDataPlane, repository: LockedRepositoryExtension) -> S
         return Response(content, media_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(json_length)})
 
-    async def index(request: Request) -> Response:
+    async def index(self, request: Request) -> Response:
         body = await request.body()
         try:
             ready_only = bool(json.loads(body or b"{}").get("ready", False))
         except (ValueError, AttributeError):
             raise RequestError(400, _malformed([{"msg": "the repository index request is not "
                                                         "a JSON object"}])) from None
-        return JSONResponse(await repository.index(ready_only))
+        return JSONResponse(await self.repository.index(ready_only))
 
-    async def load(request: Request) -> Response:
-        await repository.load(request.path_params["name"])
+    async def load(self, request: Request) -> Response:
+        await self.repository.load(request.path_params["name"])
         return JSONResponse({})  # not reached: load is refused
 
-    async def unload(request: Request) -> Response:
-        await repository.unload(request.path_params["name"])
+    async def unload(self, request: Request) -> Response:
+        await self.repository.unload(request.path_params["name"])
         return JSONResponse({})  # not reached: unload is refused
 
-    def guarded(fn: Callable[[Request], Awaitable[Response]]
-                ) -> Callable[[Request], Awaitable[Response]]:
-        async def route(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except _TooLarge as e:  # BodyLimit's, raised from inside the body read
-                return JSONResponse({"error": str(e)}, status_code=413)
-            except Exception as e:  # every error: one line, the status it stands for
-                return _error(e)
-        return route
 
-    async def no_route(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 404
-        return JSONResponse({"error": f"{request.method} {request.url.path}: "
-                                      f"{_one_line(getattr(exc, 'detail', 'not found'))}; see "
-                                      "the Open Inference Protocol v2 routes"},
-                            status_code=status)
-
+def rest_app(plane: ServedDataPlane, repository: LockedRepositoryExtension) -> Starlette:
+    """The OIP v2 REST routes over KServe's data plane (health, metadata, inference with JSON or
+    binary tensors, the repository extension), each error ``{"error": one line}``."""
+    h = _Rest(plane, repository)
     m = "/v2/models/{name}"
     v = "/v2/models/{name}/versions/{version}"
-    routes = [Route("/v2", guarded(server_metadata)),
-              Route("/v2/health/live", guarded(live)),
-              Route("/v2/health/ready", guarded(ready)),
+    routes = [Route("/v2", _guarded(h.server_metadata)),
+              Route("/v2/health/live", _guarded(h.live)),
+              Route("/v2/health/ready", _guarded(h.ready)),
               *(r for p in (m, v) for r in (
-                  Route(p, guarded(model_metadata)),
-                  Route(p + "/ready", guarded(model_ready)),
-                  Route(p + "/infer", guarded(infer), methods=["POST"]))),
-              Route("/v2/repository/index", guarded(index), methods=["POST"]),
-              Route("/v2/repository/models/{name}/load", guarded(load), methods=["POST"]),
-              Route("/v2/repository/models/{name}/unload", guarded(unload), methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
+                  Route(p, _guarded(h.model_metadata)),
+                  Route(p + "/ready", _guarded(h.model_ready)),
+                  Route(p + "/infer", _guarded(h.infer), methods=["POST"]))),
+              Route("/v2/repository/index", _guarded(h.index), methods=["POST"]),
+              Route("/v2/repository/models/{name}/load", _guarded(h.load), methods=["POST"]),
+              Route("/v2/repository/models/{name}/unload", _guarded(h.unload), methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={404: _no_route, 405: _no_route})
 
 
 # ------------------------------------------------------------------------------------ gRPC
