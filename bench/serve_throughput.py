@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="per mode and round")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the server this run started is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     import tritonclient.http as th
 
