@@ -183,6 +183,13 @@ class StoreCommits:
         self._last = time.perf_counter()
 
 
+def check_max_images(max_images: int | None) -> None:
+    """AffeqError for a ``--max-images`` that is not a positive count (None: every image)."""
+    if max_images is not None and int(max_images) < 1:
+        raise AffeqError(f"--max-images must be positive, got {max_images}",
+                         "pass --max-images ≥ 1 or leave it out")
+
+
 def check_image_options(opt: ImageOptions, dtype: str | None = None,
                         max_images: int | None = None) -> None:
     """AffeqError for a setting no run can use, before any export, decoding or file is made."""
@@ -193,9 +200,7 @@ def check_image_options(opt: ImageOptions, dtype: str | None = None,
         raise AffeqError(f"--workers must be 0 or more, got {opt.workers}",
                          "pass --workers 0 to decode in this process")
     resolve_pipeline(opt.pipeline)  # AffeqError naming the choices
-    if max_images is not None and int(max_images) < 1:
-        raise AffeqError(f"--max-images must be positive, got {max_images}",
-                         "pass --max-images ≥ 1 or leave it out")
+    check_max_images(max_images)
     if dtype is not None and dtype not in STORE_DTYPES:
         raise AffeqError(f"unknown dtype {dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
 

@@ -27,7 +27,7 @@ from affeq_rt.io.fsio import output_lock, versions
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps
 from affeq_rt.method import controls, quality
 from affeq_rt.method.curve import MAX_ROWS, Curve, CurveRecorder, curve_sizes
-from affeq_rt.method.extract import ImageOptions, check_image_options
+from affeq_rt.method.extract import ImageOptions, check_image_options, check_max_images
 from affeq_rt.method.holdout import after_pass, fit_groups, pass_reducers, summary_lines
 from affeq_rt.method.methods import (
     REGISTRY,
@@ -38,12 +38,7 @@ from affeq_rt.method.methods import (
     normalise_method,
 )
 from affeq_rt.method.reducers import HeldOutRows, Skipped
-from affeq_rt.method.rows import (
-    RowSource,
-    model_slices,
-    row_source,
-    source_labels,
-)
+from affeq_rt.method.rows import RowSource, model_slices, row_source, source_labels
 from affeq_rt.method.similarity import SimilarityTable, knn_rows, similarity_from_moments
 from affeq_rt.progress import Progress
 
@@ -93,12 +88,10 @@ class FitResult:
         choice = self.maps.meta.get("method_choice")
         if choice:
             lines.append(f"method auto -> {choice['method']}: {choice['why']}")
-        by = self.maps.meta.get("held_out_by")
-        if by == "group":
+        if self.maps.meta.get("held_out_by") == "group":
             lines.append("held out by source image: the views of one photo are all in or all out")
         lines += summary_lines(self.maps.meta)
-        for m in self.maps.values():
-            lines.append("  " + quality.quality_line(m.key, m.method, m.stats))
+        lines += ["  " + quality.quality_line(m.key, m.method, m.stats) for m in self.maps.values()]
         for m in self.maps.values():
             lines += [f"  warning: {m.key}: {w}" for w in m.stats.get("warnings", [])]
         return "\n".join(lines)
@@ -109,9 +102,8 @@ def _refuse_early(models: str | Sequence[str] | None, images: ImageOptions | Non
     """Settings no fit can use, refused before any export, pass or checkpoint (issue 10)."""
     if images is not None:
         check_image_options(images, None, opt.max_images)
-    elif opt.max_images is not None and int(opt.max_images) < 1:
-        raise AffeqError(f"--max-images must be positive, got {opt.max_images}",
-                         "pass --max-images ≥ 1 or leave it out")
+    else:
+        check_max_images(opt.max_images)
     curve_sizes(opt.curve, 0)  # AffeqError for sizes that are not image counts, whatever the method
     names = models.split(",") if isinstance(models, str) else list(models or [])
     if models is not None and len({str(m).strip() for m in names if str(m).strip()}) < 2:
@@ -145,10 +137,11 @@ def _context(rows: RowSource, opt: FitOptions) -> FitContext:
     names, n = rows.names, rows.n  # the data first: a missing folder is refused before exports
     if len(names) < 2:
         raise AffeqError("fitting maps needs at least two models", "pass --models A,B[,…]")
-    slices, local = model_slices(names, rows.dims()), isinstance(opt.executor, LocalExecutor)
+    dims = rows.dims()
+    slices, local = model_slices(names, dims), isinstance(opt.executor, LocalExecutor)
     groups, found = fit_groups(rows, slices, opt.dedup)  # file names + near-duplicates
     mask = holdout_mask(n, opt.holdout, opt.seed, groups)
-    return FitContext(rows, names, rows.dims(), slices, rows.heads(), mask, groups,
+    return FitContext(rows, names, dims, slices, rows.heads(), mask, groups,
                       source_labels(rows), opt, local, None, found)
 
 
@@ -214,17 +207,17 @@ def _pass(ctx: FitContext, red: dict[str, Reducer], ckpt: PassCheckpoint | None,
                    skipped=red["skipped"].items)
 
 
-def _solve(strat: FitMethod, ctx: FitContext, red: Mapping[str, Any],
-           recorder: CurveRecorder | None, ex: _Extras) -> list[AffineMap]:
-    """The method's maps, and the curve and similarity of a Gram pass."""
+def _solve(strat: FitMethod, ctx: FitContext, red: Mapping[str, Any], ex: _Extras
+           ) -> list[AffineMap]:
+    """The method's maps, and the curve (``ctx.curve``) and similarity of a Gram pass."""
     if strat.needs == "gram" and ctx.streamed and strat.images(ctx, red) == 0:
         raise AffeqError(f"none of the {ctx.rows.n} images could be read",
                          "check --data (see the skipped files)")
     after_pass(ctx, red)  # image folders: the near-duplicate groups from this pass's rows
     maps = strat.solve(ctx, red)
     g = red.get("gram")
-    if g is not None and recorder is not None:
-        ex.curve = recorder.finish(g.train, g.points)
+    if g is not None and ctx.curve is not None:
+        ex.curve = ctx.curve.finish(g.train, g.points)
     if g is not None and ctx.options.similarity:  # every image: train + held-out merged
         both = g.train + g.holdout if int(g.holdout.n) else g.train
         ex.similarity = similarity_from_moments(both, ctx.slices, g.norms, knn=knn_rows(
@@ -267,14 +260,13 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
     t0 = time.perf_counter()
     ctx = _context(row_source(source, models, images, opt.max_images), opt)
     strat, choice = _method(name, ctx)
-    recorder = _curve_recorder(ctx) if strat.needs == "gram" else None
-    ctx.curve = recorder
+    ctx.curve = _curve_recorder(ctx) if strat.needs == "gram" else None
     red = _reducers(strat, ctx, out)
     with output_lock(out, "maps file") if out is not None else nullcontext():
         ckpt = _checkpoint(strat, ctx, out) if red else None
         ex = _pass(ctx, red, ckpt, progress)
         try:
-            maps = _solve(strat, ctx, red, recorder, ex)
+            maps = _solve(strat, ctx, red, ex)
         except AffeqError:  # a finished pass that cannot be solved: no checkpoint to resume
             if ckpt is not None:
                 ckpt.remove()
