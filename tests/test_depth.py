@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_similarity import ref_cka_debiased  # the n×n unbiased-HSIC reference
 
 from affeq_rt.cli.main import main
 from affeq_rt.demo import digits
@@ -67,22 +68,6 @@ def _cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def _hsic_unbiased(k: np.ndarray, l_: np.ndarray) -> float:
-    """Song et al. (2012) eq. 5 on kernels with zeroed diagonals."""
-    n = len(k)
-    k, l_ = k.copy(), l_.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l_, 0.0)
-    one = np.ones(n)
-    return float(np.sum(k * l_) + (one @ k @ one) * (one @ l_ @ one) / ((n - 1) * (n - 2))
-                 - 2.0 / (n - 2) * (one @ k) @ (l_ @ one)) / (n * (n - 3))
-
-
-def _cka_debiased(x: np.ndarray, y: np.ndarray) -> float:
-    k, l_ = x @ x.T, y @ y.T
-    return _hsic_unbiased(k, l_) / np.sqrt(_hsic_unbiased(k, k) * _hsic_unbiased(l_, l_))
-
-
 def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
     """Against NumPy on the stored rows, all of them (train and held-out). 1e-8: the Gram sums
     float32 products exactly representable in float64 (24 + 24 bits < 53), so both sides differ
@@ -104,7 +89,7 @@ def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
     j = la.models.index(B)
     y = np.asarray(st.features(B), np.float64)
     for i, a in enumerate(la.models[:4]):
-        ref = _cka_debiased(np.asarray(st.features(a), np.float64), y)
+        ref = ref_cka_debiased(np.asarray(st.features(a), np.float64), y)
         assert abs(la.cka_debiased[i, j] - ref) <= 1e-8, a
     own = layer_analysis(train, A).block(A, A)
     assert np.abs(np.diag(own) - 1.0).max() <= 1e-12  # ‖S‖²/‖S‖² in float64
