@@ -165,8 +165,8 @@ class StoreCommits:
     def __init__(self, store: StoreWriterReducer, seconds: float) -> None:
         if store.writer is None:
             raise InternalError("StoreCommits needs the reducer that writes the store")
-        self.store, self.writer, self.seconds = store, store.writer, float(seconds)
-        self.done, self.shard = self.writer.samples_done, None
+        self.store, self.seconds = store, float(seconds)
+        self.done, self.shard = store.writer.samples_done, None
         self._last = time.perf_counter()
 
     def restore(self, reducers: Mapping[str, Any]) -> None:
@@ -179,7 +179,7 @@ class StoreCommits:
     def save(self, reducers: Mapping[str, Any], done: int,  # noqa: ARG002 - the protocol
              shard: int) -> None:  # noqa: ARG002
         """Commit the rows written so far and the samples found unreadable."""
-        self.writer.commit(done, self.store.rows, self.store.take_skipped())
+        self.store.writer.commit(done, self.store.rows, self.store.take_skipped())
         self._last = time.perf_counter()
 
 
