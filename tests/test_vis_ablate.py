@@ -51,8 +51,12 @@ def test_ablate_help() -> None:
     assert main(["ablate", "--help"]) == 0
 
 
+# DataSource.head's check is extract's: one message and fix text
+MAX_IMAGES_SAID = "--max-images must be positive, got 0; pass --max-images ≥ 1 or leave it out"
+
+
 @pytest.mark.parametrize(("flag", "said"), [("--batch-size", "batch size must be positive"),
-                                            ("--max-images", "--max-images must be positive")])
+                                            ("--max-images", MAX_IMAGES_SAID)])
 def test_ablate_bad_image_options_one_line(flag: str, said: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     """A batch size or image count of 0 is one line (exit 1) before any network opens."""

@@ -36,6 +36,13 @@ class Sample(NamedTuple):
     label: int
 
 
+
+def check_max_images(max_images: int | None) -> None:
+    """AffeqError for a ``--max-images`` that is not a positive count (None: every image)."""
+    if max_images is not None and int(max_images) < 1:
+        raise AffeqError(f"--max-images must be positive, got {max_images}",
+                         "pass --max-images ≥ 1 or leave it out")
+
 @dataclass
 class DataSource:
     """What a reader found: the samples (sorted, deterministic) and a description for manifests."""
@@ -65,10 +72,9 @@ class DataSource:
 
     def head(self, n: int | None) -> DataSource:
         """The first ``n`` samples (all when ``n`` is None)."""
+        check_max_images(n)
         if n is None or n >= len(self.samples):
             return self
-        if n <= 0:
-            raise AffeqError(f"--max-images must be positive, got {n}", "pass a positive number")
         return DataSource(self.samples[:n], self.kind, self.root, {**self.extra, "max_images": n})
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from affeq_rt.data.preprocess import resolve_pipeline
-from affeq_rt.data.readers import DataSource
+from affeq_rt.data.readers import DataSource, check_max_images
 from affeq_rt.engine import Chunk, Executor, LocalExecutor, run_pass
 from affeq_rt.engine.reducer import State
 from affeq_rt.errors import AffeqError, InternalError
@@ -181,13 +181,6 @@ class StoreCommits:
         """Commit the rows written so far and the samples found unreadable."""
         self.store.writer.commit(done, self.store.rows, self.store.take_skipped())
         self._last = time.perf_counter()
-
-
-def check_max_images(max_images: int | None) -> None:
-    """AffeqError for a ``--max-images`` that is not a positive count (None: every image)."""
-    if max_images is not None and int(max_images) < 1:
-        raise AffeqError(f"--max-images must be positive, got {max_images}",
-                         "pass --max-images ≥ 1 or leave it out")
 
 
 def check_image_options(opt: ImageOptions, dtype: str | None = None,
