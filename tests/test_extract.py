@@ -163,3 +163,36 @@ def test_bad_inputs(env, ref_store, tmp_path):
                        text=True, env={**os.environ})
     assert r.returncode == 1
     assert r.stderr.startswith("error: --max-images")
+
+
+@pytest.mark.slow  # ~20-40 s on 2 busy cores: a real-weight and a random-weight export
+def test_random_control_is_a_network_of_its_own_in_the_same_pass(env, tmp_path):
+    """``NAME~random`` (issue 22's random-weight control) is extracted beside NAME in one pass:
+    its own export folder (NAME's real-weight export is not replaced), its own features, and a
+    store spec that says its weights are random."""
+    from affeq_rt.onnx.exported import ExportedBackbone
+
+    net, ctl = "efficientnet_lite0", "efficientnet_lite0~random"
+    opts = ImageOptions(workers=0, export_root=tmp_path / "ex")  # real weights (the package's)
+    st = FeatureStore.open(extract([net, ctl], env["photos"], tmp_path / "s", dtype="float32",
+                                   images=opts).path)
+    assert st.models == [net, ctl]
+    assert st.spec(ctl)["name"] == ctl
+    assert st.spec(ctl)["weights"] == {"kind": "none"}
+    assert st.spec(net)["weights"]["kind"] == "package"
+    real = ExportedBackbone(tmp_path / "ex" / net)
+    rand = ExportedBackbone(tmp_path / "ex" / "random-weights" / net)
+    assert real.manifest["weights"]["source"] != "random"
+    assert rand.manifest["weights"]["source"] == "random"
+    # trained and random features of the same images differ everywhere (not a copy of one)
+    a, r = np.asarray(st.features(net)), np.asarray(st.features(ctl))
+    assert a.shape == r.shape
+    assert np.all(np.abs(a - r).max(1) > 0)
+    # a second run reuses both exports (nothing re-exported: the folders keep their manifests)
+    before = [p.stat().st_mtime_ns for p in (real.path / "manifest.json",
+                                             rand.path / "manifest.json")]
+    extract([net, ctl], env["photos"], tmp_path / "s2", dtype="float32", images=opts)
+    assert before == [p.stat().st_mtime_ns for p in (real.path / "manifest.json",
+                                                     rand.path / "manifest.json")]
+    with pytest.raises(AffeqError, match="only NAME~random has features"):
+        extract([net, f"{net}~noise"], env["photos"], tmp_path / "s3", images=opts)

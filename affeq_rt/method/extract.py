@@ -31,6 +31,7 @@ from affeq_rt.method.images import (
     Network,
     feature_batches,
     load_data,
+    network_spec,
     open_networks,
     parse_models,
     run_network,
@@ -39,7 +40,6 @@ from affeq_rt.method.images import (
 from affeq_rt.method.rows import ImageSource
 from affeq_rt.method.stages import StageSource
 from affeq_rt.progress import Progress
-from affeq_rt.registry.spec import get_spec
 
 __all__ = ["EXTRACT_SHARD", "ExtractResult", "ImageOptions", "Network", "StoreWriterReducer",
            "check_image_options", "check_labels", "extract", "feature_batches", "load_data",
@@ -262,7 +262,7 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
                          "choose a new folder for --out")
     rows = (StageSource if stages else ImageSource)(data, models, opt, max_images)
     check_labels(rows.data, min(s.num_classes - s.label_offset
-                                for s in map(get_spec, parse_models(models))))
+                                for s in map(network_spec, parse_models(models))))
     writer = _open_writer(rows, out, dtype)
     if writer.already_complete:
         return ExtractResult(Path(out), rows.names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)

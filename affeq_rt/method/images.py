@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import sha256_file
 from affeq_rt.io.heads import Head
 from affeq_rt.onnx.export import ensure_exported
-from affeq_rt.onnx.exported import ExportedBackbone
+from affeq_rt.onnx.exported import default_export_root
 from affeq_rt.onnx.runtime import create_session
-from affeq_rt.registry.spec import get_spec
+from affeq_rt.registry.spec import BackboneSpec, WeightsSource, get_spec
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Network:
     classifier (background rows stripped) and the export's head file (copied into stores)."""
 
     name: str
-    spec: Any
+    spec: BackboneSpec
     export_dir: Path
     session: Any
     dim: int
@@ -62,14 +62,43 @@ class Network:
         return preprocess_key(self.spec)
 
 
+#: ``NAME~random``: NAME's architecture with random weights, a network of its own (the
+#: random-weight negative control of ``method.controls``, issue 22), exported under
+#: ``<export root>/RANDOM_EXPORTS`` so that NAME's own export is never replaced.
+RANDOM_SUFFIX = "~random"
+RANDOM_EXPORTS = "random-weights"
+
+
+def random_control_of(name: str) -> str | None:
+    """The network ``NAME~random`` names (as given), or None for any other name."""
+    return name[:-len(RANDOM_SUFFIX)] if name.endswith(RANDOM_SUFFIX) else None
+
+
+def network_spec(name: str) -> BackboneSpec:
+    """The registry spec of a network name, ``NAME~random`` included (NAME's, so renamed, with no
+    weights); AffeqError for an unknown name or another control kind."""
+    base = random_control_of(name)
+    if base is None:
+        if "~" in name:
+            raise AffeqError(f"{name!r} is not a network: of the controls, only NAME~random has "
+                             "features of its own (noise and shuffled are statistics of fit)",
+                             "extract NAME~random, and pass --controls to fit and evaluate")
+        return get_spec(name)
+    spec = get_spec(base)
+    return replace(spec, name=spec.name + RANDOM_SUFFIX, aliases=(), weights=WeightsSource(),
+                   paper_name=None, expected_top1=None,
+                   note=f"{spec.name}'s architecture with random weights (a negative control)")
+
+
 def parse_models(models: str | Sequence[str]) -> list[str]:
-    """``"a,b,c"`` or a list → canonical registry names, duplicates removed, order kept."""
+    """``"a,b,c"`` or a list → canonical names (``NAME~random`` kept as a name of its own),
+    duplicates removed, order kept."""
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
     out: list[str] = []
     for n in names:
         if not n:
             continue
-        c = get_spec(n).name
+        c = network_spec(n).name
         if c not in out:
             out.append(c)
     if not out:
@@ -80,14 +109,21 @@ def parse_models(models: str | Sequence[str]) -> list[str]:
 def open_networks(models: Sequence[str], provider: str = "auto",
                   export_root: str | os.PathLike | None = None,
                   random_weights: bool = False) -> list[Network]:
-    """Export (or reuse the export of) each model and open its features graph."""
+    """Export (or reuse the export of) each model and open its features graph; ``NAME~random``
+    is NAME exported with random weights into its own folder (:data:`RANDOM_EXPORTS`)."""
     nets = []
     for name in models:
-        path = ensure_exported(name, root=export_root, random_weights=random_weights).path
-        exp = ExportedBackbone(path)
+        base = random_control_of(name)
+        if base is None:
+            exp = ensure_exported(name, root=export_root, random_weights=random_weights)
+            spec = exp.spec
+        else:
+            root = Path(export_root if export_root is not None else default_export_root())
+            exp = ensure_exported(base, root=root / RANDOM_EXPORTS, random_weights=True)
+            spec = network_spec(name)
         head = exp.classifier_head()
         sess = create_session(exp.features_path, provider=provider)
-        nets.append(Network(name, exp.spec, path, sess, head.dim, head, Path(exp.head_path),
+        nets.append(Network(name, spec, exp.path, sess, head.dim, head, Path(exp.head_path),
                             sha256_file(exp.features_path)))
     return nets
 
