@@ -51,6 +51,26 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "Usage: affeq-rt" in out, name
 
 
+def test_help_prints_brackets_and_groups_shared_options() -> None:
+    """Help text is rich markup: an unescaped ``[ray]`` vanished from ``pip install
+    'affeq-rt[ray]'``. Every option's help reaches the screen whole, and the shared options sit in
+    their panels (images, networks, cluster) after the command's own."""
+    env = {**os.environ, "COLUMNS": "400", "TERM": "dumb"}
+    for name, cmd in _commands().items():
+        out = subprocess.run([sys.executable, "-m", "affeq_rt", name, "--help"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        text = " ".join(out.split())
+        for p in cmd.params:
+            for word in (getattr(p, "help", None) or "").split():
+                if "[" in word:  # a word with brackets: markup would eat them
+                    assert word.replace("\\", "") in text, (name, p.name, word)
+        if "--executor" in _options(cmd):
+            assert "pip install 'affeq-rt[ray]'" in text, name
+            assert out.index("Cluster (--executor ray)") > out.index("Options"), name
+        if "--batch-size" in _options(cmd):
+            assert out.index("--batch-size") > out.index("─ Images "), name
+
+
 def test_shared_options_mean_the_same_everywhere() -> None:
     cmds = _commands()
     helps: dict[str, set[str]] = {}

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from affeq_rt.cli.options import (
+    NETWORKS,
     BatchSize,
     Device,
     ExecutorName,
@@ -33,6 +34,8 @@ from affeq_rt.cli.options import (
 )
 from affeq_rt.errors import AffeqError
 
+STATS = "Statistics of the same pass"
+
 
 def run(
     out: Annotated[Path, typer.Option(
@@ -43,6 +46,10 @@ def run(
     features: Annotated[Path | None, typer.Option(
         "--features", "-f", show_default=False,
         help="An existing feature store instead of images.")] = None,
+    models: Annotated[str | None, typer.Option(
+        "--models", "-m", show_default=False,
+        help="Comma-separated network names or aliases (A,B,…); with --features, default: "
+        "every network of the store.")] = None,
     method: Annotated[str, typer.Option(
         "--method", help="auto (by data size: ols, or prior-ridge when there are fewer than 2 "
         "training images per feature dimension; the summary says which and why) | ols | ridge | "
@@ -68,7 +75,8 @@ def run(
     export_root: ExportRoot = None,
     _offline: Offline = False,
     checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", help="Checkpoint the accumulators every N images.")] = 20000,
+        "--checkpoint-every", help="Checkpoint the accumulators every N images.",
+        rich_help_panel=NETWORKS)] = 20000,
     iterations: Iterations = 200,
     lr: Annotated[float, typer.Option(
         "--lr", help="Adam initial learning rate (method adam).")] = 0.1,
@@ -81,26 +89,24 @@ def run(
     curve: Annotated[str, typer.Option(
         "--curve", help="Data-efficiency curve: training-image counts at which the one pass "
         "snapshots the Gram and scores every map (e.g. 1000,2000,4000), auto (doubling from "
-        "1000) or off. Needs a feature store; writes MAPS.curve.json/.csv/.png.")] = "auto",
-    no_curve: Annotated[bool, typer.Option("--no-curve", help="No data-efficiency curve.")]
-    = False,
+        "1000) or off. Needs a feature store; writes MAPS.curve.json/.csv/.png.",
+        rich_help_panel=STATS)] = "auto",
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="No data-efficiency curve.",
+                                           rich_help_panel=STATS)] = False,
     similarity: Annotated[bool, typer.Option(
         "--similarity", help="Also CKA, debiased CKA, CCA, SVCCA, R² and Procrustes of every "
         "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
-        "evaluate --maps MAPS shows.")] = False,
+        "evaluate --maps MAPS shows.", rich_help_panel=STATS)] = False,
     controls: Annotated[bool, typer.Option(
         "--controls", help="Also fit negative controls from the same pass (Gram methods): per "
         "pair a map from clustered noise tied to the target's class and one from mismatched "
         "(shuffled) image pairs, saved as NETWORK~noise/NETWORK~shuffled pairs; evaluate "
-        "--controls scores them.")] = False,
+        "--controls scores them.", rich_help_panel=STATS)] = False,
     no_dedup: Annotated[bool, typer.Option(
         "--no-dedup", help="Do not look for near-duplicate images (crops, flips, re-encodings "
         "of one photo, found from the networks' features) to hold out and cross-validate "
-        "together; groups then come from file names only (NAME__VIEW.ext).")] = False,
-    models: Annotated[str | None, typer.Option(
-        "--models", "-m", show_default=False,
-        help="Comma-separated network names or aliases (A,B,…); with --features, default: "
-        "every network of the store.")] = None,
+        "together; groups then come from file names only (NAME__VIEW.ext).",
+        rich_help_panel=STATS)] = False,
     quiet: Quiet = False,
 ) -> None:
     """Fit a map for every ordered pair A≠B from one pass over the data; resumable (rerun the

@@ -16,11 +16,17 @@ if TYPE_CHECKING:  # imported where used: the command line starts without them (
     from affeq_rt.engine import Executor
     from affeq_rt.method.extract import ImageOptions
 
+# --help groups the shared options in panels (typer's rich_help_panel); a command's own options
+# (what it reads and writes, and how) stay first, under "Options".
+IMAGES = "Images"
+NETWORKS = "Networks and runtime"
+CLUSTER = "Cluster (--executor ray)"
+
 EXPORT_ROOT_HELP = ("Export cache folder: backbone NAME lives in EXPORT_ROOT/NAME "
                     "(default $AFFEQ_RT_HOME/exports).")
 
 ExportRoot = Annotated[Path | None, typer.Option(
-    "--export-root", help=EXPORT_ROOT_HELP, show_default=False)]
+    "--export-root", help=EXPORT_ROOT_HELP, show_default=False, rich_help_panel=NETWORKS)]
 
 
 def _go_offline(value: bool) -> bool:
@@ -36,41 +42,44 @@ def _go_offline(value: bool) -> bool:
 # callback does the work). timm/Hugging Face download weights on first use; this refuses.
 Offline = Annotated[bool, typer.Option(
     "--offline", callback=_go_offline, help="Never download weights (as HF_HUB_OFFLINE=1): a "
-    "network whose weights are not cached is refused in one line.")]
+    "network whose weights are not cached is refused in one line.", rich_help_panel=NETWORKS)]
 Provider = Annotated[str, typer.Option(
     "--provider", help="onnxruntime provider: auto|tensorrt|cuda|cpu (auto: the first that "
-    "loads).")]
+    "loads).", rich_help_panel=NETWORKS)]
 Device = Annotated[str, typer.Option(
-    "--device", help="Compiled-core backend: auto|cpu|cuda.")]
+    "--device", help="Compiled-core backend: auto|cpu|cuda.", rich_help_panel=NETWORKS)]
 Models = Annotated[str, typer.Option(
     "--models", "-m", help="Comma-separated network names or aliases (A,B,…), in this order.")]
 ModelsSubset = Annotated[str | None, typer.Option(
     "--models", "-m", help="Only these networks (comma-separated names or aliases), in this "
     "order.", show_default=False)]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
+BatchSize = Annotated[int, typer.Option(
+    "--batch-size", "-b", help="Images per batch.", rich_help_panel=IMAGES)]
 Workers = Annotated[int | None, typer.Option(
     "--workers", "-j", show_default=False,
     help="Decoding processes (0 = decode in this process; default: from the CPUs, in this "
-    "process up to 4 of them).")]
+    "process up to 4 of them).", rich_help_panel=IMAGES)]
 Preprocessing = Annotated[str, typer.Option(
     "--preprocessing", help="Image decode/resize path: exact (timm's eval transform: published "
     "numbers) | fast (torchvision's libjpeg-turbo decode and antialiased resize where installed, "
     "else pillow) | pillow (region resize, JPEG draft decoding) | torchvision. Agreement with "
-    "exact and speed: docs/BENCHMARKS.md.")]
+    "exact and speed: docs/BENCHMARKS.md.", rich_help_panel=IMAGES)]
 RandomWeights = Annotated[bool, typer.Option(
     "--random-weights", help="Export backbones with random weights (plumbing tests and "
-    "benchmarks without checkpoints).")]
+    "benchmarks without checkpoints).", rich_help_panel=NETWORKS)]
 Labels = Annotated[Path | None, typer.Option(
     "--labels", metavar="FILE", show_default=False,
     help="Label file of a flat image folder: Kaggle LOC_val_solution.csv, devkit ground truth "
-    "or name,label lines.")]
+    "or name,label lines.", rich_help_panel=IMAGES)]
 Meta = Annotated[Path | None, typer.Option(
     "--meta", metavar="FILE", show_default=False,
-    help="Devkit meta.mat (maps devkit class ids to wnids).")]
+    help="Devkit meta.mat (maps devkit class ids to wnids).", rich_help_panel=IMAGES)]
 MaxImages = Annotated[int | None, typer.Option(
-    "--max-images", help="Use only the first N images.", show_default=False)]
+    "--max-images", help="Use only the first N images.", show_default=False,
+    rich_help_panel=IMAGES)]
 Fp16 = Annotated[bool, typer.Option(
-    "--fp16", help="Run (or store) the graphs in float16; inputs and outputs stay float32.")]
+    "--fp16", help="Run (or store) the graphs in float16; inputs and outputs stay float32.",
+    rich_help_panel=NETWORKS)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 Quiet = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress display (it is off anyway when stderr is not a "
@@ -81,19 +90,20 @@ Verify = Annotated[bool, typer.Option(
     "headers are always checked).")]
 ExecutorName = Annotated[str, typer.Option(
     "--executor", help="Where the work runs: local (this process) or ray (a Ray cluster, "
-    "docs/SCALING.md; pip install 'affeq-rt[ray]').")]
+    "docs/SCALING.md; pip install 'affeq-rt\\[ray]').", rich_help_panel=CLUSTER)]
 RayAddress = Annotated[str | None, typer.Option(
     "--address", show_default=False, help="With --executor ray: auto (the running cluster) or "
-    "HOST:PORT; default: start a local one.")]
+    "HOST:PORT; default: start a local one.", rich_help_panel=CLUSTER)]
 RayWorkers = Annotated[int, typer.Option(
     "--ray-workers", help="With --executor ray: worker actors, each keeping its own sessions "
-    "(--workers stays the decoding processes, per actor).")]
+    "(--workers stays the decoding processes, per actor).", rich_help_panel=CLUSTER)]
 GpusPerWorker = Annotated[float, typer.Option(
     "--gpus-per-worker", help="With --executor ray: GPUs per worker actor (0.5 packs two on "
-    "a GPU).")]
+    "a GPU).", rich_help_panel=CLUSTER)]
 ShardSize = Annotated[int | None, typer.Option(
     "--shard-size", show_default=False, help="With --executor ray: samples per shard, the unit "
-    "of scheduling and commit (default 1024 for extract, the checkpoint interval for fit).")]
+    "of scheduling and commit (default 1024 for extract, the checkpoint interval for fit).",
+    rich_help_panel=CLUSTER)]
 
 #: Seeds reach NumPy and torch generators: a negative one was a traceback (issue 23).
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}
