@@ -312,7 +312,7 @@ class PriorMethod(FitMethod):
         return {"rows": AllRows(sum(ctx.dims.values()))}
 
     def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
-        """CV on the training groups, refit, grouped held-out figures (``quality.map_quality``)."""
+        """CV on the training groups, refit, grouped held-out figures (``quality.rows_quality``)."""
         x, idx = red["rows"].all()
         if x.shape[0] == 0 and ctx.streamed:
             raise AffeqError(f"none of the {ctx.rows.n} images could be read",
@@ -327,10 +327,9 @@ class PriorMethod(FitMethod):
         for a, t in pairs(ctx.names):
             prior = select.Prior.of(heads[a], heads[t], pv[t])
             xa, xb = x[:, ctx.slices[a]], x[:, ctx.slices[t]]
-            w, b, st = select.prior_fit(xa[~hold], xb[~hold], None if g is None else g[~hold],
-                                        prior, self.name, cv_lab, self.seed)
-            st.update(quality.map_quality(w, b, xa[hold], xb[hold], prior,
-                                         None if lab is None else lab[hold]))
+            w, b, st, cv = select.prior_fit_rows(xa[~hold], xb[~hold], None if g is None else
+                                                 g[~hold], prior, self.name, cv_lab, self.seed)
+            st.update(quality.rows_quality(w, b, xa, xb, hold, g, prior, cv, lab))
             out.append(as_map(a, t, w, b, self.name, st))
         return out
 

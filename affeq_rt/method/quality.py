@@ -5,6 +5,11 @@ one line ``fit`` and ``build-hybrid`` print per map.
   map on held-out rows, beside the logit-pinv hybrid's (:class:`Baseline` forms its logits
   without M₀); :func:`add_quality` applies it to every map of a fit (the first
   :data:`QUALITY_ROWS` held-out rows).
+* :func:`rows_quality`: the few-data (rows) methods' figures: the split's, and where the held-out
+  split covers fewer than :data:`CV_GATE_GROUPS` groups (one photo's views move a figure by tens
+  of points), every group scored once by a map that never saw it (the CV folds' predictions on
+  the training groups, the map's on the held-out ones), reported with the group count and a
+  standard error over groups (:func:`pooled`). No pass and no fit beyond the method's own.
 * :func:`quality_warnings`, :func:`quality_line`: what the gate says.
 """
 
@@ -18,8 +23,7 @@ import numpy as np
 
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap
-from affeq_rt.method import solvers
-from affeq_rt.method.select import Prior
+from affeq_rt.method import select, solvers
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Baseline:
 
 
 def map_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
-                prior: Prior | Baseline | None, labels: np.ndarray | None = None
+                prior: select.Prior | Baseline | None, labels: np.ndarray | None = None
                 ) -> dict[str, Any]:
     """Held-out figures of one map on rows it was not fitted on: R², agreement of C_B(W x + b)
     with B's own top-1 (and top-1 against ``labels``), beside the logit-pinv map's. Empty rows:
@@ -75,6 +79,67 @@ def map_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
     return out
 
 
+# Fewer held-out groups than this: the split's figures rest on a few photos (one photo's views
+# move them by tens of points: docs/BENCHMARKS.md, "Quality gate"), so the gate also pools every
+# group, each scored by a map that never saw it (:func:`rows_quality`).
+CV_GATE_GROUPS = 10
+
+
+def pooled(hits: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """(100·Σhits/n, its standard error over groups) of bool ``hits`` [n] in ``groups`` (ids
+    0…G−1): the cluster (linearisation) standard error of a ratio estimator,
+    100·√(G/(G−1)·Σ_g (h_g − p·n_g)²)/n, which with equal group sizes is sd(p_g)/√G (ddof 1)."""
+    n = int(hits.size)
+    h = np.bincount(groups, weights=hits.astype(np.float64))
+    m = np.bincount(groups).astype(np.float64)
+    keep = m > 0
+    h, m = h[keep], m[keep]
+    g, p = int(m.size), float(h.sum()) / n
+    se = float(np.sqrt(g / (g - 1) * ((h - p * m) ** 2).sum())) / n if g > 1 else 0.0
+    return 100.0 * p, 100.0 * se
+
+
+def rows_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
+                 hold: np.ndarray, groups: np.ndarray | None, prior: select.Prior,
+                 cv_pred: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """A rows method's gate: :func:`map_quality` of the map on the held-out rows ``hold``; where
+    they cover fewer than :data:`CV_GATE_GROUPS` groups (but some), also every group scored once
+    by a map that never saw it, from what the fit already computed: the training rows' classes
+    ``cv_pred`` [(~hold).sum()] under the chosen candidate fitted without their CV fold
+    (``select.prior_fit_rows``; −1: not scored) and the held-out rows' under the map. Agreement
+    with B's own top-1 (top-1 against ``labels`` ≥ 0) pooled over those rows beside the
+    logit-pinv map's on the same rows, with standard errors over groups (:func:`pooled`). The
+    candidate was chosen on the training rows' CV scores, so their share can be optimistic (the
+    prior's is exact: it reads no row)."""
+    out = map_quality(w, b, xa[hold], xb[hold], prior, None if labels is None else labels[hold])
+    held = int(hold.sum()) if groups is None else int(np.unique(groups[hold]).size)
+    out["holdout_groups"] = held
+    if not 0 < held < CV_GATE_GROUPS:
+        return out
+    n = int(xa.shape[0])
+    wb, cb = prior.head_b.weight.astype(np.float64), prior.head_b.bias.astype(np.float64)
+    pred = np.empty(n, np.int64)
+    pred[~hold] = cv_pred
+    pred[hold] = np.argmax((np.asarray(xa[hold], np.float64) @ w.T + b) @ wb.T + cb, axis=1)
+    scored = pred >= 0
+    gid = (np.arange(n) if groups is None else np.unique(np.asarray(groups),
+                                                         return_inverse=True)[1])[scored]
+    gid = np.unique(gid, return_inverse=True)[1]
+    own = np.argmax(np.asarray(xb[scored], np.float64) @ wb.T + cb, axis=1)
+    base = np.argmax(prior.logits(xa[scored]), axis=1)
+    pred = pred[scored]
+    out.update(cv_groups=int(gid.max()) + 1 if gid.size else 0, cv_images=int(scored.sum()))
+    out["agree_cv"], out["agree_cv_se"] = pooled(pred == own, gid)
+    out["agree_cv_logit_pinv"], out["agree_cv_logit_pinv_se"] = pooled(base == own, gid)
+    lab = None if labels is None else labels[scored]
+    if lab is not None and (lab >= 0).any():
+        ok = lab >= 0
+        g2 = np.unique(gid[ok], return_inverse=True)[1]
+        out["top1_cv"], out["top1_cv_se"] = pooled(pred[ok] == lab[ok], g2)
+        out["top1_cv_logit_pinv"], out["top1_cv_logit_pinv_se"] = pooled(base[ok] == lab[ok], g2)
+    return out
+
+
 def quality_warnings(stats: dict[str, Any], method: str) -> list[str]:
     """The fit quality gate's warnings for one map's stats (rows < dims; worse than logit-pinv;
     no held-out rows)."""
@@ -85,12 +150,13 @@ def quality_warnings(stats: dict[str, Any], method: str) -> list[str]:
                    + (f"(shrunk toward logit-pinv: cross-validation chose {stats['choice']})"
                       if method in solvers.PRIOR_METHODS and stats.get("choice") else
                       "(any map fits them)"))
-    a, a0 = stats.get("agree_holdout"), stats.get("agree_holdout_logit_pinv")
-    if method != "logit-pinv" and a is not None and a0 is not None and a < a0:
-        out.append(f"held-out agreement {a:.1f}% is below the logit-pinv map's {a0:.1f}%")
-    t, t0 = stats.get("top1_holdout"), stats.get("top1_holdout_logit_pinv")
-    if method != "logit-pinv" and t is not None and t0 is not None and t < t0:
-        out.append(f"held-out top-1 {t:.1f}% is below the logit-pinv map's {t0:.1f}%")
+    for what, key in (("agreement", "agree"), ("top-1", "top1")):
+        cv = stats.get(f"{key}_cv") is not None  # the gate's figure: grouped CV where it ran
+        a = stats.get(f"{key}_cv" if cv else f"{key}_holdout")
+        a0 = stats.get(f"{key}_cv_logit_pinv" if cv else f"{key}_holdout_logit_pinv")
+        if method != "logit-pinv" and a is not None and a0 is not None and a < a0:
+            out.append(f"{'cross-validated' if cv else 'held-out'} {what} {a:.1f}% is below the "
+                       f"logit-pinv map's {a0:.1f}%")
     if method not in ("logit-pinv", "naive") and not stats.get("holdout_images"):
         out.append("no held-out images: its quality on unseen images is unknown")
     return out
@@ -98,6 +164,11 @@ def quality_warnings(stats: dict[str, Any], method: str) -> list[str]:
 
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{x:.1f}%"
+
+
+def _pm(st: dict[str, Any], key: str) -> str:
+    """A cross-validated figure with its standard error over groups: ``63.3% ± 8.1``."""
+    return f"{_pct(st.get(key))} ± {st.get(key + '_se') or 0.0:.1f}"
 
 
 def _r2(x: float | None) -> str:
@@ -108,14 +179,21 @@ def _r2(x: float | None) -> str:
 def quality_line(key: str, method: str, st: dict[str, Any]) -> str:
     """One map's grouped held-out quality beside the logit-pinv map's (the fit quality gate)."""
     r2 = st.get("r2_holdout")
-    line = (f"{key:40s} {method:11s} held-out ({st.get('holdout_images') or 0} images): "
-            f"R² {_r2(r2)}")
+    held = st.get("holdout_groups")
+    line = (f"{key:40s} {method:11s} held-out ({st.get('holdout_images') or 0} images"
+            + (f", {held} groups" if held is not None else "") + f"): R² {_r2(r2)}")
     if st.get("agree_holdout") is not None:
         line += (f", agreement {_pct(st['agree_holdout'])} "
                  f"(logit-pinv {_pct(st.get('agree_holdout_logit_pinv'))})")
     if st.get("top1_holdout") is not None:
         line += (f", top-1 {_pct(st['top1_holdout'])} "
                  f"(logit-pinv {_pct(st.get('top1_holdout_logit_pinv'))})")
+    if st.get("agree_cv") is not None:  # few held-out groups: every group held out once
+        line += (f"; all {st['cv_groups']} groups ({st['cv_images']} images), each scored "
+                 f"by a map that never saw it (CV folds + hold-out): agreement "
+                 f"{_pm(st, 'agree_cv')} (logit-pinv {_pm(st, 'agree_cv_logit_pinv')})")
+        if st.get("top1_cv") is not None:
+            line += f", top-1 {_pm(st, 'top1_cv')} (logit-pinv {_pm(st, 'top1_cv_logit_pinv')})"
     if st.get("choice") is not None:
         line += (f"; CV ({st.get('folds')} grouped folds) chose {st['choice']}: "
                  f"{st['criterion']} {_pct(st.get('cv_score'))}, "

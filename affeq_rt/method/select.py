@@ -135,14 +135,13 @@ class Prior:
         return (np.asarray(x, np.float64) @ self.w.T + self.b) @ wb.T + self.head_b.bias
 
 
-
-
-
 def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
                    method: str, labels: np.ndarray | None = None, folds: int = CV_FOLDS,
-                   seed: int = 0) -> tuple[Candidate, dict[str, Any]]:
+                   seed: int = 0) -> tuple[Candidate, dict[str, Any], np.ndarray]:
     """Grouped K-fold CV of ``method``'s path on agreement (or top-1 with ``labels``); returns the
-    chosen candidate and the CV record (scores in % per candidate, the prior's score, folds)."""
+    chosen candidate, the CV record (scores in % per candidate, the prior's score, folds) and
+    each row's class [n] under the chosen candidate fitted without the row's fold (−1: a row not
+    scored, unlabelled)."""
     n = xa.shape[0]
     fold = grouped_folds(groups, n, folds, seed)
     cands = candidates(method)
@@ -153,6 +152,7 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
     cb = prior.head_b.bias.astype(np.float64)
     w_logit = wb @ prior.w  # the prior's logits map, W_B M₀ [K, d_A]
     off_prior = wb @ prior.b + cb
+    pred = np.full((n, len(cands)), -1, np.int32)  # each row's class under each candidate
     for f in range(nf):
         tr, te = fold != f, fold == f
         truth = _truth(xb[te], prior.head_b, None if labels is None else labels[te])
@@ -172,7 +172,9 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
             else:
                 logits = (base + off_prior + c.shrink(spec, int(tr.sum())) * rbar
                           + (z * c.filter(spec)) @ gain.T)
-            hits[f, i] += int((np.argmax(logits, axis=1) == truth[ok]).sum())
+            cls = np.argmax(logits, axis=1)
+            hits[f, i] += int((cls == truth[ok]).sum())
+            pred[np.flatnonzero(te)[ok], i] = cls
         counts[f] = int(ok.sum())
     used = counts > 0
     if not used.any():
@@ -191,7 +193,7 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
                          "cv_best": cands[top].label, "cv_best_score": float(scores[top]),
                          "cv_standard_error": se,
                          "cv_path": {c.label: float(s) for c, s in zip(cands, scores,
-                                                                     strict=True)}}
+                                                                     strict=True)}}, pred[:, best]
 
 
 def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
@@ -199,9 +201,18 @@ def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: 
               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``method`` (prior-ridge | prior-pca) on the training rows: CV picks the candidate, then
     the map is refitted on all of them. Returns (W, b, stats) in float64."""
+    return prior_fit_rows(xa, xb, groups, prior, method, labels, seed)[:3]
+
+
+def prior_fit_rows(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
+                   method: str, labels: np.ndarray | None = None, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
+    """:func:`prior_fit`, and each training row's class under the chosen candidate fitted without
+    the row's CV fold (``cross_validate``; −1 where not scored): the quality gate pools them with
+    the held-out rows (``quality.rows_quality``)."""
     if method not in solvers.PRIOR_METHODS:
         raise InternalError(f"prior_fit handles {solvers.PRIOR_METHODS}, not {method}")
-    best, record = cross_validate(xa, xb, groups, prior, method, labels, seed=seed)
+    best, record, cv_pred = cross_validate(xa, xb, groups, prior, method, labels, seed=seed)
     spec = solvers.row_spectrum(xa)
     n, d = xa.shape
     if best.kind == "prior":
@@ -215,22 +226,7 @@ def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: 
              "pca_rank": int(min(best.value, spec.rank)) if best.kind == "pca" else None,
              "rank": spec.rank, "source_dim": int(d), "underdetermined": n - 1 < d,
              "rank_deficient": spec.rank < d, **record}
-    return w, b, stats
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    return w, b, stats, cv_pred
 
 
 def rows_fit_in_memory(n: int, dims: Sequence[int]) -> None:
