@@ -9,6 +9,7 @@ same ONNX file directly through onnxruntime.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -313,6 +314,39 @@ def test_readiness_needs_every_served_model(parts, tmp_path: Path) -> None:
     repository.update(OnnxModel("other", "1", str(tmp_path / "h.onnx")))
     repository.get_model("other").load()
     assert asyncio.run(plane.ready())
+
+
+def test_served_session_does_not_spin_and_runs_binary_tensors_uncopied(parts,
+                                                                        tmp_path: Path) -> None:
+    """The served session is opened without spin-waiting (its spins took the event loop's CPU:
+    docs/BENCHMARKS.md, "Serving throughput"), inference runs on a pool of one thread per core,
+    and a binary tensor reaches onnxruntime as the array cut from the body, not a copy."""
+    import asyncio
+
+    from affeq_rt.deploy.oip_runtime import INFER_THREADS, OnnxModel, attach_binary, parse_request
+
+    model = OnnxModel("tiny", "1", str(parts.build(tmp_path / "h.onnx")))
+    model.load()
+    opts = model._sess.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert model._pool._max_workers == INFER_THREADS == len(os.sched_getaffinity(0))
+    name = model._sess.input_names[0]
+    shape = [1, *model._dims[name]]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    request = parse_request(head, "tiny")
+    attach_binary(request, x.tobytes())
+    sent = request.inputs[0].data
+    fed: list[np.ndarray] = []
+    run = model._sess.session.run
+    model._sess = type("Spy", (), {"session": type("S", (), {  # records what run is fed
+        "run": staticmethod(lambda names, feeds: fed.append(feeds[name]) or run(names, feeds))
+    })()})()
+    response = asyncio.run(model.predict(request))
+    assert np.shares_memory(fed[0], sent)  # the bytes attach_binary cut: no copy on the way
+    np.testing.assert_array_equal(response.outputs[0].as_numpy(),
+                                  run(None, {name: x})[0])
 
 
 def test_an_unexpected_failure_is_a_one_line_500(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,7 +19,6 @@ request bodies are capped (413) and malformed requests answered 400 in one line
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import os
@@ -102,7 +101,7 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
                          "port each", "pass another --grpc-port (default: --port + 1)")
     check_port(host, port, "--port")
     check_port(host, grpc_port, "--grpc-port")
-    from affeq_rt.deploy.oip_runtime import build, configure_logging, run_servers
+    from affeq_rt.deploy.oip_runtime import build, configure_logging, run, run_servers
 
     configure_logging()  # KServe's and uvicorn's loggers, to stderr
     # every model loads here: one that cannot is an error line, not a log line in the server
@@ -112,4 +111,4 @@ def serve(target: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1",
         announce(f"serving {m.name} (v{m.version}, {m.path}) at "
                  f"http://{host}:{port}/v2/models/{m.name}  (gRPC {host}:{grpc_port})")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_servers(plane, repository, host, port, grpc_port))
+        run(run_servers(plane, repository, host, port, grpc_port))

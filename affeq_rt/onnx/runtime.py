@@ -207,12 +207,14 @@ class OrtModel:
 
 
 def _make_session(ort: Any, model: str | bytes, keys: list[str],
-                  threads: int | None) -> tuple[Any, str]:
+                  threads: int | None, spinning: bool = True) -> tuple[Any, str]:
     """Create a session quietly: (session, what onnxruntime printed about failed providers)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [(PROVIDERS[k], _provider_options(k)) for k in keys]
     buf = io.StringIO()
     ort.set_default_logger_severity(4)  # provider-library load failures are expected on CPU hosts
@@ -225,12 +227,14 @@ def _make_session(ort: Any, model: str | bytes, keys: list[str],
 
 
 def create_session(path: str | os.PathLike, provider: str = "auto", fp16: bool = False,
-                   threads: int | None = None) -> OrtModel:
+                   threads: int | None = None, spinning: bool = True) -> OrtModel:
     """Open an ONNX model with the best provider that loads here (``auto``) or a forced one.
 
     ``provider``: ``auto`` (TensorRT → CUDA → CPU), ``tensorrt``, ``cuda`` or ``cpu``; a
     forced provider that does not load raises AffeqError. ``fp16`` converts the graph's
-    weights and compute to float16 (inputs and outputs stay float32).
+    weights and compute to float16 (inputs and outputs stay float32). ``spinning=False``:
+    onnxruntime's intra-op threads sleep between parallel sections instead of spin-waiting
+    (a server's choice: its event loop and the clients need the cores those spins take).
     """
     ort = _ort()
     p = Path(path)
@@ -247,7 +251,7 @@ def create_session(path: str | os.PathLike, provider: str = "auto", fp16: bool =
     else:
         keys = [provider] if provider == "cpu" else [provider, "cpu"]
     try:
-        sess, printed = _make_session(ort, model, keys, threads)
+        sess, printed = _make_session(ort, model, keys, threads, spinning)
     except Exception as e:
         if provider not in ("auto", "cpu"):  # a forced GPU provider that fails hard
             first = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
