@@ -7,9 +7,11 @@ One run reports (issue 25):
    loop (timm's eval transform written out) and a minimal torchvision loop;
 2. worker scaling: our loader (default pipeline) with 0, 1, 2, … decode processes: images per
    second (wall) and per CPU-second (this process and its workers);
-3. end to end: the decode-once extraction (what ``feature_batches`` does) against a minimal
-   onnxruntime loop (Pillow + the same ``features.onnx`` sessions, one process) and torch eager
-   (the same preprocessing, the timm/torchvision model's features in torch, no grad).
+3. end to end: the decode-once extraction (what ``feature_batches`` does), for each pipeline of
+   ``--pipeline`` (a comma list), against a minimal onnxruntime loop (Pillow + the same
+   ``features.onnx`` sessions, one process) and torch eager (the same preprocessing, the
+   timm/torchvision model's features in torch, no grad); ``--cli`` adds the whole
+   ``affeq-rt extract`` command (a new process each time: start-up, export check, store writes).
 
     python bench/extract.py --models efficientnet_lite0,mobilenet_v2 --images 400 \
         --imagenet-like --workers-list 0,1,2 --repeats 2
@@ -27,6 +29,8 @@ import math
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -184,17 +188,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="loader,workers,end-to-end")
     ap.add_argument("--pipeline", default="fast",
-                    help="our pipeline for the worker scaling and end to end")
+                    help="our pipelines end to end, a comma list (the first: worker scaling)")
+    ap.add_argument("--cli", action="store_true",
+                    help="end to end: also time the affeq-rt extract command (new process)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    pipelines = args.pipeline.split(",")
+    args.pipeline = pipelines[0]
 
     names = parse_models(args.models)
     rec: dict = {"models": names, "batch_size": args.batch_size, "cpus": os.cpu_count(),
                  "machine": platform.processor() or platform.machine(),
                  "load_before": os.getloadavg()[0], "default_pipeline": DEFAULT_PIPELINE,
                  "default_pipeline_here": resolve_pipeline(DEFAULT_PIPELINE),
-                 "default_workers_here": default_workers(), "pipeline": args.pipeline,
-                 "pipeline_here": resolve_pipeline(args.pipeline)}
+                 "default_workers_here": default_workers(), "pipelines": pipelines,
+                 "pipelines_here": [resolve_pipeline(p) for p in pipelines]}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp) / "photos"
         if not args.data:
@@ -260,24 +268,48 @@ def main() -> None:
                 for k, v in res.items()}
             print(json.dumps(rec["worker_scaling_all_preprocessings"]), flush=True)
         if "end-to-end" in parts:
-            def extract_run() -> None:
-                # feature_batches' two lines, with this run's pipeline (ImageOptions has none yet)
-                workers = args.workers if args.workers is not None else default_workers()
-                for batch in iter_batches(samples, [n_.spec for n_ in nets], batch_size=bs,
-                                          workers=workers, pipeline=args.pipeline):
-                    for n_ in nets:
-                        run_network(n_, batch.tensors[n_.key], bs)
-            fns = {"affeq_extract": extract_run,
-                   "minimal_ort": lambda: minimal_ort(nets, paths, bs)}
+            workers = args.workers if args.workers is not None else default_workers()
+
+            def extract_run(pipeline: str) -> Callable[[], None]:
+                def run() -> None:  # feature_batches' two lines, with this pipeline
+                    for batch in iter_batches(samples, [n_.spec for n_ in nets], batch_size=bs,
+                                              workers=workers, pipeline=pipeline):
+                        for n_ in nets:
+                            run_network(n_, batch.tensors[n_.key], bs)
+                return run
+
+            def cli_run(pipeline: str) -> Callable[[], None]:
+                runs = iter(range(10**6))
+
+                def run() -> None:  # the whole command, a new store each time
+                    cmd = [sys.executable, "-m", "affeq_rt", "extract", "--models",
+                           ",".join(names), "--data", str(data), "--out",
+                           str(Path(tmp) / f"store_{pipeline}_{next(runs)}"), "--batch-size",
+                           str(bs), "--workers", str(workers), "--preprocessing", pipeline,
+                           "--provider", args.provider, "--max-images", str(n)]
+                    if args.random_weights:
+                        cmd.append("--random-weights")
+                    if args.export_root:
+                        cmd += ["--export-root", args.export_root]
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                return run
+
+            fns = {f"affeq_extract_{p}": extract_run(p) for p in pipelines}
+            if args.cli:
+                fns.update({f"affeq_cli_{p}": cli_run(p) for p in pipelines})
+            fns["minimal_ort"] = lambda: minimal_ort(nets, paths, bs)
             if not args.no_torch_eager:
                 tmods = torch_features(names, args.random_weights)
                 fns["torch_eager"] = lambda: torch_eager(tmods, nets, paths, bs)
-            extract_run()  # warm the sessions (and torch's import on the torchvision route)
+            for p in pipelines:  # warm the sessions (and torch's import on the torchvision route)
+                extract_run(p)()
             res = measure(fns, args.repeats)
             rec["end_to_end"] = {
                 k: {"img_per_s": round(n / v["wall_s"], 2), "img_per_cpu_s":
                     round(n / v["cpu_s"], 2),
-                    "wall_vs_minimal_ort": round(v["wall_s"] / res["minimal_ort"]["wall_s"], 3)}
+                    "wall_vs_minimal_ort": round(v["wall_s"] / res["minimal_ort"]["wall_s"], 3),
+                    **({"speed_vs_torch_eager": round(res["torch_eager"]["wall_s"] / v["wall_s"],
+                                                      2)} if "torch_eager" in res else {})}
                 for k, v in res.items()}
             print(json.dumps(rec["end_to_end"]), flush=True)
     rec["load_after"] = os.getloadavg()[0]

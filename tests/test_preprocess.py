@@ -196,10 +196,12 @@ def test_pillow_pipeline_downscales_large_jpegs_in_the_dct_with_the_same_geometr
 
 
 def test_torchvision_pipeline_is_within_two_levels_of_exact(tmp_path) -> None:
-    """torchvision's decode is libjpeg-turbo like Pillow's; torch's antialiased resize uses
-    Pillow's filter taps but keeps the first pass in float where Pillow rounds it to uint8
-    (≤ ½ level, times the taps' absolute sum ≤ 1.2 for bicubic) before its own final rounding
-    (≤ ½ level): at most 2 levels apart. Files it does not take (PNG) follow the Pillow route."""
+    """torchvision's decode is libjpeg-turbo like Pillow's (bit-identical here: issue 25);
+    torch's uint8 antialiased resize runs Pillow's two passes with the same taps and the same
+    uint8 rounding between them, but with int16 weights (≈ 15 fractional bits, Pillow's 22):
+    that can flip the first pass's rounding by one level, which the vertical taps' absolute sum
+    (≤ 1.14 bicubic, 1 bilinear) carries into the second before its own rounding flip: at most
+    2 levels apart. Files it does not take (PNG) follow the Pillow route."""
     from affeq_rt.data.preprocess import crop, prepare_crops, resolve_pipeline
 
     pytest.importorskip("torchvision")
