@@ -1,15 +1,19 @@
 """Throughput of `affeq-rt serve` against a bare onnxruntime session on the same file, same run.
 
-Three ways to answer batch-1 requests from C concurrent clients (threads), for --seconds each:
-  * ``bare``   — C threads call one onnxruntime session (``runtime.create_session``) directly;
+Four ways to answer batch-1 requests from C concurrent clients (threads), for --seconds each:
+  * ``bare``   — C threads call one onnxruntime session directly, opened as the server opens
+                 its own (``runtime.create_session`` with ``oip_runtime.SESSION_OPTIONS``): the
+                 baseline of the ratios, so that they measure serving, not session options;
+  * ``ort``    — the same with onnxruntime's default options (``create_session`` as it comes),
+                 for reference: what the server's options do to a bare session;
   * ``binary`` — C tritonclient.http clients in their default mode (binary tensors both ways)
                  against ``affeq-rt serve`` on 127.0.0.1;
   * ``json``   — the same clients sending and receiving JSON tensors.
-Rounds run the three in rotating order; each round gives requests/s per mode, and the ratios
-served/bare are taken per round (drifts in machine load hit the modes of a round alike), then
-their median is reported. CPU per request: this process's CPU for ``bare``, the server process's
-for the served modes (the clients' own CPU is not counted; on a small machine they compete with
-the server for the same cores, which the throughput ratio includes).
+Rounds run the four in rotating order; each round gives requests/s per mode, and the ratios to
+``bare`` are taken per round (drifts in machine load hit the modes of a round alike), then their
+median is reported. CPU per request: this process's CPU for ``bare`` and ``ort``, the server
+process's for the served modes (the clients' own CPU is printed apart: on a small machine they
+compete with the server for the same cores, which the throughput ratio includes).
 
     affeq-rt build-hybrid --src efficientnet_lite0 --dst mobilenet_v2 --out /tmp/h.onnx
     python bench/serve_throughput.py --model /tmp/h.onnx
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from affeq_rt.deploy.oip_runtime import SESSION_OPTIONS
 from affeq_rt.deploy.serve import free_port
 from affeq_rt.onnx.runtime import create_session
 
@@ -103,7 +108,8 @@ def main() -> None:
 
     import tritonclient.http as th
 
-    sess = create_session(args.model, provider="cpu").session
+    sess = create_session(args.model, provider="cpu", **SESSION_OPTIONS).session
+    default = create_session(args.model, provider="cpu").session
     inp = sess.get_inputs()[0]
     dims = [1, *inp.shape[1:]]
     u8 = inp.type == "tensor(uint8)"
@@ -129,6 +135,7 @@ def main() -> None:
 
         modes: dict[str, tuple[Callable[[int], None], Callable[[], float]]] = {
             "bare": (lambda _i: sess.run(outputs, {inp.name: x}), time.process_time),
+            "ort": (lambda _i: default.run(outputs, {inp.name: x}), time.process_time),
             "binary": (request(True), lambda: _cpu_seconds(pid)),
             "json": (request(False), lambda: _cpu_seconds(pid)),
         }
@@ -137,32 +144,41 @@ def main() -> None:
         print(f"# {args.model.name}: input {inp.name} {inp.type} {dims}; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"load {os.getloadavg()[0]:.1f}; {args.clients} clients, batch 1, "
-              f"{args.seconds:.0f} s per mode and round")
-        print(f"{'round':>5}  {'bare/s':>8}  {'binary/s':>8}  {'json/s':>8}  "
-              f"{'bin/bare':>8}  {'json/bare':>9}  {'CPU ms/req bare, bin, json':>28}")
-        ratios: dict[str, list[float]] = {"binary": [], "json": []}
+              f"{args.seconds:.0f} s per mode and round; bare = create_session(**"
+              f"{SESSION_OPTIONS}), ort = create_session()")
+        print(f"{'round':>5}  {'bare/s':>7}  {'ort/s':>7}  {'binary/s':>8}  {'json/s':>7}  "
+              f"{'bin/bare':>8}  {'bin/ort':>7}  {'json/bare':>9}  "
+              f"{'CPU ms/req bare, ort, bin, json; clients bin':>44}  load")
+        ratios: dict[str, list[float]] = {"binary": [], "json": [], "ort": []}
         cpu: dict[str, list[float]] = {k: [] for k in modes}
+        client_cpu: list[float] = []
         for r in range(args.rounds):
             names = list(modes)
-            names = names[r % 3:] + names[:r % 3]
+            names = names[r % len(names):] + names[:r % len(names)]
             rate: dict[str, float] = {}
             for k in names:
                 call, clock = modes[k]
-                c0 = clock()
+                c0, p0 = clock(), time.process_time()
                 n = _drive(call, args.clients, args.seconds)
                 cpu[k].append((clock() - c0) / n * 1e3)
+                if k == "binary":
+                    client_cpu.append((time.process_time() - p0) / n * 1e3)
                 rate[k] = n / args.seconds
             for k in ratios:
                 ratios[k].append(rate[k] / rate["bare"])
-            print(f"{r:>5}  {rate['bare']:>8.1f}  {rate['binary']:>8.1f}  {rate['json']:>8.1f}  "
-                  f"{ratios['binary'][-1]:>8.3f}  {ratios['json'][-1]:>9.3f}  "
-                  f"{cpu['bare'][-1]:>8.1f} {cpu['binary'][-1]:>8.1f} {cpu['json'][-1]:>8.1f}")
+            print(f"{r:>5}  {rate['bare']:>7.1f}  {rate['ort']:>7.1f}  {rate['binary']:>8.1f}  "
+                  f"{rate['json']:>7.1f}  {ratios['binary'][-1]:>8.3f}  "
+                  f"{rate['binary'] / rate['ort']:>7.3f}  {ratios['json'][-1]:>9.3f}  "
+                  f"{cpu['bare'][-1]:>8.1f} {cpu['ort'][-1]:>6.1f} {cpu['binary'][-1]:>6.1f} "
+                  f"{cpu['json'][-1]:>7.1f}; {client_cpu[-1]:>5.2f}  "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     med = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"median  binary/bare {statistics.median(ratios['binary']):.3f}  "
-          f"json/bare {statistics.median(ratios['json']):.3f}  CPU per request: bare "
-          f"{med['bare']:.1f} ms, binary {med['binary']:.1f} ms "
-          f"({med['binary'] / med['bare']:.2f}x), json {med['json']:.1f} ms "
-          f"({med['json'] / med['bare']:.2f}x)")
+          f"json/bare {statistics.median(ratios['json']):.3f}  ort/bare "
+          f"{statistics.median(ratios['ort']):.3f}  CPU per request: bare {med['bare']:.1f} ms, "
+          f"ort {med['ort']:.1f} ms, binary {med['binary']:.1f} ms "
+          f"({med['binary'] / med['bare']:.2f}x) + clients {statistics.median(client_cpu):.2f} "
+          f"ms, json {med['json']:.1f} ms ({med['json'] / med['bare']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -320,10 +320,16 @@ def test_served_session_does_not_spin_and_runs_binary_tensors_uncopied(parts,
                                                                         tmp_path: Path) -> None:
     """The served session is opened without spin-waiting (its spins took the event loop's CPU:
     docs/BENCHMARKS.md, "Serving throughput"), inference runs on a pool of one thread per core,
-    and a binary tensor reaches onnxruntime as the array cut from the body, not a copy."""
+    and a binary tensor reaches onnxruntime as a view of the request body, not a copy."""
     import asyncio
 
-    from affeq_rt.deploy.oip_runtime import INFER_THREADS, OnnxModel, attach_binary, parse_request
+    from affeq_rt.deploy.oip_runtime import (
+        INFER_THREADS,
+        OnnxModel,
+        attach_binary,
+        parse_request,
+        split_binary,
+    )
 
     model = OnnxModel("tiny", "1", str(parts.build(tmp_path / "h.onnx")))
     model.load()
@@ -335,9 +341,12 @@ def test_served_session_does_not_spin_and_runs_binary_tensors_uncopied(parts,
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     head = json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
                                    "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    body = head + x.tobytes()
+    head, tail = split_binary(body, str(len(head)))
     request = parse_request(head, "tiny")
-    attach_binary(request, x.tobytes())
+    attach_binary(request, tail)
     sent = request.inputs[0].data
+    assert np.shares_memory(sent, np.frombuffer(body, np.uint8))  # a view of the body
     fed: list[np.ndarray] = []
     run = model._sess.session.run
     model._sess = type("Spy", (), {"session": type("S", (), {  # records what run is fed
