@@ -15,7 +15,6 @@ from affeq_rt.cli.options import (
     Labels,
     MaxImages,
     Meta,
-    Models,
     Offline,
     Preprocessing,
     Provider,
@@ -31,7 +30,10 @@ from affeq_rt.cli.options import (
 
 
 def run(
-    models: Models,
+    models: Annotated[str, typer.Option(
+        "--models", "-m", help="Comma-separated network names or aliases (A,B,…), in this "
+        "order; NAME~random adds NAME's architecture with random weights, in the same pass (the "
+        "random-weight control of fit/evaluate --controls).")],
     data: Annotated[str, typer.Option(
         "--data", "-d", help="Image folder (class folders, flat val folder, plain) or a "
         "path,label list file.")],

@@ -48,8 +48,8 @@ def run(
         help="An existing feature store instead of images.")] = None,
     models: Annotated[str | None, typer.Option(
         "--models", "-m", show_default=False,
-        help="Comma-separated network names or aliases (A,B,…); with --features, default: "
-        "every network of the store.")] = None,
+        help="Comma-separated network names or aliases (A,B,…; with --data, NAME~random: NAME "
+        "with random weights); with --features, default: every network of the store.")] = None,
     method: Annotated[str, typer.Option(
         "--method", help="auto (by data size: ols, or prior-ridge when there are fewer than 2 "
         "training images per feature dimension; the summary says which and why) | ols | ridge | "
