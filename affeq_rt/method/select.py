@@ -5,7 +5,9 @@
 * :func:`prior_fit`: prior-ridge / prior-pca (``solvers``' spectral estimators around M₀), the
   strength (λ or rank) chosen by grouped K-fold cross-validation on the hybrid's agreement with
   the target network (top-1 against the labels where every row has one): views of one photo never
-  straddle folds. The rows are in memory: this is the few-data case.
+  straddle folds. The rows are in memory: this is the few-data case. :func:`prior_fit_rows` also
+  returns each training row's class under the chosen candidate's fold map, which the quality gate
+  pools (``quality.rows_quality``).
 * :func:`grouped_folds`: the folds, whole groups each. The quality gate that scores every fit on
   held-out rows is ``method.quality``.
 """
@@ -187,13 +189,14 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
     # candidate scoring within one standard error (over folds) of the best. A few photos give a
     # noisy CV score, and the noise is what a less shrunk map would be fitting.
     best = int(np.flatnonzero(scores >= scores[top] - se)[0])
+    chosen = np.ascontiguousarray(pred[:, best])
     return cands[best], {"criterion": "top1" if labels is not None else "agreement",
                          "folds": int(used.sum()), "cv_rows": int(counts.sum()),
                          "cv_score": float(scores[best]), "cv_score_prior": float(scores[0]),
                          "cv_best": cands[top].label, "cv_best_score": float(scores[top]),
                          "cv_standard_error": se,
                          "cv_path": {c.label: float(s) for c, s in zip(cands, scores,
-                                                                     strict=True)}}, pred[:, best]
+                                                                     strict=True)}}, chosen
 
 
 def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
