@@ -628,11 +628,11 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     it; its loop and transports are compiled, the standard library's are Python and cost the
     server about 1 ms of CPU more per request), or on asyncio's own loop where it is missing."""
     try:
-        import uvloop
+        from uvloop import run as uvloop_run  # uvloop >= 0.18
     except ImportError:
         asyncio.run(main)
         return
-    uvloop.run(main)
+    uvloop_run(main)
 
 
 def _address(host: str, port: int) -> str:
