@@ -3,9 +3,10 @@ the real-weight photo networks beside their controls (``method.controls``), with
 
 Each part fits its maps once more with ``fit(..., controls=True)`` on the fitting rows of the
 trained networks **and** of the same architectures with random weights (``NAME~random``): the
-random-weight features are one more network of the same pass over the images (digits: the same
-arrays through the untrained networks; photos: an ``extract`` of the random-weight exports, an
-extra pass over the views only because one ``extract`` runs one weights kind). The noise and
+random-weight features are one more network (digits: the same arrays through the untrained
+networks; photos: an ``extract`` of the random-weight exports, a pass of its own because it is
+float32 while the photo stores are float16: random MobileNetV2 features are ~1e-9; a user's store
+holds both from one pass, ``extract --models A,A~random --dtype float32``). The noise and
 shuffled controls are statistics of the fit's pass and need no image. ``evaluate(...,
 controls=True)`` then scores every control hybrid in the table's own pass.
 """
