@@ -299,6 +299,8 @@ def test_cli_flags_a_hybrid_that_does_not_beat_its_controls(setup, tmp_path, cap
     out = capsys.readouterr().out
     assert "hybrid(s) do NOT beat their controls or chance: " in out
     assert "b->a" in out
+    # this store has no a~random/b~random: the line says so, and how to add them
+    assert "no random-weight control: extract NAME~random beside each NAME" in out
     doc = json.loads((tmp_path / "r" / "table.json").read_text())
     assert doc["controls"]["all_beat"] is False
     assert "b->a" in doc["controls"]["flagged"]

@@ -352,8 +352,9 @@ def control_entries(maps: MapSet, chosen: Sequence[str], columns: Sequence[str]
     got = _entries(maps, chosen, columns)
     if not got:
         raise AffeqError("the maps file holds no control maps for these networks",
-                         "fit the maps with --controls (noise and shuffled controls), or add "
-                         "NETWORK~random features and their maps for random-weight controls")
+                         "fit the maps with --controls (noise and shuffled controls), or "
+                         "extract NAME~random beside NAME (extract --models A,A~random) and fit "
+                         "on that store for random-weight controls")
     return got
 
 
@@ -500,16 +501,19 @@ class ControlTable:
         return [k for k in KINDS if k in self.score]
 
     def line(self) -> str:
-        """The one line the CLI prints."""
+        """The one line the CLI prints (and what is missing: the random-weight control needs
+        ``NAME~random`` features in the store)."""
         kinds = ", ".join(self.kinds)
+        missing = ("" if "random" in self.kinds else
+                   "; no random-weight control: extract NAME~random beside each NAME to add it")
         if not self.flagged:
             worst = min(float(np.nanmin(np.where(np.eye(len(self.models), dtype=bool), np.nan,
                                                  self.margin[k]))) for k in self.kinds)
             return (f"controls ({kinds}): every hybrid beats its controls and chance "
-                    f"({self.measure}; smallest margin {worst:+.1f} points)")
+                    f"({self.measure}; smallest margin {worst:+.1f} points){missing}")
         return (f"controls ({kinds}): {len(self.flagged)} hybrid(s) do NOT beat their controls "
                 "or chance: " + ", ".join(self.flagged[:6])
-                + (" …" if len(self.flagged) > 6 else ""))
+                + (" …" if len(self.flagged) > 6 else "") + missing)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
