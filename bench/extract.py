@@ -93,7 +93,8 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dic
             fn()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(cpu_now() - c0)
-    return {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k])} for k in fns}
+    return {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k]),
+                "wall_s_each": [round(w, 3) for w in wall[k]]} for k in fns}
 
 
 def minimal_pillow(paths: list[str], p) -> None:
@@ -308,6 +309,7 @@ def main() -> None:
                 k: {"img_per_s": round(n / v["wall_s"], 2), "img_per_cpu_s":
                     round(n / v["cpu_s"], 2),
                     "wall_vs_minimal_ort": round(v["wall_s"] / res["minimal_ort"]["wall_s"], 3),
+                    "wall_s_each": v["wall_s_each"],
                     **({"speed_vs_torch_eager": round(res["torch_eager"]["wall_s"] / v["wall_s"],
                                                       2)} if "torch_eager" in res else {})}
                 for k, v in res.items()}
