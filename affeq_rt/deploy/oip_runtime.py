@@ -68,8 +68,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 64
 HEADER_LENGTH = "inference-header-content-length"
 #: How the served sessions are opened (``runtime.create_session``'s keywords; the benchmark's
-#: bare session uses the same): no spin-waiting, whose CPU the event loop needs (17.7 → 13.5 ms
-#: of server CPU per request at 8 clients on 2 cores, docs/BENCHMARKS.md).
+#: bare session uses the same): no spin-waiting, whose CPU the event loop needs (with
+#: INFER_THREADS, 17.7 → 12.9 ms of server CPU per request at 8 clients on 2 cores; spinning
+#: off changes no arithmetic: docs/BENCHMARKS.md, "Serving throughput").
 SESSION_OPTIONS: dict[str, Any] = {"spinning": False}
 #: Inference calls running at once (the rest wait on the event loop): onnxruntime already
 #: spreads one call over every core (intra-op threads), so more would only share the cores.
@@ -142,8 +143,8 @@ class OnnxModel(Model):
                        headers: dict[str, str] | None = None, verb: Any = None  # noqa: ARG002
                        ) -> tuple[InferResponse, dict[str, str]]:
         """:meth:`predict`, without ``kserve.Model.__call__``'s preprocess/postprocess hooks and
-        Prometheus latency histograms (this model has no hooks and this server no /metrics
-        route: they cost ~0.1 ms of event-loop time per request for nothing)."""
+        Prometheus latency histograms: this model has no hooks and this server no /metrics
+        route, so they were event-loop work per request for nothing."""
         return await self.predict(body, headers), {}
 
     async def predict(self, payload: InferRequest,  # type: ignore[override]
@@ -625,8 +626,8 @@ def build(models: list[tuple[str, str, str]], provider: str
 
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` to completion on uvloop (uvicorn[standard], which KServe requires, brings
-    it; its loop and transports are compiled, the standard library's are Python and cost the
-    server about 1 ms of CPU more per request), or on asyncio's own loop where it is missing."""
+    it; its loop and transports are compiled, the standard library's are Python), or on
+    asyncio's own loop where it is missing."""
     try:
         from uvloop import run as uvloop_run  # uvloop >= 0.18
     except ImportError:
