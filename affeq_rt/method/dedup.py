@@ -91,6 +91,8 @@ def near_pairs(sig: np.ndarray, threshold: float = THRESHOLD) -> tuple[np.ndarra
     float64, multiplied in float32: a product of unit vectors is then off by ≤ dims·2⁻²⁴ ≈ 3e-5,
     nothing beside the 0.1 between the threshold and the largest similarity of distinct photos."""
     z = np.asarray(sig, np.float64)
+    if z.shape[0] < 2:  # no pair (a data-free fit has no rows: no mean to take either)
+        return (np.zeros(0, int),) * 2
     z = z - z.mean(0)
     norm = np.linalg.norm(z, axis=1, keepdims=True)
     z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0).astype(np.float32)
