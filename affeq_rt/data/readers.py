@@ -36,12 +36,12 @@ class Sample(NamedTuple):
     label: int
 
 
-
 def check_max_images(max_images: int | None) -> None:
     """AffeqError for a ``--max-images`` that is not a positive count (None: every image)."""
     if max_images is not None and int(max_images) < 1:
         raise AffeqError(f"--max-images must be positive, got {max_images}",
                          "pass --max-images ≥ 1 or leave it out")
+
 
 @dataclass
 class DataSource:
