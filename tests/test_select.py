@@ -121,7 +121,7 @@ def test_cv_keeps_the_prior_when_it_is_exact(method: str) -> None:
     a, g = _views(rng, 20, 3)
     null = np.linalg.svd(heads["b"].weight)[2][K:]  # [DB − K, DB]: invisible to B's head
     b = a @ prior.w.T + prior.b + rng.normal(size=(a.shape[0], DB - K)) @ null
-    w, bias, st = select.prior_fit(a, b, g, prior, method)
+    w, bias, st, _ = select.prior_fit(a, b, g, prior, method)
     assert st["choice"] == "prior"
     assert st["cv_score"] == st["cv_score_prior"] == 100.0
     np.testing.assert_array_equal(w, prior.w)

@@ -106,7 +106,7 @@ def rows_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
     they cover fewer than :data:`CV_GATE_GROUPS` groups (but some), also every group scored once
     by a map that never saw it, from what the fit already computed: the training rows' classes
     ``cv_pred`` [(~hold).sum()] under the chosen candidate fitted without their CV fold
-    (``select.prior_fit_rows``; −1: not scored) and the held-out rows' under the map. Agreement
+    (``select.prior_fit``; −1: not scored) and the held-out rows' under the map. Agreement
     with B's own top-1 (top-1 against ``labels`` ≥ 0) pooled over those rows beside the
     logit-pinv map's on the same rows, with standard errors over groups (:func:`pooled`). The
     candidate was chosen on the training rows' CV scores, so their share can be optimistic (the

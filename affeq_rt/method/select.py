@@ -5,9 +5,9 @@
 * :func:`prior_fit`: prior-ridge / prior-pca (``solvers``' spectral estimators around M₀), the
   strength (λ or rank) chosen by grouped K-fold cross-validation on the hybrid's agreement with
   the target network (top-1 against the labels where every row has one): views of one photo never
-  straddle folds. The rows are in memory: this is the few-data case. :func:`prior_fit_rows` also
-  returns each training row's class under the chosen candidate's fold map, which the quality gate
-  pools (``quality.rows_quality``).
+  straddle folds. The rows are in memory: this is the few-data case. It also returns each
+  training row's class under the chosen candidate's fold map, which the quality gate pools
+  (``quality.rows_quality``).
 * :func:`grouped_folds`: the folds, whole groups each. The quality gate that scores every fit on
   held-out rows is ``method.quality``.
 """
@@ -201,18 +201,12 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
 
 def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
               method: str, labels: np.ndarray | None = None, seed: int = 0
-              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """``method`` (prior-ridge | prior-pca) on the training rows: CV picks the candidate, then
-    the map is refitted on all of them. Returns (W, b, stats) in float64."""
-    return prior_fit_rows(xa, xb, groups, prior, method, labels, seed)[:3]
-
-
-def prior_fit_rows(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
-                   method: str, labels: np.ndarray | None = None, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
-    """:func:`prior_fit`, and each training row's class under the chosen candidate fitted without
-    the row's CV fold (``cross_validate``; −1 where not scored): the quality gate pools them with
-    the held-out rows (``quality.rows_quality``)."""
+    the map is refitted on all of them. Returns (W, b, stats) in float64 and each training row's
+    class under the chosen candidate fitted without the row's CV fold (``cross_validate``; −1
+    where not scored): the quality gate pools them with the held-out rows
+    (``quality.rows_quality``)."""
     if method not in solvers.PRIOR_METHODS:
         raise InternalError(f"prior_fit handles {solvers.PRIOR_METHODS}, not {method}")
     best, record, cv_pred = cross_validate(xa, xb, groups, prior, method, labels, seed=seed)
