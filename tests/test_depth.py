@@ -1,6 +1,8 @@
 """Layer by layer on the digits miniature (issue 26 items 3-4): stage × stage CKA from one Gram
-pass equals a direct NumPy CKA on the stored stage features, a network against itself is 1 on the
-diagonal, and the depth curve rises with depth and ends at the ordinary hybrid's figure."""
+pass equals a direct NumPy CKA on the stored stage features (and every other measure equals
+``similarity`` on the same rows), a network against itself is 1 on the diagonal, the depth curve
+rises with depth and ends at the ordinary hybrid's figure for every Gram method, and its controls
+(shuffled pairs, random weights) equal least squares on the materialised rows."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ import pytest
 from test_similarity import ref_cka_debiased  # the n×n unbiased-HSIC reference
 
 from affeq_rt.cli.main import main
+from affeq_rt.core.evaluate import evaluate_heads
 from affeq_rt.demo import digits
 from affeq_rt.demo.run import write_store
 from affeq_rt.io.heads import load_head
 from affeq_rt.io.store import ArrayStore, FeatureStore
+from affeq_rt.method.controls import control_name
 from affeq_rt.method.depth import layer_analysis
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.method.fit import FitOptions, fit
+from affeq_rt.method.methods import holdout_mask
+from affeq_rt.method.reducers import chunk_permutation
+from affeq_rt.method.similarity import similarity
 from affeq_rt.method.stages import stage_spec
 from affeq_rt.onnx.export import export_split
 from affeq_rt.onnx.exported import ExportedBackbone
@@ -27,20 +34,30 @@ from affeq_rt.report.depth import depth_report_section
 
 ARCHS = ("resnet_small", "inception_small")
 A, B = (f"digits_{a}" for a in ARCHS)
+RND = control_name(A, "random")  # A's architecture with random weights, stages and all
 
 
 @pytest.fixture(scope="module")
 def stage_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two digits networks trained briefly (as ``demo --quick``), their stages exported from
-    torch, and stage stores of the training and held-out digits."""
+    """Two digits networks trained briefly (as ``demo --quick``) and A's architecture with random
+    weights (``A~random``), their stages exported from torch, and stage stores of the training
+    and held-out digits."""
+    import dataclasses
+
+    import torch
     out = tmp_path_factory.mktemp("depth")
     data = digits.load()
     feats: dict[str, dict[str, np.ndarray]] = {"train": {}, "test": {}}
     heads, specs = {}, {}
-    for arch in ARCHS:
-        model, _ = digits.train(arch, data, epochs=4)
+    for arch, trained in ((ARCHS[0], True), (ARCHS[1], True), (ARCHS[0], False)):
         spec = digits.spec_for(arch)
-        exp = ExportedBackbone(export_split(model, spec, out / f"digits_{arch}",
+        if trained:
+            model, _ = digits.train(arch, data, epochs=4)
+        else:
+            torch.manual_seed(1)
+            model = digits.build(arch).eval()
+            spec = dataclasses.replace(spec, name=control_name(spec.name, "random"))
+        exp = ExportedBackbone(export_split(model, spec, out / spec.name.replace("~", "_"),
                                             inputs=(data.x_test[:16], data.ids_test[:16])))
         export_stages(model, exp, inputs=data.x_test[:16])
         sm = ensure_stages(exp, provider="cpu")
@@ -139,14 +156,103 @@ def test_cli_depth_writes_tables_and_figures(stage_stores: tuple[Path, Path], tm
         [p.score for p in la.curves[0].points]
     for f in ("depth.csv", "cka.csv", "depth.md", "depth.png", "cka.png", "depth.html"):
         assert (out / f).stat().st_size > 0, f
-    assert (out / "cka.csv").read_text().splitlines()[0] == "row,column,cka,cka_debiased"
+    assert (out / "cka.csv").read_text().splitlines()[0] == \
+        "row,column,cka,cka_debiased,cca_mean,svcca,r2,procrustes,mutual_knn"
+    assert "usable from" in shown or "no stage beats" in shown
     title, section = depth_report_section(la)  # for write_report(extra_sections=...)
     assert "Layer by layer" in title
     assert section.count("<img") == 2
+    assert "shuffled" in section
+    assert "random" in section
     # bad input: one line naming the thing and the fix, exit 1
     assert main(["depth", "-f", str(train), "-m", f"{A},nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "'nope' is not in the store" in err[0]
     assert main(["depth", "-f", str(train), "-m", A, "--method", "adam"]) == 1
-    assert "ols or ridge" in capsys.readouterr().err
+    assert "use --method ols,ridge,orthogonal,low-rank" in capsys.readouterr().err
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares with an intercept on materialised float64 rows (numpy's lstsq)."""
+    w = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
+    return w[:-1].T, w[-1]
+
+
+def _top1(x: np.ndarray, w: np.ndarray, b: np.ndarray, head: tuple[np.ndarray, np.ndarray],
+          truth: np.ndarray) -> float:
+    """The map folded into the head (as ``io.maps.fold_head``: W_C W, W_C b + b_C), float32
+    as stored, scored on ``x``: percent of rows predicted as ``truth``."""
+    wc, bc = (np.asarray(v, np.float64) for v in head)
+    r = evaluate_heads(np.ascontiguousarray(x, np.float32), (wc @ w).astype(np.float32)[None],
+                       (wc @ b + bc).astype(np.float32)[None], truth.astype(np.int64),
+                       device="cpu")
+    return 100.0 * float(np.asarray(r.top1)[0]) / len(x)
+
+
+def test_depth_controls_are_least_squares_on_materialised_rows(stage_stores: tuple[Path, Path]
+                                                              ) -> None:
+    """The shuffled control of every stage is lstsq from A's training stage rows to B's rows
+    permuted by permutation 0 of the null (one chunk: the store's 4,096-row grid holds all
+    1,198 rows); the random-weight control is lstsq from ``A~random``'s stage at the same depth.
+    Both are scored through B's head on the test digits. Tolerance: one test image (100/599
+    points): the maps agree to float64 rounding (~1e-12 relative, condition numbers < 1e4 here)
+    and both are cast to float32, so only a logit tie within ~1e-6 could flip a prediction."""
+    train, test = stage_stores
+    la = layer_analysis(train, A, B, test=test, options=FitOptions(holdout=0.1, seed=0))
+    st, ts = FeatureStore.open(train), FeatureStore.open(test)
+    keep = ~holdout_mask(st.n, 0.1, 0)
+    y = np.asarray(st.features(B), np.float64)[keep]
+    y_shuffled = y[chunk_permutation(0, 0, int(keep.sum()))]
+    head, truth = (st.head(B).weight, st.head(B).bias), np.asarray(ts.labels)
+    c = la.curve(A, B)
+    assert len(c.points) == 4
+    assert all(set(p.controls) == {"shuffled", "random"}
+                                      for p in c.points)
+    for p, r in zip(c.points, [*(f"{RND}@s{i}" for i in (1, 2, 3)), RND], strict=True):
+        x = np.asarray(st.features(p.model), np.float64)[keep]
+        got = _top1(np.asarray(ts.features(p.model)), *_ols(x, y_shuffled), head, truth)
+        assert abs(p.controls["shuffled"] - got) <= 100.0 / c.scored + 1e-9, p.model
+        xr = np.asarray(st.features(r), np.float64)[keep]
+        got = _top1(np.asarray(ts.features(r)), *_ols(xr, y), head, truth)
+        assert abs(p.controls["random"] - got) <= 100.0 / c.scored + 1e-9, r
+    # the shuffled maps learn nothing of the image: near chance (10 classes, 599 images: the
+    # constant guess is ~10 %; 4 SE of a 10 % proportion over 599 images is 4.9 points)
+    assert all(p.controls["shuffled"] <= c.chance + 4.9 for p in c.points)
+    assert c.points[-1].beats
+    assert c.first_beating is not None
+    # B -> A has no random-weight B in the store: the shuffled control only
+    assert all(set(p.controls) == {"shuffled"} for p in la.curve(B, A).points)
+
+
+@pytest.mark.parametrize("method", ["orthogonal", "low-rank"])
+def test_depth_curve_by_map_family_ends_at_the_fitted_hybrid(stage_stores: tuple[Path, Path],
+                                                             method: str) -> None:
+    """Every Gram method of fit draws a curve; its last point is fit --method's hybrid, the same
+    prediction on every test image (one ``GramMethod.pair`` on the same Gram sums)."""
+    train, test = stage_stores
+    o = FitOptions(holdout=0.1, seed=0, curve="off")
+    la = layer_analysis(train, A, B, test=test, method=f"ols,{method}", options=o)
+    assert [c.method for c in la.curves] == ["ols", "ols", method, method]
+    fitted = fit(train, models=[A, B], method=method, options=o)
+    table = evaluate(test, fitted.maps, device="cpu", models=[A, B])
+    for src, dst in ((A, B), (B, A)):
+        c = la.curve(src, dst, method)
+        i, j = table.models.index(src), table.models.index(dst)
+        assert np.array_equal(c.points[-1].pred, table.pred[i, j])
+
+
+def test_every_measure_equals_similarity_on_the_stage_rows(stage_stores: tuple[Path, Path]
+                                                           ) -> None:
+    """The layer x layer matrices are ``affeq-rt similarity``'s on the same stored rows, each
+    stage taken as a network (the same function on the same Gram sums: equal to the last bit
+    up to summation order, 1e-12 on measures in [0, 2])."""
+    train, _ = stage_stores
+    la = layer_analysis(train, A, B, options=FitOptions(holdout=0.1))
+    ref = similarity(train, la.models, device="cpu")
+    for name, mat in la.similarity.measures().items():
+        other = getattr(ref, name)
+        assert other is not None, name
+        np.testing.assert_allclose(mat, other, rtol=0, atol=1e-12, err_msg=name)
+    assert set(la.similarity.measures()) >= {"cka", "cka_debiased", "cca_mean", "svcca", "r2",
+                                             "procrustes", "mutual_knn"}

@@ -13,7 +13,7 @@ from affeq_rt.errors import AffeqError
 
 #: method.depth.METHODS, written out: importing it loads NumPy for every command's start-up
 #: (tests/test_startup.py checks the two agree).
-METHODS = ("ols", "ridge")
+METHODS = ("ols", "ridge", "orthogonal", "low-rank")
 
 
 def run(
@@ -26,7 +26,11 @@ def run(
         "--test", help="A stage store of other images to score the curves on (default: the "
         "held-out images of --features).", show_default=False)] = None,
     method: Annotated[str, typer.Option(
-        "--method", help=f"Map family solved from the Gram: {'|'.join(METHODS)}.")] = "ols",
+        "--method", help=f"Map family (or several, comma-separated: one curve each) solved "
+        f"from the Gram, as fit solves it: {', '.join(METHODS)}.")] = "ols",
+    rank: Annotated[int | None, typer.Option(
+        "--rank", help="low-rank: the map's rank (default: chosen on the held-out images).",
+        show_default=False)] = None,
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Fraction held out (fit's split): the maps never see it.")] = 0.1,
     seed: FitSeed = 0,
@@ -52,7 +56,8 @@ def run(
                          "pass --models A,B (or one name for a network against itself)")
     with Display(quiet) as display:
         la = layer_analysis(features, names[0], names[-1], test=test, method=method,
-                            options=FitOptions(holdout=holdout, seed=seed, device=device),
+                            options=FitOptions(holdout=holdout, seed=seed, device=device,
+                                               rank=rank),
                             progress=display)
     typer.echo(depth_text(la))
     typer.echo("")

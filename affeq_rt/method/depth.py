@@ -3,17 +3,25 @@
 Over a feature store with stages (``extract(..., stages=True)``: ``NAME@s1`` … ``NAME@sK`` and
 ``NAME``), one pass of the engine feeds a :class:`~affeq_rt.method.reducers.GramReducer` over the
 joint rows of every stage of both networks (training and held-out Grams by the same held-out
-split as ``fit``) and, without a separate test store, the held-out rows. From it:
+split as ``fit``), the permuted cross blocks of the shuffled control and, without a separate test
+store, the held-out rows. From it:
 
-- **layer × layer linear CKA** of every pair of stages (of A with B, and of A with itself):
-  ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F) over all rows, exactly as ``method.similarity`` computes it,
-  and the debiased CKA from the same pass's row statistics (what few images call for);
+- **layer × layer similarity** of every pair of stages (of A with B, and of A with itself): every
+  measure of ``affeq-rt similarity`` (linear and debiased CKA, mean CCA, SVCCA, R², Procrustes,
+  mutual k-NN) over all rows, computed by ``method.similarity.similarity_from_moments`` as if
+  each stage were a network;
 - **the depth curve**: for each stage i of A (and A's own features last), the affine map from
-  A's stage-i pooled features to B's features, solved from the training Gram by the same solver
-  as ``fit --method ols|ridge`` (``method.solvers``), folded into B's unchanged classifier and
+  A's stage-i pooled features to B's features, solved from the training Gram by any Gram method
+  of ``fit`` (``ols``, ``ridge`` and the map families ``orthogonal``, ``low-rank``: the same
+  :meth:`~affeq_rt.method.methods.GramMethod.pair`), folded into B's unchanged classifier and
   scored on held-out images: top-1 with labels, agreement with B's own prediction otherwise. The
   last point is therefore the ordinary hybrid A→B of ``fit`` + ``evaluate`` (same images, same
   map). B's own accuracy and A's own are reported beside it.
+- **controls per stage** (``method.controls``): the OLS map fitted on mismatched pairs (A's stage
+  rows against B's rows permuted, the permutation of the null) and, when the store holds the
+  random-weight network ``A~random`` with its stages (``extract --stages --models A,A~random,B``),
+  the same map from the random network's stage i. A point **beats** its controls when it clears
+  each of them, and the best constant guess, by 2 standard errors.
 
 The images are read once, by the stage extraction; everything here reads stored rows.
 """
@@ -34,43 +42,39 @@ from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.io.store import StoreLike, open_store
 from affeq_rt.method import solvers
+from affeq_rt.method.controls import BEAT_SE, _se, control_name
 from affeq_rt.method.fit import FitOptions
-from affeq_rt.method.methods import holdout_mask
-from affeq_rt.method.reducers import GramReducer, HeldOutRows, RowNorms
+from affeq_rt.method.methods import REGISTRY, GramMethod, holdout_mask
+from affeq_rt.method.null import _Permuted
+from affeq_rt.method.reducers import GramReducer, HeldOutRows, PermutedCross
 from affeq_rt.method.rows import StoreSource, model_slices, source_groups, source_labels
-from affeq_rt.method.similarity import _debiased_cka
-from affeq_rt.method.solvers import Moments
+from affeq_rt.method.similarity import SimilarityTable, knn_rows, similarity_from_moments
 from affeq_rt.method.stages import network_models, stage_of
 from affeq_rt.progress import Progress
 from affeq_rt.registry.spec import get_spec
 
-METHODS = ("ols", "ridge")
+#: The Gram methods of ``fit`` (one :meth:`GramMethod.pair` each), in registry order.
+METHODS = tuple(n for n, c in REGISTRY.items() if issubclass(c, GramMethod))
+CONTROLS = ("shuffled", "random")  # per-stage controls, display order
 
 
-def linear_cka(moments: Moments, slices: Mapping[str, slice],
-               norms: RowNorms | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Linear CKA of every pair of blocks of a joint Gram state, ‖S_ab‖_F² / (‖S_aa‖_F ‖S_bb‖_F)
-    (float64 [k, k]; NaN where a block has no variance), and with the row statistics ``norms``
-    over the same rows the debiased CKA (``method.similarity``'s unbiased HSIC; None without)."""
-    names = list(slices)
-    xty = np.zeros((len(names), len(names)))
-    for i, a in enumerate(names):
-        for j in range(i, len(names)):
-            s = np.asarray(moments.scatter(slices[a], slices[names[j]]), np.float64)
-            xty[i, j] = xty[j, i] = float(np.sum(s * s))
-    fro = np.sqrt(np.diag(xty))  # ‖S_aa‖_F
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cka = np.where(np.outer(fro, fro) > 0, xty / np.outer(fro, fro), np.nan)
-    if norms is None:
-        return cka, None
-    tr = np.array([float(np.trace(moments.scatter(slices[m], slices[m]))) for m in names])
-    return cka, _debiased_cka(norms.centred_products(moments), xty, tr, int(moments.n))
+def parse_methods(method: str | Sequence[str]) -> list[str]:
+    """``"ols,orthogonal"`` or a list → the methods, each checked (one-line refusal)."""
+    names = [m.strip() for m in (method.split(",") if isinstance(method, str) else method)]
+    names = [m for m in dict.fromkeys(names) if m]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        got = bad[0] if bad else method
+        raise AffeqError(f"the depth curve solves maps from the Gram: method {got!r} is not one "
+                         "of them", f"use --method {','.join(METHODS)} (any of them)")
+    return names
 
 
 @dataclass
 class DepthPoint:
     """One stage of the source: its store model, stage name and module, width, the map's rank
-    and in-sample R², and the hybrid's score on the held-out images (percent)."""
+    and in-sample R², the hybrid's score on the held-out images (percent), the controls' scores
+    (``CONTROLS`` present) and whether the point beats them all and chance."""
 
     model: str
     stage: str
@@ -79,6 +83,8 @@ class DepthPoint:
     score: float
     rank: int
     r2: float | None
+    controls: dict[str, float] = field(default_factory=dict)
+    beats: bool = False
     pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +95,8 @@ class DepthPoint:
 @dataclass
 class DepthCurve:
     """C_B(M_i · pool(F_A,i(x))) against depth i: ``points`` shallow to deep, A's own features
-    last. ``metric``: ``top1`` (labels) or ``agreement`` (with B's own prediction)."""
+    last. ``metric``: ``top1`` (labels) or ``agreement`` (with B's own prediction); ``chance``:
+    the best constant guess on the scored images."""
 
     source: str
     target: str
@@ -100,57 +107,80 @@ class DepthCurve:
     source_own: float | None  # A alone: top-1 (None when scored by agreement)
     images: int  # training images of the maps
     scored: int  # held-out images scored
+    chance: float = float("nan")
+
+    @property
+    def first_beating(self) -> DepthPoint | None:
+        """The shallowest stage from which every deeper point beats its controls and chance."""
+        out = None
+        for p in reversed(self.points):
+            if not p.beats:
+                break
+            out = p
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
+        first = self.first_beating
         return {**{k: getattr(self, k) for k in ("source", "target", "method", "metric",
                                                  "target_own", "source_own", "images",
-                                                 "scored")},
+                                                 "scored", "chance")},
+                "first_beating": None if first is None else first.stage,
                 "points": [p.to_dict() for p in self.points]}
 
 
 @dataclass
 class LayerAnalysis:
-    """What :func:`layer_analysis` found: stage × stage CKA over ``models`` (every stage of the
-    networks, shallow to deep per network) and one depth curve per ordered pair of networks."""
+    """What :func:`layer_analysis` found: every similarity measure over ``models`` (every stage
+    of the networks, shallow to deep per network; ``similarity``) and one depth curve per ordered
+    pair of networks and method."""
 
     networks: list[str]
     models: list[str]
     stages: dict[str, dict[str, Any]]  # model -> {network, stage, module, dim}
     n: int
-    cka: np.ndarray
+    similarity: SimilarityTable
     curves: list[DepthCurve]
     source: dict[str, Any] = field(default_factory=dict)
-    cka_debiased: np.ndarray | None = None  # unbiased HSIC (None below 4 images)
 
-    def block(self, a: str, b: str, debiased: bool = False) -> np.ndarray | None:
-        """The (debiased) CKA block of network ``a``'s stages (rows) against ``b``'s (columns);
-        None for a debiased block that was not computed."""
-        mat = self.cka_debiased if debiased else self.cka
+    @property
+    def cka(self) -> np.ndarray:
+        """Linear CKA [k, k] over ``models`` (NaN where a block has no variance)."""
+        return self.similarity.cka
+
+    @property
+    def cka_debiased(self) -> np.ndarray | None:
+        """Debiased CKA (unbiased HSIC; None below 4 images)."""
+        return self.similarity.cka_debiased
+
+    def block(self, a: str, b: str, measure: str = "cka") -> np.ndarray | None:
+        """The ``measure`` block (a ``SimilarityTable`` matrix: cka, cka_debiased, cca_mean,
+        svcca, r2 — row stage → column stage —, procrustes, mutual_knn) of network ``a``'s
+        stages (rows) against ``b``'s (columns); None for a measure not computed."""
+        mat = getattr(self.similarity, measure)
         if mat is None:
             return None
         ia = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == a]
         ib = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == b]
         return mat[np.ix_(ia, ib)]
 
-    def curve(self, source: str, target: str) -> DepthCurve:
-        """The depth curve source → target."""
+    def curve(self, source: str, target: str, method: str | None = None) -> DepthCurve:
+        """The depth curve source → target (by ``method``; default: the first)."""
         for c in self.curves:
-            if (c.source, c.target) == (source, target):
+            if (c.source, c.target) == (source, target) and method in (None, c.method):
                 return c
-        raise AffeqError(f"no depth curve {source} -> {target}",
-                         f"the analysis holds {', '.join(self.networks)}")
+        raise AffeqError(f"no depth curve {source} -> {target}"
+                         + (f" by {method}" if method else ""),
+                         f"the analysis holds {', '.join(self.networks)} by "
+                         f"{', '.join(dict.fromkeys(c.method for c in self.curves))}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
-        def mat(a: np.ndarray | None) -> list[list[float | None]] | None:
-            return None if a is None else [[None if not np.isfinite(v) else float(v) for v in r]
-                                           for r in a]
-
+        sim = self.similarity.to_dict()
         return {"networks": self.networks, "models": self.models, "stages": self.stages,
-                "n": self.n, "source": self.source, "cka": mat(self.cka),
-                "cka_debiased": mat(self.cka_debiased),
-                "curves": [c.to_dict() for c in self.curves]}
+                "n": self.n, "source": self.source,
+                **{k: sim[k] for k in self.similarity.measures()},
+                "meanings": sim["meanings"], "curves": [c.to_dict() for c in self.curves]}
 
 
 def _stage_info(model: str, spec: Mapping[str, Any], dim: int) -> dict[str, Any]:
@@ -170,7 +200,10 @@ def _canonical(name: str, models: Sequence[str]) -> str:
         return name  # not a registry name either: refused below, naming the store's networks
 
 
-def _networks(store: StoreLike, a: str, b: str | None) -> tuple[list[str], list[str]]:
+def _networks(store: StoreLike, a: str, b: str | None
+              ) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """The networks, their models shallow to deep, and each network's random-weight control's
+    models (``NAME~random`` with as many stages, when the store holds it)."""
     specs = {m: store.spec(m) for m in store.models}
     a, b = _canonical(a, store.models), None if b is None else _canonical(b, store.models)
     nets = [a] if b is None or b == a else [a, b]
@@ -183,7 +216,13 @@ def _networks(store: StoreLike, a: str, b: str | None) -> tuple[list[str], list[
                              f"network {net!r} is not in the store (it has {', '.join(have)})",
                              "extract with stages: affeq-rt extract --stages --models A,B")
         models += got
-    return nets, models
+    randoms = {}
+    for net in nets:
+        rnd = control_name(net, "random")
+        got = network_models(store.models, specs, rnd) if rnd in store.models else []
+        if len(got) == len(network_models(store.models, specs, net)):
+            randoms[net] = got
+    return nets, models, randoms
 
 
 def _score(x: np.ndarray, head: Head, labels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -196,10 +235,12 @@ def _score(x: np.ndarray, head: Head, labels: np.ndarray) -> tuple[np.ndarray, f
 def _held_out(test: StoreLike | None, models: Sequence[str], slices: Mapping[str, slice],
               red: Mapping[str, Any], labels: np.ndarray | None
               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The scored rows per model and their labels: the test store's, or the held-out rows."""
+    """The scored rows per model (a test store's models it lacks left out) and their labels:
+    the test store's, or the held-out rows'."""
     if test is not None:
         lab = test.labels
-        return ({m: np.asarray(test.features(m), np.float32) for m in models},
+        return ({m: np.asarray(test.features(m), np.float32) for m in models
+                 if m in test.models},
                 None if lab is None or bool((np.asarray(lab) < 0).all()) else
                 np.asarray(lab, np.int64))
     kept = red["heldout"].rows()
@@ -210,81 +251,155 @@ def _held_out(test: StoreLike | None, models: Sequence[str], slices: Mapping[str
     return {m: x[:, slices[m]] for m in models}, None if labels is None else labels[idx]
 
 
-def _depth_pass(st: Any, models: list[str], options: FitOptions, with_heldout: bool,
-                progress: Progress | None) -> tuple[StoreSource, dict[str, slice], Any, dict]:
+def _depth_pass(st: Any, models: list[str], shuffled: list[tuple[str, str]], options: FitOptions,
+                with_heldout: bool, progress: Progress | None
+                ) -> tuple[StoreSource, dict[str, slice], Any, dict]:
     """The one Gram pass over every stage of ``models``: the rows, their slices, their labels
-    (None if unlabelled) and the reducers (Gram with row norms; held-out rows if asked)."""
+    (None if unlabelled) and the reducers (Gram with row norms; the ``shuffled`` pairs' permuted
+    cross blocks over the training rows; held-out rows if asked)."""
     rows = StoreSource(st, models)
     slices = model_slices(models, rows.dims())
     labels = source_labels(rows)
     mask = holdout_mask(rows.n, options.holdout, options.seed, source_groups(rows))
-    red: dict[str, Any] = {"gram": GramReducer(slices, mask, options.device, row_norms=True)}
+    red: dict[str, Any] = {"gram": GramReducer(slices, mask, options.device, row_norms=True),
+                           "shuffled": PermutedCross(slices, 1, mask=mask, pairs=shuffled)}
     if with_heldout:
         red["heldout"] = HeldOutRows(mask, int(mask.sum()))
     run_pass(rows, red, executor=options.executor, progress=progress, task="stages")
     return rows, slices, labels, red
 
 
-def _curve(st: Any, src: str, dst: str, method: str, fit: tuple[Any, Any, dict[str, slice]],
-           scored: tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Head]]
-           ) -> DepthCurve:
-    """The depth curve ``src``→``dst``: one map per stage of ``src`` solved from the Gram
-    (``fit``: train and held-out moments, slices), scored through ``dst``'s head on the
-    ``scored`` rows (rows per model, labels or None, heads)."""
-    train, hold, slices = fit
-    xs, lab, heads = scored
-    dims = {m: sl.stop - sl.start for m, sl in slices.items()}
-    fn = solvers.ols if method == "ols" else solvers.ridge
+@dataclass
+class _Fit:
+    """What every curve reads: the Grams, slices, scored rows, truth and heads."""
+
+    train: Any
+    hold: Any
+    shuffled: Any  # the training Gram with permuted cross blocks (method.null._Permuted)
+    slices: dict[str, slice]
+    xs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    heads: dict[str, Head]
+    eig: dict[str, solvers.SourceEig] = field(default_factory=dict)
+
+    def source_eig(self, m: str) -> solvers.SourceEig:
+        """Each source block's eigendecomposition, once for every method and control."""
+        if m not in self.eig:
+            self.eig[m] = solvers.source_eig(self.train, self.slices[m])
+        return self.eig[m]
+
+
+def _point_controls(f: _Fit, m: str, rnd: str | None, dst: str, method: GramMethod,
+                    truth: np.ndarray) -> dict[str, float]:
+    """The controls' scores for the point of model ``m`` (``rnd``: the random-weight network's
+    model at the same depth, or None)."""
+    out: dict[str, float] = {}
+    if m != dst:  # the shuffled map: OLS on mismatched pairs (as method.controls fits it)
+        w, b, _ = solvers.ols(f.shuffled, f.slices[m], f.slices[dst], eig=f.source_eig(m))
+        amap = AffineMap(m, dst, w.astype(np.float32), b.astype(np.float32), "ols", {})
+        out["shuffled"] = _score(f.xs[m], fold_head(amap, f.heads[dst]), truth)[1]
+    if rnd is not None and rnd in f.xs:
+        w, b, _ = method.pair(f.train, f.slices[rnd], f.slices[dst], f.hold, f.source_eig(rnd))
+        amap = AffineMap(rnd, dst, w.astype(np.float32), b.astype(np.float32), method.name, {})
+        out["random"] = _score(f.xs[rnd], fold_head(amap, f.heads[dst]), truth)[1]
+    return out
+
+
+def _beats(score: float, controls: Mapping[str, float], chance: float, n: int) -> bool:
+    """Clears every control and chance by ``BEAT_SE`` standard errors (``controls._se``)."""
+    return all(score - c > BEAT_SE * float(_se(np.float64(score), np.float64(c), n))
+               for c in (*controls.values(), chance))
+
+
+def _curve(st: Any, src: str, dst: str, method: GramMethod, f: _Fit,
+           random_models: Sequence[str] | None) -> DepthCurve:
+    """The depth curve ``src``→``dst`` by ``method``: one map per stage of ``src`` solved from
+    the training Gram, scored through ``dst``'s head on the scored rows, with its controls."""
+    xs, lab, heads = f.xs, f.labels, f.heads
     own_pred, _ = _score(xs[dst], heads[dst], np.full(len(xs[dst]), -1))
     target_own = _score(xs[dst], heads[dst], lab)[1] if lab is not None else 100.0
     source_own = _score(xs[src], heads[src], lab)[1] if lab is not None else None
     truth = lab if lab is not None else own_pred
+    n = len(truth)
+    chance = 100.0 * float(np.bincount(truth[truth >= 0]).max()) / n if n else float("nan")
+    models = [x for x in f.slices if _stage_info(x, st.spec(x), 0)["network"] == src]
     points = []
-    for m in (x for x in slices if _stage_info(x, st.spec(x), dims[x])["network"] == src):
-        w, bias, stats = fn(train, slices[m], slices[dst], hold)
-        amap = AffineMap(m, dst, w.astype(np.float32), bias.astype(np.float32), method,
+    for i, m in enumerate(models):
+        dim = f.slices[m].stop - f.slices[m].start
+        w, bias, stats = method.pair(f.train, f.slices[m], f.slices[dst], f.hold,
+                                     f.source_eig(m))
+        amap = AffineMap(m, dst, w.astype(np.float32), bias.astype(np.float32), method.name,
                          stats)  # stored as fit stores a map: float32
         pred, score = _score(xs[m], fold_head(amap, heads[dst]), truth)
-        info = _stage_info(m, st.spec(m), dims[m])
-        points.append(DepthPoint(m, info["stage"], info["module"], dims[m], score,
-                                 int(stats.get("rank", dims[m])), stats.get("r2_train"), pred))
-    return DepthCurve(src, dst, method, "top1" if lab is not None else "agreement", points,
-                      target_own, source_own, int(train.n), len(xs[dst]))
+        ctrl = _point_controls(f, m, random_models[i] if random_models else None, dst, method,
+                               truth)
+        info = _stage_info(m, st.spec(m), dim)
+        points.append(DepthPoint(m, info["stage"], info["module"], dim, score,
+                                 int(stats.get("rank", dim)), stats.get("r2_train"), ctrl,
+                                 _beats(score, ctrl, chance, n), pred))
+    return DepthCurve(src, dst, method.name, "top1" if lab is not None else "agreement", points,
+                      target_own, source_own, int(f.train.n), len(xs[dst]), chance)
+
+
+def _check(o: FitOptions, methods: Sequence[str], test: Any) -> list[GramMethod]:
+    """The methods as objects, refused in one line before any work where they cannot run."""
+    holdout_mask(0, o.holdout)  # AffeqError for a bad fraction
+    out = [REGISTRY[m].from_options(o) for m in methods]
+    for m in out:
+        if m.name == "ridge" and o.holdout <= 0:
+            raise AffeqError("ridge chooses λ on held-out images, and none are held out",
+                             "pass --holdout > 0 (the maps' own split)")
+        if m.name == "low-rank" and getattr(m, "rank", None) is None and o.holdout <= 0:
+            raise AffeqError("low-rank chooses its rank on held-out images, and none are held "
+                             "out", "pass --holdout > 0")
+    if test is None and o.holdout <= 0:
+        raise AffeqError("no held-out images to score the depth curve on",
+                         "pass --holdout > 0 or --test STORE")
+    return out
 
 
 def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None = None, *,
-                   test: StoreLike | str | os.PathLike | None = None, method: str = "ols",
-                   options: FitOptions | None = None,
+                   test: StoreLike | str | os.PathLike | None = None,
+                   method: str | Sequence[str] = "ols", options: FitOptions | None = None,
                    progress: Progress | None = None) -> LayerAnalysis:
-    """Stage × stage CKA of networks ``a`` and ``b`` (``b`` None or ``a``: within one) and the
-    depth curves a→b and b→a, from one pass over ``store`` (a stage store or its folder).
+    """Every similarity measure of every pair of stages of networks ``a`` and ``b`` (``b`` None
+    or ``a``: within one) and the depth curves a→b and b→a by each of ``method`` (one Gram
+    method or several, comma-separated or a list), with their controls, from one pass over
+    ``store`` (a stage store or its folder).
 
     The held-out split is ``fit``'s (``options``: ``holdout``, ``seed``, whole groups; also its
-    ``device`` and ``executor``), so each curve's last point is the ordinary hybrid's figure for
-    the same maps. ``test``: a stage store of other images to score on (then every point is
-    scored on all of its rows)."""
+    ``device``, ``executor`` and low-rank's ``rank``), so each curve's last point is the
+    ordinary hybrid's figure for the same maps. ``test``: a stage store of other images to score
+    on (then every point is scored on all of its rows)."""
     o = options or FitOptions()
-    if method not in METHODS:
-        raise AffeqError(f"the depth curve solves maps from the Gram: method {method!r} is not "
-                         "one of them", f"use --method {' or '.join(METHODS)}")
-    holdout_mask(0, o.holdout)  # AffeqError for a bad fraction, before any work
+    strategies = _check(o, parse_methods(method), test)
     st = open_store(store)
     tst = open_store(test) if test is not None else None
-    nets, models = _networks(st, a, b)
+    nets, models, randoms = _networks(st, a, b)
     if tst is not None:
         missing = [m for m in models if m not in tst.models]
         if missing:
             raise AffeqError(f"the test store lacks {', '.join(missing[:3])}",
                              "extract the test images with the same --models and --stages")
-    rows, slices, labels, red = _depth_pass(st, models, o, tst is None, progress)
+    directions = [(s, d) for s in nets for d in nets if s != d or len(nets) == 1]
+    shuffled = [(m, d) for s, d in directions for m in network_models(
+        models, {x: st.spec(x) for x in models}, s)]
+    every = models + [m for net in nets for m in randoms.get(net, [])]
+    rows, slices, labels, red = _depth_pass(st, every, shuffled, o, tst is None, progress)
     g: GramReducer = red["gram"]
     both = g.train + g.holdout if int(g.holdout.n) else g.train
-    cka, deb = linear_cka(both, slices, g.norms)
-    xs, lab = _held_out(tst, models, slices, red, labels)
-    fit = (g.train, g.holdout if int(g.holdout.n) > 0 else None, slices)
-    scored = (xs, lab, {n: st.head(n) for n in nets})
-    curves = [_curve(st, src, dst, method, fit, scored) for src in nets for dst in nets
-              if src != dst or len(nets) == 1]
+    real = {m: slices[m] for m in models}
+    full = knn_rows(rows, {})  # the mutual k-NN subsample's joint rows (method.knn)
+    knn = None if full is None else np.concatenate([full[:, slices[m]] for m in models], 1)
+    sim = similarity_from_moments(both, real, g.norms.subset(models), knn=knn,
+                                  source=rows.describe())
+    xs, lab = _held_out(tst, every, slices, red, labels)
+    f = _Fit(g.train, g.holdout if int(g.holdout.n) > 0 else None,
+             _Permuted(g.train, red["shuffled"], 0), {m: slices[m] for m in every}, xs, lab,
+             {n: st.head(n) for n in nets})
+    curves = [_curve(st, s, d, strat, f, randoms.get(s)) for strat in strategies
+              for s, d in directions]
     dims = rows.dims()
     return LayerAnalysis(nets, models, {m: _stage_info(m, st.spec(m), dims[m]) for m in models},
-                         int(both.n), cka, curves, rows.describe(), deb)
+                         int(both.n), sim, curves, rows.describe())
+

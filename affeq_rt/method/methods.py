@@ -170,7 +170,8 @@ class LogitPinv(FitMethod):
 
 
 class GramMethod(FitMethod):
-    """Closed-form least squares from the Gram pass (one eigendecomposition per source)."""
+    """Closed-form least squares from the Gram pass (one eigendecomposition per source); a
+    method of this kind is one :meth:`pair` (the map families too, ``method.families``)."""
 
     needs = "gram"
 
@@ -192,17 +193,22 @@ class GramMethod(FitMethod):
             red["knn"] = HeldOutRows(knn.sample_mask(int(ctx.rows.n)), knn.ROWS)
         return red
 
+    def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One pair's map (float64 W, b) and stats from the training Gram ``train`` (``hold``:
+        the held-out Gram or None; ``eig``: the source block's ``solvers.source_eig``)."""
+        raise NotImplementedError
+
     def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
         """Every pair from the training Gram, scored on the held-out Gram."""
         g: GramReducer = red["gram"]
         hold = g.holdout if int(g.holdout.n) > 0 else None
-        fn = solvers.ols if self.name == "ols" else solvers.ridge
         skipped = int(g.train.skipped) + int(g.holdout.skipped)
         out, eig = [], {}
         for a, t in pairs(ctx.names):
             if a not in eig:
                 eig = {a: solvers.source_eig(g.train, ctx.slices[a])}
-            w, b, st = fn(g.train, ctx.slices[a], ctx.slices[t], hold, eig=eig[a])
+            w, b, st = self.pair(g.train, ctx.slices[a], ctx.slices[t], hold, eig[a])
             st["nonfinite_rows_skipped"] = skipped
             out.append(as_map(a, t, w, b, self.name, st))
         return out
@@ -219,6 +225,11 @@ class OLS(GramMethod):
 
     name = "ols"
 
+    def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """``solvers.ols``."""
+        return solvers.ols(train, a, t, hold, eig=eig)
+
 
 @register
 class Ridge(GramMethod):
@@ -226,31 +237,21 @@ class Ridge(GramMethod):
 
     name = "ridge"
 
-
-class GramFamily(GramMethod):
-    """A map family from the Gram (``method.families``), the affine map's R² beside each map's."""
+    def check(self, ctx: FitContext) -> None:
+        """Training images, and held-out ones to choose λ on."""
+        super().check(ctx)
+        if not ctx.mask.any():
+            raise AffeqError("ridge needs held-out images to choose λ",
+                             "pass --holdout 0.1 (or more)")
 
     def pair(self, train: Any, a: slice, t: slice, hold: Any, eig: solvers.SourceEig
              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One pair's map and stats."""
-        raise NotImplementedError
-
-    def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
-        """Every pair from the training Gram, scored on the held-out Gram."""
-        g: GramReducer = red["gram"]
-        hold = g.holdout if int(g.holdout.n) > 0 else None
-        out, eig = [], {}
-        for a, t in pairs(ctx.names):
-            if a not in eig:
-                eig = {a: solvers.source_eig(g.train, ctx.slices[a])}
-            w, b, st = self.pair(g.train, ctx.slices[a], ctx.slices[t], hold, eig[a])
-            st["nonfinite_rows_skipped"] = int(g.train.skipped) + int(g.holdout.skipped)
-            out.append(as_map(a, t, w, b, self.name, st))
-        return out
+        """``solvers.ridge``."""
+        return solvers.ridge(train, a, t, hold, eig=eig)
 
 
 @register
-class Orthogonal(GramFamily):
+class Orthogonal(GramMethod):
     """Orthogonal Procrustes with scale and offset: y ≈ s·Q x + b, Q = U Vᵀ of S_BA."""
 
     name = "orthogonal"
@@ -262,7 +263,7 @@ class Orthogonal(GramFamily):
 
 
 @register
-class LowRank(GramFamily):
+class LowRank(GramMethod):
     """Reduced-rank affine map: rank ``rank``, or chosen on the held-out Gram."""
 
     name = "low-rank"

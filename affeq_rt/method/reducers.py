@@ -112,6 +112,13 @@ class RowNorms:
         self.t = np.array(st["norms_t"], np.float64).reshape(self.t.shape)
         self.u = np.array(st["norms_u"], np.float64).reshape(self.u.shape)
 
+    def subset(self, names: Sequence[str]) -> RowNorms:
+        """The statistics of some of the models, over the same rows."""
+        idx = [self.names.index(m) for m in names]
+        out = RowNorms({m: self.slices[m] for m in names}, self.dim)
+        out.n, out.ref, out.t, out.u = self.n, self.ref, self.t[np.ix_(idx, idx)], self.u[idx]
+        return out
+
     def centred_products(self, moments: Moments) -> np.ndarray:
         """C[a, b] = Σ_i ‖x̃_i[P_a]‖² ‖x̃_i[P_b]‖² over centred rows (k×k), from these sums and the
         Gram's mean and scatter over the same rows.
@@ -433,14 +440,21 @@ def chunk_permutation(k: int, start: int, rows: int) -> np.ndarray:
 
 
 class PermutedCross:
-    """Σ_i x_a,i x_b,π_k(i)ᵀ (float64) for every pair a < b of ``slices`` and k < ``count``;
-    ``mask`` (bool [n], optional): samples left out (the shuffled control: training rows only)."""
+    """Σ_i x_a,i x_b,π_k(i)ᵀ (float64) for every pair a < b of ``slices`` (or only the given
+    ``pairs``) and k < ``count``; ``mask`` (bool [n], optional): samples left out (the shuffled
+    control: training rows only)."""
 
     def __init__(self, slices: Mapping[str, slice], count: int,
-                 mask: np.ndarray | None = None) -> None:
+                 mask: np.ndarray | None = None,
+                 pairs: Sequence[tuple[str, str]] | None = None) -> None:
         self.slices, self.count, self.mask = dict(slices), int(count), mask
         names = list(self.slices)
-        self.pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        if pairs is None:
+            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        self.pairs: list[tuple[str, str]] = []
+        for a, b in pairs:  # one block per unordered pair: b→a reads a→b's transposed
+            if a != b and (a, b) not in self.pairs and (b, a) not in self.pairs:
+                self.pairs.append((a, b))
         self.sums = {f"{a}|{b}": np.zeros((self.count, self._w(a), self._w(b)))
                      for a, b in self.pairs}
 
@@ -449,7 +463,7 @@ class PermutedCross:
 
     def fresh(self) -> PermutedCross:
         """An empty one."""
-        return PermutedCross(self.slices, self.count, self.mask)
+        return PermutedCross(self.slices, self.count, self.mask, self.pairs)
 
     def update(self, c: Chunk) -> None:
         """The chunk's permuted cross products (rows with NaN/Inf left out, as the Gram does)."""
