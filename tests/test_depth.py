@@ -20,7 +20,7 @@ from affeq_rt.demo.run import write_store
 from affeq_rt.io.heads import load_head
 from affeq_rt.io.store import ArrayStore, FeatureStore
 from affeq_rt.method.controls import control_name
-from affeq_rt.method.depth import layer_analysis
+from affeq_rt.method.depth import _beats, layer_analysis
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.method.methods import holdout_mask
@@ -216,6 +216,13 @@ def test_depth_controls_are_least_squares_on_materialised_rows(stage_stores: tup
         xr = np.asarray(st.features(r), np.float64)[keep]
         got = _top1(np.asarray(ts.features(r)), *_ols(xr, y), head, truth)
         assert abs(p.controls["random"] - got) <= 100.0 / c.scored + 1e-9, r
+    # beats: clears each control and chance by 2 SE of a difference of two proportions over
+    # the 599 images (method.controls), recomputed here from the reported scores
+    for p in c.points:
+        def clears(q: float, p=p) -> bool:
+            a, b = p.score / 100, q / 100
+            return p.score - q > 2 * 100 * np.sqrt((a * (1 - a) + b * (1 - b)) / c.scored)
+        assert p.beats == all(clears(q) for q in (*p.controls.values(), c.chance)), p.model
     # the shuffled maps learn nothing of the image: near chance (10 classes, 599 images: the
     # constant guess is ~10 %; 4 SE of a 10 % proportion over 599 images is 4.9 points)
     assert all(p.controls["shuffled"] <= c.chance + 4.9 for p in c.points)
@@ -256,3 +263,11 @@ def test_every_measure_equals_similarity_on_the_stage_rows(stage_stores: tuple[P
         np.testing.assert_allclose(mat, other, rtol=0, atol=1e-12, err_msg=name)
     assert set(la.similarity.measures()) >= {"cka", "cka_debiased", "cca_mean", "svcca", "r2",
                                              "procrustes", "mutual_knn"}
+
+
+def test_beating_needs_chance_too() -> None:
+    """A point clears chance as it clears a control: by 2 SE of the difference (100 images,
+    12 % against a 10 % constant guess: SE = sqrt(.12·.88 + .1·.9)/10 = 4.4 points)."""
+    assert not _beats(12.0, {"shuffled": 0.0}, 10.0, 100)
+    assert _beats(30.0, {"shuffled": 0.0}, 10.0, 100)  # 20 points > 2 × 5.6
+    assert not _beats(30.0, {"shuffled": 25.0}, 10.0, 100)
