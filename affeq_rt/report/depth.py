@@ -82,7 +82,7 @@ def depth_text(la: LayerAnalysis) -> str:
         out.append(f"  {'stage':9s} {'module':28s} {'dim':>6s}  {'rank':>10s}  {'score':>7s}"
                    + "".join(f"  {k:>8s}" for k in ctrl) + "  beats")
         for p in c.points:
-            out.append(f"  {p.stage:9s} {p.module[:28]:28s} {p.dim:6d}  rank {p.rank:5d}  "
+            out.append(f"  {p.stage:9s} {p.module[:28]:28s} {p.dim:6d}  {p.rank:10d}  "
                        f"{p.score:7.2f}" + "".join(f"  {p.controls.get(k, float('nan')):8.2f}"
                                                    for k in ctrl)
                        + ("  yes" if p.beats else "  no"))
