@@ -265,9 +265,10 @@ def test_controls_state_goes_through_a_pass_checkpoint(setup, tmp_path) -> None:
 
 
 def test_refusals(setup) -> None:
-    with pytest.raises(AffeqError, match="controls are fitted from the Gram pass"):
-        fit(setup["train"], method="prior-ridge",
-            options=FitOptions(holdout=0.1, dedup=False, controls=True))
+    for method in ("adam", "logit-pinv", "naive"):  # no rows or Gram of the fit's own to refit
+        with pytest.raises(AffeqError, match="controls are fitted from the fit's own rows"):
+            fit(setup["train"], method=method,
+                options=FitOptions(holdout=0.1, dedup=False, controls=True))
     plain = fit(setup["train"], ["a", "b"], method="ols", options=setup["opt"]).maps
     with pytest.raises(AffeqError, match="holds no control maps"):
         evaluate(setup["test"], plain, device="cpu", controls=True)
@@ -417,3 +418,187 @@ def test_real_weight_photo_hybrids_against_their_controls(tmp_path, tmp_export_r
     for i, j in ((0, 1), (1, 0)):
         ok = all(bool(ridge.beats[k][i, j]) for k in ridge.kinds) and bool(ridge.beats_chance[i, j])
         assert ok == (f"{ridge.models[i]}->{ridge.models[j]}" not in ridge.flagged)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rows methods (prior-ridge, prior-pca): control maps by the same estimator, select.prior_fit.
+#
+# Tolerance of the direct comparisons. The control and the direct call run the same float64 code
+# (select.prior_fit) on the same rows, except that the noise rows' mean and scale are summed in
+# another order here (numpy's mean/std over a float64 copy against the control's float64 sums of
+# float32 rows): the rows differ by a few float64 ulps (≲ 1e-15 relative). The CV's choice is
+# discrete (a count of argmax hits over 16 candidates): it can move only if some row's top-2 logit
+# margin is below ~1e-12 of the logit scale, so the choice and the CV record must be equal (the
+# scores to 1e-9 points); the refitted maps then agree to κ(S_AA)·1e-15 ≲ 1e-11 relative (κ ≲ 1e4
+# for these features), far below the float32 rounding of the stored map, 2⁻²⁴ ≈ 6e-8 of an entry:
+# ``_close``'s atol = 2e-7·max|W| (3 float32 ulps at the largest entry). Shuffled rows are the very
+# same rows, so there even the float32 maps are equal; a map from another permutation, or from
+# noise of another class tie, is off by ≳ 1e-3 of max|W| (or picks another candidate).
+
+N_FEW = 600  # training rows of the few-data fits: one 4,096-row chunk, 540 fitting rows
+
+
+@pytest.fixture(scope="module")
+def prior_setup(setup) -> dict:
+    feats, y, heads = setup["feats"], setup["y"], setup["heads"]
+    train = ArrayStore({m: x[:N_FEW] for m, x in feats.items()}, heads, y[:N_FEW])
+    opt = FitOptions(holdout=0.1, dedup=False, device="cpu", curve="off", controls=True)
+    return {"train": train, "res": fit(train, method="prior-ridge", options=opt),
+            "mask": holdout_mask(N_FEW, 0.1, 0)}
+
+
+def _prior(setup, a: str, t: str):
+    from affeq_rt.method.select import Prior
+    from affeq_rt.method.solvers import head_pinv
+
+    hb = {m: Head(w, b, 0) for m, (w, b) in setup["heads"].items()}
+    return Prior.of(hb[a], hb[t], head_pinv(hb[t].weight)), hb
+
+
+def _same_fit(m, w: np.ndarray, b: np.ndarray, st: dict) -> None:
+    assert m.stats["choice"] == st["choice"]
+    assert m.stats["cv_path"] == pytest.approx(st["cv_path"], abs=1e-9)
+    _close(m, w, b)
+
+
+def test_prior_noise_control_is_prior_fit_on_materialised_noise_rows(setup, prior_setup) -> None:
+    from affeq_rt.method.select import prior_fit
+
+    feats, idx = setup["feats"], np.flatnonzero(~prior_setup["mask"])
+    y = setup["y"][idx]
+    for a, t in (("a", "b"), ("b", "a")):
+        prior, hb = _prior(setup, a, t)
+        xa = feats[a][idx].astype(np.float64)
+        cls = predicted(hb[t], feats[t][idx])
+        z = fit_noise(pair_seed(a, t), xa.shape[1], idx, cls)
+        rows = xa.mean(0) + xa.std(0) * z  # A's training mean and per-dimension scale
+        w, b, st, _ = prior_fit(rows, feats[t][idx], None, prior, "prior-ridge", y, 0)
+        m = prior_setup["res"].maps[f"{a}~noise", t]
+        assert (m.method, m.stats["control"]) == ("prior-ridge", "noise")
+        _same_fit(m, w, b, st)
+        seen = np.flatnonzero(np.bincount(cls, minlength=K))
+        assert m.stats["noise_classes"] == seen.tolist()
+        assert m.stats["noise_counts"] == np.bincount(cls, minlength=K)[seen].tolist()
+        np.testing.assert_allclose(m.stats["noise_mean"], xa.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m.stats["noise_scale"], xa.std(0), rtol=1e-12)
+        # Smith et al.'s effect through the prior estimator too: its CV finds the class-tied noise
+        # predictive of the target on held-out folds, and moves away from the prior
+        assert m.stats["choice"] != "prior"
+        assert m.stats["cv_score"] > 80.0, m.stats["cv_path"]
+
+
+def _permuted(setup, mask: np.ndarray):
+    """The training rows (sample order), their labels, and the one permutation of them."""
+    from affeq_rt.method.reducers import NULL_SEED
+
+    idx = np.flatnonzero(~mask)
+    # the Gram's permutation 0 of a chunk starting at sample 0 (reducers.chunk_permutation)
+    perm = np.random.default_rng([NULL_SEED, 0, 0]).permutation(idx.size)
+    return idx, setup["y"][idx], perm
+
+
+def test_prior_shuffled_control_is_prior_fit_on_permuted_rows(setup, prior_setup) -> None:
+    """a is before b in the fit's model order: the pairs are (a_i, b_π(i)) in both directions;
+    the CV's truth is the target row's label, its folds follow the source row."""
+    from affeq_rt.method.select import prior_fit
+
+    feats = setup["feats"]
+    idx, y, perm = _permuted(setup, prior_setup["mask"])
+    xa, xb = feats["a"][idx], feats["b"][idx][perm]
+    for a, t, src, dst, lab in (("a", "b", xa, xb, y[perm]), ("b", "a", xb, xa, y)):
+        prior, _ = _prior(setup, a, t)
+        w, b, st, _ = prior_fit(src, dst, None, prior, "prior-ridge", lab, 0)
+        m = prior_setup["res"].maps[f"{a}~shuffled", t]
+        assert (m.method, m.stats["control"]) == ("prior-ridge", "shuffled")
+        _same_fit(m, w, b, st)
+    # every training row in the first 4,096-row chunk: the Gram controls' within-chunk permutation
+    # 0 is this one, so OLS --controls on the same rows fits the same mismatched pairs
+    gram = fit(prior_setup["train"], method="ols", options=FitOptions(
+        holdout=0.1, dedup=False, device="cpu", curve="off", controls=True)).maps
+    for a, t, src, dst in (("a", "b", xa, xb), ("b", "a", xb, xa)):
+        _close(gram[f"{a}~shuffled", t], *_lstsq(src.astype(np.float64), dst.astype(np.float64)))
+
+
+def test_prior_pca_controls_follow_groups_and_labels(setup) -> None:
+    """prior-pca, views in groups of 3 (whole groups per CV fold), some labels unknown (so the CV
+    scores agreement with the target, as the real fit does): both controls of both pairs equal
+    prior_fit on the materialised rows, the shuffled control's groups moving with its source
+    rows."""
+    from types import SimpleNamespace
+
+    from affeq_rt.method.controls import rows_control_maps
+    from affeq_rt.method.select import prior_fit
+
+    feats = setup["feats"]
+    groups = np.arange(N_FEW) // 3
+    mask = holdout_mask(N_FEW, 0.1, 0, groups)
+    labels = setup["y"][:N_FEW].copy()
+    labels[::7] = -1
+    _, hb = _prior(setup, "a", "b")
+    ctx = SimpleNamespace(names=["a", "b"], slices={"a": slice(0, 30), "b": slice(30, 54)},
+                          heads={m: hb[m] for m in ("a", "b")}, mask=mask, groups=groups,
+                          labels=labels)
+    x = np.c_[feats["a"][:N_FEW], feats["b"][:N_FEW]]
+    got = rows_control_maps(ctx, (x, np.arange(N_FEW)), "prior-pca", 3)
+    maps = {(m.src, m.dst): m for m in got}
+    idx = np.flatnonzero(~mask)
+    perm = chunk_permutation(0, 0, idx.size)
+    g, xa, xb = groups[idx], feats["a"][idx], feats["b"][idx]
+    for a, t, src, dst, gs in (("a", "b", xa, xb[perm], g), ("b", "a", xb[perm], xa, g[perm])):
+        prior, _ = _prior(setup, a, t)
+        w, b, st, _ = prior_fit(src, dst, gs, prior, "prior-pca", None, 3)
+        assert st["criterion"] == "agreement"
+        _same_fit(maps[(f"{a}~shuffled", t)], w, b, st)
+        xs = {"a": xa, "b": xb}[a].astype(np.float64)
+        z = fit_noise(pair_seed(a, t), xs.shape[1], idx, predicted(hb[t], {"a": xa, "b": xb}[t]))
+        w, b, st, _ = prior_fit(xs.mean(0) + xs.std(0) * z, {"a": xa, "b": xb}[t], g, prior,
+                                "prior-pca", None, 3)
+        _same_fit(maps[(f"{a}~noise", t)], w, b, st)
+
+
+def test_cli_prior_ridge_controls_sit_where_they_should(setup, tmp_path) -> None:
+    """``fit --controls --method prior-ridge`` then ``evaluate --controls`` on a small store (540
+    fitting rows): the table has noise and shuffled rows beside the random-weight one. The noise
+    control sits near chance (best constant guess + 5 points, as the Gram tests: 2 binomial SE at
+    p ≈ 0.12 over 1,500 images are 1.7 points). The shuffled control sits near chance in its own
+    CV on mismatched pairs (540 rows: 2 SE at p ≈ 0.12 are 2.8 points, + 5 covers the best of the
+    16 candidates). At evaluation it sits near chance too unless that CV kept the prior: then the
+    control map IS the logit-pinv map and scores what that data-free hybrid scores, far above
+    chance (module docstring of method.controls). Here a~shuffled->b moves off the prior (CV
+    10.6 % vs 9.5 %) and scores 13.0 %; b~shuffled->a keeps it and scores b->a's 99.6 %, so b->a
+    (whose own CV kept the prior) is flagged."""
+    from affeq_rt.cli.main import main
+    from affeq_rt.demo.run import write_store
+    from affeq_rt.io.maps import load_maps
+
+    feats, y, heads = setup["feats"], setup["y"], setup["heads"]
+    spec = {m: {"name": m, "label_offset": 0} for m in feats}
+    for part, rows in (("fit", slice(0, N_FEW)), ("test", slice(N_FIT, None))):
+        write_store(tmp_path / part, ArrayStore({m: x[rows] for m, x in feats.items()}, heads,
+                                                y[rows], spec), source=part)
+    maps = str(tmp_path / "m.safetensors")
+    assert main(["fit", "-f", str(tmp_path / "fit"), "--method", "prior-ridge", "--controls",
+                 "-o", maps, "--quiet", "--no-curve", "--no-dedup"]) == 0
+    assert main(["evaluate", "-f", str(tmp_path / "test"), "--maps", maps, "-o",
+                 str(tmp_path / "r"), "--controls", "--quiet", "--device", "cpu"]) == 0
+    doc = json.loads((tmp_path / "r" / "table.json").read_text())["controls"]
+    assert set(doc["controls"]) == {"random", "noise", "shuffled"}
+    chance = max(doc["chance"])
+    for i, j in ((0, 1), (1, 0)):
+        assert doc["controls"]["noise"]["score"][i][j] <= chance + 5.0, doc["controls"]["noise"]
+    got = load_maps(maps)
+    fit_chance = 100.0 * np.bincount(y[:N_FEW]).max() / N_FEW
+    kept = []
+    for (a, t), (i, j) in ((("a", "b"), (0, 1)), (("b", "a"), (1, 0))):
+        m = got[f"{a}~shuffled", t]
+        assert max(m.stats["cv_path"].values()) <= fit_chance + 5.0, m.stats["cv_path"]
+        score = doc["controls"]["shuffled"]["score"][i][j]
+        if m.stats["choice"] == "prior":
+            prior, _ = _prior(setup, a, t)
+            np.testing.assert_allclose(m.weight, prior.w, rtol=0,
+                                       atol=2e-7 * np.abs(prior.w).max())
+            kept.append(f"{a}->{t}")
+        else:
+            assert score <= chance + 5.0, (a, t, score, m.stats["choice"])
+    assert kept == ["b->a"]  # the case above (deterministic seeds): both behaviours are shown
+    assert doc["flagged"] == ["b->a"]

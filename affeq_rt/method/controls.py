@@ -25,12 +25,43 @@ through the same folded heads on the same evaluation images:
   seeded permutations, permutation 0), then applied to A's real evaluation features. It keeps
   each network's statistics and destroys what the images share.
 
-Control maps are ordinary least squares (the thesis's estimator, minimum norm below full rank: the
-map freest to exploit whatever a control carries), from statistics of fit's one pass (noise:
-:class:`NoiseCross`, Σz, Σzzᵀ, Σz x_Bᵀ per pair; shuffled: permuted cross blocks), stored in the
-maps file as pairs ``A~noise->B`` and ``A~shuffled->B`` (their ``stats['control']`` says which).
-Scoring them is a statistic of evaluate's one pass (:class:`ControlTally`): no pass of their own,
-and no image for noise or shuffled.
+For the Gram methods (ols, ridge, orthogonal, low-rank) control maps are ordinary least squares
+(the thesis's estimator, minimum norm below full rank: the map freest to exploit whatever a
+control carries), from statistics of fit's one pass (noise: :class:`NoiseCross`, Σz, Σzzᵀ, Σz x_Bᵀ
+per pair; shuffled: permuted cross blocks), stored in the maps file as pairs ``A~noise->B`` and
+``A~shuffled->B`` (their ``stats['control']`` says which).
+
+For the rows methods (prior-ridge, prior-pca: every row of the pass in memory, ``AllRows``) the
+control maps are fitted by **the same estimator** as the real maps (:func:`rows_control_maps`):
+``select.prior_fit`` with the same prior (the pair's logit-pinv map), CV seed, folds' groups and
+criterion, on control rows materialised from the kept rows; no reducer of their own.
+
+- noise: A's rows replaced by :func:`noise_rows` (the same ``fit_noise`` rows, tied to B's
+  predicted class on each training row, at A's training mean and per-dimension standard
+  deviation: the numbers :func:`noise_map` takes from the Gram, here from the rows), B's rows and
+  the CV's truth unchanged; stats keys as :func:`noise_map` writes them (:func:`noise_stats`), so
+  evaluate scores both kinds alike.
+- shuffled: one seeded permutation of **all** the training rows (``chunk_permutation(0, 0, m)``
+  over the m training rows in sample order), the later network of each pair (in the fit's model
+  order) permuted, as ``PermutedCross`` permutes the second of each pair block: both directions
+  of a pair use the same mismatched pairs. The Gram version permutes within each 4,096-row chunk
+  (the pass cannot hold more); when every training row lies in the pass's first chunk (≤ 4,096
+  samples, no non-finite row: the few-data case these methods serve) the two are the same
+  permutation of the same rows, beyond it the Gram's is a within-chunk restriction of a uniform
+  one. The CV folds follow the *source* row (its group keeps its views together), the CV's truth
+  the *target* row (its label, or B's own prediction on it).
+
+What to expect of the rows controls: the noise control scores near chance at evaluation (its rows
+ignore the image, whatever the map). The shuffled control need not: no correction to the prior
+helps on mismatched pairs, so its CV scores every candidate near chance, and the one-standard-error
+rule then often keeps the most shrunk one, the prior itself. That control map is the logit-pinv
+map, which reads A's real features through the heads and scores what that data-free hybrid scores,
+far above chance; its margin then measures what the images taught the real map beyond the prior
+(a real map that kept the prior too is flagged), not whether A and B share anything (the
+random-weight control asks that). Where the CV moves off the prior, the control scores near chance.
+
+Scoring every control map is a statistic of evaluate's one pass (:class:`ControlTally`): no pass
+of their own, and no image for noise or shuffled.
 
 A hybrid **beats** a control when real − control > 2 standard errors of the difference of two
 proportions over the n evaluation images, SE = sqrt(p_r(1−p_r) + p_c(1−p_c)) / sqrt(n) (taken as
@@ -52,9 +83,10 @@ from affeq_rt.engine.reducer import Chunk, State
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, fold_head
-from affeq_rt.method import solvers
+from affeq_rt.method import select, solvers
+from affeq_rt.method.methods import pinvs
 from affeq_rt.method.null import _Permuted
-from affeq_rt.method.reducers import PermutedCross
+from affeq_rt.method.reducers import PermutedCross, chunk_permutation
 
 KINDS = ("random", "noise", "shuffled")  # display order
 MEANINGS = {
@@ -235,6 +267,31 @@ class NoiseCross:
         self.sums = {k: np.asarray(st[k], v.dtype).reshape(v.shape) for k, v in self.sums.items()}
 
 
+def noise_scale(scatter_diag: np.ndarray, n: int) -> np.ndarray:
+    """A's per-dimension standard deviation over its ``n`` training rows (population, ddof 0)
+    from the diagonal of their centred scatter: the scale of every noise control."""
+    return np.sqrt(np.clip(np.asarray(scatter_diag, np.float64), 0, None) / n)
+
+
+def noise_stats(a: str, t: str, counts: np.ndarray, mean: np.ndarray, scale: np.ndarray
+                ) -> dict[str, Any]:
+    """The stats a noise control map carries for evaluate (:func:`eval_noise`): the pair's seed,
+    the classes B predicted on the fitting rows with their counts, A's training mean and scale."""
+    counts = np.asarray(counts)
+    seen = np.flatnonzero(counts)
+    return {"control": "noise", "noise_seed": pair_seed(a, t), "noise_classes": seen.tolist(),
+            "noise_counts": counts[seen].tolist(), "noise_mean": np.asarray(mean).tolist(),
+            "noise_scale": np.asarray(scale).tolist()}
+
+
+def noise_rows(a: str, t: str, index: np.ndarray, classes: np.ndarray, mean: np.ndarray,
+               scale: np.ndarray) -> np.ndarray:
+    """Pair (A, B)'s noise rows of the fitting samples ``index`` (float64 ``[r, d_A]``):
+    :func:`fit_noise` tied to B's predicted ``classes``, at A's training ``mean`` and ``scale``
+    (the rows whose moments :func:`noise_map` solves from)."""
+    return mean + scale * fit_noise(pair_seed(a, t), len(mean), index, classes)
+
+
 class _Blocks:
     """Moments of the joint rows [s ⊙ z + μ, x_B] of one pair (``solvers.Moments``): the source
     block at slice(0, d_A), the target block after it."""
@@ -267,17 +324,13 @@ def noise_map(cross: NoiseCross, a: str, t: str, train: Any) -> AffineMap:
     s_zz = cross.sums[f"{key}|zz"] - n * np.outer(zbar, zbar)
     s_zt = cross.sums[f"{key}|zt"] - n * np.outer(zbar, tbar)
     mu_a = np.asarray(train.mean(), np.float64)[sa]
-    scale = np.sqrt(np.clip(np.diag(np.asarray(train.scatter(sa, sa), np.float64)), 0, None) / n)
+    scale = noise_scale(np.diag(np.asarray(train.scatter(sa, sa), np.float64)), n)
     da = sa.stop - sa.start
     m = _Blocks(n, np.concatenate([mu_a + scale * zbar, tbar]),
                 {(0, 0): scale[:, None] * s_zz * scale[None, :], (0, 1): scale[:, None] * s_zt,
                  (1, 1): np.asarray(train.scatter(st_, st_), np.float64)}, da)
     w, b, stats = solvers.ols(m, slice(0, da), slice(da, da + st_.stop - st_.start))
-    counts = cross.sums[f"{key}|counts"]
-    seen = np.flatnonzero(counts)
-    stats.update(control="noise", noise_seed=pair_seed(a, t), noise_classes=seen.tolist(),
-                 noise_counts=counts[seen].tolist(), noise_mean=mu_a.tolist(),
-                 noise_scale=scale.tolist())
+    stats.update(noise_stats(a, t, cross.sums[f"{key}|counts"], mu_a, scale))
     return AffineMap(control_name(a, "noise"), t, w.astype(np.float32), b.astype(np.float32),
                      "ols", stats)
 
@@ -293,15 +346,20 @@ def control_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def fit_reducers(ctx: Any, needs: str) -> dict[str, Any]:
-    """The controls' statistics for fit's pass (``ctx``: ``methods.FitContext``): the noise sums
-    and the training rows' permuted cross blocks. Gram methods only (one-line refusal)."""
-    if needs != "gram":
-        raise AffeqError("negative controls are fitted from the Gram pass (least squares)",
-                         "fit --controls with --method ols, ridge, orthogonal or low-rank")
+    """The controls' statistics for fit's pass (``ctx``: ``methods.FitContext``): for a Gram
+    method the noise sums and the training rows' permuted cross blocks; for a rows method none
+    (its rows are all kept). Other methods: a one-line refusal."""
+    if needs not in ("gram", "rows"):
+        raise AffeqError("negative controls are fitted from the fit's own rows or Gram pass, "
+                         "by the fit's own estimator",
+                         "fit --controls with --method ols, ridge, orthogonal, low-rank, "
+                         "prior-ridge or prior-pca")
     if ctx.heads is None:
         raise AffeqError("the noise control ties its clusters to the target's predicted class, "
                          "which needs the classifier heads",
                          "fit --controls from a feature store or images, not bare arrays")
+    if needs == "rows":
+        return {}
     pairs = control_pairs(ctx.names)
     real = real_networks(ctx.names)
     return {"controls_noise": NoiseCross(ctx.slices, ctx.mask, ctx.heads, pairs),
@@ -309,8 +367,11 @@ def fit_reducers(ctx: Any, needs: str) -> dict[str, Any]:
                                                mask=ctx.mask)}
 
 
-def control_maps(ctx: Any, red: Mapping[str, Any]) -> list[AffineMap]:
-    """The noise and shuffled control maps of every ordered pair, from the pass's statistics."""
+def control_maps(ctx: Any, red: Mapping[str, Any], strat: Any) -> list[AffineMap]:
+    """The noise and shuffled control maps of every ordered pair, from the pass's statistics
+    (``strat``: the fit's ``methods.FitMethod``; a rows method: :func:`rows_control_maps`)."""
+    if strat.needs == "rows":
+        return rows_control_maps(ctx, red["rows"].all(), strat.name, strat.seed)
     g = red["gram"]
     out = []
     eig: dict[str, solvers.SourceEig] = {}
@@ -323,6 +384,49 @@ def control_maps(ctx: Any, red: Mapping[str, Any]) -> list[AffineMap]:
         st["control"] = "shuffled"
         out.append(AffineMap(control_name(a, "shuffled"), t, w.astype(np.float32),
                              b.astype(np.float32), "ols", st))
+    return out
+
+
+def _prior_control(a: str, t: str, kind: str, method: str, xa: np.ndarray, xt: np.ndarray,
+                   groups: np.ndarray | None, prior: select.Prior, labels: np.ndarray | None,
+                   seed: int, extra: Mapping[str, Any]) -> AffineMap:
+    """One rows control map: ``select.prior_fit`` of ``method`` on control rows (xa → xt)."""
+    w, b, st, _ = select.prior_fit(xa, xt, groups, prior, method, labels, seed)
+    st.update(extra, control=kind)
+    return AffineMap(control_name(a, kind), t, w.astype(np.float32), b.astype(np.float32),
+                     method, st)
+
+
+def rows_control_maps(ctx: Any, rows: tuple[np.ndarray, np.ndarray], method: str, seed: int
+                      ) -> list[AffineMap]:
+    """A rows method's noise and shuffled control maps of every ordered pair (module docstring):
+    ``rows`` the pass's kept rows and sample indices (``AllRows.all``), fitted as
+    ``methods.PriorMethod`` fits the real pair (its training rows, groups, CV labels, prior,
+    ``seed``) with A's rows replaced by noise rows, or the later network's rows permuted."""
+    x, idx = rows
+    train = ~ctx.mask[idx]
+    x, idx = x[train], idx[train]
+    g = None if ctx.groups is None else ctx.groups[idx]
+    lab = None if ctx.labels is None else ctx.labels[idx]
+    lab = lab if lab is not None and bool((lab >= 0).all()) else None  # as PriorMethod.solve
+    perm = chunk_permutation(0, 0, x.shape[0])  # the Gram's permutation 0 of one chunk at 0
+    order, pv = {m: i for i, m in enumerate(ctx.names)}, pinvs(ctx.names, ctx.heads)
+    out = []
+    for a, t in control_pairs(ctx.names):
+        prior = select.Prior.of(ctx.heads[a], ctx.heads[t], pv[t])
+        xa, xt = x[:, ctx.slices[a]], x[:, ctx.slices[t]]
+        cls = predicted(ctx.heads[t], xt)  # B's class on each training row: the noise's cluster
+        counts = np.bincount(cls, minlength=ctx.heads[t].num_classes)
+        mean = xa.mean(0, dtype=np.float64)
+        scale = noise_scale(((xa - mean) ** 2).sum(0), xa.shape[0])
+        out.append(_prior_control(a, t, "noise", method, noise_rows(a, t, idx, cls, mean, scale),
+                                  xt, g, prior, lab, seed, noise_stats(a, t, counts, mean, scale)))
+        if order[a] < order[t]:  # the target permuted: its truth (label) moves with it
+            sa, st_, gs, ls = xa, xt[perm], g, None if lab is None else lab[perm]
+        else:  # the source permuted: its group moves with it
+            sa, st_, gs, ls = xa[perm], xt, None if g is None else g[perm], lab
+        out.append(_prior_control(a, t, "shuffled", method, sa, st_, gs, prior, ls, seed,
+                                  {"permutation": "one of all training rows"}))
     return out
 
 

@@ -273,7 +273,7 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
             raise
         _gate(maps, strat, ctx, red, choice)
         if opt.controls:  # after the gate: a control has no features of its own to gate on
-            maps = [*maps, *controls.control_maps(ctx, red)]
+            maps = [*maps, *controls.control_maps(ctx, red, strat)]
         mapset = MapSet(maps, _meta(strat.name, ctx, ex, choice),
                         str(out) if out is not None else "")
         if out is not None:
