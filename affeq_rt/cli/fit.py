@@ -98,10 +98,11 @@ def run(
         "pair from this fit's Gram (ols/ridge); writes MAPS.similarity.json/.md/.csv, which "
         "evaluate --maps MAPS shows.", rich_help_panel=STATS)] = False,
     controls: Annotated[bool, typer.Option(
-        "--controls", help="Also fit negative controls from the same pass (Gram methods): per "
-        "pair a map from clustered noise tied to the target's class and one from mismatched "
-        "(shuffled) image pairs, saved as NETWORK~noise/NETWORK~shuffled pairs; evaluate "
-        "--controls scores them.", rich_help_panel=STATS)] = False,
+        "--controls", help="Also fit negative controls from the same pass (Gram and prior-* "
+        "methods, by the fit's estimator): per pair a map from clustered noise tied to the "
+        "target's class and one from mismatched (shuffled) image pairs, saved as "
+        "NETWORK~noise/NETWORK~shuffled pairs; evaluate --controls scores them.",
+        rich_help_panel=STATS)] = False,
     no_dedup: Annotated[bool, typer.Option(
         "--no-dedup", help="Do not look for near-duplicate images (crops, flips, re-encodings "
         "of one photo, found from the networks' features) to hold out and cross-validate "
