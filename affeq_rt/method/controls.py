@@ -56,9 +56,11 @@ ignore the image, whatever the map). The shuffled control need not: no correctio
 helps on mismatched pairs, so its CV scores every candidate near chance, and the one-standard-error
 rule then often keeps the most shrunk one, the prior itself. That control map is the logit-pinv
 map, which reads A's real features through the heads and scores what that data-free hybrid scores,
-far above chance; its margin then measures what the images taught the real map beyond the prior
-(a real map that kept the prior too is flagged), not whether A and B share anything (the
-random-weight control asks that). Where the CV moves off the prior, the control scores near chance.
+far above chance; its margin then measures what the images taught the real map beyond the
+prior, not whether A and B share anything (the random-weight control asks that). When the real
+map kept the prior too, the shuffled control is bit for bit the hybrid's own map: it cannot
+discriminate, and the verdict leaves it out, saying so (:func:`same_map_pairs`,
+``ControlTable.same_map``). Where the CV moves off the prior, the control scores near chance.
 
 Scoring every control map is a statistic of evaluate's one pass (:class:`ControlTally`): no pass
 of their own, and no image for noise or shuffled.
@@ -581,6 +583,9 @@ class ControlTable:
     beats: dict[str, np.ndarray] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
     beats_chance: np.ndarray | None = None
+    # the hybrids A->B whose shuffled control is their own map (a rows method that kept the prior
+    # on real and on mismatched pairs): that control cannot discriminate, so it is not counted
+    same_map: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.margin:
@@ -596,8 +601,12 @@ class ControlTable:
             off = ~np.eye(len(self.models), dtype=bool)
             self.flagged = [f"{a}->{b}" for i, a in enumerate(self.models)
                             for j, b in enumerate(self.models)
-                            if off[i, j] and not (all(bool(v[i, j]) for v in self.beats.values())
+                            if off[i, j] and not (all(bool(v[i, j]) for k, v in self.beats.items()
+                                                      if not self._same(k, f"{a}->{b}"))
                                                   and bool(self.beats_chance[i, j]))]
+
+    def _same(self, kind: str, pair: str) -> bool:
+        return kind == "shuffled" and pair in self.same_map
 
     @property
     def kinds(self) -> list[str]:
@@ -614,10 +623,17 @@ class ControlTable:
             worst = min(float(np.nanmin(np.where(np.eye(len(self.models), dtype=bool), np.nan,
                                                  self.margin[k]))) for k in self.kinds)
             return (f"controls ({kinds}): every hybrid beats its controls and chance "
-                    f"({self.measure}; smallest margin {worst:+.1f} points){missing}")
+                    f"({self.measure}; smallest margin {worst:+.1f} points){missing}"
+                    + self._same_note())
         return (f"controls ({kinds}): {len(self.flagged)} hybrid(s) do NOT beat their controls "
                 "or chance: " + ", ".join(self.flagged[:6])
-                + (" …" if len(self.flagged) > 6 else "") + missing)
+                + (" …" if len(self.flagged) > 6 else "") + missing + self._same_note())
+
+    def _same_note(self) -> str:
+        if not self.same_map:
+            return ""
+        return (f"; not counted: the shuffled control of {', '.join(self.same_map[:4])} is the "
+                "hybrid's own map (the estimator kept its prior on real and on mismatched pairs)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN → None)."""
@@ -633,6 +649,7 @@ class ControlTable:
                 "beats_chance": mat(self.beats_chance),
                 "controls": {k: {"score": mat(self.score[k]), "margin": mat(self.margin[k]),
                                  "beats": mat(self.beats[k])} for k in self.kinds},
+                "same_map": list(self.same_map),
                 "flagged": list(self.flagged), "all_beat": not self.flagged}
 
 
@@ -643,11 +660,26 @@ def _se(real: np.ndarray, ctrl: np.ndarray, n: int) -> np.ndarray:
         return 100.0 * np.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1))
 
 
+def same_map_pairs(maps: MapSet, entries: Sequence[tuple[str, str, str]]) -> list[str]:
+    """The pairs A->B whose shuffled control map is bit for bit the real map A->B (read on A's
+    real features, it is the same hybrid; a rows method that kept its prior both times)."""
+    out = []
+    for kind, a, t in entries:
+        key = (control_name(a, kind), t)
+        if kind != "shuffled" or key not in maps or (a, t) not in maps:
+            continue
+        c, r = maps[key], maps[a, t]
+        if np.array_equal(c.weight, r.weight) and np.array_equal(c.bias, r.bias):
+            out.append(f"{a}->{t}")
+    return out
+
+
 def control_table(models: Sequence[str], entries: Sequence[tuple[str, str, str]],
                   pred: np.ndarray, own: np.ndarray, labels: np.ndarray | None,
-                  real: np.ndarray) -> ControlTable:
+                  real: np.ndarray, same_map: Sequence[str] = ()) -> ControlTable:
     """The :class:`ControlTable` from the controls' predictions ``[E, n]``, each network's own
-    prediction ``own`` [N, n], the labels (None: agreement) and the real hybrids' score [N, N]."""
+    prediction ``own`` [N, n], the labels (None: agreement), the real hybrids' score [N, N] and
+    the pairs whose shuffled control is their own map (:func:`same_map_pairs`)."""
     models = list(models)
     k, n = len(models), int(own.shape[1])
     score: dict[str, np.ndarray] = {}
@@ -661,4 +693,4 @@ def control_table(models: Sequence[str], entries: Sequence[tuple[str, str, str]]
         truth = labels if labels is not None else own[j]
         chance[j] = 100.0 * float(np.bincount(truth).max()) / n if n else np.nan
     return ControlTable(models, n, "top1" if labels is not None else "agreement",
-                        np.asarray(real, np.float64), score, chance)
+                        np.asarray(real, np.float64), score, chance, same_map=list(same_map))

@@ -37,6 +37,7 @@ from affeq_rt.method.controls import (
     control_name,
     control_table,
     real_networks,
+    same_map_pairs,
 )
 from affeq_rt.method.overlap import default_overlap_pairs, overlap
 from affeq_rt.method.results import EvalTable, ValidationRow
@@ -393,7 +394,8 @@ def evaluate(store: StoreLike | str | os.PathLike, maps: MapSet | str | os.PathL
     if controls:
         own = table.pred[np.arange(len(chosen)), np.arange(len(chosen))]
         table.controls = control_table(chosen, entries, reducers["controls"].joined(), own,
-                                       _labels(st), table.top1 if labelled else table.agree)
+                                       _labels(st), table.top1 if labelled else table.agree,
+                                       same_map_pairs(ms, entries))
     if labelled:
         pairs = (default_overlap_pairs(table) if overlap_pairs is None else list(overlap_pairs))
         table.overlaps = [overlap(table, a, b) for a, b in pairs]
