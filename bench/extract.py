@@ -149,6 +149,27 @@ def minimal_ort(nets: list, paths: list[str], batch_size: int) -> None:
             n.session.run(xs[n.key], batch_size=batch_size)
 
 
+#: The minimal onnxruntime loop as a whole process (``--cli``'s baseline): imports, the same
+#: ``features.onnx`` sessions opened with onnxruntime's defaults, the same exact preprocessing,
+#: nothing written. argv: batch size, a file listing the images, the export folders.
+MINIMAL_SCRIPT = """
+import sys
+import numpy as np
+import onnxruntime as ort
+from affeq_rt.data.preprocess import load_image, preprocess
+from affeq_rt.onnx.exported import ExportedBackbone
+bs, paths = int(sys.argv[1]), open(sys.argv[2]).read().splitlines()
+exps = [ExportedBackbone(d) for d in sys.argv[3:]]
+sess = [ort.InferenceSession(str(e.features_path), providers=["CPUExecutionProvider"])
+        for e in exps]
+pre = [e.spec.preprocessing for e in exps]
+for b in range(0, len(paths), bs):
+    imgs = [load_image(f) for f in paths[b:b + bs]]
+    for s, p in zip(sess, pre):
+        s.run(None, {s.get_inputs()[0].name: np.stack([preprocess(im, p) for im in imgs])})
+"""
+
+
 def torch_eager(models: list, nets: list, paths: list[str], batch_size: int) -> None:
     """The same preprocessing, each network's features module in torch eager (no grad)."""
     import torch
@@ -299,6 +320,12 @@ def main() -> None:
             if args.cli:
                 fns.update({f"affeq_cli_{p}": cli_run(p) for p in pipelines})
             fns["minimal_ort"] = lambda: minimal_ort(nets, paths, bs)
+            if args.cli:  # the command's fair baseline: the minimal loop as a whole process
+                (Path(tmp) / "minimal.py").write_text(MINIMAL_SCRIPT)
+                (Path(tmp) / "paths.txt").write_text("\n".join(str(p) for p in paths))
+                script = [sys.executable, str(Path(tmp) / "minimal.py"), str(bs),
+                          str(Path(tmp) / "paths.txt"), *(str(n_.export_dir) for n_ in nets)]
+                fns["minimal_ort_script"] = lambda: subprocess.run(script, check=True)
             if not args.no_torch_eager:
                 tmods = torch_features(names, args.random_weights)
                 fns["torch_eager"] = lambda: torch_eager(tmods, nets, paths, bs)
@@ -313,6 +340,10 @@ def main() -> None:
                     **({"speed_vs_torch_eager": round(res["torch_eager"]["wall_s"] / v["wall_s"],
                                                       2)} if "torch_eager" in res else {})}
                 for k, v in res.items()}
+            if "minimal_ort_script" in res:  # whole command against whole minimal process
+                rec["cli_vs_minimal_script"] = {
+                    k: round(v["wall_s"] / res["minimal_ort_script"]["wall_s"], 3)
+                    for k, v in res.items() if k.startswith("affeq_cli_")}
             print(json.dumps(rec["end_to_end"]), flush=True)
     rec["load_after"] = os.getloadavg()[0]
     print(json.dumps(rec, indent=2))
