@@ -151,8 +151,8 @@ def photo_caption(la: LayerAnalysis, chance: Mapping[str, float],
                  f"{dims} feature dimensions.")
     if digits_la is not None and digits_la.curves:
         c = digits_la.curves[0]
-        text += (f" With more images than dimensions, on the digits miniature ({c.images} "
-                 f"training digits), {c.source} → {c.target} rises with depth: "
+        text += (f" With more images than dimensions, on the digits miniature (maps fitted on "
+                 f"{c.images} digits), {c.source} → {c.target} rises with depth: "
                  + " → ".join(f"{p.score:.1f}" for p in c.points) + f"% {c.metric}.")
     return text
 
