@@ -23,7 +23,7 @@ import numpy as np
 from affeq_rt.demo import digits
 from affeq_rt.demo.photos import FIT_PHOTOS, photo_fit_options
 from affeq_rt.io.heads import load_head
-from affeq_rt.io.store import ArrayStore, FeatureStore
+from affeq_rt.io.store import ArrayStore
 from affeq_rt.method.depth import LayerAnalysis, layer_analysis
 from affeq_rt.method.fit import FitOptions
 from affeq_rt.method.stages import stage_spec
@@ -98,20 +98,10 @@ def _scores(la: LayerAnalysis, src: str, dst: str) -> list[float]:
                                   if c.source == src and c.target == dst).points]
 
 
-def constant_guess(store: str | Path, target: str) -> float:
-    """Agreement (%) of the best constant guess with ``target``'s own predictions on ``store``:
-    the share of its most frequent predicted class (the chance level of an agreement score)."""
-    st = FeatureStore.open(store)
-    h = st.head(target)
-    x = np.asarray(st.features(target), np.float64)
-    pred = np.argmax(x @ h.weight.T.astype(np.float64) + h.bias, axis=1)
-    return 100.0 * float(np.bincount(pred).max()) / max(len(pred), 1)
-
-
-def photo_caption(la: LayerAnalysis, chance: Mapping[str, float],
-                  unmapped: float | None = None, digits_la: LayerAnalysis | None = None) -> str:
+def photo_caption(la: LayerAnalysis, unmapped: float | None = None,
+                  digits_la: LayerAnalysis | None = None) -> str:
     """What the photo analysis shows, from its numbers: the CKA diagonal of the cross block and
-    the curves against the best constant guess (``chance``: by target network; ``unmapped``: the
+    the curves against the best constant guess (each curve's ``chance``; ``unmapped``: the
     pair's unmapped agreement, for scale; ``digits_la``: the digits analysis, quoted for the
     curve with enough images)."""
     a, b = PHOTO_PAIR
@@ -123,6 +113,7 @@ def photo_caption(la: LayerAnalysis, chance: Mapping[str, float],
     same = int(sum(blk[i, i] >= np.nanmax(blk[i]) - 1e-6 for i in range(min(blk.shape))))
     curves = {(a, b): _scores(la, a, b), (b, a): _scores(la, b, a)}
     first = next(c for c in la.curves if (c.source, c.target) == (a, b))
+    chance = {c.target: c.chance for c in la.curves}  # on the scored (test) views
     dims = min(int(la.stages[m]["dim"]) for m in (a, b))
     lines = "; ".join(f"{s} → {t}: " + " → ".join(f"{v:.1f}" for v in sc)
                       + f" (constant guess {chance[t]:.1f})" for (s, t), sc in curves.items())
@@ -170,9 +161,8 @@ def photo_depth(root: Path, stores: Mapping[str, str | Path], seed: int = 0,
     for c in la.curves:
         say(f"layer by layer (photos): {c.source} -> {c.target} agreement by stage "
             + " → ".join(f"{p.score:.1f}" for p in c.points))
-    chance = {m: constant_guess(stores["test"], m) for m in PHOTO_PAIR}
     return la, titled(depth_report_section(la), PHOTOS_TITLE,
-                   photo_caption(la, chance, unmapped, digits_la))
+                   photo_caption(la, unmapped, digits_la))
 
 
 def depth_summary(la: LayerAnalysis) -> dict[str, Any]:
