@@ -1,5 +1,6 @@
-"""``affeq-rt depth``: layer by layer — stage × stage CKA and the depth curve of two networks
-(or one against itself) from a stage store (``affeq-rt extract --stages``), one Gram pass."""
+"""``affeq-rt depth``: layer by layer — stage × stage similarity and the depth curves (with their
+controls) of two networks (or one against itself) from a stage store (``affeq-rt extract
+--stages``), one Gram pass."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Where in network A does network B's classifier become usable? For every stage of A, the
-    affine map to B's features scored through B's unchanged classifier on held-out images, and
-    the linear CKA of every pair of stages; exact, from one pass over the stored rows."""
+    affine map to B's features scored through B's unchanged classifier on held-out images,
+    beside its controls (shuffled pairs; A with random weights when stored), and every
+    similarity measure of every pair of stages; exact, from one pass over the stored rows."""
     from affeq_rt.cli.progress import Display
     from affeq_rt.method.depth import layer_analysis
     from affeq_rt.method.fit import FitOptions
