@@ -108,6 +108,7 @@ def test_layer_cka_is_exact(stage_stores: tuple[Path, Path]) -> None:
     for i, a in enumerate(la.models[:4]):
         ref = ref_cka_debiased(np.asarray(st.features(a), np.float64), y)
         assert abs(la.cka_debiased[i, j] - ref) <= 1e-8, a
+    assert {c.scored_on for c in la.curves} == {"held-out"}
     own = layer_analysis(train, A).block(A, A)
     assert np.abs(np.diag(own) - 1.0).max() <= 1e-12  # ‖S‖²/‖S‖² in float64
 
@@ -150,6 +151,7 @@ def test_cli_depth_writes_tables_and_figures(stage_stores: tuple[Path, Path], tm
                  str(out), "--quiet"]) == 0
     shown = capsys.readouterr().out
     assert f"depth curve {A} -> {B}" in shown
+    assert "599 test images" in shown  # scored on --test's digits, not a held-out split
     doc = json.loads((out / "depth.json").read_text())
     la = layer_analysis(train, A, B, test=test)
     assert [p["score"] for p in doc["curves"][0]["points"]] == \

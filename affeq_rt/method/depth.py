@@ -106,8 +106,9 @@ class DepthCurve:
     target_own: float  # B alone: top-1, or 100 (agreement with itself)
     source_own: float | None  # A alone: top-1 (None when scored by agreement)
     images: int  # training images of the maps
-    scored: int  # held-out images scored
+    scored: int  # images scored
     chance: float = float("nan")
+    scored_on: str = "held-out"  # the images scored: "held-out" (fit's split) or "test" (a store)
 
     @property
     def first_beating(self) -> DepthPoint | None:
@@ -124,7 +125,7 @@ class DepthCurve:
         first = self.first_beating
         return {**{k: getattr(self, k) for k in ("source", "target", "method", "metric",
                                                  "target_own", "source_own", "images",
-                                                 "scored", "chance")},
+                                                 "scored", "scored_on", "chance")},
                 "first_beating": None if first is None else first.stage,
                 "points": [p.to_dict() for p in self.points]}
 
@@ -312,7 +313,7 @@ def _beats(score: float, controls: Mapping[str, float], chance: float, n: int) -
 
 
 def _curve(st: Any, src: str, dst: str, method: GramMethod, f: _Fit,
-           random_models: Sequence[str] | None) -> DepthCurve:
+           random_models: Sequence[str] | None, scored_on: str) -> DepthCurve:
     """The depth curve ``src``→``dst`` by ``method``: one map per stage of ``src`` solved from
     the training Gram, scored through ``dst``'s head on the scored rows, with its controls."""
     xs, lab, heads = f.xs, f.labels, f.heads
@@ -338,7 +339,7 @@ def _curve(st: Any, src: str, dst: str, method: GramMethod, f: _Fit,
                                  int(stats.get("rank", dim)), stats.get("r2_train"), ctrl,
                                  _beats(score, ctrl, chance, n), pred))
     return DepthCurve(src, dst, method.name, "top1" if lab is not None else "agreement", points,
-                      target_own, source_own, int(f.train.n), len(xs[dst]), chance)
+                      target_own, source_own, int(f.train.n), len(xs[dst]), chance, scored_on)
 
 
 def _check(o: FitOptions, methods: Sequence[str], test: Any) -> list[GramMethod]:
@@ -397,7 +398,8 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
     f = _Fit(g.train, g.holdout if int(g.holdout.n) > 0 else None,
              _Permuted(g.train, red["shuffled"], 0), {m: slices[m] for m in every}, xs, lab,
              {n: st.head(n) for n in nets})
-    curves = [_curve(st, s, d, strat, f, randoms.get(s)) for strat in strategies
+    on = "held-out" if tst is None else "test"
+    curves = [_curve(st, s, d, strat, f, randoms.get(s), on) for strat in strategies
               for s, d in directions]
     dims = rows.dims()
     return LayerAnalysis(nets, models, {m: _stage_info(m, st.spec(m), dims[m]) for m in models},

@@ -75,7 +75,7 @@ def depth_text(la: LayerAnalysis) -> str:
     for c in la.curves:
         ctrl = _controls_of(c)
         out.append(f"depth curve {c.source} -> {c.target} ({c.method}; {c.metric} % on "
-                   f"{c.scored} held-out images, maps from {c.images}): {c.target} alone "
+                   f"{c.scored} {c.scored_on} images, maps from {c.images}): {c.target} alone "
                    f"{c.target_own:.2f}" + ("" if c.source_own is None else
                                            f", {c.source} alone {c.source_own:.2f}")
                    + f", chance {c.chance:.2f}")
@@ -185,7 +185,8 @@ def depth_png(la: LayerAnalysis) -> bytes:
         ax.set_xticks(xs, [p.stage for p in c0.points], fontsize=8)
         ax.set_xlabel(f"stage of {c0.source} (shallow → deep; last: its features)")
         ax.set_ylabel(f"{c0.metric} (%) through {c0.target}'s classifier")
-        ax.set_title(f"{c0.source} → {c0.target} ({c0.scored} held-out images)", fontsize=9)
+        ax.set_title(f"{c0.source} → {c0.target} ({c0.scored} {c0.scored_on} images)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -235,7 +236,8 @@ def depth_html(la: LayerAnalysis, figures: bool = True) -> str:
     parts = [f"<p class='note'>Every stage of each network pooled over space, mapped to the "
              f"other network's features by an affine map solved from one Gram pass over "
              f"{la.n} stored images, and scored through that network's unchanged classifier on "
-             "held-out images. The last point of each curve is the ordinary hybrid. Controls: "
+             "images it never saw (held out, or a test store). The last point of each curve is "
+             "the ordinary hybrid. Controls: "
              "the same least squares on mismatched image pairs (shuffled) and, where stored, "
              "from the same architecture with random weights; a point must clear each of them "
              "and chance by 2 standard errors.</p>"]
