@@ -273,3 +273,28 @@ def test_beating_needs_chance_too() -> None:
     assert not _beats(12.0, {"shuffled": 0.0}, 10.0, 100)
     assert _beats(30.0, {"shuffled": 0.0}, 10.0, 100)  # 20 points > 2 × 5.6
     assert not _beats(30.0, {"shuffled": 25.0}, 10.0, 100)
+
+
+@pytest.mark.parametrize(("method", "says"), [("ridge", "ridge needs held-out images"),
+                                               ("low-rank", "low-rank chooses its rank")])
+def test_methods_that_choose_on_held_out_images_refuse_none(stage_stores: tuple[Path, Path],
+                                                            method: str, says: str,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """fit's own refusal (``GramMethod.check_holdout``), before any pass, even with a test store
+    to score on: λ or the rank is chosen on the maps' held-out split."""
+    import affeq_rt.method.depth as depth
+    from affeq_rt.errors import AffeqError
+
+    train, test = stage_stores
+    with monkeypatch.context() as mp:
+        def no_pass(*_a: object, **_k: object) -> None:
+            raise AssertionError("the pass ran before the refusal")
+
+        mp.setattr(depth, "run_pass", no_pass)
+        with pytest.raises(AffeqError, match=says):
+            layer_analysis(train, A, B, test=test, method=f"ols,{method}",
+                           options=FitOptions(holdout=0.0))
+    la = layer_analysis(train, A, B, test=test, method="low-rank",  # a given rank needs none
+                        options=FitOptions(holdout=0.0, rank=4))
+    assert [(c.source, c.method) for c in la.curves] == [(A, "low-rank"), (B, "low-rank")]

@@ -92,12 +92,6 @@ def digits_depth(root: Path, seed: int, write_store: Callable[..., Path],
     return la, titled(depth_report_section(la), DIGITS_TITLE)
 
 
-def _scores(la: LayerAnalysis, src: str, dst: str) -> list[float]:
-    """The ``src`` → ``dst`` curve's points (the first such curve: the analysis's method)."""
-    return [p.score for p in next(c for c in la.curves
-                                  if c.source == src and c.target == dst).points]
-
-
 def photo_caption(la: LayerAnalysis, unmapped: float | None = None,
                   digits_la: LayerAnalysis | None = None) -> str:
     """What the photo analysis shows, from its numbers: the CKA diagonal of the cross block and
@@ -111,8 +105,8 @@ def photo_caption(la: LayerAnalysis, unmapped: float | None = None,
     # rows whose largest value is the same-depth stage (ties count: a last stage pooled can be
     # the features themselves, as MobileNetV2's is)
     same = int(sum(blk[i, i] >= np.nanmax(blk[i]) - 1e-6 for i in range(min(blk.shape))))
-    curves = {(a, b): _scores(la, a, b), (b, a): _scores(la, b, a)}
-    first = next(c for c in la.curves if (c.source, c.target) == (a, b))
+    curves = {(s, t): [p.score for p in la.curve(s, t).points] for s, t in ((a, b), (b, a))}
+    first = la.curve(a, b)
     chance = {c.target: c.chance for c in la.curves}  # on the scored (test) views
     dims = min(int(la.stages[m]["dim"]) for m in (a, b))
     lines = "; ".join(f"{s} → {t}: " + " → ".join(f"{v:.1f}" for v in sc)

@@ -410,7 +410,7 @@ def rows_control_maps(ctx: Any, rows: tuple[np.ndarray, np.ndarray], method: str
     x, idx = x[train], idx[train]
     g = None if ctx.groups is None else ctx.groups[idx]
     lab = None if ctx.labels is None else ctx.labels[idx]
-    lab = lab if lab is not None and bool((lab >= 0).all()) else None  # as PriorMethod.solve
+    lab = select.cv_labels(lab)  # as PriorMethod.solve
     perm = chunk_permutation(0, 0, x.shape[0])  # the Gram's permutation 0 of one chunk at 0
     order, pv = {m: i for i, m in enumerate(ctx.names)}, pinvs(ctx.names, ctx.heads)
     out = []
@@ -591,12 +591,11 @@ class ControlTable:
         if not self.margin:
             self.margin = {k: self.real - s for k, s in self.score.items()}
         if not self.beats:
-            se = {k: _se(self.real, s, self.n) for k, s in self.score.items()}
-            self.beats = {k: np.where(np.isfinite(s), self.margin[k] > BEAT_SE * se[k], True)
+            self.beats = {k: np.where(np.isfinite(s), clears(self.real, s, self.n), True)
                           for k, s in self.score.items()}
         if self.beats_chance is None:
             guess = np.broadcast_to(self.chance[None, :], self.real.shape)
-            self.beats_chance = self.real - guess > BEAT_SE * _se(self.real, guess, self.n)
+            self.beats_chance = clears(self.real, guess, self.n)
         if not self.flagged:
             off = ~np.eye(len(self.models), dtype=bool)
             self.flagged = [f"{a}->{b}" for i, a in enumerate(self.models)
@@ -660,6 +659,19 @@ def _se(real: np.ndarray, ctrl: np.ndarray, n: int) -> np.ndarray:
         return 100.0 * np.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1))
 
 
+def clears(real: Any, ctrl: Any, n: int) -> Any:
+    """Whether real − control > :data:`BEAT_SE` standard errors (:func:`_se`), in points over
+    ``n`` images: the one rule for beating a control or chance (arrays or scalars)."""
+    return real - ctrl > BEAT_SE * _se(real, ctrl, n)
+
+
+def best_guess(truth: np.ndarray) -> float:
+    """Chance (%): how often the best constant guess, the most frequent known answer (≥ 0), is
+    right over all of ``truth``'s rows (NaN without rows)."""
+    n = len(truth)
+    return 100.0 * float(np.bincount(truth[truth >= 0]).max()) / n if n else float("nan")
+
+
 def same_map_pairs(maps: MapSet, entries: Sequence[tuple[str, str, str]]) -> list[str]:
     """The pairs A->B whose shuffled control map is bit for bit the real map A->B (read on A's
     real features, it is the same hybrid; a rows method that kept its prior both times)."""
@@ -691,6 +703,6 @@ def control_table(models: Sequence[str], entries: Sequence[tuple[str, str, str]]
     chance = np.zeros(k)
     for j in range(k):
         truth = labels if labels is not None else own[j]
-        chance[j] = 100.0 * float(np.bincount(truth).max()) / n if n else np.nan
+        chance[j] = best_guess(truth)
     return ControlTable(models, n, "top1" if labels is not None else "agreement",
                         np.asarray(real, np.float64), score, chance, same_map=list(same_map))

@@ -42,7 +42,7 @@ from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, fold_head
 from affeq_rt.io.store import StoreLike, open_store
 from affeq_rt.method import solvers
-from affeq_rt.method.controls import BEAT_SE, _se, control_name
+from affeq_rt.method.controls import best_guess, clears, control_name
 from affeq_rt.method.fit import FitOptions
 from affeq_rt.method.methods import REGISTRY, GramMethod, holdout_mask
 from affeq_rt.method.null import _Permuted
@@ -154,6 +154,10 @@ class LayerAnalysis:
         """Debiased CKA (unbiased HSIC; None below 4 images)."""
         return self.similarity.cka_debiased
 
+    def models_of(self, network: str) -> list[str]:
+        """``network``'s stage models in ``models``, shallow to deep (its features last)."""
+        return [m for m in self.models if self.stages[m]["network"] == network]
+
     def block(self, a: str, b: str, measure: str = "cka") -> np.ndarray | None:
         """The ``measure`` block (a ``SimilarityTable`` matrix: cka, cka_debiased, cca_mean,
         svcca, r2 — row stage → column stage —, procrustes, mutual_knn) of network ``a``'s
@@ -161,8 +165,7 @@ class LayerAnalysis:
         mat = getattr(self.similarity, measure)
         if mat is None:
             return None
-        ia = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == a]
-        ib = [i for i, m in enumerate(self.models) if self.stages[m]["network"] == b]
+        ia, ib = ([self.models.index(m) for m in self.models_of(n)] for n in (a, b))
         return mat[np.ix_(ia, ib)]
 
     def curve(self, source: str, target: str, method: str | None = None) -> DepthCurve:
@@ -202,13 +205,13 @@ def _canonical(name: str, models: Sequence[str]) -> str:
 
 
 def _networks(store: StoreLike, a: str, b: str | None
-              ) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """The networks, their models shallow to deep, and each network's random-weight control's
-    models (``NAME~random`` with as many stages, when the store holds it)."""
+              ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each network's models shallow to deep, and each network's random-weight control's models
+    (``NAME~random`` with as many stages, when the store holds it)."""
     specs = {m: store.spec(m) for m in store.models}
     a, b = _canonical(a, store.models), None if b is None else _canonical(b, store.models)
     nets = [a] if b is None or b == a else [a, b]
-    models: list[str] = []
+    by_net: dict[str, list[str]] = {}
     for net in nets:
         got = network_models(store.models, specs, net)
         if net not in store.models or len(got) < 2:
@@ -216,14 +219,14 @@ def _networks(store: StoreLike, a: str, b: str | None
             raise AffeqError(f"the store has no stages of {net!r}" if net in store.models else
                              f"network {net!r} is not in the store (it has {', '.join(have)})",
                              "extract with stages: affeq-rt extract --stages --models A,B")
-        models += got
+        by_net[net] = got
     randoms = {}
-    for net in nets:
+    for net, got in by_net.items():
         rnd = control_name(net, "random")
-        got = network_models(store.models, specs, rnd) if rnd in store.models else []
-        if len(got) == len(network_models(store.models, specs, net)):
-            randoms[net] = got
-    return nets, models, randoms
+        same = network_models(store.models, specs, rnd) if rnd in store.models else []
+        if len(same) == len(got):
+            randoms[net] = same
+    return by_net, randoms
 
 
 def _score(x: np.ndarray, head: Head, labels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -307,23 +310,25 @@ def _point_controls(f: _Fit, m: str, rnd: str | None, dst: str, method: GramMeth
 
 
 def _beats(score: float, controls: Mapping[str, float], chance: float, n: int) -> bool:
-    """Clears every control and chance by ``BEAT_SE`` standard errors (``controls._se``)."""
-    return all(score - c > BEAT_SE * float(_se(np.float64(score), np.float64(c), n))
+    """Clears every control and chance (``controls.clears``: the hybrid table's rule)."""
+    return all(bool(clears(np.float64(score), np.float64(c), n))
                for c in (*controls.values(), chance))
 
 
-def _curve(st: Any, src: str, dst: str, method: GramMethod, f: _Fit,
+def _curve(st: Any, models: Sequence[str], dst: str, method: GramMethod, f: _Fit,
            random_models: Sequence[str] | None, scored_on: str) -> DepthCurve:
-    """The depth curve ``src``→``dst`` by ``method``: one map per stage of ``src`` solved from
-    the training Gram, scored through ``dst``'s head on the scored rows, with its controls."""
+    """The depth curve of the source network whose ``models`` are given (its stages shallow to
+    deep, then itself: ``stages.network_models``) → ``dst`` by ``method``: one map per model
+    solved from the training Gram, scored through ``dst``'s head on the scored rows, with its
+    controls."""
+    src = models[-1]
     xs, lab, heads = f.xs, f.labels, f.heads
     own_pred, _ = _score(xs[dst], heads[dst], np.full(len(xs[dst]), -1))
     target_own = _score(xs[dst], heads[dst], lab)[1] if lab is not None else 100.0
     source_own = _score(xs[src], heads[src], lab)[1] if lab is not None else None
     truth = lab if lab is not None else own_pred
     n = len(truth)
-    chance = 100.0 * float(np.bincount(truth[truth >= 0]).max()) / n if n else float("nan")
-    models = [x for x in f.slices if _stage_info(x, st.spec(x), 0)["network"] == src]
+    chance = best_guess(truth)
     points = []
     for i, m in enumerate(models):
         dim = f.slices[m].stop - f.slices[m].start
@@ -347,12 +352,7 @@ def _check(o: FitOptions, methods: Sequence[str], test: Any) -> list[GramMethod]
     holdout_mask(0, o.holdout)  # AffeqError for a bad fraction
     out = [REGISTRY[m].from_options(o) for m in methods]
     for m in out:
-        if m.name == "ridge" and o.holdout <= 0:
-            raise AffeqError("ridge chooses λ on held-out images, and none are held out",
-                             "pass --holdout > 0 (the maps' own split)")
-        if m.name == "low-rank" and getattr(m, "rank", None) is None and o.holdout <= 0:
-            raise AffeqError("low-rank chooses its rank on held-out images, and none are held "
-                             "out", "pass --holdout > 0")
+        m.check_holdout(o.holdout > 0)  # fit's own refusal (ridge's λ, low-rank's rank)
     if test is None and o.holdout <= 0:
         raise AffeqError("no held-out images to score the depth curve on",
                          "pass --holdout > 0 or --test STORE")
@@ -376,15 +376,15 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
     strategies = _check(o, parse_methods(method), test)
     st = open_store(store)
     tst = open_store(test) if test is not None else None
-    nets, models, randoms = _networks(st, a, b)
+    by_net, randoms = _networks(st, a, b)
+    nets, models = list(by_net), [m for ms in by_net.values() for m in ms]
     if tst is not None:
         missing = [m for m in models if m not in tst.models]
         if missing:
             raise AffeqError(f"the test store lacks {', '.join(missing[:3])}",
                              "extract the test images with the same --models and --stages")
     directions = [(s, d) for s in nets for d in nets if s != d or len(nets) == 1]
-    shuffled = [(m, d) for s, d in directions for m in network_models(
-        models, {x: st.spec(x) for x in models}, s)]
+    shuffled = [(m, d) for s, d in directions for m in by_net[s]]
     every = models + [m for net in nets for m in randoms.get(net, [])]
     rows, slices, labels, red = _depth_pass(st, every, shuffled, o, tst is None, progress)
     g: GramReducer = red["gram"]
@@ -399,7 +399,7 @@ def layer_analysis(store: StoreLike | str | os.PathLike, a: str, b: str | None =
              _Permuted(g.train, red["shuffled"], 0), {m: slices[m] for m in every}, xs, lab,
              {n: st.head(n) for n in nets})
     on = "held-out" if tst is None else "test"
-    curves = [_curve(st, s, d, strat, f, randoms.get(s), on) for strat in strategies
+    curves = [_curve(st, by_net[s], d, strat, f, randoms.get(s), on) for strat in strategies
               for s, d in directions]
     dims = rows.dims()
     return LayerAnalysis(nets, models, {m: _stage_info(m, st.spec(m), dims[m]) for m in models},

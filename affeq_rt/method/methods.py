@@ -176,12 +176,18 @@ class GramMethod(FitMethod):
     needs = "gram"
 
     def check(self, ctx: FitContext) -> None:
-        """At least two training images, known before the pass."""
+        """At least two training images, and held-out ones where the method chooses on them
+        (:meth:`check_holdout`), known before the pass."""
         n_train = int((~ctx.mask).sum())
         if n_train < 2:
             raise AffeqError(f"a map needs at least 2 training images, got {n_train} of "
                              f"{ctx.rows.n} (holdout {ctx.options.holdout:g})",
                              "use more images (--max-images) or a smaller --holdout")
+        self.check_holdout(bool(ctx.mask.any()))
+
+    def check_holdout(self, held_out: bool) -> None:
+        """Refuse, with one line, when the method chooses something on held-out images and
+        ``held_out`` is False (none: nothing to refuse)."""
 
     def reducers(self, ctx: FitContext) -> dict[str, Reducer]:
         """The Gram, with the curve's snapshots and the similarity's row norms when asked."""
@@ -237,10 +243,9 @@ class Ridge(GramMethod):
 
     name = "ridge"
 
-    def check(self, ctx: FitContext) -> None:
-        """Training images, and held-out ones to choose λ on."""
-        super().check(ctx)
-        if not ctx.mask.any():
+    def check_holdout(self, held_out: bool) -> None:
+        """λ is chosen on held-out images."""
+        if not held_out:
             raise AffeqError("ridge needs held-out images to choose λ",
                              "pass --holdout 0.1 (or more)")
 
@@ -276,10 +281,9 @@ class LowRank(GramMethod):
         """The rank from the options (None: chosen on the held-out images)."""
         return cls(options.rank)
 
-    def check(self, ctx: FitContext) -> None:
-        """Training images, and held-out ones to choose the rank on (unless given)."""
-        super().check(ctx)
-        if self.rank is None and not ctx.mask.any():
+    def check_holdout(self, held_out: bool) -> None:
+        """The rank is chosen on held-out images, unless given."""
+        if self.rank is None and not held_out:
             raise AffeqError("low-rank chooses its rank on held-out images, and none are held out",
                              "pass --holdout > 0, or --rank R")
 
@@ -322,7 +326,7 @@ class PriorMethod(FitMethod):
         hold = ctx.mask[idx]
         g = None if ctx.groups is None else ctx.groups[idx]
         lab = None if ctx.labels is None else ctx.labels[idx]
-        cv_lab = lab[~hold] if lab is not None and bool((lab[~hold] >= 0).all()) else None
+        cv_lab = select.cv_labels(None if lab is None else lab[~hold])
         pv = pinvs(ctx.names, heads)
         out = []
         for a, t in pairs(ctx.names):

@@ -199,6 +199,12 @@ def cross_validate(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, pr
                                                                      strict=True)}}, chosen
 
 
+def cv_labels(labels: np.ndarray | None) -> np.ndarray | None:
+    """The CV's truth: the training rows' labels when every one is known (≥ 0), else None
+    (then the CV scores agreement with the target's own prediction)."""
+    return labels if labels is not None and bool((labels >= 0).all()) else None
+
+
 def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
               method: str, labels: np.ndarray | None = None, seed: int = 0
               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:

@@ -38,8 +38,7 @@ def cka_text(la: LayerAnalysis, measures: tuple[str, ...] = ("cka", "cka_debiase
     """The ``measures`` blocks (default: linear, then debiased CKA) of the first network's stages
     (rows) against the last's (columns)."""
     a, b = la.networks[0], la.networks[-1]
-    rows = [m for m in la.models if la.stages[m]["network"] == a]
-    cols = [m for m in la.models if la.stages[m]["network"] == b]
+    rows, cols = la.models_of(a), la.models_of(b)
     w = max(len(la.stages[m]["stage"]) for m in cols) + 7
     out: list[str] = []
     for what in measures:
@@ -131,7 +130,7 @@ def cka_png(la: LayerAnalysis) -> bytes:
     ax.set_yticks(range(k), labels, fontsize=7)
     edge = 0
     for net in la.networks[:-1]:
-        edge += sum(la.stages[m]["network"] == net for m in la.models)
+        edge += len(la.models_of(net))
         ax.axhline(edge - 0.5, color="white", lw=1.5)
         ax.axvline(edge - 0.5, color="white", lw=1.5)
     if k <= 16:
@@ -220,8 +219,7 @@ def _block_html(la: LayerAnalysis, measure: str) -> str:
     block = la.block(a, b, measure)
     if block is None:
         return ""
-    rows = [m for m in la.models if la.stages[m]["network"] == a]
-    cols = [m for m in la.models if la.stages[m]["network"] == b]
+    rows, cols = la.models_of(a), la.models_of(b)
     head = "".join(f"<th>{e(la.stages[m]['stage'])}</th>" for m in cols)
     body = "".join(f"<tr><th>{e(la.stages[m]['stage'])}</th>" +
                    "".join(f"<td>{_num(v)}</td>" for v in block[i]) + "</tr>"
