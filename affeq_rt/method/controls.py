@@ -76,6 +76,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -389,14 +390,16 @@ def control_maps(ctx: Any, red: Mapping[str, Any], strat: Any) -> list[AffineMap
     return out
 
 
-def _prior_control(a: str, t: str, kind: str, method: str, xa: np.ndarray, xt: np.ndarray,
-                   groups: np.ndarray | None, prior: select.Prior, labels: np.ndarray | None,
-                   seed: int, extra: Mapping[str, Any]) -> AffineMap:
-    """One rows control map: ``select.prior_fit`` of ``method`` on control rows (xa → xt)."""
-    w, b, st, _ = select.prior_fit(xa, xt, groups, prior, method, labels, seed)
+def _prior_control(a: str, t: str, kind: str, fit: partial[select.PriorFit],
+                   rows: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+                   extra: Mapping[str, Any]) -> AffineMap:
+    """One rows control map of a→t: ``fit`` (``select.prior_fit`` with the real pair's prior,
+    method and seed) on control ``rows`` (A's rows, t's rows, groups, CV labels)."""
+    xa, xt, groups, labels = rows
+    w, b, st, _ = fit(xa, xt, groups, labels=labels)
     st.update(extra, control=kind)
     return AffineMap(control_name(a, kind), t, w.astype(np.float32), b.astype(np.float32),
-                     method, st)
+                     str(fit.keywords["method"]), st)
 
 
 def rows_control_maps(ctx: Any, rows: tuple[np.ndarray, np.ndarray], method: str, seed: int
@@ -421,13 +424,15 @@ def rows_control_maps(ctx: Any, rows: tuple[np.ndarray, np.ndarray], method: str
         counts = np.bincount(cls, minlength=ctx.heads[t].num_classes)
         mean = xa.mean(0, dtype=np.float64)
         scale = noise_scale(((xa - mean) ** 2).sum(0), xa.shape[0])
-        out.append(_prior_control(a, t, "noise", method, noise_rows(a, t, idx, cls, mean, scale),
-                                  xt, g, prior, lab, seed, noise_stats(a, t, counts, mean, scale)))
+        fit = partial(select.prior_fit, prior=prior, method=method, seed=seed)
+        out.append(_prior_control(a, t, "noise", fit,
+                                  (noise_rows(a, t, idx, cls, mean, scale), xt, g, lab),
+                                  noise_stats(a, t, counts, mean, scale)))
         if order[a] < order[t]:  # the target permuted: its truth (label) moves with it
-            sa, st_, gs, ls = xa, xt[perm], g, None if lab is None else lab[perm]
+            shuffled = (xa, xt[perm], g, None if lab is None else lab[perm])
         else:  # the source permuted: its group moves with it
-            sa, st_, gs, ls = xa[perm], xt, None if g is None else g[perm], lab
-        out.append(_prior_control(a, t, "shuffled", method, sa, st_, gs, prior, ls, seed,
+            shuffled = (xa[perm], xt, None if g is None else g[perm], lab)
+        out.append(_prior_control(a, t, "shuffled", fit, shuffled,
                                   {"permutation": "one of all training rows"}))
     return out
 

@@ -332,10 +332,10 @@ class PriorMethod(FitMethod):
         for a, t in pairs(ctx.names):
             prior = select.Prior.of(heads[a], heads[t], pv[t])
             xa, xb = x[:, ctx.slices[a]], x[:, ctx.slices[t]]
-            w, b, st, cv = select.prior_fit(xa[~hold], xb[~hold], None if g is None else g[~hold],
-                                            prior, self.name, cv_lab, self.seed)
-            st.update(quality.rows_quality(w, b, xa, xb, hold, g, prior, cv, lab))
-            out.append(as_map(a, t, w, b, self.name, st))
+            fitted = select.prior_fit(xa[~hold], xb[~hold], None if g is None else g[~hold],
+                                      prior, self.name, cv_lab, self.seed)
+            fitted.stats.update(quality.rows_quality(fitted, xa, xb, hold, g, prior, lab))
+            out.append(as_map(a, t, fitted.w, fitted.b, self.name, fitted.stats))
         return out
 
     def images(self, ctx: FitContext, red: Mapping[str, Any]) -> int:

@@ -99,18 +99,19 @@ def pooled(hits: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     return 100.0 * p, 100.0 * se
 
 
-def rows_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
-                 hold: np.ndarray, groups: np.ndarray | None, prior: select.Prior,
-                 cv_pred: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
-    """A rows method's gate: :func:`map_quality` of the map on the held-out rows ``hold``; where
-    they cover fewer than :data:`CV_GATE_GROUPS` groups (but some), also every group scored once
-    by a map that never saw it, from what the fit already computed: the training rows' classes
-    ``cv_pred`` [(~hold).sum()] under the chosen candidate fitted without their CV fold
-    (``select.prior_fit``; −1: not scored) and the held-out rows' under the map. Agreement
+def rows_quality(fitted: select.PriorFit, xa: np.ndarray, xb: np.ndarray, hold: np.ndarray,
+                 groups: np.ndarray | None, prior: select.Prior,
+                 labels: np.ndarray | None = None) -> dict[str, Any]:
+    """A rows method's gate: :func:`map_quality` of the ``fitted`` map on the held-out rows
+    ``hold``; where they cover fewer than :data:`CV_GATE_GROUPS` groups (but some), also every
+    group scored once by a map that never saw it, from what the fit already computed: the
+    training rows' classes ``fitted.cv_pred`` [(~hold).sum()] under the chosen candidate fitted
+    without their CV fold (−1: not scored) and the held-out rows' under the map. Agreement
     with B's own top-1 (top-1 against ``labels`` ≥ 0) pooled over those rows beside the
     logit-pinv map's on the same rows, with standard errors over groups (:func:`pooled`). The
     candidate was chosen on the training rows' CV scores, so their share can be optimistic (the
     prior's is exact: it reads no row)."""
+    w, b = fitted.w, fitted.b
     out = map_quality(w, b, xa[hold], xb[hold], prior, None if labels is None else labels[hold])
     held = int(hold.sum()) if groups is None else int(np.unique(groups[hold]).size)
     out["holdout_groups"] = held
@@ -119,7 +120,7 @@ def rows_quality(w: np.ndarray, b: np.ndarray, xa: np.ndarray, xb: np.ndarray,
     n = int(xa.shape[0])
     wb, cb = prior.head_b.weight.astype(np.float64), prior.head_b.bias.astype(np.float64)
     pred = np.empty(n, np.int64)
-    pred[~hold] = cv_pred
+    pred[~hold] = fitted.cv_pred
     pred[hold] = np.argmax((np.asarray(xa[hold], np.float64) @ w.T + b) @ wb.T + cb, axis=1)
     scored = pred >= 0
     gid = (np.arange(n) if groups is None else np.unique(np.asarray(groups),

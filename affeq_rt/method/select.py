@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -205,14 +205,21 @@ def cv_labels(labels: np.ndarray | None) -> np.ndarray | None:
     return labels if labels is not None and bool((labels >= 0).all()) else None
 
 
+class PriorFit(NamedTuple):
+    """What :func:`prior_fit` returns: the map (W, b) in float64, its stats, and each training
+    row's class under the chosen candidate fitted without the row's CV fold (−1 where not
+    scored), which the quality gate pools with the held-out rows (``quality.rows_quality``)."""
+
+    w: np.ndarray
+    b: np.ndarray
+    stats: dict[str, Any]
+    cv_pred: np.ndarray
+
+
 def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: Prior,
-              method: str, labels: np.ndarray | None = None, seed: int = 0
-              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
-    """``method`` (prior-ridge | prior-pca) on the training rows: CV picks the candidate, then
-    the map is refitted on all of them. Returns (W, b, stats) in float64 and each training row's
-    class under the chosen candidate fitted without the row's CV fold (``cross_validate``; −1
-    where not scored): the quality gate pools them with the held-out rows
-    (``quality.rows_quality``)."""
+              method: str, labels: np.ndarray | None = None, seed: int = 0) -> PriorFit:
+    """``method`` (prior-ridge | prior-pca) on the training rows: CV picks the candidate
+    (``cross_validate``), then the map is refitted on all of them."""
     if method not in solvers.PRIOR_METHODS:
         raise InternalError(f"prior_fit handles {solvers.PRIOR_METHODS}, not {method}")
     best, record, cv_pred = cross_validate(xa, xb, groups, prior, method, labels, seed=seed)
@@ -229,7 +236,7 @@ def prior_fit(xa: np.ndarray, xb: np.ndarray, groups: np.ndarray | None, prior: 
              "pca_rank": int(min(best.value, spec.rank)) if best.kind == "pca" else None,
              "rank": spec.rank, "source_dim": int(d), "underdetermined": n - 1 < d,
              "rank_deficient": spec.rank < d, **record}
-    return w, b, stats, cv_pred
+    return PriorFit(w, b, stats, cv_pred)
 
 
 def rows_fit_in_memory(n: int, dims: Sequence[int]) -> None:
