@@ -217,15 +217,17 @@ def slot_bytes(keys: Sequence[Preprocessing], rows: int) -> int:
 
 
 def _fill(start: int, paths: Sequence[str], keys: Sequence[Preprocessing], pipeline: str,
-          views: Sequence[np.ndarray]) -> tuple[list[bool], list[tuple[int, str, str]]]:
+          views: Sequence[np.ndarray], ready: dict[int, list[np.ndarray]] | None = None
+          ) -> tuple[list[bool], list[tuple[int, str, str]]]:
     """Decode each path once and write its crops, readable samples packed in order, into
-    ``views``; (readable flags, skipped samples). Bad files never raise."""
+    ``views``; (readable flags, skipped samples). ``ready``: crops already made (the GPU's, by
+    position in ``paths``); the others by ``prepare_crops``. Bad files never raise."""
     ok: list[bool] = []
     skipped: list[tuple[int, str, str]] = []
     row = 0
     for j, path in enumerate(paths):
         try:
-            crops = prepare_crops(path, keys, pipeline)
+            crops = ready[j] if ready and j in ready else prepare_crops(path, keys, pipeline)
         except AffeqError as e:
             ok.append(False)
             skipped.append((start + j, path, e.problem))
@@ -282,15 +284,17 @@ def distinct_specs(specs: Sequence[BackboneSpec | Preprocessing]) -> list[Prepro
 
 def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Preprocessing],
                  batch_size: int = 32, workers: int | None = None, start: int = 0,
-                 prefetch: int | None = None,
-                 pipeline: str = DEFAULT_PIPELINE) -> Iterator[Batch]:
+                 prefetch: int | None = None, pipeline: str = DEFAULT_PIPELINE,
+                 device: str | None = None) -> Iterator[Batch]:
     """Yield batches of samples ``[b*batch_size, (b+1)*batch_size)`` from ``start`` (a multiple of
     ``batch_size``), each image decoded once and preprocessed once per distinct spec.
 
     ``workers`` > 0 uses that many decode processes, each writing uint8 crops into one of
     ``prefetch`` shared-memory slots (default 2·workers) so memory stays flat on 1.28M images; 0
     decodes in this process; None picks :func:`default_workers`. ``pipeline`` is how files are
-    decoded and resized (``preprocess.PIPELINES``; ``exact`` reproduces timm's eval transform).
+    decoded and resized (``preprocess.PIPELINES``; ``exact`` reproduces timm's eval transform),
+    resolved for ``device``, where the networks run (None: the CPU; ``cuda``: ``fast`` is
+    ``nvjpeg`` where it loads). ``nvjpeg`` decodes in this process whatever ``workers`` says.
     Stop signals to the process group never reach the decode processes; when the consumer stops
     (a signal, an error, ``close()``) they are killed at once, without waiting for the batches in
     flight. One that dies on its own (the OOM killer) is a one-line error naming its images.
@@ -299,7 +303,7 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
         raise AffeqError(f"batch size must be positive, got {batch_size}", "pass --batch-size ≥ 1")
     if start % batch_size:
         raise InternalError(f"start {start} is not a multiple of batch_size {batch_size}")
-    concrete = resolve_pipeline(pipeline)
+    concrete = resolve_pipeline(pipeline, device)
     keys = distinct_specs(specs)
     paths = [s.path for s in samples]
     n_workers = default_workers() if workers is None else workers
@@ -310,10 +314,17 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
         tensors = {k: normalize_batch(v[:rows], k) for k, v in zip(keys, views, strict=True)}
         return Batch(b, min(b + batch_size, len(paths)), tensors, np.asarray(ok, bool), skipped)
 
-    if n_workers <= 0:
+    if n_workers <= 0 or concrete == "nvjpeg":
         views = _slot_views(bytearray(slot_bytes(keys, batch_size)), keys, batch_size)
+        gpu = "cuda"
+        if concrete == "nvjpeg":
+            from affeq_rt.data.gpu_decode import decode_crops, is_cuda
+
+            gpu = str(device) if is_cuda(device) else "cuda"
         for b in grid:
-            ok, skipped = _fill(b, paths[b:b + batch_size], keys, concrete, views)
+            part = paths[b:b + batch_size]
+            ready = decode_crops(part, keys, gpu) if concrete == "nvjpeg" else None
+            ok, skipped = _fill(b, part, keys, concrete, views, ready)
             yield to_batch(b, ok, skipped, views)
         return
     yield from _pooled(paths, keys, concrete, batch_size, grid, n_workers,

@@ -14,7 +14,12 @@ Pipelines (how a file becomes uint8 crops; the loader's ``pipeline``, issue 25):
   with int16 weights (≈ 15 fractional bits against Pillow's 22), so ≤ 2 levels apart from
   ``exact``, on 0.1–0.3 % of pixels (``pillow``: 0.01–0.1 %); other files, Lanczos/nearest
   geometries and images large enough for DCT downscaling take the ``pillow`` route.
-- ``fast``: ``torchvision`` where it imports, else ``pillow``.
+- ``nvjpeg``: JPEGs decoded on a CUDA GPU by nvJPEG (torchvision) and resized there with
+  Pillow's own taps and rounding (``data.gpu_decode``: bit-identical to ``exact`` given the same
+  decoded pixels, so only the decoder differs); other files take the ``exact`` route one by one.
+  In the consuming process only.
+- ``fast``: ``nvjpeg`` where extraction runs on a CUDA device and it loads, else ``torchvision``
+  where it imports, else ``pillow``.
 
 Normalisation is done per batch (``normalize_batch``, the same float32 operations as
 ``normalize``), so crops travel between processes as uint8.
@@ -63,7 +68,7 @@ DRAFT_KEY = "affeq_rt.draft_scale"
 #: so Pillow's antialiased resize still does the last ≥ 2× of the reduction.
 DRAFT_MARGIN = 2
 
-PIPELINES = ("exact", "fast", "pillow", "torchvision")
+PIPELINES = ("exact", "fast", "pillow", "torchvision", "nvjpeg")
 #: The loader's default pipeline (issue 25: chosen by the top-1 agreement measured with
 #: bench/preprocess_accuracy.py, docs/BENCHMARKS.md).
 DEFAULT_PIPELINE = "exact"
@@ -311,17 +316,28 @@ def _torchvision() -> Any:
     return torch, decode_jpeg, ImageReadMode.RGB, tvf
 
 
-def resolve_pipeline(pipeline: str) -> str:
-    """The concrete pipeline ``pipeline`` names: ``fast`` → ``torchvision`` where it imports,
-    else ``pillow``; AffeqError for an unknown name."""
+def resolve_pipeline(pipeline: str, device: str | None = None) -> str:
+    """The concrete pipeline ``pipeline`` names for extraction on ``device`` (None: the CPU):
+    ``fast`` → ``nvjpeg`` on a CUDA device where it loads, else ``torchvision`` where it imports,
+    else ``pillow`` (on the CPU nothing is imported to decide); ``nvjpeg`` asked where it does
+    not load and unknown names are one-line AffeqErrors."""
     if pipeline not in PIPELINES:
         raise AffeqError(f"unknown preprocessing pipeline {pipeline!r}",
                          f"pass one of {', '.join(PIPELINES)}")
     if pipeline == "fast":
+        if device is not None:
+            from affeq_rt.data.gpu_decode import is_cuda, nvjpeg_status
+
+            if is_cuda(device) and nvjpeg_status(str(device))[0]:
+                return "nvjpeg"
         return "torchvision" if torchvision_installed() else "pillow"
     if pipeline == "torchvision" and not torchvision_installed():
         raise AffeqError("the torchvision preprocessing pipeline needs torchvision",
                          "pip install torchvision, or use the pillow pipeline")
+    if pipeline == "nvjpeg":
+        from affeq_rt.data.gpu_decode import is_cuda, require_nvjpeg
+
+        require_nvjpeg(str(device) if is_cuda(device) else "cuda")
     return pipeline
 
 
@@ -371,8 +387,9 @@ def _torch_route(im: Image.Image, keys: Sequence[Preprocessing]) -> bool:
 
 def prepare_crops(path: str, keys: Sequence[Preprocessing], pipeline: str) -> list[np.ndarray]:
     """Decode ``path`` once and return its uint8 [S, S, 3] crop for each key, by ``pipeline``
-    (a concrete one: see :func:`resolve_pipeline`); AffeqError names an unreadable file."""
-    if pipeline == "exact":
+    (a concrete one: see :func:`resolve_pipeline`; ``nvjpeg`` here is its per-file CPU route,
+    ``exact``'s); AffeqError names an unreadable file."""
+    if pipeline in ("exact", "nvjpeg"):  # nvjpeg: a file the GPU route did not take
         img = load_image(path)
         return [crop(img, k) for k in keys]
     if pipeline == "torchvision":
