@@ -62,8 +62,9 @@ Workers = Annotated[int | None, typer.Option(
 Preprocessing = Annotated[str, typer.Option(
     "--preprocessing", help="Image decode/resize path: exact (timm's eval transform: published "
     "numbers) | fast (torchvision's libjpeg-turbo decode and antialiased resize where installed, "
-    "else pillow) | pillow (region resize, JPEG draft decoding) | torchvision. Agreement with "
-    "exact and speed: docs/BENCHMARKS.md.", rich_help_panel=IMAGES)]
+    "else pillow) | pillow (region resize, JPEG draft decoding) | torchvision | nvjpeg (JPEGs "
+    "decoded on a CUDA GPU by nvJPEG, then exact's resize; needs torch with CUDA and "
+    "torchvision). Agreement with exact and speed: docs/BENCHMARKS.md.", rich_help_panel=IMAGES)]
 RandomWeights = Annotated[bool, typer.Option(
     "--random-weights", help="Export backbones with random weights (plumbing tests and "
     "benchmarks without checkpoints).", rich_help_panel=NETWORKS)]
