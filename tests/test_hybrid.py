@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 skd = pytest.importorskip("skimage.data")
 
 from affeq_rt.deploy.compose import compose_hybrid  # noqa: E402
-from affeq_rt.deploy.from_names import given_map, hybrid, hybrid_map  # noqa: E402
+from affeq_rt.deploy.from_names import DataFree, MapsFile, hybrid, map_source  # noqa: E402
 from affeq_rt.deploy.hybrid import (  # noqa: E402
     HybridOptions,
     HybridParts,
@@ -33,6 +33,7 @@ from affeq_rt.deploy.verify import TOL_FP16, verification_inputs  # noqa: E402
 from affeq_rt.errors import AffeqError  # noqa: E402
 from affeq_rt.io.heads import Head  # noqa: E402
 from affeq_rt.io.maps import AffineMap, MapSet, save_maps  # noqa: E402
+from affeq_rt.method.images import ImageOptions  # noqa: E402
 from affeq_rt.onnx.exported import ExportedBackbone  # noqa: E402
 from affeq_rt.registry.spec import BackboneSpec, WeightsSource  # noqa: E402
 
@@ -413,16 +414,18 @@ def test_maps_for_another_pair_or_width(parts: TinyParts, tmp_path: Path) -> Non
     f = tmp_path / "maps.safetensors"
     save_maps(f, MapSet([parts.map]))
     a, b = parts.a_exp, parts.b_exp
-    assert given_map(a.spec, b.spec, maps=f).weight.shape == (10, 12)
-    assert given_map(a.spec, b.spec) is None  # to be made: fitted, or the data-free map
+    source = MapsFile(f)
+    source.check(a.spec, b.spec)
+    assert source.make(a, b, ImageOptions(), None).weight.shape == (10, 12)
+    assert isinstance(map_source(), DataFree)  # to be made: the data-free map
     with pytest.raises(AffeqError, match="no map tiny_b->tiny_a"):
-        given_map(b.spec, a.spec, maps=f)
+        source.check(b.spec, a.spec)
     with pytest.raises(AffeqError, match="is 10x12, but tiny_b has 10 and tiny_a has 16"):
-        given_map(replace(a.spec, feature_dim=16), b.spec, maps=f)  # A has another width
+        source.check(replace(a.spec, feature_dim=16), b.spec)  # A has another width
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(AffeqError, match="corrupt"):
-        given_map(a.spec, b.spec, maps=corrupt)
+        map_source(maps=corrupt)
     zeros = np.zeros(10, np.float32)
     cases = [(AffineMap("tiny_a", "tiny_b", np.zeros((10, 9), np.float32), zeros, "ols"),
               "is 10x9, but tiny_b has 10 and tiny_a has 12 features"),
@@ -453,7 +456,7 @@ def test_data_free_map_is_logit_pinv_and_keeps_a_s_logits(parts: TinyParts,
     (thesis §5.5). B has 7 classes and 10 features, so W_B W_B⁺ = I and the hybrid's logits are
     A's own classifier's, W_A F_A(x) + b_A: checked against A's head in float64 from torch."""
     a, b = parts.a_exp, parts.b_exp
-    amap = hybrid_map(a, b)
+    amap = DataFree().make(a, b, ImageOptions(), None)
     assert (amap.method, amap.src, amap.dst) == ("logit-pinv", "tiny_a", "tiny_b")
     wa, ba = (t.detach().double().numpy() for t in (parts.head_a.weight, parts.head_a.bias))
     wb, bb = (np.asarray(t, np.float64) for t in parts.head_wb)
@@ -490,9 +493,9 @@ def test_unknown_names_and_bad_arguments(tmp_path: Path) -> None:
 
 def test_maps_and_fit_on_together_are_refused(parts: TinyParts, tmp_path: Path) -> None:
     with pytest.raises(AffeqError, match="both --maps and --fit-on"):
-        given_map(parts.spec_a, parts.spec_b, maps=tmp_path / "m.safetensors", fit_on=tmp_path)
+        map_source(maps=tmp_path / "m.safetensors", fit_on=tmp_path)
     with pytest.raises(AffeqError, match="is not a folder"):
-        given_map(parts.spec_a, parts.spec_b, fit_on=tmp_path / "nothing")
+        map_source(fit_on=tmp_path / "nothing").check(parts.spec_a, parts.spec_b)
 
 
 def test_corrupt_maps_file_via_cli(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def predict(target: str | os.PathLike, images: Sequence[str | os.PathLike], top:
         spec = get_spec(str(target))  # an unknown name fails before any work
         decoded = _decode(images)
         or_silent(progress).step(f"preparing {spec.name}")
-        exp = ensure_exported(spec.name, root=export_root, progress=progress)
+        exp = ensure_exported(spec, root=export_root, progress=progress)
     x = np.stack([preprocess(im, exp.spec) for im in decoded])
     logits, prov = exp.logits(x, provider=provider, batch_size=BATCH_SIZE, fp16=fp16)
     return Prediction(exp.name, exp.path, prov, topk(logits, top, exp.spec.label_offset), logits)

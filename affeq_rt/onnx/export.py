@@ -266,12 +266,13 @@ def _reusable(folder: Path, spec: BackboneSpec, weights: str | os.PathLike | Non
     return exp if same else None
 
 
-def ensure_exported(name: str, root: str | os.PathLike | None = None,
+def ensure_exported(name: str | BackboneSpec, root: str | os.PathLike | None = None,
                     weights: str | os.PathLike | None = None, random_weights: bool = False,
                     progress: Progress | None = None) -> ExportedBackbone:
-    """A valid export of ``name`` (same spec, requested weights, checksums intact) in
-    ``<root>/<canonical name>``, exported there first if there is none."""
-    spec = get_spec(name)
+    """A valid export of ``name`` (a registry name, or its resolved spec) with the same spec,
+    the requested weights and checksums intact, in ``<root>/<canonical name>``, exported there
+    first if there is none."""
+    spec = name if isinstance(name, BackboneSpec) else get_spec(name)
     base = _root(root)
     found = _reusable(base / spec.name, spec, weights, random_weights)
     if found is not None:
