@@ -1,6 +1,6 @@
 """GPU benchmarks (issue 15): each figure against its baseline in the same run, JSON records out.
 
-Parts (``--only gram,evaluate,extract``; scripts/gpu-check.sh runs each as its own step):
+Parts (``--only gram,evaluate,extract,decode``; scripts/gpu-check.sh runs each as its own step):
 
 * ``gram``: ``GramAccumulator`` on cuda (float64 blocks, cuBLAS dgemm) vs cupy/cuBLAS ``X.T @ X`` in
   TF32 and FP64 (FP64 includes the float32→float64 copy), and the accuracy of each against the
@@ -10,6 +10,12 @@ Parts (``--only gram,evaluate,extract``; scripts/gpu-check.sh runs each as its o
 * ``extract``: one registry network with random weights: torch CUDA eager fp16 (the baseline a
   researcher uses), then onnxruntime's CUDA and TensorRT providers where this onnxruntime has
   them ("absent" otherwise, not a failure).
+* ``decode``: the feed (issue 25 item 3): the loader's ``nvjpeg`` pipeline (nvJPEG decode + the
+  exact resize on the GPU) against CPU decode on the same JPEGs, in this process: ``exact`` and
+  ``fast``'s CPU path, images per second and per CPU-second; agreement with ``exact`` (pixels,
+  then a random-weight network's features and top-1). "not available" with the reason where
+  nvjpeg does not load (no CUDA torch, no torchvision, a torchvision without nvJPEG). The dry run
+  runs the same code with nvjpeg's decode on the CPU (libjpeg-turbo: agreement must be exact).
 
 Records: ``{name, value, unit, baseline, ratio = value / baseline, notes}``, written after every
 record (a step killed by its timeout keeps what it measured). Times are the median of
@@ -356,6 +362,163 @@ def bench_extract(ctx: Ctx, sink: Sink, model: str, batch: int, size: int | None
             sink.error(name, e)
 
 
+# ---- decode ------------------------------------------------------------------------------------
+def decode_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` photo-like JPEGs (quality 90, 4:2:0), ImageNet's common sizes (500×375, a
+    quarter 375×500): smooth random fields (upsampled noise) with hard-edged shapes. Needs only
+    NumPy and Pillow (the GPU machine has no scikit-image)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        w, h = (375, 500) if i % 4 == 3 else (500, 375)
+        low = rng.integers(0, 256, (h // 25 + 2, w // 25 + 2, 3), dtype=np.uint8)
+        im = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(im)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            box = (x0, y0, x0 + int(rng.integers(20, 160)), y0 + int(rng.integers(20, 160)))
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if i % 2 else draw.rectangle)(box, fill=fill)
+        p = folder / f"img{i:05d}.jpg"
+        im.save(p, quality=90)
+        out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def nvjpeg_on_cpu() -> Iterator[None]:
+    """The dry run's stand-in: ``nvjpeg`` available, its decode by torchvision on the CPU."""
+    from affeq_rt.data import gpu_decode as gd
+
+    real_status, real_decode = gd.nvjpeg_status, gd.decode_crops
+    gd.nvjpeg_status = lambda _device="cuda": (True, "")  # type: ignore[assignment]
+    gd.decode_crops = lambda paths, keys, _device="cuda": real_decode(paths, keys, "cpu")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gd.nvjpeg_status, gd.decode_crops = real_status, real_decode
+
+
+def _levels(x: np.ndarray, key: Any) -> np.ndarray:
+    """Normalised float32 [N, 3, S, S] back to 0..255 levels (rounded)."""
+    m = np.asarray(key.mean, np.float64)[None, :, None, None]
+    s = np.asarray(key.std, np.float64)[None, :, None, None]
+    return np.rint((x.astype(np.float64) * s + m) * 255.0)
+
+
+def bench_decode(ctx: Ctx, sink: Sink, count: int, batch: int, model: str | None) -> None:
+    """nvjpeg vs CPU decode (exact, fast) through the loader on the same files; agreement."""
+    from affeq_rt.data.loader import iter_batches
+    from affeq_rt.data.preprocess import resolve_pipeline
+    from affeq_rt.data.readers import discover
+    from affeq_rt.registry.spec import Preprocessing
+
+    key = Preprocessing(224, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    tag = f"decode {count} JPEGs 500x375 -> 224 bicubic, batch {batch}, in-process"
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="affeq-decode-"))
+        decode_photos(folder, count)
+        samples = discover(folder).samples
+        cpu_fast = resolve_pipeline("fast")  # the CPU's fast path (no device given)
+    except Exception as e:  # noqa: BLE001
+        sink.error(f"{tag}: setup", e)
+        return
+    stand_in = contextlib.nullcontext() if not ctx.dry else nvjpeg_on_cpu()
+    with stand_in:
+        from affeq_rt.data import gpu_decode as gd
+
+        ok, why = gd.nvjpeg_status("cuda")
+        device = "cuda"
+        how = "nvJPEG (torchvision) + exact resize on cuda" if not ctx.dry else \
+            "DRY RUN: nvjpeg's code with torchvision's CPU decode"
+
+        def load(pipeline: str) -> tuple[list[Any], float, float]:
+            """(tensors per batch, wall s, process CPU s) of one pass of the loader."""
+            w0, c0 = time.perf_counter(), time.process_time()
+            out = [b.tensors[key] for b in iter_batches(samples, [key], batch_size=batch,
+                                                         workers=0, pipeline=pipeline,
+                                                         device=device)]
+            return out, time.perf_counter() - w0, time.process_time() - c0
+
+        runs: dict[str, list[tuple[float, float]]] = {}
+        tensors: dict[str, list[Any]] = {}
+        names = ["exact", cpu_fast] + (["nvjpeg"] if ok else [])
+        try:
+            for p in names:
+                load(p)  # warm-up: imports, CUDA context, taps cache
+            for _ in range(min(ctx.repeats, 3)):  # whole passes over the files: 3 suffice
+                for p in names:  # interleaved, so load changes hit every contender alike
+                    t, wall, cpu = load(p)
+                    tensors[p] = t
+                    runs.setdefault(p, []).append((wall, cpu))
+        except Exception as e:  # noqa: BLE001
+            sink.error(f"{tag}: loader", e)
+            return
+        ips = {p: count / min(w for w, _ in r) for p, r in runs.items()}
+        ipc = {p: count / max(min(c for _, c in r), 1e-9) for p, r in runs.items()}
+        if not ok:
+            for base in ("exact", cpu_fast):
+                sink.add(record(f"{tag}: nvjpeg vs {base} (CPU)", None, "img/s", ips[base],
+                                f"not available: {why}"))
+            sink.add(record(f"{tag}: {cpu_fast} (CPU) vs exact (CPU)", ips[cpu_fast], "img/s",
+                            ips["exact"], "CPU decode only"))
+            return
+        for base in ("exact", cpu_fast):
+            sink.add(record(f"{tag}: nvjpeg vs {base} (CPU)", ips["nvjpeg"], "img/s", ips[base],
+                            f"{how}; wall, best of {min(ctx.repeats, 3)}; {base} = "
+                            f"Pillow/libjpeg-turbo decode + resize on one CPU thread; host "
+                            f"float32 batches both"))
+            sink.add(record(f"{tag}: nvjpeg vs {base} (CPU), per CPU-second", ipc["nvjpeg"],
+                            "img/CPU-s", ipc[base], "this process's CPU time (the CPU left for "
+                            "the networks)"))
+        diff = {p: np.concatenate([np.abs(_levels(a, key) - _levels(b, key)).ravel() for a, b in
+                                   zip(tensors[p], tensors["exact"], strict=True)])
+                for p in ("nvjpeg", cpu_fast)}
+        sink.add(record(f"{tag}: pixels differing from exact, nvjpeg vs {cpu_fast}",
+                        float((diff["nvjpeg"] > 0).mean()), "fraction",
+                        float((diff[cpu_fast] > 0).mean()),
+                        f"max level diff nvjpeg {diff['nvjpeg'].max():.0f}, {cpu_fast} "
+                        f"{diff[cpu_fast].max():.0f}; mean |diff| nvjpeg "
+                        f"{diff['nvjpeg'].mean():.3f}"))
+        if model:
+            _decode_features(ctx, sink, tag, model, {p: tensors[p] for p in ("exact", "nvjpeg",
+                                                                             cpu_fast)}, batch)
+
+
+def _decode_features(ctx: Ctx, sink: Sink, tag: str, model: str, tensors: dict[str, list[Any]],
+                     batch: int) -> None:
+    """Features and top-1 of ``model`` (random weights: the GPU machine is offline) on each
+    pipeline's tensors, against exact's: max |Δfeature| / max |feature|, argmax agreement."""
+    if ctx.dry:
+        sink.add(record(f"{tag}: {model} features, nvjpeg vs exact", None, "max rel diff",
+                        None, "not run (dry run: the export takes minutes on a CPU)"))
+        return
+    try:
+        from affeq_rt.method.images import open_networks, run_network
+
+        net = open_networks([model], provider="auto", export_root=tempfile.mkdtemp(),
+                            random_weights=True)[0]
+        cpu_fast = next(p for p in tensors if p not in ("exact", "nvjpeg"))
+        feats = {p: np.concatenate([run_network(net, x, batch) for x in xs])
+                 for p, xs in tensors.items()}
+        top1 = {p: (f @ net.head.weight.T + net.head.bias).argmax(axis=1)
+                for p, f in feats.items()}
+        scale = float(np.abs(feats["exact"]).max())
+        rel = {p: float(np.abs(feats[p] - feats["exact"]).max()) / scale
+               for p in ("nvjpeg", cpu_fast)}
+        agree = {p: float((top1[p] == top1["exact"]).mean()) for p in ("nvjpeg", cpu_fast)}
+        note = (f"random weights, provider {net.session.provider}; baseline = {cpu_fast} (CPU) "
+                f"vs exact")
+        sink.add(record(f"{tag}: {model} max feature diff vs exact, nvjpeg vs {cpu_fast}",
+                        rel["nvjpeg"], "max rel diff", rel[cpu_fast], note))
+        sink.add(record(f"{tag}: {model} top-1 agreement with exact, nvjpeg vs {cpu_fast}",
+                        agree["nvjpeg"], "fraction", agree[cpu_fast], note))
+    except Exception as e:  # noqa: BLE001
+        sink.error(f"{tag}: {model} features", e)
+
+
 # ---- markdown ----------------------------------------------------------------------------------
 def markdown(doc: dict[str, Any]) -> str:
     """The docs/BENCHMARKS.md GPU section's measured part, from a gpu-check results.json."""
@@ -381,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the selected parts; exit 1 if any part raised (its record says why)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, NumPy stand-ins, tiny sizes")
-    ap.add_argument("--only", default="gram,evaluate,extract", help="comma list of parts")
+    ap.add_argument("--only", default="gram,evaluate,extract,decode", help="comma list of parts")
     ap.add_argument("--out", type=Path, help="records JSON (rewritten after every record)")
     ap.add_argument("--markdown", type=Path, metavar="RESULTS",
                     help="print the BENCHMARKS.md GPU table from gpu-check's results.json")
@@ -389,12 +552,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--model", default="resnet50", help="registry network for extraction")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--decode-images", type=int, default=None, help="JPEGs for the decode part")
+    ap.add_argument("--decode-model", default="mobilenet_v2",
+                    help="registry network (random weights) for the decode part's agreement; "
+                         "'' skips it")
     a = ap.parse_args(argv)
     if a.markdown:
         print(markdown(json.loads(a.markdown.read_text())))
         return 0
     parts = [p for p in a.only.split(",") if p]
-    unknown = set(parts) - {"gram", "evaluate", "extract"}
+    unknown = set(parts) - {"gram", "evaluate", "extract", "decode"}
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
     dry = a.dry_run
@@ -409,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
                        3 if dry else 10, 20 if dry else 1000)
     if "extract" in parts:
         bench_extract(ctx, sink, a.model, a.batch or (2 if dry else 64), 64 if dry else None)
+    if "decode" in parts:
+        bench_decode(ctx, sink, a.decode_images or (12 if dry else 256), 4 if dry else 64,
+                     a.decode_model or None)
     errs = validate_records(sink.records)
     for e in errs:
         print(f"schema: {e}", file=sys.stderr)

@@ -52,7 +52,7 @@ TOP_KEYS: dict[str, tuple[type, ...]] = {
     "records": (list,),
     "problems": (list,),
 }
-BENCH_PARTS = ("gram", "evaluate", "extract")
+BENCH_PARTS = ("gram", "evaluate", "extract", "decode")
 
 
 def now() -> str:
@@ -153,7 +153,7 @@ def gather_env() -> dict[str, Any]:
                     "--format=csv,noheader"),
         "nvcc": nvcc.splitlines()[-1] if nvcc else None,
         "packages": _versions(("numpy", "torch", "cupy", "onnx", "onnxruntime", "timm",
-                               "torchvision", "pytest", "scikit-build-core", "pybind11")),
+                               "torchvision", "pytest", "scikit-build-core", "pybind11", "pillow")),
     }
     try:
         import onnxruntime as ort

@@ -2,7 +2,7 @@
 # shellcheck disable=SC2317  # step functions run indirectly: step NAME FUNCTION (bash -c)
 # The GPU paths checked in one shot (issue 15): build affeq-rt with its CUDA backend from this tree
 # into a fresh venv (offline: --wheels DIR from scripts/gpu-wheels.sh), probe the backends, run the
-# `gpu`-marked tests and bench/gpu.py, write logs + results.json to --out DIR (or $OUT), print a table.
+# `gpu`-marked tests and bench/gpu.py (gram, evaluate, extract, decode), write logs + results.json to --out DIR (or $OUT), print a table.
 #
 #   scripts/gpu-check.sh --wheels /path/wheels --out /tmp/gpu-out   # on a GPU machine, < 8 min
 #   scripts/gpu-check.sh --dry-run --out /tmp/gpu-dry              # the script's logic, on any CPU
@@ -288,7 +288,7 @@ fi
 
 BENCH=("$PY" "$REPO/bench/gpu.py")
 [[ $DRY -eq 1 ]] && BENCH+=(--dry-run)
-for part in gram evaluate extract; do
+for part in gram evaluate extract decode; do
   step "bench-$part" "${BENCH[@]}" --only "$part" --out "$OUTDIR/bench/$part.json"
 done
 

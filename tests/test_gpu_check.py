@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
-STEPS = ["env", "build", "backends", "gpu-tests", "bench-gram", "bench-evaluate", "bench-extract"]
+STEPS = ["env", "build", "backends", "gpu-tests", "bench-gram", "bench-evaluate", "bench-extract",
+         "bench-decode"]
 
 
 def _load(name: str) -> ModuleType:
@@ -51,7 +52,8 @@ def test_dry_run_layout_and_schema(dry: tuple[Path, subprocess.CompletedProcess[
     out, p = dry
     assert p.returncode == 0, p.stdout + p.stderr
     for f in ("results.json", "env.json", "backends.json", "run.json", "steps.tsv", "table.txt",
-              "bench/gram.json", "bench/evaluate.json", "bench/extract.json"):
+              "bench/gram.json", "bench/evaluate.json", "bench/extract.json",
+              "bench/decode.json"):
         assert (out / f).is_file(), f
     doc = json.loads((out / "results.json").read_text())
     assert results.validate(doc) == []
@@ -66,6 +68,15 @@ def test_dry_run_layout_and_schema(dry: tuple[Path, subprocess.CompletedProcess[
     assert any(n.startswith("gram") for n in names)
     assert any(n.startswith("evaluate") for n in names)
     assert any(n.startswith("extract") for n in names)
+    # the GPU decode part: in the dry run nvjpeg's own code with a libjpeg-turbo decode, so it
+    # is timed against both CPU paths and its crops equal exact's (0 pixels differ)
+    decode = {r["name"].split(": ", 1)[1]: r for r in doc["records"]
+              if r["name"].startswith("decode")}
+    assert decode["nvjpeg vs exact (CPU)"]["value"] > 0
+    assert decode["nvjpeg vs exact (CPU)"]["baseline"] > 0
+    agree = next(r for n, r in decode.items() if n.startswith("pixels differing from exact"))
+    assert agree["value"] == 0.0
+    assert "max level diff nvjpeg 0," in agree["notes"]
     assert all(r["unit"] != "error" for r in doc["records"]), doc["records"]
     # the table is printed last, then the pointer to the files
     tail = p.stdout.strip().splitlines()

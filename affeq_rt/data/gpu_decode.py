@@ -117,8 +117,8 @@ _TAPS = _Taps()
 
 def _round_pass(torch: Any, acc: Any) -> Any:
     """Pillow's ``clip8`` of an accumulated pass: (2²¹ + Σ) >> 22, clipped to 0..255."""
-    return torch.clamp(torch.floor((acc + float(1 << (PRECISION_BITS - 1)))
-                                   * (1.0 / (1 << PRECISION_BITS))), 0.0, 255.0)
+    acc.add_(float(1 << (PRECISION_BITS - 1))).mul_(1.0 / (1 << PRECISION_BITS))
+    return acc.floor_().clamp_(0.0, 255.0)  # in place: ``acc`` is the matmul's own result
 
 
 @lru_cache(maxsize=1)
