@@ -13,7 +13,10 @@ import os
 import signal
 import sys
 
-INTERRUPTED_LINE = "interrupted; rerun the same command to resume"
+#: What a stop leaves: nothing half-written (files are written atomically); extract's store and
+#: fit's checkpoint (with --out) keep the work done, so only those two resume.
+RERUN = "rerun the same command (extract and fit resume where they stopped)"
+INTERRUPTED_LINE = f"interrupted; {RERUN}"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -21,7 +24,7 @@ def stop_line(signum: int) -> str:
     """The one line a stop by ``signum`` prints."""
     if signum == signal.SIGINT:
         return INTERRUPTED_LINE
-    return f"stopped by {signal.Signals(signum).name}; rerun the same command to resume"
+    return f"stopped by {signal.Signals(signum).name}; {RERUN}"
 
 
 def _early_stop(signum: int, _frame: object) -> None:
