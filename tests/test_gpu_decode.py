@@ -246,10 +246,11 @@ def test_cuda_resize_equals_cpu_resize() -> None:
 @gpu
 @needs_nvjpeg
 def test_cuda_nvjpeg_loader_skips_like_exact(tmp_path: Path) -> None:
-    """On the GPU: the same readable/skipped samples and reasons as ``exact``, and each crop
-    close to exact's. Only the decoder differs: nvJPEG's IDCT and chroma upsampling round
-    differently from libjpeg-turbo's (±1–2 levels on most pixels of a quality-90 JPEG, more on
-    sharp colour edges), which the resize averages: mean |Δ| ≤ 2 levels per crop."""
+    """On the GPU: the same readable/skipped samples and reasons as ``exact``, each crop close
+    to exact's, and the same bytes when resumed. Only the decoder differs: nvJPEG's IDCT and
+    chroma upsampling round differently from libjpeg-turbo's (±1–2 levels on most pixels of a
+    quality-90 JPEG, more on sharp colour edges), which the resize averages: mean |Δ| ≤ 2
+    levels per crop."""
     from affeq_rt.data.readers import discover
 
     for i, (w, h) in enumerate([(500, 375), (375, 500), (300, 900), (640, 480)]):
@@ -270,3 +271,8 @@ def test_cuda_nvjpeg_loader_skips_like_exact(tmp_path: Path) -> None:
             assert d.reshape(len(d), -1).mean(axis=1).max() <= 2.0
     assert prepare_crops(str(tmp_path / "p6.png"), KEYS[:1], "nvjpeg")[0].tobytes() == \
         crop(load_image(tmp_path / "p6.png"), KEYS[0]).tobytes()
+    # resumed at the second batch: the same bytes (what keeps a store byte-identical on resume)
+    again = list(iter_batches(src.samples, KEYS, batch_size=3, start=3, pipeline="nvjpeg",
+                              device="cuda"))
+    assert [{k: v.tobytes() for k, v in b.tensors.items()} for b in again] == \
+        [{k: v.tobytes() for k, v in b.tensors.items()} for b in nv[1:]]

@@ -115,7 +115,7 @@ class _Taps:
 _TAPS = _Taps()
 
 
-def _round_pass(torch: Any, acc: Any) -> Any:
+def _round_pass(acc: Any) -> Any:
     """Pillow's ``clip8`` of an accumulated pass: (2²¹ + Σ) >> 22, clipped to 0..255."""
     acc.add_(float(1 << (PRECISION_BITS - 1))).mul_(1.0 / (1 << PRECISION_BITS))
     return acc.floor_().clamp_(0.0, 255.0)  # in place: ``acc`` is the matmul's own result
@@ -173,13 +173,13 @@ def crop_tensor(t: Any, key: Preprocessing, source: str = "the image") -> Any:
         return x.permute(1, 2, 0).contiguous()
     x = x.to(torch.float64)
     if wx is not None and wy is not None and vertical_first(w, h, nw, nh):
-        x = _round_pass(torch, torch.matmul(wy, x))  # [3, S, cols]
-        x = _round_pass(torch, torch.matmul(x, wx.T))
+        x = _round_pass(torch.matmul(wy, x))  # [3, S, cols]
+        x = _round_pass(torch.matmul(x, wx.T))
     else:
         if wx is not None:
-            x = _round_pass(torch, torch.matmul(x, wx.T))  # [3, rows, S]
+            x = _round_pass(torch.matmul(x, wx.T))  # [3, rows, S]
         if wy is not None:
-            x = _round_pass(torch, torch.matmul(wy, x))
+            x = _round_pass(torch.matmul(wy, x))
     return x.to(torch.uint8).permute(1, 2, 0).contiguous()
 
 

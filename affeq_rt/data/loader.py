@@ -8,6 +8,8 @@ Decode processes (issue 25) write uint8 crops straight into shared-memory slots 
 which samples were readable; the consumer normalises each batch once, vectorised
 (``normalize_batch``). Every worker count runs the same per-image code and the same normalisation,
 so the tensors (and the stores written from them) are byte-identical for a fixed pipeline.
+The ``nvjpeg`` pipeline (``data.gpu_decode``) decodes on a CUDA GPU in this process instead, one
+batched call per batch, and hands the same uint8 crops to the same normalisation.
 
 The decode processes are the loader's own (:class:`_Decoders`, issue 23), not a
 ``multiprocessing.Pool``: they run in a session of their own, so a stop signal sent to the
