@@ -3,8 +3,9 @@
 One run reports (issue 25):
 
 1. loader only, one preprocessing (the first model's), in this process: images per CPU-second of
-   our loader on each pipeline (``exact``, ``pillow``, ``torchvision``) against a minimal Pillow
-   loop (timm's eval transform written out) and a minimal torchvision loop;
+   our loader on each pipeline (``exact``, ``pillow``, ``torchvision``, and ``nvjpeg`` where it
+   loads: a CUDA GPU) against a minimal Pillow loop (timm's eval transform written out) and a
+   minimal torchvision loop;
 2. worker scaling: our loader (default pipeline) with 0, 1, 2, … decode processes: images per
    second (wall) and per CPU-second (this process and its workers);
 3. end to end: the decode-once extraction (what ``feature_batches`` does), for each pipeline of
@@ -39,8 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
+from affeq_rt.data.gpu_decode import device_of_providers
 from affeq_rt.data.loader import default_workers, iter_batches
-from affeq_rt.data.preprocess import DEFAULT_PIPELINE, load_image, preprocess, resolve_pipeline
+from affeq_rt.data.preprocess import (
+    DEFAULT_PIPELINE,
+    load_image,
+    preprocess,
+    resolve_pipeline,
+    torchvision_installed,
+)
 from affeq_rt.data.readers import discover
 from affeq_rt.method.extract import open_networks, parse_models, run_network
 
@@ -258,6 +266,12 @@ def main() -> None:
                 fns["minimal_torchvision"]()  # warm: torch's import is not a per-image cost
             except ImportError:
                 pass
+            from affeq_rt.data.gpu_decode import nvjpeg_status
+
+            ok, why = nvjpeg_status() if torchvision_installed() else (False, "no torchvision")
+            rec["nvjpeg_here"] = "available" if ok else f"not available: {why}"
+            if ok:  # the GPU decode (issue 25 item 3), in this process like the others
+                fns["ours_nvjpeg"] = ours("nvjpeg", 0, [spec])
             res = measure(fns, args.repeats)
             base = n / res["minimal_pillow"]["cpu_s"]
             rec["loader_one_preprocessing_in_process"] = {
@@ -292,10 +306,14 @@ def main() -> None:
         if "end-to-end" in parts:
             workers = args.workers if args.workers is not None else default_workers()
 
+            device = device_of_providers([n_.session.provider for n_ in nets])
+            rec["end_to_end_pipelines_here"] = [resolve_pipeline(p, device) for p in pipelines]
+
             def extract_run(pipeline: str) -> Callable[[], None]:
                 def run() -> None:  # feature_batches' two lines, with this pipeline
                     for batch in iter_batches(samples, [n_.spec for n_ in nets], batch_size=bs,
-                                              workers=workers, pipeline=pipeline):
+                                              workers=workers, pipeline=pipeline,
+                                              device=device):
                         for n_ in nets:
                             run_network(n_, batch.tensors[n_.key], bs)
                 return run
