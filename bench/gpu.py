@@ -389,8 +389,14 @@ def decode_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 @contextlib.contextmanager
 def nvjpeg_on_cpu() -> Iterator[None]:
-    """The dry run's stand-in: ``nvjpeg`` available, its decode by torchvision on the CPU."""
+    """The dry run's stand-in: ``nvjpeg`` available, its decode by torchvision on the CPU
+    (without torchvision: nothing changed, nvjpeg is "not available")."""
     from affeq_rt.data import gpu_decode as gd
+    from affeq_rt.data.preprocess import torchvision_installed
+
+    if not torchvision_installed():
+        yield
+        return
 
     real_status, real_decode = gd.nvjpeg_status, gd.decode_crops
     gd.nvjpeg_status = lambda _device="cuda": (True, "")  # type: ignore[assignment]
