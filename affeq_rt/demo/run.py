@@ -28,7 +28,12 @@ from affeq_rt.data.preprocess import sample_photo
 from affeq_rt.data.readers import Sample
 from affeq_rt.demo import digits
 from affeq_rt.demo import photos as ph
-from affeq_rt.demo.controls import digits_controls, photo_controls
+from affeq_rt.demo.controls import (
+    control_rows,
+    controls_reading,
+    digits_controls,
+    photo_controls,
+)
 from affeq_rt.demo.depth import PHOTO_PAIR, depth_summary, digits_depth, photo_depth
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
@@ -317,9 +322,10 @@ def _controls_part(res: DemoResult, part: str, make: Callable[[], EvalTable], wh
         res.notes.append(f"{part} controls skipped: {e}")
         say(f"controls ({part}): skipped ({e})")
         return []
+    ct = res.controls[part].controls
     return [(f"{CONTROLS_TITLE} ({part})",
-             f"<p class='note'>{html.escape(what)}</p>"
-             + controls_html(res.controls[part].controls))]
+             f"<p class='note'>{html.escape(what)}</p>" + controls_html(ct)
+             + f"<p><b>Reading.</b> {html.escape(controls_reading(ct))}</p>")]
 
 
 DIGIT_CONTROLS = ("Digits miniature, OLS maps, held-out top-1. Random weights: the three "
@@ -330,6 +336,18 @@ DIGIT_CONTROLS = ("Digits miniature, OLS maps, held-out top-1. Random weights: t
 PHOTO_PINV_CONTROLS = ("The same networks and test photos through the data-free logit-pinv maps "
                        "(thesis §5.5); the same architectures' random weights give the only "
                        "control a map that reads no image has.")
+PHOTO_DEFAULT_CONTROLS = (
+    "Real-weight photo networks (efficientnet_lite0, mobilenet_v2), prior-ridge maps: the default "
+    "estimator (what fit --method auto picks for so few views; shrunk toward the logit-pinv map, "
+    "strength by cross-validation over whole fit photos), the photo table's own maps; agreement "
+    "with the target's own prediction on the unseen test photos. Every control is fitted by the "
+    "same estimator on the same fit views: random weights (the same architectures exported with "
+    "random weights, their own float32 extraction of the views), structured noise and shuffled "
+    "pairs. The shuffled control starts from the same prior, which reads the source's real "
+    "features through both heads, so it is not expected at chance: its margin is what the images "
+    "taught the map beyond the prior, and where it is the hybrid's own map it is reported, not "
+    "counted. Chance is the most any predictor that ignores the image can expect; a control may "
+    "sit below it.")
 PHOTO_CONTROLS = ("Real-weight photo networks (efficientnet_lite0, mobilenet_v2), ridge maps "
                   "fitted on the fit photos' views, agreement with the target's own prediction on "
                   "the unseen test photos. Random weights: the same architectures exported with "
@@ -394,7 +412,8 @@ def _photo_part(root: Path, res: DemoResult, quick: bool, hybrid: bool,
             got.update(photo_controls(root / "photos", pres["stores"], seed=seed, say=say))
         return got[method]
 
-    for method, what in (("ridge", PHOTO_CONTROLS), ("logit-pinv", PHOTO_PINV_CONTROLS)):
+    for method, what in (("prior-ridge", PHOTO_DEFAULT_CONTROLS), ("ridge", PHOTO_CONTROLS),
+                         ("logit-pinv", PHOTO_PINV_CONTROLS)):
         extra += _controls_part(res, f"photos, {method}", lambda m=method: controls_of(m), what,
                                 say)
     if hybrid:
@@ -433,7 +452,10 @@ def _write_demo_report(res: DemoResult, extra: list[tuple[str, str]], quick: boo
                            "quick": quick,
                            "photos": {m: t.to_dict() for m, t in res.photos.items()},
                            "photo_info": res.photo_info, "hybrid": res.hybrid, "notes": res.notes,
-                           "controls": {k: t.controls.to_dict() for k, t in res.controls.items()}}
+                           "controls": {k: {**t.controls.to_dict(),
+                                            "rows": control_rows(t.controls),
+                                            "reading": controls_reading(t.controls)}
+                                        for k, t in res.controls.items()}}
     write_json_atomic(res.out / "report" / "demo.json", doc)
     res.report = paths["html"]
 
@@ -456,6 +478,7 @@ def _say_results(res: DemoResult, say: Callable[[str], None]) -> None:
     for part, t in res.controls.items():
         say(f"\n{part}, hybrids beside their negative controls:")
         say(controls_text(t.controls))
+        say(controls_reading(t.controls))
     if res.hybrid:
         h = res.hybrid
         say(f"\nhybrid {h['src']} -> {h['dst']} ({h['path']}) on chelsea: {h['top1_name']} "
