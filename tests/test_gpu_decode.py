@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,11 @@ from affeq_rt.data.preprocess import crop, load_image, prepare_crops, resolve_pi
 from affeq_rt.errors import AffeqError
 from affeq_rt.registry.spec import Preprocessing
 
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import photos  # noqa: E402
+
 torch = pytest.importorskip("torch")
+env = photos.e2e_env  # module-scoped fixture: small registry, cached exports, photos
 
 NVJPEG = gd.nvjpeg_status()
 gpu = pytest.mark.gpu
@@ -276,3 +281,44 @@ def test_cuda_nvjpeg_loader_skips_like_exact(tmp_path: Path) -> None:
                               device="cuda"))
     assert [{k: v.tobytes() for k, v in b.tensors.items()} for b in again] == \
         [{k: v.tobytes() for k, v in b.tensors.items()} for b in nv[1:]]
+
+
+
+def test_extract_decodes_for_the_device_its_networks_run_on(env, tmp_path: Path,
+                                                             cpu_nvjpeg: list[int],
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """The hook from extraction to the loader: networks that run on CUDA make ``fast`` the
+    ``nvjpeg`` pipeline (recorded in the store, and pinned in the options that a cluster worker
+    receives), and the store's rows are ``exact``'s to the bit (the decode here is
+    libjpeg-turbo's); networks on the CPU keep ``fast`` on the CPU."""
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.extract import ImageOptions, extract
+    from affeq_rt.method.rows import ImageSource
+
+    opts = ImageOptions(workers=0, random_weights=True, export_root=env["exports"])
+    models = photos.E2E_MODELS[:2]
+    on_cpu = ImageSource(env["photos"], models, replace(opts, pipeline="fast"))
+    assert (on_cpu.device, on_cpu.pipeline) == ("cpu", resolve_pipeline("fast"))
+    ref = extract(models, env["photos"], tmp_path / "exact", dtype="float32",
+                  images=replace(opts, pipeline="exact"))
+    assert not cpu_nvjpeg  # exact never takes the GPU route
+    seen: list[ImageOptions] = []
+    chunks = ImageSource.chunks
+
+    def spy(self: ImageSource, *a: object, **k: object):  # the options the pass runs with
+        seen.append(self.options)
+        return chunks(self, *a, **k)
+
+    monkeypatch.setattr(ImageSource, "device", property(lambda _self: "cuda"))  # CUDA sessions
+    monkeypatch.setattr(ImageSource, "chunks", spy)
+    got = extract(models, env["photos"], tmp_path / "fast", dtype="float32",
+                  images=replace(opts, pipeline="fast"))
+    st, want = FeatureStore.open(got.path), FeatureStore.open(ref.path)
+    assert st.manifest["pipeline"] == "nvjpeg"
+    assert seen
+    assert all(o.pipeline == "nvjpeg" for o in seen)  # pinned, not "fast"
+    assert sum(cpu_nvjpeg) > 0  # the GPU route decoded the JPEGs
+    for m in models:
+        assert np.array_equal(np.asarray(st.features(m)), np.asarray(want.features(m)))
+    assert st.manifest["skipped"] == want.manifest["skipped"]

@@ -61,8 +61,9 @@ Workers = Annotated[int | None, typer.Option(
     "process up to 4 of them).", rich_help_panel=IMAGES)]
 Preprocessing = Annotated[str, typer.Option(
     "--preprocessing", help="Image decode/resize path: exact (timm's eval transform: published "
-    "numbers) | fast (torchvision's libjpeg-turbo decode and antialiased resize where installed, "
-    "else pillow) | pillow (region resize, JPEG draft decoding) | torchvision | nvjpeg (JPEGs "
+    "numbers) | fast (nvjpeg when the networks run on a CUDA GPU and it loads; else "
+    "torchvision's libjpeg-turbo decode and antialiased resize where installed, else pillow) | "
+    "pillow (region resize, JPEG draft decoding) | torchvision | nvjpeg (JPEGs "
     "decoded on a CUDA GPU by nvJPEG, then exact's resize; needs torch with CUDA and "
     "torchvision). Agreement with exact and speed: docs/BENCHMARKS.md.", rich_help_panel=IMAGES)]
 RandomWeights = Annotated[bool, typer.Option(

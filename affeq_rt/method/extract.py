@@ -219,7 +219,7 @@ def _open_writer(rows: ImageSource, out: str | os.PathLike, dtype: str) -> Store
         exports = {n.name: n.onnx_sha256 for n in nets}
     cfg = StoreConfig(models=rows.names, dims=dims, specs=specs, exports=exports,
                       data=src.describe(), dtype=dtype, batch_size=rows.options.batch_size,
-                      pipeline=resolve_pipeline(rows.options.pipeline))
+                      pipeline=rows.pipeline)
     return StoreWriter(out, cfg, heads)
 
 
@@ -267,7 +267,10 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     if writer.already_complete:
         return ExtractResult(Path(out), rows.names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
     bs = writer.cfg.batch_size  # a resumed store keeps its batch grid
-    rows.options = replace(opt, batch_size=bs)
+    # the pipeline is pinned to the driver's concrete one, so a cluster worker never re-resolves
+    # ``fast`` for its own hardware (nvjpeg where it does not load is one line there, not rows
+    # from another pipeline)
+    rows.options = replace(opt, batch_size=bs, pipeline=rows.pipeline)
     start = writer.samples_done
     store = StoreWriterReducer({m: writer.cfg.dims[m] for m in rows.names}, writer)
     ex = executor if executor is not None else LocalExecutor()

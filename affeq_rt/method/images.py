@@ -145,14 +145,15 @@ def run_network(net: Network, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def feature_batches(nets: Sequence[Network], samples: Sequence[Any], batch_size: int,
-                    workers: int | None, start: int = 0, pipeline: str = DEFAULT_PIPELINE
-                    ) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """Yield (batch, {model: float32 features of its readable images}) from sample ``start``."""
+                    workers: int | None, start: int = 0, pipeline: str = DEFAULT_PIPELINE,
+                    device: str | None = None) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """Yield (batch, {model: float32 features of its readable images}) from sample ``start``;
+    ``device``: where the networks run, for which the loader resolves ``pipeline``."""
     if start >= len(samples):  # a resumed run whose samples were all consumed: nothing left
         return
     specs = [n.spec for n in nets]
     for batch in iter_batches(samples, specs, batch_size=batch_size, workers=workers, start=start,
-                              pipeline=pipeline):
+                              pipeline=pipeline, device=device):
         feats = {n.name: run_network(n, batch.tensors[n.key], batch_size) for n in nets}
         yield batch, feats
 

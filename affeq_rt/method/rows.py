@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from affeq_rt.data.gpu_decode import device_of_providers
 from affeq_rt.data.preprocess import resolve_pipeline
 from affeq_rt.data.readers import DataSource
 from affeq_rt.engine.reducer import Chunk
@@ -347,6 +348,17 @@ class ImageSource:
     def _description(self) -> dict[str, Any]:
         return self.data.describe()
 
+    @cached_property
+    def device(self) -> str:
+        """Where the networks run: ``cuda`` when a session runs on CUDA or TensorRT, else
+        ``cpu`` (the loader decodes for it: ``fast`` is ``nvjpeg`` on a GPU where it loads)."""
+        return device_of_providers([net.session.provider for net in self.networks])
+
+    @cached_property
+    def pipeline(self) -> str:
+        """The concrete preprocessing pipeline: ``options.pipeline`` resolved for ``device``."""
+        return resolve_pipeline(self.options.pipeline, self.device)
+
     @property
     def n(self) -> int:
         """Images, readable or not."""
@@ -366,7 +378,7 @@ class ImageSource:
         nets, o = self.networks, self.options
         samples = self.data.samples if stop is None else self.data.samples[:stop]
         for batch, feats in feature_batches(nets, samples, o.batch_size, o.workers, start,
-                                            o.pipeline):
+                                            self.pipeline, self.device):
             yield Chunk(batch.start, batch.stop, {m: feats[m] for m in self._names}, batch.ok,
                         [{"index": i, "path": p, "reason": r} for i, p, r in batch.skipped])
 
@@ -413,7 +425,7 @@ class ImageSource:
         return {"models": self._names,
                 "exports": {net.name: net.onnx_sha256 for net in self.networks},
                 "data": self._description, "batch_size": self.options.batch_size,
-                "pipeline": resolve_pipeline(self.options.pipeline)}
+                "pipeline": self.pipeline}
 
 
 def row_source(source: Any, models: str | Sequence[str] | None = None,

@@ -79,7 +79,8 @@ class StageSource(ImageSource):
         if start >= len(samples):
             return
         for batch in iter_batches(samples, [n.spec for n in nets], batch_size=o.batch_size,
-                                  workers=o.workers, start=start, pipeline=o.pipeline):
+                                  workers=o.workers, start=start, pipeline=self.pipeline,
+                                  device=self.device):
             cols: dict[str, np.ndarray] = {}
             for net, sm in zip(nets, self.stage_models, strict=True):
                 got = sm.run(batch.tensors[net.key])
