@@ -562,7 +562,7 @@ def test_prior_pca_controls_follow_groups_and_labels(setup) -> None:
         _same_fit(maps[(f"{a}~noise", t)], w, b, st)
 
 
-def test_cli_prior_ridge_controls_sit_where_they_should(setup, tmp_path) -> None:
+def test_cli_prior_ridge_controls_sit_where_they_should(setup, tmp_path, capsys) -> None:
     """``fit --controls --method prior-ridge`` then ``evaluate --controls`` on a small store (540
     fitting rows): the table has noise and shuffled rows beside the random-weight one. The noise
     control sits near chance (best constant guess + 5 points, as the Gram tests: 2 binomial SE at
@@ -586,8 +586,11 @@ def test_cli_prior_ridge_controls_sit_where_they_should(setup, tmp_path) -> None
     maps = str(tmp_path / "m.safetensors")
     assert main(["fit", "-f", str(tmp_path / "fit"), "--method", "prior-ridge", "--controls",
                  "-o", maps, "--quiet", "--no-curve", "--no-dedup"]) == 0
+    capsys.readouterr()
     assert main(["evaluate", "-f", str(tmp_path / "test"), "--maps", maps, "-o",
                  str(tmp_path / "r"), "--controls", "--quiet", "--device", "cpu"]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "own map, not counted" in ln]
+    assert [ln.split()[:3] for ln in printed] == [["b", "→", "a"]]  # its shuffled cell says so
     doc = json.loads((tmp_path / "r" / "table.json").read_text())["controls"]
     assert set(doc["controls"]) == {"random", "noise", "shuffled"}
     chance = max(doc["chance"])

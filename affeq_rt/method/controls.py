@@ -606,10 +606,11 @@ class ControlTable:
             self.flagged = [f"{a}->{b}" for i, a in enumerate(self.models)
                             for j, b in enumerate(self.models)
                             if off[i, j] and not (all(bool(v[i, j]) for k, v in self.beats.items()
-                                                      if not self._same(k, f"{a}->{b}"))
+                                                      if not self.is_own_map(k, f"{a}->{b}"))
                                                   and bool(self.beats_chance[i, j]))]
 
-    def _same(self, kind: str, pair: str) -> bool:
+    def is_own_map(self, kind: str, pair: str) -> bool:
+        """Whether ``kind``'s control of ``pair`` ("A->B") is the hybrid's own map (not counted)."""
         return kind == "shuffled" and pair in self.same_map
 
     @property

@@ -22,7 +22,8 @@ def _rows(ct: ControlTable) -> list[list[str]]:
             row = [f"{a} → {b}", f"{ct.real[i, j]:.1f}"]
             for k in ct.kinds:
                 s, m = ct.score[k][i, j], ct.margin[k][i, j]
-                row.append("–" if not np.isfinite(s) else f"{s:.1f} ({m:+.1f})")
+                own = " own map, not counted" if ct.is_own_map(k, f"{a}->{b}") else ""
+                row.append("–" if not np.isfinite(s) else f"{s:.1f} ({m:+.1f}){own}")
             row.append(f"{ct.chance[j]:.1f}")
             row.append("beats its controls" if f"{a}->{b}" not in ct.flagged
                        else "DOES NOT beat chance" if not ct.beats_chance[i, j]
@@ -40,11 +41,12 @@ def _header(ct: ControlTable) -> list[str]:
 def _caption(ct: ControlTable) -> str:
     kinds = "; ".join(f"{k}: {MEANINGS[k]}" for k in ct.kinds)
     return (f"The same {len(ct.models)}×{len(ct.models)} evaluation on {ct.n} images for control "
-            f"sources ({kinds}), each map fitted by least squares on the same fitting images and "
-            "scored through the same target head. Margin = real − control, in points; a hybrid "
-            "beats a control (and chance) when the margin exceeds 2 standard errors of the "
-            "difference. "
-            "Chance: the best constant guess for the target (its most frequent "
+            f"sources ({kinds}), each map fitted by the real map's own estimator on the same "
+            "fitting images and scored through the same target head; a shuffled control that is "
+            "the hybrid's own map (the estimator kept its prior on real and on mismatched pairs) "
+            "cannot tell them apart and is not counted. Margin = real − control, in points; a "
+            "hybrid beats a control (and chance) when the margin exceeds 2 standard errors of "
+            "the difference. Chance: the best constant guess for the target (its most frequent "
             f"{'label' if ct.measure == 'top1' else 'prediction'}).")
 
 
