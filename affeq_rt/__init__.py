@@ -9,7 +9,8 @@ The public Python API; it mirrors the command line (``affeq-rt COMMAND`` ↔ ``a
 >>> res = ar.fit("photos/", ["efficientnet_lite0", "mobilenet_v2"], "ols")  # affeq-rt fit
 >>> table = ar.evaluate("val-store", res.maps)                         # affeq-rt evaluate
 >>> ar.write_report(table, "report/")
->>> ar.extract(["efficientnet_lite0", "mobilenet_v2"], "photos/", "st", stages=True)  # --stages
+>>> ar.extract(["efficientnet_lite0", "mobilenet_v2"], "photos/", "st",
+...            options=ar.ExtractOptions(stages=True))                # affeq-rt extract --stages
 >>> ar.depth("st", "efficientnet_lite0", "mobilenet_v2").curves[0].points  # affeq-rt depth
 
 Long calls take ``progress=`` (any :class:`Progress`; None is silent). User errors raise
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from affeq_rt.method.depth import LayerAnalysis
     from affeq_rt.method.depth import layer_analysis as depth
     from affeq_rt.method.evaluate import evaluate, validate
-    from affeq_rt.method.extract import ImageOptions, extract
+    from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
     from affeq_rt.method.fit import FitOptions, FitResult, fit
     from affeq_rt.method.results import EvalTable
     from affeq_rt.method.similarity import similarity
@@ -84,6 +85,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "evaluate": ("affeq_rt.method.evaluate", "evaluate"),
     "validate": ("affeq_rt.method.evaluate", "validate"),
     "ImageOptions": ("affeq_rt.method.extract", "ImageOptions"),
+    "ExtractOptions": ("affeq_rt.method.extract", "ExtractOptions"),
     "extract": ("affeq_rt.method.extract", "extract"),
     "FitOptions": ("affeq_rt.method.fit", "FitOptions"),
     "FitResult": ("affeq_rt.method.fit", "FitResult"),
@@ -131,6 +133,7 @@ __all__ = [
     "BackboneSpec",
     "EvalTable",
     "ExportedBackbone",
+    "ExtractOptions",
     "FeatureStore",
     "FitOn",
     "FitOptions",

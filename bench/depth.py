@@ -32,7 +32,7 @@ from pathlib import Path
 import affeq_rt.data.loader as loader
 from affeq_rt.demo.photos import FIT_PHOTOS, TEST_PHOTOS, write_views
 from affeq_rt.method.depth import layer_analysis
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.fit import FitOptions
 from affeq_rt.report.depth import cka_text, depth_text, write_depth
 
@@ -72,18 +72,19 @@ def main() -> None:
         t = Path(tmp)
         n_fit = write_views(t / "fit", FIT_PHOTOS, args.views, 0)
         n_test = write_views(t / "test", TEST_PHOTOS, args.views, 1)
-        extract(models, t / "test", t / "warm", dtype="float32", images=opt,
-                max_images=args.batch_size)  # exports and sessions warm before timing
+        # exports and sessions warm before timing
+        extract(models, t / "test", t / "warm",
+                options=ExtractOptions(dtype="float32", max_images=args.batch_size), images=opt)
         runs = {}
         for kind, stages in (("plain", False), ("stages", True)):
             decodes.clear()
             t0 = time.perf_counter()
-            extract(extracted, t / "fit", t / f"fit_{kind}", dtype="float32", images=opt,
-                    stages=stages)
+            extract(extracted, t / "fit", t / f"fit_{kind}",
+                    options=ExtractOptions(dtype="float32", stages=stages), images=opt)
             runs[kind] = {"seconds": time.perf_counter() - t0, "decodes": len(decodes),
                           "images": n_fit}
-        extract(extracted, t / "test", t / "test_stages", dtype="float32", images=opt,
-                stages=True)
+        extract(extracted, t / "test", t / "test_stages",
+                options=ExtractOptions(dtype="float32", stages=True), images=opt)
         seconds, old = [], []
         for _ in range(args.rounds if args.compare else 1):
             if args.compare:

@@ -25,7 +25,7 @@ from pathlib import Path
 from extract import make_photos
 
 from affeq_rt.cluster.ray import RayExecutor, import_ray
-from affeq_rt.method.extract import ImageOptions, extract, parse_models
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract, parse_models
 from affeq_rt.registry.spec import get_spec
 
 
@@ -68,7 +68,8 @@ def main() -> None:
     make_photos(tmp / "photos", args.images)
     opts = ImageOptions(batch_size=args.batch_size, workers=0, random_weights=args.random_weights,
                         export_root=args.export_root)
-    extract(names, tmp / "photos", tmp / "warm", dtype="float32", images=opts)  # exports, caches
+    extract(names, tmp / "photos", tmp / "warm", options=ExtractOptions(dtype="float32"),
+            images=opts)  # exports, caches
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     runs = {"local": None, "ray-1": 1, "ray-2": 2}
@@ -81,7 +82,8 @@ def main() -> None:
             ex = (None if workers is None else
                   RayExecutor(workers=workers, shard_size=args.shard_size))
             t0 = time.perf_counter()
-            extract(names, tmp / "photos", out, dtype="float32", images=opts, executor=ex)
+            extract(names, tmp / "photos", out,
+                    options=ExtractOptions(dtype="float32", executor=ex), images=opts)
             dt = time.perf_counter() - t0
             if store_bytes(out) != ref:
                 raise SystemExit(f"{label}: the store differs from the local one")

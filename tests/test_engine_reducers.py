@@ -19,7 +19,7 @@ from affeq_rt.io.maps import AffineMap, MapSet, load_maps, save_maps
 from affeq_rt.io.store import ArrayStore, FeatureStore
 from affeq_rt.method import evaluate as evaluate_module
 from affeq_rt.method.evaluate import HeadTally, evaluate
-from affeq_rt.method.extract import ImageOptions, StoreWriterReducer, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, StoreWriterReducer, extract
 from affeq_rt.method.rows import StoreSource
 from affeq_rt.progress import Progress, Silent
 
@@ -99,7 +99,8 @@ def local_store(env) -> Path:
     """The plain local run, batches of 2 (float32: random-weight features are too small for
     float16)."""
     out = env["base"] / "engine-local"
-    extract(MODELS, env["photos"], out, dtype="float32", images=_opts(env), commit_every=0)
+    extract(MODELS, env["photos"], out, options=ExtractOptions(dtype="float32", commit_every=0),
+            images=_opts(env))
     return out
 
 
@@ -107,8 +108,9 @@ def test_store_written_shard_by_shard_is_byte_identical(env, local_store) -> Non
     # shards of 5 images → 6 on the batch grid: they cross the unreadable samples 2 and 7, so a
     # shard's rows start at a row count other than its first sample
     out = env["base"] / "engine-shards"
-    res = extract(MODELS, env["photos"], out, dtype="float32", images=_opts(env),
-                  commit_every=0, executor=ShardWorkers(5))
+    res = extract(MODELS, env["photos"], out,
+                  options=ExtractOptions(dtype="float32", commit_every=0, executor=ShardWorkers(5)),
+                  images=_opts(env))
     assert _files(out) == _files(local_store)
     assert FeatureStore.open(out).manifest["skipped"] == \
         FeatureStore.open(local_store).manifest["skipped"]
@@ -118,12 +120,13 @@ def test_store_written_shard_by_shard_is_byte_identical(env, local_store) -> Non
 def test_store_interrupted_on_shards_resumed_locally_is_byte_identical(env, local_store) -> None:
     out = env["base"] / "engine-resumed"
     with pytest.raises(KeyboardInterrupt):  # in the third shard of 6: samples 0…12 committed
-        extract(MODELS, env["photos"], out, dtype="float32", images=_opts(env),
-                commit_every=0, executor=ShardWorkers(6), progress=StopAfter(13))
+        extract(MODELS, env["photos"], out,
+                options=ExtractOptions(dtype="float32", commit_every=0, executor=ShardWorkers(6)),
+                images=_opts(env), progress=StopAfter(13))
     prog = json.loads((out / "progress.json").read_text())
     assert (prog["samples"], prog["rows"]) == (12, 10)  # samples 2 and 7 unreadable
-    res = extract(MODELS, env["photos"], out, dtype="float32", images=_opts(env),
-                  commit_every=0)
+    res = extract(MODELS, env["photos"], out,
+                  options=ExtractOptions(dtype="float32", commit_every=0), images=_opts(env))
     assert res.resumed_from == 12
     assert _files(out) == _files(local_store)
 

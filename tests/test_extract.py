@@ -17,7 +17,13 @@ from affeq_rt.data.loader import iter_batches
 from affeq_rt.data.readers import Sample
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.store import FeatureStore
-from affeq_rt.method.extract import ImageOptions, extract, open_networks, run_network
+from affeq_rt.method.extract import (
+    ExtractOptions,
+    ImageOptions,
+    extract,
+    open_networks,
+    run_network,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import photos  # noqa: E402
@@ -39,8 +45,9 @@ def _opts(env, **kw) -> ImageOptions:
 def ref_store(env):
     """An uninterrupted run: batch size 2, float32, in-process decoding."""
     rec = RecordingProgress()
-    res = extract(MODELS, env["photos"], env["base"] / "ref", dtype="float32",
-                  images=_opts(env, batch_size=2), progress=rec)
+    res = extract(MODELS, env["photos"], env["base"] / "ref",
+                  options=ExtractOptions(dtype="float32"), images=_opts(env, batch_size=2),
+                  progress=rec)
     res.progress_calls = rec.calls
     return res
 
@@ -73,7 +80,7 @@ def test_extract_three_networks_on_photos(env, ref_store):
         assert head.weight.shape == (1000, net.dim)
         assert head.bias.shape == (1000,)
     # running the same command again finds the store complete
-    again = extract(MODELS, env["photos"], ref_store.path, dtype="float32",
+    again = extract(MODELS, env["photos"], ref_store.path, options=ExtractOptions(dtype="float32"),
                     images=_opts(env, batch_size=2))
     assert again.already_complete
     # progress: one task over every sample (readable or not), in batches of 2; the rate is
@@ -152,13 +159,14 @@ def test_bad_inputs(env, ref_store, tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_bytes(b"not an image")
     with pytest.raises(AffeqError, match="none of the 1 images could be read"):
-        extract(MODELS[:1], tmp_path / "junk", tmp_path / "sj", dtype="float32",
-                images=_opts(env))
+        extract(MODELS[:1], tmp_path / "junk", tmp_path / "sj",
+                options=ExtractOptions(dtype="float32"), images=_opts(env))
     with pytest.raises(AffeqError, match="unknown model"):
         extract(["resnet_does_not_exist"], env["photos"], tmp_path / "s")
     # random-weight MobileNet features are ~1e-9: float16 would store zeros, so it is refused
     with pytest.raises(AffeqError, match="too small for float16"):
-        extract(MODELS[:1], env["photos"], tmp_path / "f16", dtype="float16", images=_opts(env))
+        extract(MODELS[:1], env["photos"], tmp_path / "f16",
+                options=ExtractOptions(dtype="float16"), images=_opts(env))
     r = subprocess.run(_cli(env, tmp_path / "s2", "--max-images", "0"), capture_output=True,
                        text=True, env={**os.environ})
     assert r.returncode == 1
@@ -174,8 +182,8 @@ def test_random_control_is_a_network_of_its_own_in_the_same_pass(env, tmp_path):
 
     net, ctl = "efficientnet_lite0", "efficientnet_lite0~random"
     opts = ImageOptions(workers=0, export_root=tmp_path / "ex")  # real weights (the package's)
-    st = FeatureStore.open(extract([net, ctl], env["photos"], tmp_path / "s", dtype="float32",
-                                   images=opts).path)
+    st = FeatureStore.open(extract([net, ctl], env["photos"], tmp_path / "s",
+                                   options=ExtractOptions(dtype="float32"), images=opts).path)
     assert st.models == [net, ctl]
     assert st.spec(ctl)["name"] == ctl
     assert st.spec(ctl)["weights"] == {"kind": "none"}
@@ -191,7 +199,8 @@ def test_random_control_is_a_network_of_its_own_in_the_same_pass(env, tmp_path):
     # a second run reuses both exports (nothing re-exported: the folders keep their manifests)
     before = [p.stat().st_mtime_ns for p in (real.path / "manifest.json",
                                              rand.path / "manifest.json")]
-    extract([net, ctl], env["photos"], tmp_path / "s2", dtype="float32", images=opts)
+    extract([net, ctl], env["photos"], tmp_path / "s2", options=ExtractOptions(dtype="float32"),
+            images=opts)
     assert before == [p.stat().st_mtime_ns for p in (real.path / "manifest.json",
                                                      rand.path / "manifest.json")]
     with pytest.raises(AffeqError, match="only NAME~random has features"):

@@ -18,7 +18,7 @@ from affeq_rt.errors import AffeqError
 from affeq_rt.io.heads import Head, load_head
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import FeatureStore, StoreConfig, StoreWriter
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 from affeq_rt.method.rows import ArraySource
 
@@ -222,7 +222,8 @@ def test_fit_from_photos_ols_matches_float64_lstsq(env, tmp_path):
     assert res.images == n
     assert len(res.skipped) == 2
     # the reference features: the same networks and batches, stored in float32
-    st = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "store", dtype="float32",
+    st = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "store",
+                                   options=ExtractOptions(dtype="float32"),
                                    images=_images(env, 0)).path)
     ms = load_maps(out)
     assert len(ms) == 6

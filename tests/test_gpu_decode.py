@@ -293,15 +293,15 @@ def test_extract_decodes_for_the_device_its_networks_run_on(env, tmp_path: Path,
     receives), and the store's rows are ``exact``'s to the bit (the decode here is
     libjpeg-turbo's); networks on the CPU keep ``fast`` on the CPU."""
     from affeq_rt.io.store import FeatureStore
-    from affeq_rt.method.extract import ImageOptions, extract
+    from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
     from affeq_rt.method.rows import ImageSource
 
     opts = ImageOptions(workers=0, random_weights=True, export_root=env["exports"])
     models = photos.E2E_MODELS[:2]
     on_cpu = ImageSource(env["photos"], models, replace(opts, pipeline="fast"))
     assert (on_cpu.device, on_cpu.pipeline) == ("cpu", resolve_pipeline("fast"))
-    ref = extract(models, env["photos"], tmp_path / "exact", dtype="float32",
-                  images=replace(opts, pipeline="exact"))
+    ref = extract(models, env["photos"], tmp_path / "exact",
+                  options=ExtractOptions(dtype="float32"), images=replace(opts, pipeline="exact"))
     assert not cpu_nvjpeg  # exact never takes the GPU route
     seen: list[ImageOptions] = []
     chunks = ImageSource.chunks
@@ -312,8 +312,8 @@ def test_extract_decodes_for_the_device_its_networks_run_on(env, tmp_path: Path,
 
     monkeypatch.setattr(ImageSource, "device", property(lambda _self: "cuda"))  # CUDA sessions
     monkeypatch.setattr(ImageSource, "chunks", spy)
-    got = extract(models, env["photos"], tmp_path / "fast", dtype="float32",
-                  images=replace(opts, pipeline="fast"))
+    got = extract(models, env["photos"], tmp_path / "fast",
+                  options=ExtractOptions(dtype="float32"), images=replace(opts, pipeline="fast"))
     st, want = FeatureStore.open(got.path), FeatureStore.open(ref.path)
     assert st.manifest["pipeline"] == "nvjpeg"
     assert seen

@@ -23,7 +23,7 @@ from affeq_rt.errors import AffeqError
 from affeq_rt.io.maps import load_maps
 from affeq_rt.io.store import FeatureStore
 from affeq_rt.method.evaluate import evaluate
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit, holdout_mask
 from affeq_rt.method.rows import row_source, source_groups
 from affeq_rt.method.solvers import default_rcond
@@ -156,7 +156,8 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_store(env, crops) -> Path:
-    res = extract(MODELS, crops, env["base"] / "local-store", dtype="float32", images=_opts(env))
+    res = extract(MODELS, crops, env["base"] / "local-store",
+                  options=ExtractOptions(dtype="float32"), images=_opts(env))
     assert res.n == N_CROPS
     assert [s["index"] for s in res.skipped] == [41]
     return res.path
@@ -166,8 +167,9 @@ def local_store(env, crops) -> Path:
 def test_extract_ray_equals_local_after_a_killed_worker(env, crops, local_store):
     ex = _ray()
     kill = KillOnce(ex, after=SHARD)
-    res = extract(MODELS, crops, env["base"] / "ray-store", dtype="float32", images=_opts(env),
-                  executor=ex, progress=kill)
+    res = extract(MODELS, crops, env["base"] / "ray-store",
+                  options=ExtractOptions(dtype="float32", executor=ex), images=_opts(env),
+                  progress=kill)
     assert kill.killed is not None
     assert ex.restarts >= 1
     assert res.n == N_CROPS
@@ -213,7 +215,8 @@ def test_extract_killed_driver_resumes_identically(env, crops, cluster, local_st
 
     _driver(["extract", *_common(env, crops), "--out", str(out), "--dtype", "float32",
              "--commit-every", "0"], cluster, committed)  # a commit after every shard
-    res = extract(MODELS, crops, out, dtype="float32", images=_opts(env), executor=_ray())
+    res = extract(MODELS, crops, out, options=ExtractOptions(dtype="float32", executor=_ray()),
+                  images=_opts(env))
     assert res.resumed_from > 0
     assert_same_store(local_store, res.path)
 

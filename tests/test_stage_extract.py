@@ -13,7 +13,7 @@ import pytest
 
 import affeq_rt.data.loader as loader
 from affeq_rt.io.store import FeatureStore
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.stages import network_models
 from affeq_rt.onnx.stages import list_stages
 from affeq_rt.registry.spec import get_spec
@@ -42,8 +42,8 @@ def stage_store(env):
 
     loader.prepare_crops = counted
     try:
-        res = extract(MODELS, env["photos"], env["base"] / "stages", dtype="float32",
-                      images=_opts(env), stages=True)
+        res = extract(MODELS, env["photos"], env["base"] / "stages",
+                      options=ExtractOptions(dtype="float32", stages=True), images=_opts(env))
     finally:
         loader.prepare_crops = real
     return res, calls
@@ -70,7 +70,8 @@ def test_network_rows_are_its_features(env, stage_store, tmp_path):
     MobileNetV2, whose features are the average pool of its last stage, equal to that stage's."""
     res, _ = stage_store
     st = FeatureStore.open(res.path)
-    plain = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "plain", dtype="float32",
+    plain = FeatureStore.open(extract(MODELS, env["photos"], tmp_path / "plain",
+                                      options=ExtractOptions(dtype="float32"),
                                       images=_opts(env)).path)
     for m in MODELS:
         a, b = np.asarray(st.features(m), np.float64), np.asarray(plain.features(m), np.float64)
@@ -84,7 +85,7 @@ def test_network_rows_are_its_features(env, stage_store, tmp_path):
 
 SCRIPT = """
 import os, sys
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 
 class Die:
     seen = 0
@@ -96,7 +97,8 @@ class Die:
         if Die.seen >= int(sys.argv[3]):
             os._exit(9)  # as a kill: no cleanup
 
-extract({models!r}, sys.argv[1], sys.argv[2], dtype="float32", commit_every=0.0, stages=True,
+extract({models!r}, sys.argv[1], sys.argv[2],
+        options=ExtractOptions(dtype="float32", commit_every=0.0, stages=True),
         images=ImageOptions(workers=0, random_weights=True, export_root={root!r}, batch_size=2),
         progress=Die())
 """
@@ -111,7 +113,8 @@ def test_killed_stage_extraction_resumes_to_the_same_bytes(env, stage_store, tmp
                             str(stop)], capture_output=True, text=True, env={**os.environ})
         assert r.returncode == 9, r.stderr[-2000:]
         assert (out / "progress.json").is_file()
-    again = extract(MODELS, env["photos"], out, dtype="float32", images=_opts(env), stages=True)
+    again = extract(MODELS, env["photos"], out,
+                    options=ExtractOptions(dtype="float32", stages=True), images=_opts(env))
     assert again.resumed_from > 0
     ref = FeatureStore.open(res.path)
     for f in ["images.txt", "labels.npy"] + [f"{m}/features.npy" for m in ref.models]:

@@ -68,12 +68,12 @@ def run(
     Rerun the same command after an interruption to finish the store.
     """
     from affeq_rt.cli.progress import Display
-    from affeq_rt.method.extract import extract
+    from affeq_rt.method.extract import ExtractOptions, extract
     images = image_options(batch_size, workers, provider, random_weights, export_root, labels,
                            meta, preprocessing)
     ex = executor_option(executor, address, ray_workers, gpus_per_worker, shard_size)
     with Display(quiet) as display:
-        res = extract(models, data, out, dtype=dtype, images=images, max_images=max_images,
-                      commit_every=commit_every, progress=display, executor=ex,
-                      stages=stages)
+        opts = ExtractOptions(dtype=dtype, max_images=max_images, stages=stages,
+                              commit_every=commit_every, executor=ex)
+        res = extract(models, data, out, options=opts, images=images, progress=display)
     typer.echo(res.summary())

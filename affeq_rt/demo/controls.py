@@ -32,7 +32,7 @@ from affeq_rt.io.maps import MapSet, save_maps
 from affeq_rt.io.store import ArrayStore, FeatureStore
 from affeq_rt.method.controls import KINDS, ControlTable, control_name
 from affeq_rt.method.evaluate import evaluate
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.method.results import EvalTable
 
@@ -141,7 +141,7 @@ def photo_controls(out: Path, stores: dict[str, str],
     for part in ("fit", "test"):
         say(f"controls: {', '.join(networks)} with random weights on the {part} views")
         res = extract(list(networks), read_unlabelled(out / "views" / part),
-                      out / f"store_{part}_random", dtype="float32",
+                      out / f"store_{part}_random", options=ExtractOptions(dtype="float32"),
                       images=ImageOptions(batch_size=16, workers=1, random_weights=True,
                                           export_root=str(out / "random_exports")))
         rs = FeatureStore.open(res.path)

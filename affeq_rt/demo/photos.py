@@ -12,7 +12,7 @@ estimator is compared on the unseen photos: ridge shrunk toward zero, prior-ridg
 (shrunk toward the logit-pinv map, strength by grouped cross-validation over whole photos on
 agreement), the data-free logit-pinv map, and the networks unmapped.
 
-The extraction stores every network's pooled stages as well (``extract(..., stages=True)``:
+The extraction stores every network's pooled stages as well (``ExtractOptions(stages=True)``:
 ``NAME@s1`` … beside ``NAME``, from the same decode of each view) for the layer-by-layer section
 (``demo.depth.photo_depth``); fits and tables name the networks (``models=``), so the stage
 models change none of them.
@@ -36,7 +36,7 @@ from affeq_rt.deploy.hybrid import HybridOptions
 from affeq_rt.io.fsio import atomic_path, ensure_writable_dir
 from affeq_rt.io.maps import MapSet, save_maps
 from affeq_rt.method.evaluate import evaluate
-from affeq_rt.method.extract import ImageOptions, extract
+from affeq_rt.method.extract import ExtractOptions, ImageOptions, extract
 from affeq_rt.method.fit import FitOptions, fit
 from affeq_rt.onnx.export import ensure_exported
 from affeq_rt.onnx.runtime import create_session
@@ -127,7 +127,8 @@ def run_photos(out: Path, views_per_photo: int, export_root: str | None = None,
         dest = out / f"store_{part}"
         if holds_stages(dest) not in (None, stages):  # an earlier demo's layout: redo it
             shutil.rmtree(dest)
-        res = extract(list(networks), read_unlabelled(out / "views" / part), dest, stages=stages,
+        res = extract(list(networks), read_unlabelled(out / "views" / part), dest,
+                      options=ExtractOptions(stages=stages),
                       images=ImageOptions(batch_size=16, workers=1, export_root=export_root))
         stores[part] = res.path
     results: dict = {"counts": counts, "networks": list(networks),

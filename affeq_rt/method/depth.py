@@ -1,6 +1,6 @@
 """Layer by layer (issue 26): stage × stage similarity and the depth curve, from ONE Gram pass.
 
-Over a feature store with stages (``extract(..., stages=True)``: ``NAME@s1`` … ``NAME@sK`` and
+Over a feature store with stages (``ExtractOptions(stages=True)``: ``NAME@s1`` … ``NAME@sK`` and
 ``NAME``), one pass of the engine feeds a :class:`~affeq_rt.method.reducers.GramReducer` over the
 joint rows of every stage of both networks (training and held-out Grams by the same held-out
 split as ``fit``), the permuted cross blocks of the shuffled control and, without a separate test

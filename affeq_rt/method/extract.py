@@ -41,9 +41,10 @@ from affeq_rt.method.rows import ImageSource
 from affeq_rt.method.stages import StageSource
 from affeq_rt.progress import Progress
 
-__all__ = ["EXTRACT_SHARD", "ExtractResult", "ImageOptions", "Network", "StoreWriterReducer",
-           "check_image_options", "check_labels", "extract", "feature_batches", "load_data",
-           "open_networks", "parse_models", "run_network", "spec_dict"]
+__all__ = ["EXTRACT_SHARD", "ExtractOptions", "ExtractResult", "ImageOptions", "Network",
+           "StoreWriterReducer", "check_image_options", "check_labels", "extract",
+           "feature_batches", "load_data", "open_networks", "parse_models", "run_network",
+           "spec_dict"]
 
 EXTRACT_SHARD = 1024  # images per shard on a cluster executor (rounded up to the batch grid)
 
@@ -237,33 +238,45 @@ def _finish(writer: StoreWriter, store: StoreWriterReducer, rows: ImageSource,
     writer.finalise(src.samples, {"run": run})
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The knobs of an extraction, as ``FitOptions`` are a fit's (image reading has its own:
+    :class:`ImageOptions`)."""
+
+    dtype: str = "float16"  # the store's row type: float16 | float32
+    max_images: int | None = None  # only the first N images
+    stages: bool = False  # every network's pooled stages too (NAME@s1 … then NAME)
+    commit_every: float = 5.0  # seconds between commits of the rows (always at a shard boundary)
+    executor: Executor = field(default_factory=LocalExecutor)  # where the pass runs
+
+
 def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
-            out: str | os.PathLike, *, dtype: str = "float16", images: ImageOptions | None = None,
-            max_images: int | None = None, commit_every: float = 5.0,
-            progress: Progress | None = None, executor: Executor | None = None,
-            stages: bool = False) -> ExtractResult:
+            out: str | os.PathLike, *, options: ExtractOptions | None = None,
+            images: ImageOptions | None = None, progress: Progress | None = None
+            ) -> ExtractResult:
     """Run every model over the images and write (or finish) a feature store at ``out``.
 
-    ``stages``: store every network's pooled stages too (``NAME@s1`` … then ``NAME``, from its
-    ``stages.onnx``: ``method.stages.StageSource``), still one decode per image.
+    ``options.stages``: store every network's pooled stages too (``NAME@s1`` … then ``NAME``,
+    from its ``stages.onnx``: ``method.stages.StageSource``), still one decode per image.
 
-    Rows are committed at most every ``commit_every`` seconds (and at the end), always at a shard
-    boundary of the sample grid, so a rerun after any interruption redoes the same batches and
-    writes the same bytes. ``progress`` counts images (resumed ones included in ``done``).
-    ``executor`` (None: ``LocalExecutor``, one shard per batch) runs the networks elsewhere, e.g.
-    on a Ray cluster (``affeq_rt.cluster.RayExecutor``, shards of its ``shard_size`` or
+    Rows are committed at most every ``options.commit_every`` seconds (and at the end), always at
+    a shard boundary of the sample grid, so a rerun after any interruption redoes the same batches
+    and writes the same bytes. ``progress`` counts images (resumed ones included in ``done``).
+    ``options.executor`` (``LocalExecutor``: one shard per batch) runs the networks elsewhere,
+    e.g. on a Ray cluster (``affeq_rt.cluster.RayExecutor``, shards of its ``shard_size`` or
     :data:`EXTRACT_SHARD` images); its shards are written through the same writer in shard order,
     so the store is byte-identical.
     """
+    o = options or ExtractOptions()
     opt = images or ImageOptions()
-    check_image_options(opt, dtype, max_images)
+    check_image_options(opt, o.dtype, o.max_images)
     if Path(out).exists() and not Path(out).is_dir():
         raise AffeqError(f"--out {out} is a file, not a feature store folder",
                          "choose a new folder for --out")
-    rows = (StageSource if stages else ImageSource)(data, models, opt, max_images)
+    rows = (StageSource if o.stages else ImageSource)(data, models, opt, o.max_images)
     check_labels(rows.data, min(s.num_classes - s.label_offset
                                 for s in map(network_spec, parse_models(models))))
-    writer = _open_writer(rows, out, dtype)
+    writer = _open_writer(rows, out, o.dtype)
     if writer.already_complete:
         return ExtractResult(Path(out), rows.names, writer.rows, writer.skipped, 0.0, 0.0, 0, True)
     bs = writer.cfg.batch_size  # a resumed store keeps its batch grid
@@ -273,9 +286,9 @@ def extract(models: str | Sequence[str], data: str | os.PathLike | DataSource,
     rows.options = replace(opt, batch_size=bs, pipeline=rows.pipeline)
     start = writer.samples_done
     store = StoreWriterReducer({m: writer.cfg.dims[m] for m in rows.names}, writer)
-    ex = executor if executor is not None else LocalExecutor()
+    ex = o.executor
     t0 = time.perf_counter()
-    run_pass(rows, {"store": store}, executor=ex, checkpoint=StoreCommits(store, commit_every),
+    run_pass(rows, {"store": store}, executor=ex, checkpoint=StoreCommits(store, o.commit_every),
              shard=ex.shard_size or (bs if isinstance(ex, LocalExecutor) else EXTRACT_SHARD),
              progress=progress, task="extract")
     seconds = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 :class:`StageSource` is an image row source whose "models" are, per network ``NAME``, its stages
 ``NAME@s1`` … ``NAME@sK`` (shallow to deep) and then ``NAME`` itself (the classifier's input), all
-from one run of the network's ``stages.onnx`` per batch. ``extract(..., stages=True)`` writes them
+from one run of the network's ``stages.onnx`` per batch. ``ExtractOptions(stages=True)`` writes them
 into an ordinary feature store (one array per stage), so the store, ``StoreSource``, the Gram
 reducer and the similarity code treat each stage as a network of its own. A stage has no
 classifier: its head file is zero and its spec says ``stage_of`` (the network) and ``stage``.
