@@ -163,12 +163,6 @@ def photo_controls(out: Path, stores: dict[str, str],
     return out_tables
 
 
-def _counted(ct: ControlTable, kind: str, pair: str) -> bool:
-    """Whether the verdict counts control ``kind`` of hybrid ``pair`` (``A->B``): not a shuffled
-    control that is the hybrid's own map (``ControlTable.same_map``)."""
-    return not (kind == "shuffled" and pair in ct.same_map)
-
-
 def _verdict(ct: ControlTable, i: int, j: int) -> str:
     """``beats`` or why the hybrid (row i, column j) is flagged."""
     a, b = ct.models[i], ct.models[j]
@@ -176,7 +170,7 @@ def _verdict(ct: ControlTable, i: int, j: int) -> str:
         return "beats"
     if not ct.beats_chance[i, j]:
         return "flagged: does not beat chance"
-    lost = [k for k in ct.kinds if not ct.beats[k][i, j] and _counted(ct, k, f"{a}->{b}")]
+    lost = [k for k in ct.kinds if not ct.beats[k][i, j] and not ct.is_own_map(k, f"{a}->{b}")]
     return f"flagged: does not beat {', '.join(lost)}"
 
 
@@ -192,7 +186,7 @@ def control_rows(ct: ControlTable) -> list[dict[str, Any]]:
                 continue
             pair = f"{a}->{b}"
             kinds = {k: {"score": float(ct.score[k][i, j]), "margin": float(ct.margin[k][i, j]),
-                         "counted": _counted(ct, k, pair), "beats": bool(ct.beats[k][i, j])}
+                         "counted": not ct.is_own_map(k, pair), "beats": bool(ct.beats[k][i, j])}
                      for k in ct.kinds if np.isfinite(ct.score[k][i, j])}
             rows.append({"hybrid": pair, "real": float(ct.real[i, j]),
                          "chance": float(ct.chance[j]),
