@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data.geometry import check_geometry, geometry
 from affeq_rt.errors import AffeqError
 from affeq_rt.registry.spec import Preprocessing
 
@@ -147,12 +148,10 @@ def vertical_first(w: int, h: int, nw: int, nh: int) -> bool:
 
 def crop_tensor(t: Any, key: Preprocessing, source: str = "the image") -> Any:
     """One key's uint8 [S, S, 3] crop of a decoded uint8 [3, H, W] tensor, on the tensor's own
-    device: :func:`~affeq_rt.data.preprocess.geometry`'s box, Pillow's resize of the whole image
+    device: :func:`~affeq_rt.data.geometry.geometry`'s box, Pillow's resize of the whole image
     (bit-identical to it, in its order of passes), the centre crop. AffeqError (naming
     ``source``) as ``geometry``; ValueError for an interpolation not in ``GPU_INTERPOLATIONS``."""
     import torch
-
-    from affeq_rt.data.preprocess import geometry
 
     if key.interpolation not in GPU_INTERPOLATIONS:
         raise ValueError(f"the GPU resize has no {key.interpolation} filter")
@@ -253,8 +252,6 @@ def _gpu_route(path: str, keys: Sequence[Preprocessing]) -> bytes | None:
     RGB/CMYK transform) ending in its end-of-image marker, bilinear/bicubic geometries that
     :func:`geometry` accepts."""
     from PIL import Image
-
-    from affeq_rt.data.preprocess import check_geometry, geometry
 
     if any(k.interpolation not in GPU_INTERPOLATIONS for k in keys):
         return None

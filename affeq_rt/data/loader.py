@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from affeq_rt.data import gpu_decode
 from affeq_rt.data.preprocess import (
     DEFAULT_PIPELINE,
     _torchvision,
@@ -320,12 +321,10 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
         views = _slot_views(bytearray(slot_bytes(keys, batch_size)), keys, batch_size)
         gpu = "cuda"
         if concrete == "nvjpeg":
-            from affeq_rt.data.gpu_decode import decode_crops, is_cuda
-
-            gpu = str(device) if is_cuda(device) else "cuda"
+            gpu = str(device) if gpu_decode.is_cuda(device) else "cuda"
         for b in grid:
             part = paths[b:b + batch_size]
-            ready = decode_crops(part, keys, gpu) if concrete == "nvjpeg" else None
+            ready = gpu_decode.decode_crops(part, keys, gpu) if concrete == "nvjpeg" else None
             ok, skipped = _fill(b, part, keys, concrete, views, ready)
             yield to_batch(b, ok, skipped, views)
         return

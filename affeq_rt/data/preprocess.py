@@ -43,21 +43,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from affeq_rt.data import gpu_decode
+from affeq_rt.data.geometry import (  # noqa: F401 — re-exported: the pipeline's geometry
+    MAX_ASPECT,
+    MAX_RESIZE_PIXELS,
+    MAX_UPSCALE,
+    check_geometry,
+    geometry,
+)
 from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.registry.spec import BackboneSpec, Preprocessing
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
-#: Longest side / shortest side of a decoded image. Wide panoramas are ~1:10; the resize output
-#: is scale²·aspect pixels, so with scale ≤ 640 (a 560-px input at crop_pct 0.875) this bounds it
-#: to 640²·32 ≈ 13 M pixels (≈ 40 MB as RGB).
-MAX_ASPECT = 32.0
-#: Largest enlargement of the short side: 32-px CIFAR images to a 331-px net (÷0.911) is ×11;
-#: a 4-px image to 256 is ×64; a 1-px line is refused (nothing left to see, and huge outputs).
-MAX_UPSCALE = 64.0
-#: Largest resize output, in pixels (the decompression-bomb check on the output): 2²⁵ ≈ 33.5 M
-#: pixels ≈ 100 MB as RGB, far above any net's eval geometry (a 4:3 photo to 640 px ≈ 0.55 M).
-MAX_RESIZE_PIXELS = 1 << 25
 #: ``Image.info`` key under which ``load_image`` records the file (PIL copies ``info`` through
 #: ``convert``), so later geometry errors can name it.
 SOURCE_KEY = "affeq_rt.source"
@@ -140,17 +138,6 @@ def _draft(im: Image.Image, short_side: int) -> tuple[int, int, int] | None:
     return round(w / box[2]), w, h
 
 
-def check_geometry(size: tuple[int, int], source: str = "the image") -> None:
-    """AffeqError if an image of ``size`` (w, h) is empty or more elongated than
-    ``MAX_ASPECT``."""
-    w, h = size
-    if min(w, h) < 1:
-        raise AffeqError(f"{source} is empty ({w}×{h} pixels)", "pass a non-empty image")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise AffeqError(f"{source} is {w}×{h} pixels, more than {MAX_ASPECT:g} times longer "
-                         "than wide", "crop it to a less elongated region first")
-
-
 def sample_photo(name: str) -> Image.Image:
     """One of scikit-image's sample photos as RGB (stereo pairs: the left image; masks: 0/255).
 
@@ -164,32 +151,6 @@ def sample_photo(name: str) -> Image.Image:
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     return to_rgb(Image.fromarray(arr))
-
-
-def geometry(size: tuple[int, int], out: int, crop_pct: float,
-             source: str = "the image") -> tuple[int, int, int, int]:
-    """timm eval geometry of a (w, h) image: (nw, nh, left, top): the short side resized to
-    floor(out / crop_pct), then an ``out``² crop at (left, top) of the resized image.
-
-    AffeqError (naming ``source``) before any resize that would enlarge more than
-    ``MAX_UPSCALE`` times or produce more than ``MAX_RESIZE_PIXELS`` pixels.
-    """
-    scale = math.floor(out / crop_pct)
-    w, h = size
-    check_geometry((w, h), source)
-    if scale / min(w, h) > MAX_UPSCALE:
-        raise AffeqError(f"{source} is {w}×{h} pixels: its short side would be enlarged "
-                         f"{scale / min(w, h):.0f} times (to {scale}), more than {MAX_UPSCALE:g}",
-                         "pass a larger image")
-    if w <= h:
-        nw, nh = scale, int(scale * h / w)
-    else:
-        nw, nh = int(scale * w / h), scale
-    if nw * nh > MAX_RESIZE_PIXELS:
-        raise AffeqError(f"{source} ({w}×{h} pixels) would resize to {nw}×{nh} = "
-                         f"{nw * nh / 1e6:.0f} M pixels, over the {MAX_RESIZE_PIXELS / 1e6:.0f} M "
-                         "limit", "crop the image to a less elongated region first")
-    return nw, nh, int(round((nw - out) / 2.0)), int(round((nh - out) / 2.0))
 
 
 def resize_crop(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
@@ -325,19 +286,14 @@ def resolve_pipeline(pipeline: str, device: str | None = None) -> str:
         raise AffeqError(f"unknown preprocessing pipeline {pipeline!r}",
                          f"pass one of {', '.join(PIPELINES)}")
     if pipeline == "fast":
-        if device is not None:
-            from affeq_rt.data.gpu_decode import is_cuda, nvjpeg_status
-
-            if is_cuda(device) and nvjpeg_status(str(device))[0]:
-                return "nvjpeg"
+        if gpu_decode.is_cuda(device) and gpu_decode.nvjpeg_status(str(device))[0]:
+            return "nvjpeg"
         return "torchvision" if torchvision_installed() else "pillow"
     if pipeline == "torchvision" and not torchvision_installed():
         raise AffeqError("the torchvision preprocessing pipeline needs torchvision",
                          "pip install torchvision, or use the pillow pipeline")
     if pipeline == "nvjpeg":
-        from affeq_rt.data.gpu_decode import is_cuda, require_nvjpeg
-
-        require_nvjpeg(str(device) if is_cuda(device) else "cuda")
+        gpu_decode.require_nvjpeg(str(device) if gpu_decode.is_cuda(device) else "cuda")
     return pipeline
 
 
