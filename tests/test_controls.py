@@ -533,6 +533,7 @@ def test_prior_pca_controls_follow_groups_and_labels(setup) -> None:
     from types import SimpleNamespace
 
     from affeq_rt.method.controls import rows_control_maps
+    from affeq_rt.method.methods import pinvs
     from affeq_rt.method.select import prior_fit
 
     feats = setup["feats"]
@@ -541,9 +542,10 @@ def test_prior_pca_controls_follow_groups_and_labels(setup) -> None:
     labels = setup["y"][:N_FEW].copy()
     labels[::7] = -1
     _, hb = _prior(setup, "a", "b")
+    heads = {m: hb[m] for m in ("a", "b")}
     ctx = SimpleNamespace(names=["a", "b"], slices={"a": slice(0, 30), "b": slice(30, 54)},
-                          heads={m: hb[m] for m in ("a", "b")}, mask=mask, groups=groups,
-                          labels=labels)
+                          heads=heads, head_pinvs=pinvs(["a", "b"], heads), mask=mask,
+                          groups=groups, labels=labels)
     x = np.c_[feats["a"][:N_FEW], feats["b"][:N_FEW]]
     got = rows_control_maps(ctx, (x, np.arange(N_FEW)), "prior-pca", 3)
     maps = {(m.src, m.dst): m for m in got}

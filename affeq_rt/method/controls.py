@@ -87,7 +87,6 @@ from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap, MapSet, fold_head
 from affeq_rt.method import select, solvers
-from affeq_rt.method.methods import pinvs
 from affeq_rt.method.null import _Permuted
 from affeq_rt.method.reducers import PermutedCross, chunk_permutation
 
@@ -415,7 +414,7 @@ def rows_control_maps(ctx: Any, rows: tuple[np.ndarray, np.ndarray], method: str
     lab = None if ctx.labels is None else ctx.labels[idx]
     lab = select.cv_labels(lab)  # as PriorMethod.solve
     perm = chunk_permutation(0, 0, x.shape[0])  # the Gram's permutation 0 of one chunk at 0
-    order, pv = {m: i for i, m in enumerate(ctx.names)}, pinvs(ctx.names, ctx.heads)
+    order, pv = {m: i for i, m in enumerate(ctx.names)}, ctx.head_pinvs
     out = []
     for a, t in control_pairs(ctx.names):
         prior = select.Prior.of(ctx.heads[a], ctx.heads[t], pv[t])

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
 
 from affeq_rt.engine.reducer import Reducer
-from affeq_rt.errors import AffeqError
+from affeq_rt.errors import AffeqError, InternalError
 from affeq_rt.io.heads import Head
 from affeq_rt.io.maps import AffineMap
 from affeq_rt.method import families, knn, quality, select, solvers
@@ -92,6 +93,14 @@ class FitContext:
                              "not bare arrays" + (" (or use ridge)" if "prior" in method else ""))
         return self.heads
 
+    @cached_property
+    def head_pinvs(self) -> dict[str, tuple[np.ndarray, int]]:
+        """Each network's head pseudo-inverse and rank (:func:`pinvs`), once per fit: the
+        solve and its controls share them. Only after :meth:`need_heads`."""
+        if self.heads is None:
+            raise InternalError("head_pinvs before need_heads")
+        return pinvs(self.names, self.heads)
+
 
 def as_map(a: str, t: str, w: np.ndarray, b: np.ndarray, method: str,
            stats: dict[str, Any]) -> AffineMap:
@@ -161,7 +170,7 @@ class LogitPinv(FitMethod):
     def solve(self, ctx: FitContext, red: Mapping[str, Any]) -> list[AffineMap]:
         """One SVD per target."""
         heads = ctx.need_heads(self.name, "needs the classifier heads")
-        pv = pinvs(ctx.names, heads)
+        pv = ctx.head_pinvs
         out = []
         for a, t in pairs(ctx.names):
             w, b, st = solvers.logit_pinv(heads[a], heads[t], pinv_dst=pv[t])
@@ -327,7 +336,7 @@ class PriorMethod(FitMethod):
         g = None if ctx.groups is None else ctx.groups[idx]
         lab = None if ctx.labels is None else ctx.labels[idx]
         cv_lab = select.cv_labels(None if lab is None else lab[~hold])
-        pv = pinvs(ctx.names, heads)
+        pv = ctx.head_pinvs
         out = []
         for a, t in pairs(ctx.names):
             prior = select.Prior.of(heads[a], heads[t], pv[t])
