@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from affeq_rt.engine import Executor, LocalExecutor, PassCheckpoint, Reducer, run_pass
 from affeq_rt.errors import AffeqError
 from affeq_rt.io.fsio import output_lock, versions
@@ -225,22 +223,6 @@ def _solve(strat: FitMethod, ctx: FitContext, red: Mapping[str, Any], ex: _Extra
     return maps
 
 
-def _gate(maps: Sequence[AffineMap], strat: FitMethod, ctx: FitContext,
-          red: Mapping[str, Any], choice: dict[str, str] | None) -> None:
-    """The quality gate: held-out agreement beside logit-pinv's, then each map's warnings."""
-    kept = red["heldout"].rows() if "heldout" in red else None
-    if kept is not None:
-        x, idx = kept
-        quality.add_quality(maps, {m: x[:, ctx.slices[m]] for m in ctx.names}, ctx.heads,
-                    np.ones(x.shape[0], bool), None if ctx.labels is None else ctx.labels[idx])
-    elif strat.needs != "rows":
-        quality.add_quality(maps, ctx.rows.arrays(), ctx.heads, ctx.mask, ctx.labels)
-    for m in maps:
-        m.stats["warnings"] = quality.quality_warnings(m.stats, m.method)
-        if choice is not None:
-            m.stats["method_choice"] = choice["why"]
-
-
 def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "auto", *,
         out: str | os.PathLike | None = None, options: FitOptions | None = None,
         images: ImageOptions | None = None, progress: Progress | None = None) -> FitResult:
@@ -271,7 +253,7 @@ def fit(source: Any, models: str | Sequence[str] | None = None, method: str = "a
             if ckpt is not None:
                 ckpt.remove()
             raise
-        _gate(maps, strat, ctx, red, choice)
+        quality.gate(maps, ctx, red, strat.needs == "rows", choice)
         if opt.controls:  # after the gate: a control has no features of its own to gate on
             maps = [*maps, *controls.control_maps(ctx, red, strat)]
         mapset = MapSet(maps, _meta(strat.name, ctx, ex, choice),

@@ -10,7 +10,8 @@ one line ``fit`` and ``build-hybrid`` print per map.
   of points), every group scored once by a map that never saw it (the CV folds' predictions on
   the training groups, the map's on the held-out ones), reported with the group count and a
   standard error over groups (:func:`pooled`). No pass and no fit beyond the method's own.
-* :func:`quality_warnings`, :func:`quality_line`: what the gate says.
+* :func:`quality_warnings`, :func:`quality_line`: what the gate says; :func:`gate` is what
+  ``fit`` runs after every solve.
 """
 
 from __future__ import annotations
@@ -141,6 +142,28 @@ def rows_quality(fitted: select.PriorFit, xa: np.ndarray, xb: np.ndarray, hold: 
     return out
 
 
+def gate(maps: Sequence[AffineMap], ctx: Any, red: Mapping[str, Any], rows_method: bool,
+         choice: dict[str, str] | None) -> None:
+    """``fit``'s quality gate (``ctx`` a ``method.methods.FitContext``, ``red`` the pass's
+    reducers): held-out agreement beside logit-pinv's (:func:`add_quality`; a rows method has
+    already judged its own, :func:`rows_quality`), then each map's warnings and ``auto``'s
+    ``choice``."""
+    kept = red["heldout"].rows() if "heldout" in red else None
+    if kept is not None:  # the held-out rows the pass kept
+        x, idx = kept
+        arrays, mask = {m: x[:, ctx.slices[m]] for m in ctx.names}, np.ones(x.shape[0], bool)
+        labels = None if ctx.labels is None else ctx.labels[idx]
+    else:  # addressable rows
+        arrays = None if rows_method else ctx.rows.arrays()
+        mask, labels = ctx.mask, ctx.labels
+    if arrays is not None and ctx.heads is not None:
+        add_quality(maps, arrays, ctx.heads, mask, labels, ctx.head_pinvs)
+    for m in maps:
+        m.stats["warnings"] = quality_warnings(m.stats, m.method)
+        if choice is not None:
+            m.stats["method_choice"] = choice["why"]
+
+
 def quality_warnings(stats: dict[str, Any], method: str) -> list[str]:
     """The fit quality gate's warnings for one map's stats (rows < dims; worse than logit-pinv;
     no held-out rows)."""
@@ -212,16 +235,13 @@ def quality_line(key: str, method: str, st: dict[str, Any]) -> str:
 QUALITY_ROWS = 5000  # held-out rows scored for agreement/top-1 (R² from the Gram uses all)
 
 
-def add_quality(maps: Sequence[AffineMap], arrays: Mapping[str, Any] | None,
-                heads: Mapping[str, Head] | None, mask: np.ndarray,
-                labels: np.ndarray | None) -> None:
+def add_quality(maps: Sequence[AffineMap], arrays: Mapping[str, Any],
+                heads: Mapping[str, Head], mask: np.ndarray, labels: np.ndarray | None,
+                pinvs: Mapping[str, tuple[np.ndarray, int]]) -> None:
     """Held-out agreement/top-1 beside the logit-pinv map's, for maps fitted on addressable rows
-    (the first :data:`QUALITY_ROWS` held-out rows); R² stays the one the fit computed."""
-    if arrays is None or heads is None:
-        return
+    (the first :data:`QUALITY_ROWS` held-out rows); R² stays the one the fit computed.
+    ``pinvs``: each target head's pseudo-inverse and rank (the fit's ``FitContext.head_pinvs``)."""
     rows = np.flatnonzero(mask)[:QUALITY_ROWS]
-    names = sorted({m.src for m in maps} | {m.dst for m in maps})
-    pinvs = {t: solvers.head_pinv(heads[t].weight) for t in names}
     base = {(m.src, m.dst): Baseline.of(heads[m.src], heads[m.dst], pinvs[m.dst])
             for m in maps if heads[m.src].num_classes == heads[m.dst].num_classes}
     for m in maps:
