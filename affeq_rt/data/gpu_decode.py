@@ -188,6 +188,12 @@ def is_cuda(device: str | None) -> bool:
     return bool(device) and str(device).split(":")[0] == "cuda"
 
 
+def decode_device(device: str | None) -> str:
+    """The CUDA device nvjpeg decodes on for extraction on ``device``: that device when it names
+    one (``cuda:1``), else the default ``cuda``."""
+    return str(device) if is_cuda(device) else "cuda"
+
+
 def device_of_providers(providers: Sequence[str]) -> str:
     """The device extraction runs on, from its onnxruntime sessions' providers (``provider``
     of each ``OrtModel``): ``cuda`` where any runs on CUDA or TensorRT, else ``cpu``."""

@@ -319,9 +319,7 @@ def iter_batches(samples: Sequence[Sample], specs: Sequence[BackboneSpec | Prepr
 
     if n_workers <= 0 or concrete == "nvjpeg":
         views = _slot_views(bytearray(slot_bytes(keys, batch_size)), keys, batch_size)
-        gpu = "cuda"
-        if concrete == "nvjpeg":
-            gpu = str(device) if gpu_decode.is_cuda(device) else "cuda"
+        gpu = gpu_decode.decode_device(device)
         for b in grid:
             part = paths[b:b + batch_size]
             ready = gpu_decode.decode_crops(part, keys, gpu) if concrete == "nvjpeg" else None

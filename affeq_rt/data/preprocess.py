@@ -293,7 +293,7 @@ def resolve_pipeline(pipeline: str, device: str | None = None) -> str:
         raise AffeqError("the torchvision preprocessing pipeline needs torchvision",
                          "pip install torchvision, or use the pillow pipeline")
     if pipeline == "nvjpeg":
-        gpu_decode.require_nvjpeg(str(device) if gpu_decode.is_cuda(device) else "cuda")
+        gpu_decode.require_nvjpeg(gpu_decode.decode_device(device))
     return pipeline
 
 
